@@ -1,0 +1,15 @@
+class PayloadError(ValueError):
+    """A message from a peer (or a user) that does not follow the wire contract.
+
+    `reason` is a short machine-readable label (used in metrics and ban decisions); the message
+    says what exactly was wrong so the sender can fix it.
+    """
+
+    REASONS = ("malformed", "codec", "dtype", "shape", "size", "nonfinite", "token_range",
+               "version", "fingerprint", "method", "state")
+
+    def __init__(self, reason: str, message: str):
+        assert reason in self.REASONS, reason
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.detail = message

@@ -1,0 +1,153 @@
+"""One config object describes a run. Its `wire_dict()` is what every peer must agree on."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from protocol import PROTOCOL_VERSION
+from protocol.codec import CODECS
+from protocol.fingerprint import fingerprint
+
+BOUNDARIES = ("resbm", "none", "bottleneck", "subspace", "int8")
+OPTIMIZERS = ("adamw", "muon")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256              # byte-level by default
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 0                # 0: SwiGLU default, ~8/3 d rounded up to 64
+    seq_len: int = 128
+    n_stages: int = 2
+    layers_per_stage: tuple = ()       # () = as even as possible
+    boundary: str = "resbm"
+    ratio: int = 128                   # code width b = d_model // ratio
+    codec: str = "bf16"                # wire codec for codes and their gradients
+    boundary_hidden: int = 0           # m of Enc/Dec; 0: max(4b, 64)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    seed: int = 0                      # also seeds the fixed subspace basis
+
+    def __post_init__(self):
+        self.validate()
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def code_width(self) -> int:
+        """Numbers per token that cross a boundary."""
+        if self.boundary in ("none", "int8"):
+            return self.d_model
+        return self.d_model // self.ratio
+
+    @property
+    def wire_codec(self) -> str:
+        return "int8" if self.boundary == "int8" else self.codec
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_hidden or 64 * -(-(8 * self.d_model // 3) // 64)
+
+    @property
+    def enc_hidden(self) -> int:
+        return self.boundary_hidden or max(4 * self.code_width, 64)
+
+    @property
+    def stage_layers(self) -> tuple:
+        if self.layers_per_stage:
+            return tuple(self.layers_per_stage)
+        base, extra = divmod(self.n_layers, self.n_stages)
+        return tuple(base + (1 if i < extra else 0) for i in range(self.n_stages))
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ConfigError(msg)
+
+        if self.d_model < 1 or self.n_layers < 1 or self.vocab_size < 2:
+            bad(f"d_model, n_layers must be >= 1 and vocab_size >= 2 (got {self.d_model}, "
+                f"{self.n_layers}, {self.vocab_size})")
+        if self.n_heads < 1 or self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            bad(f"n_heads={self.n_heads} must divide d_model={self.d_model} into an even head size")
+        if self.n_stages < 1:
+            bad(f"n_stages must be >= 1, got {self.n_stages}")
+        if self.n_stages > self.n_layers:
+            bad(f"n_stages={self.n_stages} exceeds n_layers={self.n_layers}: every stage needs a layer")
+        if self.layers_per_stage and (len(self.layers_per_stage) != self.n_stages
+                                      or sum(self.layers_per_stage) != self.n_layers
+                                      or min(self.layers_per_stage) < 1):
+            bad(f"layers_per_stage={self.layers_per_stage} must have n_stages={self.n_stages} entries "
+                f">= 1 summing to n_layers={self.n_layers}")
+        if self.boundary not in BOUNDARIES:
+            bad(f"boundary={self.boundary!r}; choose one of {', '.join(BOUNDARIES)}")
+        if self.codec not in CODECS:
+            bad(f"codec={self.codec!r}; choose one of {', '.join(CODECS)}")
+        if self.boundary in ("resbm", "bottleneck", "subspace"):
+            if self.ratio < 1 or self.d_model % self.ratio:
+                bad(f"ratio={self.ratio} must divide d_model={self.d_model} "
+                    f"(code width b = d_model / ratio must be a whole number)")
+            if self.d_model // self.ratio < 1:
+                bad(f"ratio={self.ratio} leaves code width b < 1 at d_model={self.d_model}")
+        if self.seq_len < 2:
+            bad(f"seq_len must be >= 2, got {self.seq_len}")
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    muon_lr: float = 0.02
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    batch_size: int = 16               # sequences per optimizer step
+    microbatches: int = 4              # pieces a step is cut into (pipelined in the swarm)
+    steps: int = 200
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.batch_size < 1 or self.microbatches < 1 or self.batch_size % self.microbatches:
+            raise ConfigError(f"microbatches={self.microbatches} must divide batch_size={self.batch_size}")
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch_size // self.microbatches
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a peer must agree on. `steps` and data paths are local choices, not part of it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_id: str = "resbm"
+
+    def wire_dict(self) -> dict:
+        train = dataclasses.asdict(self.train)
+        train.pop("steps")
+        model = dataclasses.asdict(self.model)
+        model["layers_per_stage"] = list(self.model.stage_layers)
+        return {"protocol": PROTOCOL_VERSION, "run_id": self.run_id, **{f"model.{k}": v for k, v in model.items()},
+                **{f"train.{k}": v for k, v in train.items()}}
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.wire_dict())
+
+    @classmethod
+    def from_wire_dict(cls, d: dict) -> "RunConfig":
+        try:
+            model = {k[6:]: v for k, v in d.items() if k.startswith("model.")}
+            train = {k[6:]: v for k, v in d.items() if k.startswith("train.")}
+            model["layers_per_stage"] = tuple(model.get("layers_per_stage", ()))
+            return cls(model=ModelConfig(**model), train=TrainConfig(**train), run_id=d["run_id"])
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"run config is malformed: {e}") from e
