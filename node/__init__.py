@@ -1,0 +1,1 @@
+"""The resbm-node process: CLI, stage serving over hivemind, metrics, checkpoints, signals."""
