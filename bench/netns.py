@@ -283,21 +283,18 @@ srv.bind((host, port)); srv.listen(1); srv.settimeout(timeout)
 print("ready", flush=True)
 conn, _ = srv.accept(); conn.settimeout(timeout)
 conn.recv(1 << 16)
-start = time.monotonic() + min(0.5, seconds / 4)  # warm-up discarded
-end = start + seconds - min(0.5, seconds / 4)
-n, t = 0, None
+t0 = time.monotonic()
+start, end = t0 + min(0.5, seconds / 4), t0 + seconds  # [t0, start) is warm-up
+n = 0
 while True:
     b = conn.recv(1 << 16)
     now = time.monotonic()
     if not b or now >= end:
         break
     if now >= start:
-        if t is None:
-            t = now
-        else:
-            n += len(b)  # bytes after the first in-window chunk, over now - t
-        t1 = now
-print(json.dumps({"bytes": n, "seconds": (t1 - t) if n else 0.0}), flush=True)
+        n += len(b)
+# fixed window: idle gaps (e.g. TCP retransmit timeouts) count as time
+print(json.dumps({"bytes": n, "seconds": now - start}), flush=True)
 """
 
 _SENDER = r"""
