@@ -273,8 +273,10 @@ def require_root_netns() -> str | None:
 # The receiver drives the measurement: it counts bytes for a fixed window and
 # then closes, which stops the sender.  (Letting the sender stop on its own
 # makes the run last until its multi-MB socket buffer drains through the
-# shaper: ~7 s instead of 2 s at 1 Mbit/s.)  The first part of the window is
-# discarded so the tbf bucket burst and TCP slow start do not skew the rate.
+# shaper: ~7 s instead of 2 s at 1 Mbit/s.)  The window starts at the first
+# byte and is not trimmed: discarding a "warm-up" prefix made low rates less
+# accurate, because data held in TCP's out-of-order queue after an early loss
+# is handed to the application later, inside the window, in one go.
 _SINK = r"""
 import json, socket, sys, time
 host, port, seconds, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
@@ -282,19 +284,16 @@ srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((host, port)); srv.listen(1); srv.settimeout(timeout)
 print("ready", flush=True)
 conn, _ = srv.accept(); conn.settimeout(timeout)
-conn.recv(1 << 16)
+conn.recv(1 << 16)  # first chunk starts the clock and is not counted
 t0 = time.monotonic()
-start, end = t0 + min(0.5, seconds / 4), t0 + seconds  # [t0, start) is warm-up
 n = 0
 while True:
     b = conn.recv(1 << 16)
     now = time.monotonic()
-    if not b or now >= end:
+    if not b or now >= t0 + seconds:
         break
-    if now >= start:
-        n += len(b)
-# fixed window: idle gaps (e.g. TCP retransmit timeouts) count as time
-print(json.dumps({"bytes": n, "seconds": now - start}), flush=True)
+    n += len(b)
+print(json.dumps({"bytes": n, "seconds": now - t0}), flush=True)
 """
 
 _SENDER = r"""

@@ -24,8 +24,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
     g.add_argument("--microbatches", type=int, default=4, help="microbatches per step (pipelined in a swarm)")
+    g.add_argument("--average-every", type=int, default=10, help="replicas of a stage average every N steps")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--run-id", default="resbm", help="name of the run; peers of one swarm share it")
 
 
 def run_config_from_args(args) -> RunConfig:
@@ -35,10 +35,11 @@ def run_config_from_args(args) -> RunConfig:
                             seed=args.seed)
         train = TrainConfig(optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
                             batch_size=args.batch_size, microbatches=args.microbatches,
+                            average_every=args.average_every,
                             steps=getattr(args, "steps", 0) or 0)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
-    return RunConfig(model=model, train=train, run_id=args.run_id)
+    return RunConfig(model=model, train=train, run_id=getattr(args, "run_id", "resbm"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,10 +6,13 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from node import train_local
+    from node import bootstrap, join, local, train_local
     p = argparse.ArgumentParser(prog="resbm-node", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_local.add_parser(sub)
+    bootstrap.add_parser(sub)
+    join.add_parser(sub)
+    local.add_parser(sub)
     return p
 
 

@@ -104,12 +104,12 @@ class ModelConfig:
 class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 3e-3
-    muon_lr: float = 0.02
     weight_decay: float = 0.01
     warmup_steps: int = 20
     grad_clip: float = 1.0
     batch_size: int = 16               # sequences per optimizer step
     microbatches: int = 4              # pieces a step is cut into (pipelined in the swarm)
+    average_every: int = 10            # replicas of a stage average parameters every N steps
     steps: int = 200
 
     def __post_init__(self):

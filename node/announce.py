@@ -1,0 +1,89 @@
+"""Stage records in the DHT: publish our own, read everyone's."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+from hivemind.dht.crypto import RSASignatureValidator
+
+from protocol import PROTOCOL_VERSION
+from protocol.records import StageRecord, config_key, stage_record, stages_key
+
+log = logging.getLogger(__name__)
+
+
+def owner_subkey(peer_id: str, validator: RSASignatureValidator) -> bytes:
+    # The owner's public key in the subkey makes hivemind accept only values signed by the owner.
+    return peer_id.encode() + validator.local_public_key
+
+
+class Announcer:
+    def __init__(self, dht: DHT, run_id: str, peer_id: str, validator: RSASignatureValidator, period_s: float = 5.0):
+        self.dht, self.run_id, self.peer_id, self.period_s = dht, run_id, peer_id, period_s
+        self.subkey = owner_subkey(peer_id, validator)
+        self.started = get_dht_time()
+
+    async def publish(self, stage: int, fingerprint: str, throughput: float, queue: int, step: int,
+                      serving: bool = True, ttl: float | None = None) -> bool:
+        value = stage_record(stage=stage, peer_id=self.peer_id, throughput=float(throughput), queue=int(queue),
+                             fingerprint=fingerprint, step=int(step), serving=serving, started=float(self.started),
+                             updated=float(get_dht_time()))
+        ttl = ttl if ttl is not None else 3 * self.period_s
+        return await self.dht.store(stages_key(self.run_id), value, get_dht_time() + ttl, subkey=self.subkey,
+                                    return_future=True)
+
+    async def run(self, stage: int, fingerprint: str, server) -> None:
+        """Refresh our record every period until cancelled."""
+        while True:
+            try:
+                ok = await self.publish(stage, fingerprint, server.throughput, server.inflight,
+                                        server.worker.applied_step)
+                if not ok:
+                    log.warning("DHT refused our stage record (is the clock or the key wrong?)")
+            except Exception as e:
+                log.warning("could not publish the stage record: %s", e)
+            await asyncio.sleep(self.period_s)
+
+
+async def read_stage_records(dht: DHT, run_id: str, fingerprint: str | None = None) -> dict[int, list[dict]]:
+    """Live stage records by stage. Records of another protocol version or run fingerprint, or not
+    serving, are left out (and logged once at debug level)."""
+    found = await dht.get(stages_key(run_id), latest=True, return_future=True)
+    out: dict[int, list[dict]] = {}
+    if found is None or not isinstance(found.value, dict):
+        return out
+    now = get_dht_time()
+    for subkey, item in found.value.items():
+        try:
+            rec = StageRecord(**item.value).dict()
+        except Exception:
+            continue
+        rec["age_s"] = max(0.0, now - rec["updated"])
+        if rec["version"] != PROTOCOL_VERSION or (fingerprint and rec["fingerprint"] != fingerprint):
+            log.debug("ignoring record of %s: version %s fingerprint %s", rec["peer_id"], rec["version"],
+                      rec["fingerprint"])
+            continue
+        if not rec["serving"] or not subkey.startswith(rec["peer_id"].encode()):
+            continue
+        out.setdefault(rec["stage"], []).append(rec)
+    return out
+
+
+async def publish_config(dht: DHT, run_id: str, wire: dict, fingerprint: str, validator: RSASignatureValidator,
+                         ttl: float = 120.0) -> bool:
+    value = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "config": wire, "updated": get_dht_time()}
+    return await dht.store(config_key(run_id), value, get_dht_time() + ttl, subkey=validator.local_public_key,
+                           return_future=True)
+
+
+async def fetch_config(dht: DHT, run_id: str) -> dict | None:
+    """The newest run config published by a bootstrap (signed by its owner), or None."""
+    found = await dht.get(config_key(run_id), latest=True, return_future=True)
+    if found is None or not isinstance(found.value, dict):
+        return None
+    records = [item.value for item in found.value.values() if isinstance(item.value, dict)]
+    if len({r.get("fingerprint") for r in records}) > 1:
+        log.warning("bootstraps of run %s publish different configs; using the newest", run_id)
+    return max(records, key=lambda r: r.get("updated", 0.0), default=None)

@@ -1,0 +1,216 @@
+"""The head (stage 0): owns the data and the first layers, and drives every microbatch through one
+replica per later stage, chosen from DHT records, and back for backward.
+
+All microbatches of a step are in flight at once, so every stage works in parallel; the step ends
+with a barrier where every replica applies its optimizer update (and averages when due). The head
+keeps each boundary's code until the microbatch is done, so a call that fails is retried on another
+replica of the same stage.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from protocol.codec import decode, encode, encode_ints
+from protocol.messages import request
+from node.announce import read_stage_records
+from node.rpc import PeerUnavailable, RemoteError, call
+from swarm.routing import Router
+from swarm.stage_worker import StageWorker
+
+log = logging.getLogger(__name__)
+
+# Reasons a replica gives that say "not me, try another" rather than "your request is wrong".
+RETRYABLE = {"internal", "state"}
+
+
+class StageMissing(RuntimeError):
+    pass
+
+
+class Head:
+    def __init__(self, worker: StageWorker, corpus, dht, p2p, metrics, *, forward_timeout: float = 30.0,
+                 backward_timeout: float = 75.0, stall_timeout: float = 600.0, refresh_s: float = 5.0,
+                 status=None):
+        self.worker, self.corpus, self.dht, self.p2p, self.metrics = worker, corpus, dht, p2p, metrics
+        self.run, self.cfg = worker.run, worker.run.model
+        self.fp = self.run.fingerprint
+        self.codec = self.cfg.wire_codec
+        self.router = Router(self.cfg.n_stages)
+        self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+        self.stall_timeout, self.refresh_s = stall_timeout, refresh_s
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="head")
+        self.status = status or (lambda text: log.warning(text))
+        self.bytes = {"sent": 0, "received": 0}
+        self.payload = {"fwd": 0, "bwd": 0}       # code/grad payload bytes per boundary hop, head side
+        self.payload_tokens = {"fwd": 0, "bwd": 0}
+        self.retries = 0
+        self._last_refresh = 0.0
+
+    # --- routes --------------------------------------------------------------------------------
+    async def refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_refresh < self.refresh_s:
+            return
+        self._last_refresh = time.monotonic()
+        records = await read_stage_records(self.dht, self.run.run_id, self.fp)
+        for k in range(1, self.cfg.n_stages):
+            self.router.update(k, records.get(k, []))
+            self.metrics.replicas.labels(str(k)).set(len(records.get(k, [])))
+
+    def replica_counts(self) -> dict[int, int]:
+        return {k: len(self.router.replicas(k)) for k in range(1, self.cfg.n_stages)}
+
+    async def wait_for_stages(self) -> None:
+        """Block (with a status line) until every stage has at least one replica."""
+        started = time.monotonic()
+        while True:
+            await self.refresh(force=True)
+            missing = self.router.missing_stages()
+            if not missing:
+                return
+            waited = time.monotonic() - started
+            if waited > self.stall_timeout:
+                raise StageMissing(f"no replica of stage(s) {missing} for {waited:.0f}s")
+            self.status(f"paused: waiting for a replica of stage(s) {', '.join(map(str, missing))} "
+                        f"({waited:.0f}s); start one with `resbm-node join --stage {missing[0]} ...`")
+            await asyncio.sleep(2.0)
+
+    async def call_stage(self, stage: int, method: str, timeout: float, **fields) -> dict:
+        """Call `method` on some replica of `stage`, retrying on others until one answers."""
+        deadline = time.monotonic() + self.stall_timeout
+        tried: set[str] = set()
+        while True:
+            await self.refresh()
+            rep = self.router.choose(stage, exclude=tried)
+            if rep is None and tried:
+                tried.clear()  # every replica failed once: start over, bans still order them
+                rep = self.router.choose(stage)
+            if rep is None:
+                await self.wait_for_stages()
+                continue
+            self.router.started(rep)
+            t0 = time.perf_counter()
+            try:
+                reply, sent, received = await call(self.p2p, rep.peer_id, request(method, self.fp, **fields),
+                                                   timeout=timeout)
+            except (PeerUnavailable, RemoteError) as e:
+                if isinstance(e, RemoteError) and e.reason not in RETRYABLE:
+                    self.router.succeeded(rep, time.perf_counter() - t0)
+                    raise
+                ban = self.router.failed(rep)
+                tried.add(rep.peer_id)
+                self.retries += 1
+                self.metrics.retries.labels(str(stage)).inc()
+                self.metrics.bans.labels(str(stage)).inc()
+                log.warning("stage %d replica %s failed %s (%s); banned %.0fs, retrying elsewhere",
+                            stage, rep.peer_id[-8:], method, e, ban)
+                if time.monotonic() > deadline:
+                    raise StageMissing(f"stage {stage}: no replica completed {method} within "
+                                       f"{self.stall_timeout:.0f}s") from e
+                await self.refresh(force=True)
+                continue
+            seconds = time.perf_counter() - t0
+            self.router.succeeded(rep, seconds)
+            self.metrics.call_seconds.labels(str(stage), method).observe(seconds)
+            self.bytes["sent"] += sent
+            self.bytes["received"] += received
+            self.metrics.frame_bytes.labels("sent").inc(sent)
+            self.metrics.frame_bytes.labels("received").inc(received)
+            return reply
+
+    # --- one microbatch ------------------------------------------------------------------------
+    def _count(self, msg: dict, boundary: int, direction: str, pass_: str, tokens: int) -> None:
+        n = len(msg["data"]) + len(msg.get("scale", b""))
+        self.payload["fwd" if pass_ == "forward" else "bwd"] += n
+        self.payload_tokens["fwd" if pass_ == "forward" else "bwd"] += tokens
+        self.metrics.wire_bytes.labels(str(boundary), direction, pass_).inc(n)
+        self.metrics.full_width_bytes.labels(str(boundary), direction, pass_).inc(2 * self.cfg.d_model * tokens)
+
+    async def _local(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def microbatch(self, step: int, micro: int, split: str = "train") -> float:
+        train = split == "train"
+        t = self.run.train
+        x, y = self.corpus.batch(split, t.microbatch_size, self.cfg.seq_len, self.cfg.seed,
+                                 step if train else 0, micro)
+        x, y = x.to(self.worker.device), y.to(self.worker.device)
+        n = x.numel()
+        extra = {"tokens": encode_ints(x, self.cfg.vocab_size)} if self.cfg.boundary == "subspace" else {}
+        code = await self._local(self.worker.forward, step, micro, x, None, train)
+        msg = encode(code, self.codec)
+        inputs = {}
+        last = self.cfg.n_stages - 1
+        for k in range(1, last):
+            inputs[k] = msg
+            if train:
+                self._count(msg, k - 1, "sent", "forward", n)
+            reply = await self.call_stage(k, "forward", self.forward_timeout, step=step, micro=micro, x=msg,
+                                          eval=not train, **extra)
+            msg = reply["y"]
+            if train:
+                self._count(msg, k, "received", "forward", n)
+        if train:
+            self._count(msg, last - 1, "sent", "forward", n)
+        reply = await self.call_stage(last, "loss", self.backward_timeout, step=step, micro=micro, x=msg,
+                                      targets=encode_ints(y, self.cfg.vocab_size), scale=1.0 / t.microbatches,
+                                      eval=not train, **extra)
+        loss = float(reply["loss"])
+        if not train:
+            return loss
+        grad = reply["grad_in"]
+        self._count(grad, last - 1, "received", "backward", n)
+        for k in range(last - 1, 0, -1):
+            self._count(grad, k, "sent", "backward", n)
+            reply = await self.call_stage(k, "backward", self.backward_timeout, step=step, micro=micro,
+                                          x=inputs[k], grad_out=grad, **extra)
+            grad = reply["grad_in"]
+            self._count(grad, k - 1, "received", "backward", n)
+        await self._local(self.worker.backward, step, micro, x, decode(grad).to(self.worker.device), None)
+        return loss
+
+    # --- one step ------------------------------------------------------------------------------
+    async def train_step(self, step: int) -> dict:
+        await self.wait_for_stages()
+        m = self.run.train.microbatches
+        losses = await asyncio.gather(*(self.microbatch(step, i) for i in range(m)))
+        results = await asyncio.gather(self._local(self.worker.apply_step, step),
+                                       *(self._step_replica(k, r.peer_id, step)
+                                         for k in range(1, self.cfg.n_stages) for r in self.router.replicas(k)))
+        tokens = m * self.run.train.microbatch_size * self.cfg.seq_len
+        self.metrics.tokens.inc(tokens)
+        self.metrics.samples.inc(self.run.train.batch_size)
+        self.metrics.steps.inc()
+        self.metrics.step.set(step)
+        loss = sum(losses) / m
+        self.metrics.train_loss.set(loss)
+        return {"loss": loss, "replies": [r for r in results if r is not None]}
+
+    async def _step_replica(self, stage: int, peer_id: str, step: int):
+        try:
+            reply, sent, received = await call(self.p2p, peer_id, request("step", self.fp, step=step),
+                                               timeout=self.backward_timeout)
+            self.bytes["sent"] += sent
+            self.bytes["received"] += received
+            return {"stage": stage, "peer_id": peer_id, **reply}
+        except (PeerUnavailable, RemoteError) as e:
+            log.warning("stage %d replica %s did not apply step %d: %s", stage, peer_id[-8:], step, e)
+            return None
+
+    async def evaluate(self, batches: int = 8) -> float:
+        losses = await asyncio.gather(*(self.microbatch(0, i, split="val") for i in range(batches)))
+        loss = sum(losses) / len(losses)
+        self.metrics.val_loss.set(loss)
+        return loss
+
+    async def node_info(self) -> list[dict]:
+        """`info` of every known replica (bytes, tokens, peer ids) for the run summary."""
+        async def one(peer_id):
+            try:
+                return (await call(self.p2p, peer_id, request("info", self.fp), timeout=10.0))[0]
+            except (PeerUnavailable, RemoteError) as e:
+                return {"peer_id": peer_id, "error": str(e)}
+        peers = [r.peer_id for k in range(1, self.cfg.n_stages) for r in self.router.replicas(k)]
+        return list(await asyncio.gather(*(one(p) for p in peers)))

@@ -1,0 +1,186 @@
+"""`resbm-node local`: a whole swarm on this machine (bootstrap, head, S-1 stages x K replicas), each
+node its own process on loopback, trained on the embedded corpus, then shut down cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from node.args import add_run_args, run_config_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("local", help="run a whole swarm on this machine (the main job)",
+                       description="Start a bootstrap and one process per node on loopback, train, write a "
+                                   "checkpoint and a JSON summary, and shut everything down cleanly.")
+    add_run_args(p)
+    p.set_defaults(stages=4, layers=4)
+    p.add_argument("--replicas", type=int, default=1, help="replicas of every middle/last stage")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="node i serves /metrics on 127.0.0.1:P+i (head is node 0); 0: off")
+    p.add_argument("--json-out", default=None, help="write the run summary JSON here")
+    p.add_argument("--run-dir", default=None, help="logs, configs and checkpoints (default runs/local-<time>)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
+    p.add_argument("--run-id", default="resbm-local")
+    p.set_defaults(func=main)
+
+
+class Swarm:
+    """The processes of a local swarm; every one in its own process group, ended by group id."""
+
+    def __init__(self, run_dir: Path, threads: int):
+        self.run_dir, self.threads = run_dir, threads
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def start(self, name: str, argv: list[str], inherit_stderr: bool = False) -> subprocess.Popen:
+        log = self.run_dir / f"{name}.log"
+        out = None if inherit_stderr else open(log, "w")
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", *argv, "--threads", str(self.threads)]
+                                if argv[0] == "join" else [sys.executable, "-m", "node.cli", *argv],
+                                stdout=out or None, stderr=out or None, env=env, start_new_session=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+        self.procs.append((name, proc, log))
+        return proc
+
+    def wait_for_line(self, name: str, text: str, timeout: float) -> None:
+        _, proc, log = next(p for p in self.procs if p[0] == name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if log.exists() and text in log.read_text(errors="replace"):
+                return
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail(log)}")
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not become ready in {timeout:.0f}s:\n{tail(log)}")
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM every group, wait, then SIGKILL what is left: no orphan p2pd or workers."""
+        for _, proc, _ in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc, _ in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _, proc, _ in self.procs:
+            _signal_group(proc, signal.SIGKILL)  # the group may still hold hivemind helpers
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _signal_group(proc: subprocess.Popen, sig) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def run_args(args) -> list[str]:
+    return ["--d-model", str(args.d_model), "--layers", str(args.layers), "--heads", str(args.heads),
+            "--seq-len", str(args.seq_len), "--stages", str(args.stages), "--ratio", str(args.ratio),
+            "--boundary", args.boundary, "--codec", args.codec, "--optimizer", args.optimizer, "--lr", str(args.lr),
+            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+            "--microbatches", str(args.microbatches), "--average-every", str(args.average_every),
+            "--seed", str(args.seed)]
+
+
+def main(args) -> int:
+    run = run_config_from_args(args)  # validates the config before anything starts
+    run_dir = Path(args.run_dir or f"runs/local-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n_nodes = 1 + (run.model.n_stages - 1) * args.replicas
+    threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
+    swarm = Swarm(run_dir, threads)
+    port = lambda i: ["--metrics-port", str(args.metrics_port + i)] if args.metrics_port else []  # noqa: E731
+    addr_file = run_dir / "bootstrap.addr"
+    print(f"local swarm: {run.model.n_stages} stages x {args.replicas} replicas ({n_nodes} nodes + bootstrap), "
+          f"boundary {run.model.boundary} b={run.model.code_width}, logs in {run_dir}", file=sys.stderr)
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    head = None
+    try:
+        swarm.start("bootstrap", ["bootstrap", *run_args(args), "--run-id", args.run_id,
+                                  "--addr-file", str(addr_file), "--save-config", str(run_dir / "config.json")])
+        swarm.wait_for_line("bootstrap", "is up", 60)
+        peers = addr_file.read_text().split()
+        node = 1
+        for stage in range(1, run.model.n_stages):
+            for r in range(args.replicas):
+                swarm.start(f"stage{stage}-{r}", ["join", "--stage", str(stage), "--initial-peers", *peers,
+                                                  "--run-id", args.run_id, "--identity",
+                                                  str(run_dir / f"stage{stage}-{r}.id"), *port(node)])
+                node += 1
+        for name, _, _ in swarm.procs[1:]:
+            swarm.wait_for_line(name, "serving", 120)
+        head_json = run_dir / "head.json"
+        head = swarm.start("head", ["join", "--stage", "0", "--initial-peers", *peers, "--run-id", args.run_id,
+                                    "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+                                    "--json-out", str(head_json), "--checkpoint", str(run_dir / "head.pt"),
+                                    *(["--data", args.data] if args.data else []), *port(0)],
+                           inherit_stderr=True)
+        code = _wait_head(head)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the swarm", file=sys.stderr)
+        if head is not None and head.poll() is None:
+            _signal_group(head, signal.SIGTERM)
+            _wait_head(head, timeout=60)
+        code = 130
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        swarm.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return _summarize(args, run_dir, swarm, code)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _wait_head(head: subprocess.Popen, timeout: float | None = None) -> int:
+    try:
+        return head.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 1
+
+
+def _summarize(args, run_dir: Path, swarm: Swarm, code: int) -> int:
+    head_json = run_dir / "head.json"
+    if not head_json.exists():
+        print(f"no summary: the head wrote none (exit code {code}); logs in {run_dir}", file=sys.stderr)
+        return code or 1
+    summary = json.loads(head_json.read_text())
+    summary["command"] = "local"
+    summary["replicas"] = args.replicas
+    summary["run_dir"] = str(run_dir)
+    summary["exit_codes"] = {name: proc.returncode for name, proc, _ in swarm.procs}
+    if args.metrics_port:
+        for i, node in enumerate(summary["nodes"]):
+            node["metrics_port"] = args.metrics_port + i
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(summary, indent=1))
+    print(f"summary: {summary['steps_completed']} steps, loss {summary['train_loss_first']} -> "
+          f"{summary['train_loss_last']}, val {summary['val_loss']}, {summary['tokens_per_s']:.0f} tokens/s, "
+          f"{summary['measured_wire_bytes_per_token_fwd']:.2f} B/token/hop fwd "
+          f"({summary['measured_compression_vs_bf16']:.0f}x vs bf16 at width d)", file=sys.stderr)
+    return code

@@ -1,0 +1,55 @@
+"""Prometheus metrics of one node, on its own registry (several nodes may share a process in tests)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class NodeMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.info = Info("resbm_node", "Node identity: version, stage, peer id, run fingerprint", registry=r)
+        self.tokens = Counter("resbm_tokens_total", "Tokens processed (forward passes through this node's stage)",
+                              registry=r)
+        self.samples = Counter("resbm_samples_total", "Sequences processed", registry=r)
+        self.tokens_per_second = Gauge("resbm_tokens_per_second", "Recent tokens per second", registry=r)
+        self.rpc_seconds = Histogram("resbm_rpc_duration_seconds", "Server-side handling time per RPC",
+                                     ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.call_seconds = Histogram("resbm_call_duration_seconds", "Client-side time of calls to other stages",
+                                      ["stage", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.wire_bytes = Counter("resbm_wire_bytes_total", "Payload bytes of codes and gradients on the wire",
+                                  ["boundary", "direction", "pass"], registry=r)
+        self.full_width_bytes = Counter("resbm_full_width_bytes_total",
+                                        "bf16 bytes the same tensors would take at full hidden width d",
+                                        ["boundary", "direction", "pass"], registry=r)
+        self.frame_bytes = Counter("resbm_frame_bytes_total", "All RPC bytes (frames incl. headers and metadata)",
+                                   ["direction"], registry=r)
+        self.compression = Gauge("resbm_compression_ratio", "Full-width bf16 bytes / wire payload bytes", registry=r)
+        self.train_loss = Gauge("resbm_train_loss", "Training loss of the last step (nats/token)", registry=r)
+        self.val_loss = Gauge("resbm_val_loss", "Last validation loss (nats/token)", registry=r)
+        self.step = Gauge("resbm_optimizer_step", "Last optimizer step applied", registry=r)
+        self.steps = Counter("resbm_optimizer_steps_total", "Optimizer steps applied", registry=r)
+        self.queue = Gauge("resbm_queue_depth", "Requests waiting for or in compute", registry=r)
+        self.replicas = Gauge("resbm_replicas", "Replicas seen per stage (from DHT records)", ["stage"], registry=r)
+        self.avg_rounds = Counter("resbm_averaging_rounds_total", "Successful replica averaging rounds", registry=r)
+        self.avg_failures = Counter("resbm_averaging_failures_total", "Failed replica averaging rounds", registry=r)
+        self.retries = Counter("resbm_retries_total", "Calls retried on another replica", ["stage"], registry=r)
+        self.bans = Counter("resbm_bans_total", "Replicas banned after a failure", ["stage"], registry=r)
+        self.rejected = Counter("resbm_rejected_payloads_total", "Requests rejected, by reason", ["reason"],
+                                registry=r)
+        self.dropped_grads = Counter("resbm_discarded_gradients_total",
+                                     "Accumulated gradients discarded because their step was abandoned", registry=r)
+        self._server = None
+
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        if port:
+            self._server = start_http_server(port, addr=host, registry=self.registry)
+        return self
+
+    def close(self):
+        if self._server is not None:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            self._server = None

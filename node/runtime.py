@@ -1,0 +1,86 @@
+"""Process plumbing shared by every role: logging, stop signals, clean shutdown of hivemind parts."""
+from __future__ import annotations
+
+import asyncio
+import glob
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+SOCKET_GLOB = "/tmp/hivemind-*.sock"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("hivemind", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+
+
+def stop_event_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, so the node leaves through its normal shutdown path."""
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+class SocketJanitor:
+    """hivemind leaves /tmp/hivemind-*.sock files behind. Remove the ones that appeared while this
+    process ran and that nobody listens on any more (never another live process's socket)."""
+
+    def __init__(self):
+        self.before = set(glob.glob(SOCKET_GLOB))
+        self.started = time.time()
+
+    def sweep(self) -> int:
+        removed = 0
+        for path in set(glob.glob(SOCKET_GLOB)) - self.before:
+            try:
+                if os.stat(path).st_mtime < self.started - 1 or _listening(path):
+                    continue
+                os.unlink(path)
+                removed += 1
+            except OSError:
+                continue
+        return removed
+
+
+def _listening(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.2)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _quiet_on_shutdown(loop, context) -> None:
+    # When the daemon stops, its open connections to our handlers end mid-read: expected, not an error.
+    if isinstance(context.get("exception"), (asyncio.IncompleteReadError, ConnectionError)):
+        return
+    loop.default_exception_handler(context)
+
+
+async def close_hivemind(p2p=None, dht=None, *extra) -> None:
+    """Shut down in the order that avoids hivemind's exit hangs: our p2p replica, helpers, the DHT."""
+    asyncio.get_running_loop().set_exception_handler(_quiet_on_shutdown)
+    if p2p is not None:
+        try:
+            await p2p.shutdown()
+        except Exception:
+            pass
+    for part in extra:
+        if part is not None:
+            try:
+                part.shutdown()
+            except Exception:
+                pass
+    if dht is not None:
+        dht.shutdown()

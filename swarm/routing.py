@@ -1,0 +1,94 @@
+"""Choosing a replica per stage for each microbatch (SWARM's balancer, Petals' bans).
+
+The expected finish time of a new task on a replica is
+    (tasks this head has in flight there + its advertised queue + 1) * expected seconds per task,
+where seconds per task is an EMA of what this head observed, or 1/throughput advertised in the
+replica's DHT record before the first observation. Ties are broken at random. A failed replica is
+banned for base * 2^(failures-1) seconds (capped), but a stage is never left with nobody: if every
+replica is banned, the one whose ban ends first is used.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Replica:
+    peer_id: str
+    stage: int
+    throughput: float = 1.0       # advertised microbatches per second
+    queue: int = 0                # advertised queue length
+    step: int = -1
+    inflight: int = 0             # tasks this head has sent and not yet seen answered
+    ema_seconds: float | None = None
+    failures: int = 0
+    banned_until: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def expected_seconds(self) -> float:
+        if self.ema_seconds is not None:
+            return self.ema_seconds
+        return 1.0 / max(self.throughput, 1e-3)
+
+    def finish_time(self) -> float:
+        return (self.inflight + self.queue + 1) * self.expected_seconds()
+
+
+class Router:
+    def __init__(self, n_stages: int, *, ban_base_s: float = 1.0, ban_max_s: float = 60.0, ema: float = 0.3,
+                 rng: random.Random | None = None, clock=time.monotonic):
+        self.n_stages = n_stages
+        self.ban_base_s, self.ban_max_s, self.ema = ban_base_s, ban_max_s, ema
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.stages: dict[int, dict[str, Replica]] = {k: {} for k in range(n_stages)}
+
+    def update(self, stage: int, records: list[dict]) -> None:
+        """Replace the known replicas of `stage` with fresh DHT records, keeping what we observed."""
+        old = self.stages[stage]
+        fresh = {}
+        for rec in records:
+            rep = old.get(rec["peer_id"]) or Replica(peer_id=rec["peer_id"], stage=stage)
+            rep.throughput, rep.queue, rep.step = rec.get("throughput", 1.0), rec.get("queue", 0), rec.get("step", -1)
+            fresh[rep.peer_id] = rep
+        for peer, rep in old.items():  # keep in-flight bookkeeping of replicas that vanished mid-call
+            if peer not in fresh and rep.inflight:
+                fresh[peer] = rep
+        self.stages[stage] = fresh
+
+    def replicas(self, stage: int) -> list[Replica]:
+        return list(self.stages[stage].values())
+
+    def is_banned(self, rep: Replica) -> bool:
+        return rep.banned_until > self.clock()
+
+    def choose(self, stage: int, exclude=()) -> Replica | None:
+        candidates = [r for r in self.stages[stage].values() if r.peer_id not in exclude]
+        if not candidates:
+            return None
+        usable = [r for r in candidates if not self.is_banned(r)]
+        if not usable:  # never leave a stage with nobody: take the replica whose ban ends first
+            return min(candidates, key=lambda r: r.banned_until)
+        best = min(r.finish_time() for r in usable)
+        return self.rng.choice([r for r in usable if r.finish_time() <= best * 1.0001])
+
+    def started(self, rep: Replica) -> None:
+        rep.inflight += 1
+
+    def succeeded(self, rep: Replica, seconds: float) -> None:
+        rep.inflight = max(0, rep.inflight - 1)
+        rep.failures = 0
+        rep.ema_seconds = seconds if rep.ema_seconds is None else (1 - self.ema) * rep.ema_seconds + self.ema * seconds
+
+    def failed(self, rep: Replica) -> float:
+        """Record a failure and ban the replica; returns the ban duration in seconds."""
+        rep.inflight = max(0, rep.inflight - 1)
+        rep.failures += 1
+        duration = min(self.ban_base_s * 2 ** (rep.failures - 1), self.ban_max_s)
+        rep.banned_until = self.clock() + duration
+        return duration
+
+    def missing_stages(self) -> list[int]:
+        return [k for k, reps in self.stages.items() if k > 0 and not reps]

@@ -1,0 +1,122 @@
+"""The training logic of one served stage, free of networking (node/stage_server.py wraps it).
+
+Forward keeps the autograd graph of each (step, microbatch) so backward need not recompute it;
+a backward whose forward ran elsewhere (rerouted after a failure) recomputes from the input the
+head re-sends. Gradients of one step accumulate until `apply_step(step)`, which is idempotent:
+an update is never applied twice, and a step's late requests are refused once it is applied.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from swarm.config import RunConfig
+from swarm.model import build_stage, lm_loss
+from swarm.optim import StageOptimizer
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    """The stage input as a graph leaf; token ids (first stage) take no gradient."""
+    return x.detach().requires_grad_(True) if x.is_floating_point() else x
+
+
+class StaleRequest(ValueError):
+    """A request for a step that this stage has already applied (or abandoned)."""
+
+
+class StageWorker:
+    def __init__(self, run: RunConfig, index: int, device="cpu", stage=None):
+        self.run, self.index = run, index
+        self.device = torch.device(device)
+        self.stage = (stage or build_stage(run.model, index)).to(self.device)
+        self.opt = StageOptimizer(self.stage, run.train)
+        self.cache: OrderedDict = OrderedDict()
+        self.cache_size = 2 * run.train.microbatches + 2
+        self.applied_step = -1
+        self.grad_step: int | None = None
+        self.grad_inputs: dict[int, torch.Tensor | None] = {}   # micro -> grad sent back (for duplicates)
+        self.discarded_steps = 0
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def _open_step(self, step: int) -> None:
+        if step <= self.applied_step:
+            raise StaleRequest(f"step {step} is already applied here (last applied {self.applied_step})")
+        if self.grad_step is not None and self.grad_step != step:
+            # The head moved on without applying that step (it died or restarted): drop its gradients.
+            self.opt.zero_grad()
+            self.grad_inputs.clear()
+            self.discarded_steps += 1
+        self.grad_step = step
+
+    def _graph(self, step: int, micro: int, x: torch.Tensor, tokens):
+        cached = self.cache.pop((step, micro), None)
+        if cached is not None and torch.equal(cached[0].detach(), x):
+            return cached
+        leaf = _leaf(x)
+        return leaf, self.stage(leaf, tokens)
+
+    # --- requests ------------------------------------------------------------------------------
+    def forward(self, step: int, micro: int, x: torch.Tensor, tokens=None, train: bool = True) -> torch.Tensor:
+        if not train:
+            with torch.no_grad():
+                return self.stage(x, tokens)
+        if step <= self.applied_step:
+            raise StaleRequest(f"step {step} is already applied here (last applied {self.applied_step})")
+        leaf = _leaf(x)
+        out = self.stage(leaf, tokens)
+        self.cache[(step, micro)] = (leaf, out)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return out.detach()
+
+    def backward(self, step: int, micro: int, x: torch.Tensor, grad_out: torch.Tensor, tokens=None):
+        self._open_step(step)
+        if micro in self.grad_inputs:  # a retried call that already counted here: same answer, no re-count
+            self.cache.pop((step, micro), None)
+            return self.grad_inputs[micro]
+        leaf, out = self._graph(step, micro, x, tokens)
+        out.backward(grad_out)
+        self.grad_inputs[micro] = leaf.grad
+        return leaf.grad
+
+    def loss(self, step: int, micro: int, x: torch.Tensor, targets: torch.Tensor, scale: float, tokens=None,
+             train: bool = True):
+        """Last stage: (loss value, gradient w.r.t. x of scale*loss) or (loss, None) when not training."""
+        if not train:
+            with torch.no_grad():
+                return lm_loss(self.stage(x, tokens), targets).item(), None
+        self._open_step(step)
+        if micro in self.grad_inputs:
+            raise StaleRequest(f"microbatch {micro} of step {step} was already counted here")
+        leaf = x.detach().requires_grad_(True)
+        loss = lm_loss(self.stage(leaf, tokens), targets)
+        (loss * scale).backward()
+        self.grad_inputs[micro] = leaf.grad
+        return loss.item(), leaf.grad
+
+    def apply_step(self, step: int) -> dict:
+        if step <= self.applied_step:
+            return {"applied": False, "grad_norm": 0.0, "micro_count": 0, "duplicate": True}
+        micros = len(self.grad_inputs) if self.grad_step == step else 0
+        norm = 0.0
+        if micros:
+            norm = self.opt.step(step)
+        self.opt.zero_grad()
+        self.applied_step, self.grad_step = step, None
+        self.grad_inputs.clear()
+        self.cache.clear()
+        return {"applied": bool(micros), "grad_norm": norm, "micro_count": micros, "duplicate": False}
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"stage": self.index, "step": self.applied_step, "fingerprint": self.run.fingerprint,
+                "model": self.stage.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.run.fingerprint or state.get("stage") != self.index:
+            raise ValueError(f"state is for stage {state.get('stage')} of run {state.get('fingerprint')}, "
+                             f"not stage {self.index} of {self.run.fingerprint}")
+        self.stage.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.applied_step = state["step"]
