@@ -62,9 +62,11 @@ class Swarm:
         raise RuntimeError(f"{name} did not become ready in {timeout:.0f}s:\n{tail(log)}")
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM every group, wait, then SIGKILL what is left: no orphan p2pd or workers."""
+        """SIGTERM each node's main process (it stops its own hivemind helpers in order), wait, then
+        SIGKILL whatever is left in its process group: no orphan p2pd or workers."""
         for _, proc, _ in reversed(self.procs):
-            _signal_group(proc, signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, proc, _ in self.procs:
             try:
@@ -139,7 +141,7 @@ def main(args) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the swarm", file=sys.stderr)
         if head is not None and head.poll() is None:
-            _signal_group(head, signal.SIGTERM)
+            head.send_signal(signal.SIGTERM)
             _wait_head(head, timeout=60)
         code = 130
     except RuntimeError as e:

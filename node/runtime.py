@@ -22,6 +22,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 def stop_event_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
     """An event set by SIGINT or SIGTERM, so the node leaves through its normal shutdown path."""
+    loop.set_exception_handler(_quiet_stream_resets)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -61,8 +62,9 @@ def _listening(path: str) -> bool:
         s.close()
 
 
-def _quiet_on_shutdown(loop, context) -> None:
-    # When the daemon stops, its open connections to our handlers end mid-read: expected, not an error.
+def _quiet_stream_resets(loop, context) -> None:
+    # p2pd connections to our stream handlers that close before sending anything (a peer reset its
+    # stream, or the daemon is stopping) surface here from hivemind's bindings: expected, not errors.
     if isinstance(context.get("exception"), (asyncio.IncompleteReadError, ConnectionError)):
         return
     loop.default_exception_handler(context)
@@ -70,7 +72,6 @@ def _quiet_on_shutdown(loop, context) -> None:
 
 async def close_hivemind(p2p=None, dht=None, *extra) -> None:
     """Shut down in the order that avoids hivemind's exit hangs: our p2p replica, helpers, the DHT."""
-    asyncio.get_running_loop().set_exception_handler(_quiet_on_shutdown)
     if p2p is not None:
         try:
             await p2p.shutdown()

@@ -109,7 +109,7 @@ class StageServer:
     def _code(self, msg: dict, key: str, shape=None) -> torch.Tensor:
         width = self.cfg.code_width
         limit = self.max_batch * self.cfg.seq_len * width
-        t = decode(field(msg, key, dict), expect_codec=self.codec, max_elems=limit)
+        t = decode(field(msg, key, dict), expect_codec=self.codec, width=width, max_elems=limit)
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise PayloadError("shape", f"{key} has shape {list(t.shape)}, expected {list(shape)}")
         if t.ndim != 3 or t.shape[-1] != width or not 1 <= t.shape[0] <= self.max_batch \

@@ -107,25 +107,30 @@ def _field(msg, key, kind):
     return value
 
 
-def _shape(msg, max_elems: int) -> list[int]:
+def _shape(msg, max_elems: int | None) -> list[int]:
     shape = _field(msg, "shape", list)
     if not 1 <= len(shape) <= 4 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                            for s in shape):
         raise PayloadError("shape", f"shape must be 1-4 non-negative ints, got {shape!r}")
     n = int(np.prod(shape)) if shape else 0
-    if n > max_elems:
+    if max_elems is not None and n > max_elems:
         raise PayloadError("size", f"{n} values exceed the limit of {max_elems}")
     return shape
 
 
-def decode(msg: dict, *, expect_codec: str | None = None, max_elems: int = 1 << 26) -> torch.Tensor:
-    """Wire dict -> float32 tensor. Every malformed input raises PayloadError with the reason."""
+def decode(msg: dict, *, expect_codec: str | None = None, width: int | None = None,
+           max_elems: int = 1 << 26) -> torch.Tensor:
+    """Wire dict -> float32 tensor. Every malformed input raises PayloadError with the reason.
+    `width`, if given, is the required last dimension (checked before anything is allocated)."""
     codec = _field(msg, "codec", str)
     if codec not in CODECS:
         raise PayloadError("codec", f"unknown codec {codec!r}")
     if expect_codec is not None and codec != expect_codec:
         raise PayloadError("codec", f"this swarm uses codec {expect_codec!r}, got {codec!r}")
-    shape = _shape(msg, max_elems)
+    shape = _shape(msg, max_elems if width is None else None)
+    if width is not None and shape[-1] != width:
+        raise PayloadError("shape", f"last dimension is {shape[-1]}, this boundary carries {width} values per token")
+    _shape(msg, max_elems)
     data = _field(msg, "data", bytes)
     n = int(np.prod(shape))
     if len(data) != n * _FLOAT_BYTES[codec]:

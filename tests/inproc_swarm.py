@@ -1,0 +1,76 @@
+"""A real swarm inside one test process: a hivemind DHT per peer (each with its own p2pd), real
+libp2p streams between them, but the workers are Python objects the test can inspect."""
+from __future__ import annotations
+
+import contextlib
+
+from hivemind.dht.crypto import RSASignatureValidator
+
+from node.announce import Announcer, publish_config
+from node.dht import start_dht, visible_maddrs
+from node.head import Head
+from node.metrics import NodeMetrics
+from node.rpc import serve
+from node.runtime import SocketJanitor, close_hivemind
+from node.stage_server import StageServer, measure_throughput
+from swarm.stage_worker import StageWorker
+
+
+class InprocSwarm:
+    def __init__(self, run, corpus, replicas: dict[int, int] | None = None, averaging: bool = False):
+        self.run, self.corpus = run, corpus
+        self.replicas = replicas or {}
+        self.averaging = averaging
+        self.dhts, self.p2ps, self.averagers = [], [], []
+        self.servers: dict[int, list[StageServer]] = {}
+        self.head: Head | None = None
+        self.janitor = SocketJanitor()
+
+    async def __aenter__(self):
+        run = self.run
+        boot = start_dht(run.run_id)
+        self.dhts.append(boot)
+        self.peers = visible_maddrs(boot)
+        validator = RSASignatureValidator()
+        assert await publish_config(boot, run.run_id, run.wire_dict(), run.fingerprint, validator)
+        for k in range(1, run.model.n_stages):
+            self.servers[k] = []
+            for _ in range(self.replicas.get(k, 1)):
+                dht = start_dht(run.run_id, self.peers)
+                p2p = await dht.replicate_p2p()
+                self.dhts.append(dht)
+                self.p2ps.append(p2p)
+                worker = StageWorker(run, k)
+                averager = None
+                if self.averaging:
+                    from node.averaging import ReplicaAverager
+                    n = self.replicas.get(k, 1)
+
+                    async def count(n=n):
+                        return n
+                    averager = ReplicaAverager(dht, run.run_id, k, worker.stage, run.train.average_every, count,
+                                               NodeMetrics())
+                    self.averagers.append(averager)
+                server = StageServer(worker, NodeMetrics(), str(dht.peer_id), averager)
+                measure_throughput(server)
+                await serve(p2p, server)
+                ann = Announcer(dht, run.run_id, str(dht.peer_id), validator)
+                assert await ann.publish(k, run.fingerprint, server.throughput, 0, -1, ttl=300)
+                self.servers[k].append(server)
+        dht = start_dht(run.run_id, self.peers)
+        p2p = await dht.replicate_p2p()
+        self.dhts.append(dht)
+        self.p2ps.append(p2p)
+        self.head = Head(StageWorker(run, 0), self.corpus, dht, p2p, NodeMetrics(), stall_timeout=60)
+        await self.head.wait_for_stages()
+        return self
+
+    async def __aexit__(self, *exc):
+        for p2p in self.p2ps:
+            with contextlib.suppress(Exception):
+                await p2p.shutdown()
+        for a in self.averagers:
+            a.shutdown()
+        for dht in self.dhts:
+            dht.shutdown()
+        self.janitor.sweep()

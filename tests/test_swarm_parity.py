@@ -1,0 +1,87 @@
+"""The swarm computes exactly what the reference trainer computes (real DHT, real libp2p streams)."""
+import asyncio
+
+import pytest
+import torch
+
+from node.rpc import RemoteError, call
+from protocol import PROTOCOL_VERSION
+from protocol.codec import encode
+from protocol.messages import request
+from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm.data import ByteCorpus
+from swarm.trainer import LocalTrainer
+from tests.inproc_swarm import InprocSwarm
+
+pytestmark = pytest.mark.swarm
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return ByteCorpus(max_bytes=1 << 20)
+
+
+def _run(**kw):
+    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, seq_len=32, n_stages=3, ratio=16, **kw)
+    return RunConfig(model=model, train=TrainConfig(batch_size=8, microbatches=4), run_id="parity")
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_gradients_equal_reference(corpus, codec):
+    run = _run(codec=codec)
+    ref = LocalTrainer(run, corpus)
+    m = run.train.microbatches
+    for micro in range(m):
+        x, y = ref.microbatch("train", 0, micro)
+        from swarm.model import lm_loss
+        (lm_loss(ref.model(x), y) / m).backward()
+
+    async def swarm_grads():
+        async with InprocSwarm(run, corpus) as sw:
+            losses = await asyncio.gather(*(sw.head.microbatch(0, i) for i in range(m)))
+            stages = [sw.head.worker.stage] + [sw.servers[k][0].worker.stage for k in (1, 2)]
+            return losses, [{n: p.grad.clone() for n, p in s.named_parameters()} for s in stages]
+
+    losses, grads = asyncio.run(swarm_grads())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    for k, stage in enumerate(ref.model.stages):
+        for n, p in stage.named_parameters():
+            torch.testing.assert_close(grads[k][n], p.grad, rtol=1e-4, atol=1e-6, msg=f"stage {k} {n}")
+
+
+def test_steps_follow_reference_and_bad_requests_are_refused(corpus):
+    run = _run()
+    ref = LocalTrainer(run, corpus)
+    ref_losses = [ref.train_step() for _ in range(3)]
+
+    async def go():
+        async with InprocSwarm(run, corpus) as sw:
+            losses = [(await sw.head.train_step(s))["loss"] for s in range(3)]
+            server = sw.servers[1][0]
+            peer = server.peer_id
+            p2p = sw.head.p2p
+            x = encode(torch.zeros(2, 32, run.model.code_width), run.model.wire_codec)
+            errors = {}
+            for name, msg in {
+                "fingerprint": request("forward", "0" * 16, step=9, micro=0, x=x),
+                "version": {**request("forward", run.fingerprint, step=9, micro=0, x=x), "v": PROTOCOL_VERSION + 1},
+                "shape": request("forward", run.fingerprint, step=9, micro=0,
+                                 x=encode(torch.zeros(2, 32, run.model.d_model), run.model.wire_codec)),
+                "state": request("forward", run.fingerprint, step=0, micro=0, x=x),
+            }.items():
+                with pytest.raises(RemoteError) as err:
+                    await call(p2p, peer, msg, timeout=10)
+                errors[name] = (err.value.reason, str(err.value))
+            ok, _, _ = await call(p2p, peer, request("forward", run.fingerprint, step=9, micro=0, x=x), timeout=10)
+            return losses, errors, ok, [s.worker.stage.state_dict() for s in (sw.servers[1][0], sw.servers[2][0])]
+
+    losses, errors, ok, states = asyncio.run(go())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-4)
+    for k, state in zip((1, 2), states):
+        for n, v in ref.model.stages[k].state_dict().items():
+            torch.testing.assert_close(state[n], v, rtol=1e-3, atol=1e-4, msg=f"stage {k} {n}")
+    assert errors["fingerprint"][0] == "fingerprint" and "another run config" in errors["fingerprint"][1]
+    assert errors["version"][0] == "version"
+    assert errors["shape"] == ("shape", "shape: last dimension is 64, this boundary carries 4 values per token")
+    assert errors["state"][0] == "state"  # step 0 is already applied: no late request can change it
+    assert ok["ok"] and ok["y"]["shape"] == [2, 32, 4]
