@@ -1,0 +1,130 @@
+"""Multi-process swarms on loopback, started the way users start them."""
+import asyncio
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from protocol.codec import bytes_per_token
+from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm.data import ByteCorpus
+from tests.inproc_swarm import InprocSwarm
+
+pytestmark = pytest.mark.swarm
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--d-model", "64", "--layers", "4", "--heads", "2", "--ratio", "16", "--seq-len", "32",
+        "--batch-size", "4", "--microbatches", "2"]
+
+
+def p2pd_pids():
+    out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def cli(*argv, **kw):
+    return subprocess.run([sys.executable, "-m", "node.cli", *argv], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def test_local_swarm_trains_sends_only_codes_and_cleans_up(tmp_path):
+    before_p2pd = p2pd_pids()
+    before_sockets = set(glob.glob("/tmp/hivemind-*.sock"))
+    out = tmp_path / "run.json"
+    res = cli("local", "--stages", "4", "--steps", "30", "--eval-every", "0", "--lr", "0.01", *TINY,
+              "--json-out", str(out), "--run-dir", str(tmp_path / "run"), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["steps_completed"] == 30
+    assert sum(s["loss_curve"][-5:]) / 5 < s["loss_curve"][0] - 1.0
+    # Wire bytes per token per hop are exactly the codec's: b=4 values in bf16 = 8 bytes, both ways.
+    expected = bytes_per_token("bf16", 64 // 16)
+    assert s["measured_wire_bytes_per_token_fwd"] == expected == s["wire_bytes_per_token_fwd"]
+    assert s["measured_wire_bytes_per_token_bwd"] == expected
+    assert s["measured_compression_vs_bf16"] == 16.0
+    stages = [n for n in s["nodes"] if n["role"] == "stage"]
+    assert sorted(n["stage"] for n in stages) == [1, 2, 3]
+    tokens = 30 * 4 * 32
+    for n in stages:
+        assert n["tokens"] == tokens and n["bytes_sent"] > 0 and n["bytes_received"] > 0
+        # every payload a stage received or sent had width b: nothing of width d crossed
+        hops = 2 if n["stage"] < 3 else 1  # a middle stage gets x and grad_out; the tail only x
+        assert n["payload_received"] == hops * tokens * expected
+        assert n["payload_sent"] == hops * tokens * expected
+    assert set(s["exit_codes"].values()) == {0}, s["exit_codes"]
+    assert p2pd_pids() == before_p2pd
+    assert set(glob.glob("/tmp/hivemind-*.sock")) <= before_sockets
+
+
+def test_sigterm_to_local_stops_every_node(tmp_path):
+    before = p2pd_pids()
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "local", "--stages", "2", "--steps", "100000",
+                             *TINY, "--run-dir", str(tmp_path / "run"), "--json-out", str(tmp_path / "s.json")],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        for line in proc.stderr:
+            if "/100000" in line or time.time() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=90)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["steps_completed"] >= 1 and s["stopped_by"] == "signal"
+    assert p2pd_pids() == before
+
+
+def test_join_with_other_config_is_refused(tmp_path):
+    addr = tmp_path / "addr"
+    boot = subprocess.Popen([sys.executable, "-m", "node.cli", "bootstrap", *TINY, "--stages", "2",
+                             "--addr-file", str(addr), "--save-config", str(tmp_path / "cfg.json")],
+                            cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(200):
+            if addr.exists():
+                break
+            time.sleep(0.1)
+        cfg = json.loads((tmp_path / "cfg.json").read_text())
+        cfg["model.ratio"] = 8
+        (tmp_path / "other.json").write_text(json.dumps(cfg))
+        res = cli("join", "--stage", "1", "--initial-peers", addr.read_text().split()[0],
+                  "--config", str(tmp_path / "other.json"), timeout=90)
+        assert res.returncode != 0
+        assert "differs from the swarm's run config" in res.stderr and "model.ratio: ours 8, theirs 16" in res.stderr
+        bad = cli("join", "--stage", "1", "--initial-peers", "/ip4/127.0.0.1/tcp/9", timeout=30)
+        assert bad.returncode == 2 and "lacks the /p2p/<peer id> part" in bad.stderr
+        gone = addr.read_text().split()[0].rsplit("/tcp/", 1)[0] + "/tcp/9/p2p/" + addr.read_text().split("/p2p/")[1]
+        res = cli("join", "--stage", "1", "--initial-peers", gone.strip(), timeout=60)
+        assert res.returncode == 2 and "could not start the DHT peer" in res.stderr
+    finally:
+        boot.send_signal(signal.SIGTERM)
+        try:
+            boot.wait(timeout=30)
+        finally:
+            os.killpg(boot.pid, signal.SIGKILL) if boot.poll() is None else None
+
+
+def test_two_replicas_share_traffic_and_agree_after_averaging():
+    corpus = ByteCorpus(max_bytes=1 << 20)
+    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, seq_len=32, n_stages=3, ratio=16)
+    run = RunConfig(model=model, train=TrainConfig(batch_size=16, microbatches=8, average_every=2), run_id="avg")
+
+    async def go():
+        async with InprocSwarm(run, corpus, replicas={1: 2}, averaging=True) as sw:
+            replies = [await sw.head.train_step(s) for s in range(4)]
+            reps = sw.servers[1]
+            return replies, [r.tokens_done for r in reps], [r.worker.stage.state_dict() for r in reps]
+
+    replies, tokens, (a, b) = asyncio.run(go())
+    assert all(t > 0 for t in tokens), tokens  # both replicas got microbatches
+    averaged = [r.get("averaged") for step in replies for r in step["replies"] if r.get("stage") == 1]
+    assert averaged.count(True) == 4, averaged  # steps 1 and 3, both replicas
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6, msg=n)
