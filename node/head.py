@@ -47,6 +47,9 @@ class Head:
         self.payload = {"fwd": 0, "bwd": 0}       # code/grad payload bytes per boundary hop, head side
         self.payload_tokens = {"fwd": 0, "bwd": 0}
         self.retries = 0
+        self.recomputed = 0      # microbatch gradients recomputed on another replica
+        self.lost = 0            # microbatch gradients that no replica applied (should stay 0)
+        self.ledger: dict[int, dict[str, dict]] = {}
         self._last_refresh = 0.0
 
     # --- routes --------------------------------------------------------------------------------
@@ -77,10 +80,11 @@ class Head:
                         f"({waited:.0f}s); start one with `resbm-node join --stage {missing[0]} ...`")
             await asyncio.sleep(2.0)
 
-    async def call_stage(self, stage: int, method: str, timeout: float, **fields) -> dict:
-        """Call `method` on some replica of `stage`, retrying on others until one answers."""
+    async def call_stage(self, stage: int, method: str, timeout: float, avoid=(), **fields) -> tuple[dict, str]:
+        """Call `method` on some replica of `stage` (preferably not one in `avoid`), retrying on
+        others until one answers. Returns (reply, peer id of the replica that answered)."""
         deadline = time.monotonic() + self.stall_timeout
-        tried: set[str] = set()
+        tried: set[str] = set(avoid)
         while True:
             await self.refresh()
             rep = self.router.choose(stage, exclude=tried)
@@ -118,7 +122,7 @@ class Head:
             self.bytes["received"] += received
             self.metrics.frame_bytes.labels("sent").inc(sent)
             self.metrics.frame_bytes.labels("received").inc(received)
-            return reply
+            return reply, rep.peer_id
 
     # --- one microbatch ------------------------------------------------------------------------
     def _count(self, msg: dict, boundary: int, direction: str, pass_: str, tokens: int) -> None:
@@ -147,25 +151,27 @@ class Head:
             inputs[k] = msg
             if train:
                 self._count(msg, k - 1, "sent", "forward", n)
-            reply = await self.call_stage(k, "forward", self.forward_timeout, step=step, micro=micro, x=msg,
-                                          eval=not train, **extra)
+            reply, _ = await self.call_stage(k, "forward", self.forward_timeout, step=step, micro=micro, x=msg,
+                                             eval=not train, **extra)
             msg = reply["y"]
             if train:
                 self._count(msg, k, "received", "forward", n)
         if train:
             self._count(msg, last - 1, "sent", "forward", n)
-        reply = await self.call_stage(last, "loss", self.backward_timeout, step=step, micro=micro, x=msg,
-                                      targets=encode_ints(y, self.cfg.vocab_size), scale=1.0 / t.microbatches,
-                                      eval=not train, **extra)
+        loss_fields = dict(step=step, micro=micro, x=msg, targets=encode_ints(y, self.cfg.vocab_size),
+                           scale=1.0 / t.microbatches, **extra)
+        reply, peer = await self.call_stage(last, "loss", self.backward_timeout, eval=not train, **loss_fields)
         loss = float(reply["loss"])
         if not train:
             return loss
+        self._hold(last, peer, micro, "loss", loss_fields)
         grad = reply["grad_in"]
         self._count(grad, last - 1, "received", "backward", n)
         for k in range(last - 1, 0, -1):
             self._count(grad, k, "sent", "backward", n)
-            reply = await self.call_stage(k, "backward", self.backward_timeout, step=step, micro=micro,
-                                          x=inputs[k], grad_out=grad, **extra)
+            fields = dict(step=step, micro=micro, x=inputs[k], grad_out=grad, **extra)
+            reply, peer = await self.call_stage(k, "backward", self.backward_timeout, **fields)
+            self._hold(k, peer, micro, "backward", fields)
             grad = reply["grad_in"]
             self._count(grad, k - 1, "received", "backward", n)
         await self._local(self.worker.backward, step, micro, x, decode(grad).to(self.worker.device), None)
@@ -175,10 +181,13 @@ class Head:
     async def train_step(self, step: int) -> dict:
         await self.wait_for_stages()
         m = self.run.train.microbatches
+        self.ledger = {k: {} for k in range(1, self.cfg.n_stages)}
         losses = await asyncio.gather(*(self.microbatch(step, i) for i in range(m)))
+        await self._settle(step)
+        peers = {(k, r.peer_id) for k in self.ledger for r in self.router.replicas(k)}
+        peers |= {(k, p) for k, holders in self.ledger.items() for p in holders}
         results = await asyncio.gather(self._local(self.worker.apply_step, step),
-                                       *(self._step_replica(k, r.peer_id, step)
-                                         for k in range(1, self.cfg.n_stages) for r in self.router.replicas(k)))
+                                       *(self._step_replica(k, p, step) for k, p in sorted(peers)))
         tokens = m * self.run.train.microbatch_size * self.cfg.seq_len
         self.metrics.tokens.inc(tokens)
         self.metrics.samples.inc(self.run.train.batch_size)
@@ -188,15 +197,66 @@ class Head:
         self.metrics.train_loss.set(loss)
         return {"loss": loss, "replies": [r for r in results if r is not None]}
 
-    async def _step_replica(self, stage: int, peer_id: str, step: int):
+    # --- exactly-once gradients ----------------------------------------------------------------
+    def _hold(self, stage: int, peer: str, micro: int, method: str, fields: dict) -> None:
+        """Remember which replica holds which microbatch's gradients, and how to recompute them."""
+        self.ledger.setdefault(stage, {}).setdefault(peer, {})[micro] = (method, fields)
+
+    async def _prepare(self, stage: int, peer: str, step: int, discard: bool = False):
         try:
-            reply, sent, received = await call(self.p2p, peer_id, request("step", self.fp, step=step),
+            reply, _, _ = await call(self.p2p, peer, request("prepare", self.fp, step=step, discard=discard),
+                                     timeout=self.forward_timeout)
+            return reply["held"]
+        except (PeerUnavailable, RemoteError):
+            return None
+
+    async def _settle(self, step: int, rounds: int = 3) -> None:
+        """Before anyone applies `step`: every replica must hold exactly the microbatches the ledger
+        says. A replica that died, lost or over-counted gradients is cleared, and its microbatches
+        are recomputed on another replica of the same stage (the head kept their inputs)."""
+        for _ in range(rounds):
+            targets = sorted({(k, r.peer_id) for k in self.ledger for r in self.router.replicas(k)}
+                             | {(k, p) for k, holders in self.ledger.items() for p in holders})
+            held = await asyncio.gather(*(self._prepare(k, p, step) for k, p in targets))
+            redo = []
+            for (k, peer), got in zip(targets, held):
+                expected = sorted(self.ledger[k].get(peer, {}))
+                if got == expected:
+                    continue
+                if got is not None:
+                    await self._prepare(k, peer, step, discard=True)
+                lost = self.ledger[k].pop(peer, {})
+                if lost:
+                    log.warning("stage %d replica %s %s; recomputing its %d microbatch(es) elsewhere", k, peer[-8:],
+                                "is gone" if got is None else f"holds {got} instead of {expected}", len(lost))
+                redo += [(k, peer, micro, entry) for micro, entry in lost.items()]
+            if not redo:
+                return
+            self.recomputed += len(redo)
+            await asyncio.gather(*(self._recompute(k, peer, micro, entry) for k, peer, micro, entry in redo))
+        log.error("step %d: replicas still disagree about gradients after %d rounds", step, rounds)
+
+    async def _recompute(self, stage: int, failed_peer: str, micro: int, entry) -> None:
+        method, fields = entry
+        _, peer = await self.call_stage(stage, method, self.backward_timeout, avoid={failed_peer}, **fields)
+        self._hold(stage, peer, micro, method, fields)
+
+    async def _step_replica(self, stage: int, peer_id: str, step: int):
+        expect = sorted(self.ledger[stage].get(peer_id, {}))
+        try:
+            reply, sent, received = await call(self.p2p, peer_id, request("step", self.fp, step=step, expect=expect),
                                                timeout=self.backward_timeout)
             self.bytes["sent"] += sent
             self.bytes["received"] += received
+            if reply.get("mismatch"):
+                self.lost += len(expect)
+                log.error("stage %d replica %s changed its gradients after the check; %d microbatch(es) of step "
+                          "%d not applied on stage %d", stage, peer_id[-8:], len(expect), step, stage)
             return {"stage": stage, "peer_id": peer_id, **reply}
         except (PeerUnavailable, RemoteError) as e:
-            log.warning("stage %d replica %s did not apply step %d: %s", stage, peer_id[-8:], step, e)
+            self.lost += len(expect)
+            log.warning("stage %d replica %s did not apply step %d (%s); %d microbatch(es) lost on that stage",
+                        stage, peer_id[-8:], step, e, len(expect))
             return None
 
     async def evaluate(self, batches: int = 8) -> float:

@@ -16,7 +16,7 @@ import torch
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, decode_ints, encode
 from protocol.errors import PayloadError
-from protocol.messages import check_request, error_reply, field
+from protocol.messages import STATE_CHUNK, check_request, error_reply, field
 from swarm.stage_worker import StageWorker, StaleRequest
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,18 @@ class StageServer:
         self.metrics.samples.inc(x.shape[0])
         self.metrics.tokens_per_second.set(self.compute.rate())
 
+    async def _on_prepare(self, msg):
+        step = field(msg, "step", int, minimum=0)
+        if msg.get("discard"):
+            await self._compute(self.worker.discard, step)
+        return {"held": self.worker.held(step), "applied_step": self.worker.applied_step}
+
     async def _on_step(self, msg):
         step = field(msg, "step", int, minimum=0)
-        result = await self._compute(self.worker.apply_step, step)
+        expect = msg.get("expect")
+        if expect is not None and (not isinstance(expect, list) or not all(isinstance(m, int) for m in expect)):
+            raise PayloadError("malformed", "expect must be a list of microbatch ids")
+        result = await self._compute(self.worker.apply_step, step, expect)
         if result["applied"]:
             self.metrics.steps.inc()
         self.metrics.step.set(self.worker.applied_step)
@@ -237,7 +246,9 @@ class StageServer:
                 "tokens": self.tokens_done, "requests": self.requests}
 
     async def _on_state(self, msg):
-        raise PayloadError("method", "state transfer is not served by this node")
+        offset = field(msg, "offset", int, minimum=0)
+        blob = await self._compute(self.worker.state_bytes)
+        return {"step": self.worker.applied_step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK]}
 
 
 def measure_throughput(server: StageServer, repeats: int = 2) -> None:

@@ -8,8 +8,11 @@ Methods (request fields -> response fields; tensors are protocol.codec dicts):
     forward   step, micro, x [, tokens]                   -> y
     backward  step, micro, x, grad_out [, tokens]         -> grad_in
     loss      step, micro, x, targets, scale [, tokens]   -> loss, grad_in    (last stage only)
-    step      step                                        -> applied, grad_norm, micro_count
-    info      -                                           -> stage, step, fingerprint, version
+    prepare   step [, discard]                            -> held (microbatches whose gradients are here)
+    step      step [, expect]                             -> applied, grad_norm, micro_count, mismatch
+    info      -                                           -> stage, step, fingerprint, version, bytes...
+    state     offset                                      -> step, total, data (a chunk of the serialized
+                                                             stage state, for a joining replica)
 Errors: {"ok": False, "reason": <PayloadError reason or "internal">, "error": <message>}
 """
 from __future__ import annotations
@@ -22,7 +25,8 @@ from protocol import PROTOCOL_VERSION
 from protocol.errors import PayloadError
 
 HANDLER_NAME = "resbm.rpc"
-METHODS = ("forward", "backward", "loss", "step", "info", "state")
+METHODS = ("forward", "backward", "loss", "prepare", "step", "info", "state")
+STATE_CHUNK = 4 << 20
 HEADER_BYTES = 8
 DEFAULT_MAX_FRAME = 64 << 20
 

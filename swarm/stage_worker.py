@@ -7,6 +7,7 @@ an update is never applied twice, and a step's late requests are refused once it
 """
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 
 import torch
@@ -95,23 +96,47 @@ class StageWorker:
         self.grad_inputs[micro] = leaf.grad
         return loss.item(), leaf.grad
 
-    def apply_step(self, step: int) -> dict:
+    def held(self, step: int) -> list[int]:
+        """Microbatches whose gradients this stage holds for `step`."""
+        return sorted(self.grad_inputs) if self.grad_step == step else []
+
+    def discard(self, step: int) -> None:
+        """Forget the gradients of `step` (the head will have them recomputed elsewhere)."""
+        if self.grad_step == step:
+            self.opt.zero_grad()
+            self.grad_inputs.clear()
+            self.grad_step = None
+
+    def apply_step(self, step: int, expect: list[int] | None = None) -> dict:
+        """Apply `step` once. With `expect`, apply only if exactly those microbatches were counted
+        here; otherwise drop the gradients (never apply a partial or double-counted update)."""
         if step <= self.applied_step:
             return {"applied": False, "grad_norm": 0.0, "micro_count": 0, "duplicate": True}
-        micros = len(self.grad_inputs) if self.grad_step == step else 0
+        held = self.held(step)
+        mismatch = expect is not None and sorted(expect) != held
         norm = 0.0
-        if micros:
+        if held and not mismatch:
             norm = self.opt.step(step)
         self.opt.zero_grad()
         self.applied_step, self.grad_step = step, None
         self.grad_inputs.clear()
         self.cache.clear()
-        return {"applied": bool(micros), "grad_norm": norm, "micro_count": micros, "duplicate": False}
+        return {"applied": bool(held) and not mismatch, "grad_norm": norm, "micro_count": 0 if mismatch else len(held),
+                "duplicate": False, "mismatch": mismatch, "held": held}
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"stage": self.index, "step": self.applied_step, "fingerprint": self.run.fingerprint,
                 "model": self.stage.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def state_bytes(self) -> bytes:
+        """The state serialized for a joining replica (cached until the next applied step)."""
+        cached = getattr(self, "_state_cache", None)
+        if cached is None or cached[0] != self.applied_step:
+            buf = io.BytesIO()
+            torch.save(self.state_dict(), buf)
+            self._state_cache = cached = (self.applied_step, buf.getvalue())
+        return cached[1]
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self.run.fingerprint or state.get("stage") != self.index:
