@@ -13,6 +13,15 @@ from protocol.records import StageRecord, config_key, stage_record, stages_key
 
 log = logging.getLogger(__name__)
 
+MAX_RECORD_AGE_S = 300.0  # not refreshed for this long: stale (owners refresh every 5 s with a 15 s TTL)
+MAX_CLOCK_SKEW_S = 30.0   # a record dated further in the future than this is ignored
+
+
+def owned_by_its_peer(subkey, peer_id: str) -> bool:
+    """The subkey is "<peer id>[owner:<public key>]": signed by that key (the DHT's RSASignatureValidator
+    checks the signature) and naming the peer id the record claims. Unsigned subkeys are refused."""
+    return isinstance(subkey, bytes) and subkey.startswith(peer_id.encode() + b"[owner:") and subkey.endswith(b"]")
+
 
 def owner_subkey(peer_id: str, validator: RSASignatureValidator) -> bytes:
     # The owner's public key in the subkey makes hivemind accept only values signed by the owner.
@@ -48,10 +57,12 @@ class Announcer:
 
 
 async def read_stage_records(dht: DHT, run_id: str, fingerprint: str | None = None) -> dict[int, list[dict]]:
-    """Live stage records by stage. Records of another protocol version or run fingerprint, or not
-    serving, are left out (and logged once at debug level)."""
+    """Live stage records by stage. Records of another protocol version or run fingerprint, not
+    serving, not signed by an owner key under the peer id they claim, or stale (not refreshed for
+    MAX_RECORD_AGE_S, or dated in the future) are left out. One record per peer id (the newest)."""
     found = await dht.get(stages_key(run_id), latest=True, return_future=True)
     out: dict[int, list[dict]] = {}
+    newest: dict[str, dict] = {}
     if found is None or not isinstance(found.value, dict):
         return out
     now = get_dht_time()
@@ -65,8 +76,15 @@ async def read_stage_records(dht: DHT, run_id: str, fingerprint: str | None = No
             log.debug("ignoring record of %s: version %s fingerprint %s", rec["peer_id"], rec["version"],
                       rec["fingerprint"])
             continue
-        if not rec["serving"] or not subkey.startswith(rec["peer_id"].encode()):
+        if not rec["serving"] or not owned_by_its_peer(subkey, rec["peer_id"]):
             continue
+        if rec["age_s"] > MAX_RECORD_AGE_S or rec["updated"] > now + MAX_CLOCK_SKEW_S:
+            log.debug("ignoring stale record of %s (updated %.0fs ago)", rec["peer_id"], now - rec["updated"])
+            continue
+        newest.setdefault(rec["peer_id"], rec)
+        if rec["updated"] > newest[rec["peer_id"]]["updated"]:
+            newest[rec["peer_id"]] = rec
+    for rec in newest.values():
         out.setdefault(rec["stage"], []).append(rec)
     return out
 

@@ -1,30 +1,158 @@
 """Replicas of one stage train one model: every `average_every` steps they average parameters
-through a hivemind DecentralizedAverager (all-reduce among the replicas found in the DHT).
+through hivemind's DecentralizedAverager (butterfly all-reduce among the replicas found in the DHT).
 
 Averaging runs inside the step barrier (the head waits for every replica's step reply), so no
-forward or backward uses parameters while they are being replaced."""
+forward or backward uses parameters while they are being replaced.
+
+Robustness: hivemind 1.1.12 has no CenteredClip, so `RobustAverager` swaps the plain weighted
+mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
+  * the peer that reduces a part sees every replica's copy of that part (an all-gather per part),
+    drops copies with NaN/inf, and clips each copy's pull to tau per coordinate and iteration, so
+    one replica sending NaN, huge or sign-flipped parameters shifts the part by at most
+    2*iters*tau/n (swarm.robust.influence_bound); peers' self-declared weights are ignored;
+  * every replica receives the same reduced part from its reducer, so replicas stay identical;
+  * a reducer could itself lie: a receiver applies at most (iters+1)*tau per coordinate of any
+    result and ignores non-finite values (swarm.robust.bounded_update), so even a malicious
+    reducer moves a stage by a bounded amount per round;
+  * parts are split evenly among the group instead of by self-declared bandwidth, so one peer
+    cannot claim every part.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from typing import Optional, Sequence
 
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TAU = default_tau(3e-3, 10)
+
+
+class RobustPartReducer(TensorPartReducer):
+    """hivemind's TensorPartReducer, but each part is the CenteredClip of the senders' copies."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, own_index: Optional[int],
+                 tau: float, iters: int):
+        self.own_index, self.tau, self.iters = own_index, tau, iters
+        self.contributions: dict[int, torch.Tensor] = {}
+        self.dropped = 0
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self):
+        self.contributions = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        """As TensorPartReducer.accumulate_part, but keeps each sender's copy (weights ignored)."""
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            waiter = asyncio.create_task(self.finished.wait())
+            await asyncio.wait({self.current_part_future, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        if tuple(tensor_part.shape) != tuple(self.part_shapes[part_index]):
+            raise AllreduceException(f"sender {sender_index} sent part {part_index} of shape "
+                                     f"{list(tensor_part.shape)}, expected {list(self.part_shapes[part_index])}")
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self.contributions[sender_index] = tensor_part.detach().float()
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            order = sorted(self.contributions)
+            if order:
+                own = order.index(self.own_index) if self.own_index in self.contributions else None
+                result, dropped = robust_mean(torch.stack([self.contributions[i] for i in order]), self.tau,
+                                              self.iters, own=own)
+                if dropped:
+                    self.dropped += dropped
+                    log.warning("averaging: dropped %d non-finite contribution(s) to part %d",
+                                dropped, self.current_part_index)
+            else:
+                result = torch.zeros(self.part_shapes[self.current_part_index])
+            self.current_part_future.set_result(result)
+            self.reset_accumulators()
+
+
+class RobustAllReduceRunner(AllReduceRunner):
+    def __init__(self, *, tau: float, iters: int, **kwargs):
+        super().__init__(**kwargs)
+        plain = self.tensor_part_reducer
+        plain.finished.set()  # retire it quietly (its finalize would warn that it received nothing)
+        own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+        self.tensor_part_reducer = RobustPartReducer(plain.part_shapes, plain.num_senders, own_index=own,
+                                                     tau=tau, iters=iters)
+
+
+def _equal_shares(peer_fractions) -> tuple:
+    """Every peer that reduces anything reduces the same share, whatever bandwidth it claimed."""
+    return tuple(1.0 if f > 0 else 0.0 for f in peer_fractions)
+
+
+class RobustAverager(DecentralizedAverager):
+    """DecentralizedAverager whose all-reduce is CenteredClip with bounded application."""
+
+    def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS, start: bool = True,
+                 **kwargs):
+        self.tau, self.iters = float(tau), int(iters)
+        self.update_bound = (self.iters + 1) * self.tau
+        super().__init__(averaged_tensors, dht, start=False, **kwargs)
+        if start:
+            self.run_in_background(await_ready=True)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        kwargs["peer_fractions"] = _equal_shares(kwargs["peer_fractions"])
+        runner = RobustAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+                                       group_id=group_id, ordered_peer_ids=group_info.peer_ids, tau=self.tau,
+                                       iters=self.iters, **kwargs)
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(bounded_update(update, self.update_bound).to(tensor.dtype), alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
 
 
 class ReplicaAverager:
     def __init__(self, dht: DHT, run_id: str, stage: int, module: torch.nn.Module, every: int,
-                 count_replicas, metrics, matchmaking_s: float = 1.0, timeout_s: float = 20.0):
+                 count_replicas, metrics, matchmaking_s: float = 1.0, timeout_s: float = 20.0,
+                 tau: float | None = None, iters: int = DEFAULT_ITERS):
         self.module, self.every, self.count_replicas, self.metrics = module, every, count_replicas, metrics
         self.timeout_s = timeout_s
+        self.tau = tau if tau is not None else DEFAULT_TAU
         self.params = [p for p in module.parameters()]
-        self.averager = DecentralizedAverager(
+        self.averager = RobustAverager(
             [p.detach().cpu().clone() for p in self.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
-            min_group_size=2, min_matchmaking_time=matchmaking_s, request_timeout=max(1.0, matchmaking_s),
-            start=True)
+            tau=self.tau, iters=iters, min_group_size=2, min_matchmaking_time=matchmaking_s,
+            request_timeout=max(1.0, matchmaking_s), allreduce_timeout=timeout_s,
+            sender_timeout=timeout_s / 4, reducer_timeout=timeout_s / 2, start=True)
 
     async def maybe_average(self, step: int) -> bool | None:
         """Average after step `step` when it is due and another replica exists; None if not due."""
@@ -51,8 +179,15 @@ class ReplicaAverager:
         if result is None:
             return False
         with torch.no_grad(), self.averager.get_tensors() as shared:
+            if not all(torch.isfinite(src).all() for src in shared):  # cannot happen (bounded_update); belt and braces
+                log.warning("averaging produced non-finite parameters; keeping local ones")
+                return False
+            change = 0.0
             for p, src in zip(self.params, shared):
+                change = max(change, float((src - p.detach().cpu()).abs().max())) if p.numel() else change
                 p.copy_(src.to(p.device))
+        self.metrics.avg_group_size.set(len(result))
+        self.metrics.avg_change.set(change if math.isfinite(change) else 0.0)
         return True
 
     def shutdown(self) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from node.head import Head, StageMissing
 from node.progress import Progress, human_bytes
-from swarm.checkpoint import atomic_save
 from swarm.data import ByteCorpus
 from swarm.trainer import param_overhead, wire_stats
 
@@ -30,7 +29,9 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
     await head.wait_for_stages()
     log.info("all %d stages have replicas %s; training %d steps (fingerprint %s)", cfg.n_stages,
              head.replica_counts(), args.steps, run.fingerprint)
-    step = worker.applied_step + 1
+    # Continue after the furthest step anyone applied (a restarted head may be behind its stages).
+    step = max([worker.applied_step] + [r.step for k in range(1, cfg.n_stages) for r in head.router.replicas(k)]) + 1
+    worker.applied_step = step - 1
     try:
         while len(losses) < args.steps:
             if stop.is_set():
@@ -69,8 +70,6 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
                       "bytes_sent": info.get("bytes_sent"), "bytes_received": info.get("bytes_received"),
                       "payload_sent": info.get("payload_sent"), "payload_received": info.get("payload_received"),
                       "tokens": info.get("tokens"), "step": info.get("step"), "error": info.get("error")})
-    if args.checkpoint:
-        atomic_save(worker.state_dict(), args.checkpoint)
     summary = {
         "command": "join", "role": "head", "config": run.wire_dict(), "fingerprint": run.fingerprint,
         "steps_completed": len(losses), "train_loss_first": losses[0] if losses else None,

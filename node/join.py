@@ -33,6 +33,8 @@ def add_common_peer_args(p) -> None:
     p.add_argument("--public", action="store_true",
                    help="enable hivemind NAT traversal (AutoNAT, UPnP, relays) for a node behind NAT")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address for /metrics (0.0.0.0 to let a Prometheus on another host scrape it)")
     p.add_argument("--verbose", "-v", action="store_true")
 
 
@@ -45,11 +47,14 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default=None, help="run config JSON (as written by `bootstrap --save-config`)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--checkpoint-dir", default=str(Path.home() / ".cache" / "resbm-swarm"),
+                   help="where this node keeps its stage checkpoint ('' to disable); with the same --identity a "
+                        "restarted node resumes from it when no live replica can hand over the state")
+    p.add_argument("--save-every-min", type=float, default=10.0, help="checkpoint every N minutes (and on exit)")
     g = p.add_argument_group("head only (--stage 0)")
     g.add_argument("--steps", type=int, default=100, help="optimizer steps to train")
     g.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
     g.add_argument("--eval-every", type=int, default=25, help="validation every N steps (0: only at the end)")
-    g.add_argument("--checkpoint", default=None, help="write the head's stage checkpoint here at the end")
     g.add_argument("--json-out", default=None, help="write the run summary JSON here")
     g.add_argument("--stall-timeout", type=float, default=600.0,
                    help="give up after a stage has had no working replica this long (seconds)")
@@ -111,7 +116,10 @@ async def _main(args) -> int:
     from node.averaging import ReplicaAverager
     from node.rpc import serve
     from node.stage_server import StageServer, measure_throughput
+    from node.state_sync import checkpoint_path, initial_state, save_periodically
+    from swarm.checkpoint import atomic_write_bytes
     from swarm.memory import check_fits
+    from swarm.robust import default_tau
     from swarm.stage_worker import StageWorker
 
     janitor = SocketJanitor()
@@ -134,7 +142,7 @@ async def _main(args) -> int:
         log.info("stage %d: %d layers, %.1f M parameters; memory ~%.0f MiB params+optimizer, ~%.0f MiB activations",
                  args.stage, cfg.stage_layers[args.stage], sum(p.numel() for p in worker.stage.parameters()) / 1e6,
                  need["params_bytes"] / 2**20, need["activations_bytes"] / 2**20)
-        metrics = NodeMetrics().serve(args.metrics_port)
+        metrics = NodeMetrics().serve(args.metrics_port, args.metrics_host)
         metrics.info.info({"version": str(PROTOCOL_VERSION), "stage": str(args.stage), "peer_id": peer_id,
                            "fingerprint": run.fingerprint, "run_id": run.run_id})
 
@@ -143,18 +151,29 @@ async def _main(args) -> int:
 
         if args.stage > 0 and run.train.average_every:
             averager = ReplicaAverager(dht, run.run_id, args.stage, worker.stage, run.train.average_every,
-                                       count_replicas, metrics)
+                                       count_replicas, metrics,
+                                       tau=default_tau(run.train.lr, run.train.average_every))
+        ckpt = checkpoint_path(args.checkpoint_dir, run.run_id, args.stage, peer_id)
+        log.info(await initial_state(dht, p2p, worker, ckpt, peer_id))
         worker.stage.to(device)
         worker.device = device
         if args.stage == 0:
             from node.head_loop import train
-            return await train(args, run, worker, dht, p2p, metrics, stop, peer_id)
+            try:
+                return await train(args, run, worker, dht, p2p, metrics, stop, peer_id)
+            finally:
+                if ckpt is not None:
+                    atomic_write_bytes(worker.state_bytes(), ckpt)
+                    log.info("checkpoint written: %s (step %d)", ckpt, worker.applied_step)
 
         server = StageServer(worker, metrics, peer_id, averager)
         measure_throughput(server)
-        await serve(p2p, server)
+        await serve(p2p, server, max_frame=server.max_frame)
         announcer = Announcer(dht, run.run_id, peer_id, RSASignatureValidator())
         tasks.append(asyncio.create_task(announcer.run(args.stage, run.fingerprint, server)))
+        if ckpt is not None and args.save_every_min > 0:
+            tasks.append(asyncio.create_task(save_periodically(worker, ckpt, 60 * args.save_every_min,
+                                                               server.executor)))
         print(f"stage {args.stage} serving: peer {peer_id} run {run.run_id} fingerprint {run.fingerprint} "
               f"throughput {server.throughput:.1f} microbatches/s", file=sys.stderr, flush=True)
         await stop.wait()
@@ -164,6 +183,10 @@ async def _main(args) -> int:
                                                      serving=False, ttl=5.0), 5.0)
         except Exception:
             pass
+        if ckpt is not None:
+            data = await asyncio.get_running_loop().run_in_executor(server.executor, worker.state_bytes)
+            atomic_write_bytes(data, ckpt)
+            log.info("checkpoint written: %s (step %d)", ckpt, worker.applied_step)
         return 0
     finally:
         for t in tasks:

@@ -127,14 +127,16 @@ def main(args) -> int:
             for r in range(args.replicas):
                 swarm.start(f"stage{stage}-{r}", ["join", "--stage", str(stage), "--initial-peers", *peers,
                                                   "--run-id", args.run_id, "--identity",
-                                                  str(run_dir / f"stage{stage}-{r}.id"), *port(node)])
+                                                  str(run_dir / f"stage{stage}-{r}.id"), *port(node),
+                                                  "--checkpoint-dir", str(run_dir / "checkpoints")])
                 node += 1
         for name, _, _ in swarm.procs[1:]:
             swarm.wait_for_line(name, "serving", 120)
         head_json = run_dir / "head.json"
         head = swarm.start("head", ["join", "--stage", "0", "--initial-peers", *peers, "--run-id", args.run_id,
                                     "--steps", str(args.steps), "--eval-every", str(args.eval_every),
-                                    "--json-out", str(head_json), "--checkpoint", str(run_dir / "head.pt"),
+                                    "--json-out", str(head_json), "--identity", str(run_dir / "head.id"),
+                                    "--checkpoint-dir", str(run_dir / "checkpoints"),
                                     *(["--data", args.data] if args.data else []), *port(0)],
                            inherit_stderr=True)
         code = _wait_head(head)

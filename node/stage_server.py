@@ -32,6 +32,8 @@ class BadPeerTracker:
 
     def record(self, peer: str) -> bool:
         now = time.monotonic()
+        if len(self.events) > 4096:  # many peer ids: forget the ones with no recent event (bounded memory)
+            self.events = {p: ts for p, ts in self.events.items() if ts and now - ts[-1] < self.window_s}
         recent = [t for t in self.events.get(peer, []) if now - t < self.window_s] + [now]
         self.events[peer] = recent
         if len(recent) >= self.limit:
@@ -83,6 +85,8 @@ class StageServer:
         self.requests = 0
         self.bad_peers = BadPeerTracker()
         self.tokens_done = 0
+        # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids; the rest is headers.
+        self.max_frame = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
 
     # --- accounting ----------------------------------------------------------------------------
     def count_frame(self, direction: str, n: int) -> None:
@@ -98,6 +102,7 @@ class StageServer:
     def rejected(self, err: PayloadError, peer) -> None:
         self.metrics.rejected.labels(err.reason).inc()
         if self.bad_peers.record(str(peer)):
+            self.metrics.peer_bans.inc()
             log.warning("peer %s sent too many bad requests; refusing it for %.0fs", peer, self.bad_peers.ban_s)
 
     @property
@@ -133,6 +138,7 @@ class StageServer:
     # --- dispatch ------------------------------------------------------------------------------
     async def handle(self, msg: dict, peer) -> dict:
         if self.bad_peers.is_banned(str(peer)):
+            self.metrics.rejected.labels("banned").inc()
             return error_reply("state", "too many bad requests from your peer id; refused for a while")
         started = time.perf_counter()
         method = "invalid"
@@ -156,14 +162,24 @@ class StageServer:
             self.metrics.queue.set(self.inflight)
             self.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
 
-    def _step_micro(self, msg):
-        return field(msg, "step", int, minimum=0), field(msg, "micro", int, minimum=0)
+    def _step_micro(self, msg, train: bool = True):
+        step, micro = field(msg, "step", int, minimum=0), field(msg, "micro", int, minimum=0)
+        if train and micro >= self.run.train.microbatches:  # bounds what a step accumulates per peer
+            raise PayloadError("malformed", f"field 'micro' must be < {self.run.train.microbatches}, got {micro}")
+        return step, micro
+
+    @staticmethod
+    def _train_flag(msg) -> bool:
+        flag = msg.get("eval", False)
+        if not isinstance(flag, bool):
+            raise PayloadError("malformed", f"field 'eval' must be bool, got {type(flag).__name__}")
+        return not flag
 
     async def _on_forward(self, msg):
         if self.worker.stage.is_last:
             raise PayloadError("method", f"stage {self.index} is the last stage: call 'loss', not 'forward'")
-        step, micro = self._step_micro(msg)
-        train = not msg.get("eval", False)
+        train = self._train_flag(msg)
+        step, micro = self._step_micro(msg, train)
         x = self._code(msg, "x")
         tokens = self._tokens(msg, x.shape[:2])
         t0 = time.perf_counter()
@@ -192,8 +208,8 @@ class StageServer:
     async def _on_loss(self, msg):
         if not self.worker.stage.is_last:
             raise PayloadError("method", f"stage {self.index} is not the last stage: 'loss' is served by the tail")
-        step, micro = self._step_micro(msg)
-        train = not msg.get("eval", False)
+        train = self._train_flag(msg)
+        step, micro = self._step_micro(msg, train)
         x = self._code(msg, "x")
         targets = self._ints(msg, "targets", x.shape[:2])
         tokens = self._tokens(msg, x.shape[:2])

@@ -1,0 +1,73 @@
+"""Where a stage's parameters come from when a node starts, and where they go while it runs.
+
+A joiner never serves a freshly initialised stage into a running swarm: it downloads the current
+parameters and optimizer state from a live replica of its stage (the one furthest ahead) before it
+announces itself. With no live replica it resumes from its own newest checkpoint, else it starts
+from initialisation, and it says which.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from pathlib import Path
+
+import torch
+
+from node.announce import read_stage_records
+from node.rpc import PeerUnavailable, RemoteError, call
+from protocol.messages import request
+from swarm.checkpoint import atomic_write_bytes, load
+
+log = logging.getLogger("resbm.state")
+
+
+async def download_state(p2p, fingerprint: str, peer_id: str, timeout: float = 60.0) -> dict:
+    chunks, offset, total = [], 0, None
+    while total is None or offset < total:
+        reply, _, _ = await call(p2p, peer_id, request("state", fingerprint, offset=offset), timeout=timeout)
+        if total is not None and reply["total"] != total:  # the replica stepped meanwhile: start over
+            chunks, offset = [], 0
+        total = reply["total"]
+        chunks.append(reply["data"])
+        offset += len(reply["data"])
+        if not reply["data"] and offset < total:
+            raise RemoteError("malformed", "state transfer stalled")
+    return torch.load(io.BytesIO(b"".join(chunks)), map_location="cpu", weights_only=True)
+
+
+async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str) -> str:
+    """Load the best available state into `worker`; returns a sentence saying where it came from."""
+    run = worker.run
+    records = (await read_stage_records(dht, run.run_id, run.fingerprint)).get(worker.index, [])
+    for rec in sorted((r for r in records if r["peer_id"] != own_peer_id), key=lambda r: -r["step"]):
+        try:
+            state = await download_state(p2p, run.fingerprint, rec["peer_id"])
+            worker.load_state_dict(state)
+            return f"loaded stage {worker.index} at step {worker.applied_step} from live replica {rec['peer_id']}"
+        except (PeerUnavailable, RemoteError, ValueError, RuntimeError) as e:
+            log.warning("could not fetch state from %s: %s", rec["peer_id"], e)
+    if checkpoint is not None and checkpoint.exists():
+        try:
+            worker.load_state_dict(load(checkpoint))
+            return f"no live replica of stage {worker.index}; resumed from checkpoint {checkpoint} " \
+                   f"at step {worker.applied_step}"
+        except ValueError as e:
+            log.warning("ignoring checkpoint %s: %s", checkpoint, e)
+    return f"no live replica of stage {worker.index} and no usable checkpoint: starting from initialisation"
+
+
+async def save_periodically(worker, path: Path, every_s: float, executor) -> None:
+    """Write the stage checkpoint every `every_s` seconds (serialized between requests)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(every_s)
+        data = await loop.run_in_executor(executor, worker.state_bytes)
+        await loop.run_in_executor(None, atomic_write_bytes, data, path)
+        log.info("checkpoint written: %s (step %d)", path, worker.applied_step)
+
+
+def checkpoint_path(directory: str | None, run_id: str, stage: int, peer_id: str) -> Path | None:
+    if not directory:
+        return None
+    return Path(directory) / f"{run_id}-stage{stage}-{peer_id[-12:]}.pt"
