@@ -56,10 +56,13 @@ class Announcer:
             await asyncio.sleep(self.period_s)
 
 
-async def read_stage_records(dht: DHT, run_id: str, fingerprint: str | None = None) -> dict[int, list[dict]]:
+async def read_stage_records(dht: DHT, run_id: str, fingerprint: str | None = None,
+                             include_idle: bool = False) -> dict[int, list[dict]]:
     """Live stage records by stage. Records of another protocol version or run fingerprint, not
     serving, not signed by an owner key under the peer id they claim, or stale (not refreshed for
-    MAX_RECORD_AGE_S, or dated in the future) are left out. One record per peer id (the newest)."""
+    MAX_RECORD_AGE_S, or dated in the future) are left out. One record per peer id (the newest).
+    `include_idle` keeps records with serving=False (nodes leaving or about to start serving: the
+    balancer counts them, the router must not)."""
     found = await dht.get(stages_key(run_id), latest=True, return_future=True)
     out: dict[int, list[dict]] = {}
     newest: dict[str, dict] = {}
@@ -76,7 +79,7 @@ async def read_stage_records(dht: DHT, run_id: str, fingerprint: str | None = No
             log.debug("ignoring record of %s: version %s fingerprint %s", rec["peer_id"], rec["version"],
                       rec["fingerprint"])
             continue
-        if not rec["serving"] or not owned_by_its_peer(subkey, rec["peer_id"]):
+        if not (rec["serving"] or include_idle) or not owned_by_its_peer(subkey, rec["peer_id"]):
             continue
         if rec["age_s"] > MAX_RECORD_AGE_S or rec["updated"] > now + MAX_CLOCK_SKEW_S:
             log.debug("ignoring stale record of %s (updated %.0fs ago)", rec["peer_id"], now - rec["updated"])

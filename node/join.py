@@ -1,8 +1,10 @@
 """`resbm-node join --stage N`: become one replica of stage N (N = 0: the head, which trains)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import logging
 import sys
 import time
@@ -42,7 +44,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("join", help="serve one pipeline stage (stage 0 = the head, which trains)",
                        description="Join a swarm as one replica of a stage. The run config comes from the DHT "
                                    "(published by the bootstrap) or from --config, which must match it.")
-    p.add_argument("--stage", type=int, required=True, help="stage to serve; 0 is the head (data + training)")
+    p.add_argument("--stage", type=_stage_arg, required=True,
+                   help="stage to serve (0 is the head: data + training), or 'auto': the stage that needs "
+                        "throughput most; an auto node also moves later if the swarm becomes badly unbalanced")
+    p.add_argument("--rebalance-every", type=float, default=60.0, help="auto nodes: seconds between balance checks")
+    p.add_argument("--auto-target", type=int, default=None, help=argparse.SUPPRESS)  # set when an auto node moves
     add_common_peer_args(p)
     p.add_argument("--config", default=None, help="run config JSON (as written by `bootstrap --save-config`)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -59,6 +65,51 @@ def add_parser(sub) -> None:
     g.add_argument("--stall-timeout", type=float, default=600.0,
                    help="give up after a stage has had no working replica this long (seconds)")
     p.set_defaults(func=main)
+
+
+def _stage_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a stage number or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("stage numbers start at 0")
+    return value
+
+
+async def choose_auto_stage(dht, run: RunConfig, preferred: int | None) -> int:
+    from node.announce import read_stage_records
+    from swarm.balance import pick_stage, stage_totals
+    stages = range(1, run.model.n_stages)
+    if preferred in stages:
+        return preferred
+    totals = stage_totals(await read_stage_records(dht, run.run_id, run.fingerprint), stages)
+    stage = pick_stage(totals)
+    log.info("--stage auto: serving stage %d (stage totals in microbatches/s: %s)", stage,
+             {k: round(t, 2) for k, (t, _) in totals.items()})
+    return stage
+
+
+async def watch_balance(dht, run: RunConfig, stage: int, server, every_s: float, stop: asyncio.Event,
+                        decision: dict, just_moved: bool) -> None:
+    """Auto nodes: move to another stage when the swarm is badly unbalanced (see swarm/balance.py)."""
+    import random
+    from node.announce import read_stage_records
+    from swarm.balance import move_target, quality, stage_totals
+    if just_moved:  # dwell: a node that just moved stays a while, whatever the numbers say
+        await asyncio.sleep(5 * every_s)
+    while not stop.is_set():
+        await asyncio.sleep(every_s * random.uniform(0.5, 1.5))  # jitter: nodes do not all move at once
+        records = await read_stage_records(dht, run.run_id, run.fingerprint, include_idle=True)
+        totals = stage_totals(records, range(1, run.model.n_stages))
+        target = move_target(totals, stage, server.throughput)
+        if target is not None:
+            log.warning("swarm balance quality %.2f is low: moving from stage %d to stage %d", quality(totals),
+                        stage, target)
+            decision["move_to"] = target
+            stop.set()
 
 
 def load_config_file(path: str) -> RunConfig:
@@ -104,10 +155,18 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     try:
         import uvloop
-        return uvloop.run(_main(args))
+        code = uvloop.run(_main(args))
     except (AddressError, ConnectionError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    target = getattr(args, "decision", {}).get("move_to")
+    if target is not None:  # restart in place as an auto node of the new stage: same pid, identity, group
+        argv = [a for a in sys.argv[1:]]
+        if "--auto-target" in argv:
+            i = argv.index("--auto-target")
+            del argv[i:i + 2]
+        os.execv(sys.executable, [sys.executable, "-m", "node.cli", *argv, "--auto-target", str(target)])
+    return code
 
 
 async def _main(args) -> int:
@@ -126,6 +185,7 @@ async def _main(args) -> int:
     stop = stop_event_on_signals(asyncio.get_running_loop())
     dht = p2p = averager = metrics = None
     tasks = []
+    decision = args.decision = {}
     try:
         # hivemind forks its helper processes: start them before any CUDA work.
         dht = start_dht(args.run_id, args.initial_peers, host=args.host, port=args.port, identity=args.identity,
@@ -134,6 +194,11 @@ async def _main(args) -> int:
         peer_id = str(dht.peer_id)
         run = await resolve_run_config(dht, args)
         cfg = run.model
+        auto = args.stage == "auto"
+        if auto:
+            if cfg.n_stages < 2:
+                raise SystemExit("error: --stage auto needs a run with at least 2 stages")
+            args.stage = await choose_auto_stage(dht, run, args.auto_target)
         if not 0 <= args.stage < cfg.n_stages:
             raise SystemExit(f"error: --stage {args.stage} does not exist; this run has stages 0..{cfg.n_stages - 1}")
         device = resolve_device(args.device)
@@ -176,11 +241,20 @@ async def _main(args) -> int:
                                                                server.executor)))
         print(f"stage {args.stage} serving: peer {peer_id} run {run.run_id} fingerprint {run.fingerprint} "
               f"throughput {server.throughput:.1f} microbatches/s", file=sys.stderr, flush=True)
+        if auto:
+            tasks.append(asyncio.create_task(watch_balance(dht, run, args.stage, server, args.rebalance_every,
+                                                           stop, decision, args.auto_target is not None)))
         await stop.wait()
-        log.info("stopping: withdrawing the stage record")
+        # Replace our record (an earlier expiration would be ignored by the DHT, so outlive the old one):
+        # leaving, it says "stage k, not serving, no throughput"; moving, it announces the target stage
+        # with our throughput, so other auto nodes count us there and do not move too.
+        moving = decision.get("move_to")
+        log.info("stopping: %s", "withdrawing the stage record" if moving is None else f"moving to stage {moving}")
         try:
-            await asyncio.wait_for(announcer.publish(args.stage, run.fingerprint, 0.0, 0, worker.applied_step,
-                                                     serving=False, ttl=5.0), 5.0)
+            await asyncio.wait_for(announcer.publish(args.stage if moving is None else moving, run.fingerprint,
+                                                     0.0 if moving is None else server.throughput, 0,
+                                                     worker.applied_step, serving=False,
+                                                     ttl=3 * announcer.period_s + 5), 5.0)
         except Exception:
             pass
         if ckpt is not None:
