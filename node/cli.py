@@ -6,13 +6,15 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from node import bootstrap, join, local, train_local
+    from node import bootstrap, export, join, local, status, train_local
     p = argparse.ArgumentParser(prog="resbm-node", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_local.add_parser(sub)
     bootstrap.add_parser(sub)
     join.add_parser(sub)
     local.add_parser(sub)
+    status.add_parser(sub)
+    export.add_parsers(sub)
     return p
 
 

@@ -33,7 +33,7 @@ class StageMissing(RuntimeError):
 class Head:
     def __init__(self, worker: StageWorker, corpus, dht, p2p, metrics, *, forward_timeout: float = 30.0,
                  backward_timeout: float = 75.0, stall_timeout: float = 600.0, refresh_s: float = 5.0,
-                 status=None):
+                 status=None, executor: ThreadPoolExecutor | None = None):
         self.worker, self.corpus, self.dht, self.p2p, self.metrics = worker, corpus, dht, p2p, metrics
         self.run, self.cfg = worker.run, worker.run.model
         self.fp = self.run.fingerprint
@@ -41,7 +41,8 @@ class Head:
         self.router = Router(self.cfg.n_stages)
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self.stall_timeout, self.refresh_s = stall_timeout, refresh_s
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="head")
+        # one thread for all work on stage 0, shared with the head's state server (no races)
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="head")
         self.status = status or (lambda text: log.warning(text))
         self.bytes = {"sent": 0, "received": 0}
         self.payload = {"fwd": 0, "bwd": 0}       # code/grad payload bytes per boundary hop, head side

@@ -15,12 +15,12 @@ from swarm.trainer import param_overhead, wire_stats
 log = logging.getLogger("resbm.head")
 
 
-async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_id: str) -> int:
+async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_id: str, executor=None) -> int:
     cfg, t = run.model, run.train
     corpus = ByteCorpus(args.data)
     bar = Progress(args.steps)
     head = Head(worker, corpus, dht, p2p, metrics, stall_timeout=args.stall_timeout,
-                status=lambda text: bar.update(0, {"status": text}, force=True))
+                status=lambda text: bar.update(0, {"status": text}, force=True), executor=executor)
     ws = wire_stats(cfg)
     tokens_per_step = t.batch_size * cfg.seq_len
     losses, val_curve, step_times, replies = [], [], [], []

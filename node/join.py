@@ -222,10 +222,15 @@ async def _main(args) -> int:
         log.info(await initial_state(dht, p2p, worker, ckpt, peer_id))
         worker.stage.to(device)
         worker.device = device
+        announcer = Announcer(dht, run.run_id, peer_id, RSASignatureValidator())
         if args.stage == 0:
             from node.head_loop import train
+            # The head answers `info` and `state` (for `resbm-node export`) and shows up in `status`.
+            server = StageServer(worker, metrics, peer_id, methods=("info", "state"))
+            await serve(p2p, server, max_frame=server.max_frame)
+            tasks.append(asyncio.create_task(announcer.run(0, run.fingerprint, server)))
             try:
-                return await train(args, run, worker, dht, p2p, metrics, stop, peer_id)
+                return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, server.executor)
             finally:
                 if ckpt is not None:
                     atomic_write_bytes(worker.state_bytes(), ckpt)
@@ -234,7 +239,6 @@ async def _main(args) -> int:
         server = StageServer(worker, metrics, peer_id, averager)
         measure_throughput(server)
         await serve(p2p, server, max_frame=server.max_frame)
-        announcer = Announcer(dht, run.run_id, peer_id, RSASignatureValidator())
         tasks.append(asyncio.create_task(announcer.run(args.stage, run.fingerprint, server)))
         if ckpt is not None and args.save_every_min > 0:
             tasks.append(asyncio.create_task(save_periodically(worker, ckpt, 60 * args.save_every_min,

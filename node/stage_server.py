@@ -34,6 +34,7 @@ class BadPeerTracker:
         now = time.monotonic()
         if len(self.events) > 4096:  # many peer ids: forget the ones with no recent event (bounded memory)
             self.events = {p: ts for p, ts in self.events.items() if ts and now - ts[-1] < self.window_s}
+            self.banned = {p: until for p, until in self.banned.items() if until > now}
         recent = [t for t in self.events.get(peer, []) if now - t < self.window_s] + [now]
         self.events[peer] = recent
         if len(recent) >= self.limit:
@@ -68,8 +69,9 @@ class RateMeter:
 
 
 class StageServer:
-    def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None):
+    def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, methods=None):
         self.worker, self.metrics, self.peer_id = worker, metrics, peer_id
+        self.methods = methods  # None: all; the head serves only ("info", "state")
         self.run = worker.run
         self.cfg = worker.run.model
         self.index = worker.index
@@ -146,6 +148,8 @@ class StageServer:
         self.metrics.queue.set(self.inflight)
         try:
             method = check_request(msg, self.fingerprint)
+            if self.methods is not None and method not in self.methods:
+                raise PayloadError("method", f"this node (stage {self.index}) serves only {', '.join(self.methods)}")
             reply = await getattr(self, f"_on_{method}")(msg)
             self.requests += 1
             return {"ok": True, **reply}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import signal
 import sys
 import time
@@ -28,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default="runs/train-local.pt", help="checkpoint path ('' to disable)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--init-from", default=None, help="start from the weights of a `resbm-node export` file "
+                                                     "(its config replaces the model flags)")
     p.add_argument("--json-out", default=None, help="write a JSON summary here")
     p.set_defaults(func=main)
 
@@ -44,7 +47,15 @@ def main(args) -> int:
     run = run_config_from_args(args)
     device = resolve_device(args.device)
     corpus = ByteCorpus(args.data)
+    exported = None
+    if args.init_from:
+        from swarm.export import load_export
+        exported, model, _ = load_export(args.init_from)
+        run = replace(exported, train=replace(exported.train, steps=args.steps))
     trainer = LocalTrainer(run, corpus, device=str(device))
+    if exported is not None:
+        trainer.model.load_state_dict(model.state_dict())
+        print(f"initialised from {args.init_from} (run {run.run_id}, fingerprint {run.fingerprint})", file=sys.stderr)
     if args.resume:
         trainer.resume(args.checkpoint)
         print(f"resumed from {args.checkpoint} at step {trainer.step}", file=sys.stderr)
@@ -84,10 +95,10 @@ def main(args) -> int:
         bar.close()
         for s, h in previous.items():
             signal.signal(s, h)
-    if not losses:
+    if not losses and args.steps:
         print("no step completed", file=sys.stderr)
         return 130 if stopped else 1
-    if args.checkpoint:
+    if args.checkpoint and losses:
         trainer.save(args.checkpoint)
         print(f"checkpoint written: {args.checkpoint} (step {trainer.step})", file=sys.stderr)
     if stopped:
@@ -96,14 +107,15 @@ def main(args) -> int:
     summary = {
         "command": "train-local", "config": run.wire_dict(), "fingerprint": run.fingerprint,
         "steps_completed": trainer.step - start_step, "step": trainer.step,
-        "train_loss_first": losses[0], "train_loss_last": losses[-1],
-        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]), "val_loss": val,
-        "tokens_per_s": tokens_per_step * len(times) / sum(times),
-        "step_time_s": sum(times) / len(times), **ws, "param_overhead": param_overhead(run.model),
+        "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None, "val_loss": val,
+        "tokens_per_s": tokens_per_step * len(times) / sum(times) if times else 0.0,
+        "step_time_s": sum(times) / len(times) if times else None, **ws, "param_overhead": param_overhead(run.model),
         "loss_curve": losses, "val_curve": val_losses, "device": str(device), "stopped_by": stopped,
     }
-    print(f"done: {summary['steps_completed']} steps, train loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-          f"val loss {val:.4f} nats/byte, {summary['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    trained = f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}, " if losses else ""
+    print(f"done: {summary['steps_completed']} steps, {trained}val loss {val:.4f} nats/byte, "
+          f"{summary['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(summary, indent=1))

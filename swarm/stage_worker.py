@@ -127,7 +127,7 @@ class StageWorker:
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"stage": self.index, "step": self.applied_step, "fingerprint": self.run.fingerprint,
-                "model": self.stage.state_dict(), "optimizer": self.opt.state_dict()}
+                "config": self.run.wire_dict(), "model": self.stage.state_dict(), "optimizer": self.opt.state_dict()}
 
     def state_bytes(self) -> bytes:
         """The state serialized for a joining replica (cached until the next applied step)."""
