@@ -81,6 +81,7 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
         "measured_compression_vs_bf16": _measured_ratio(head, cfg),
         "retries": head.retries, "recomputed_microbatches": head.recomputed, "lost_microbatches": head.lost,
         "nodes": nodes, "loss_curve": losses, "val_curve": val_curve,
+        "step_times": step_times,
         "step_replies": replies[-3:], "stopped_by": stopped, "error": error,
     }
     if args.json_out:

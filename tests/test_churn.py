@@ -13,7 +13,7 @@ from swarm.data import ByteCorpus
 from swarm.model import lm_loss
 from swarm.stage_worker import StageWorker
 from swarm.trainer import LocalTrainer
-from tests.inproc_swarm import InprocSwarm
+from node.inproc import InprocSwarm
 
 pytestmark = pytest.mark.swarm
 

@@ -14,7 +14,7 @@ import torch
 from protocol.codec import bytes_per_token
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from tests.inproc_swarm import InprocSwarm
+from node.inproc import InprocSwarm
 
 pytestmark = pytest.mark.swarm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ from protocol.messages import request
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.trainer import LocalTrainer
-from tests.inproc_swarm import InprocSwarm
+from node.inproc import InprocSwarm
 
 pytestmark = pytest.mark.swarm
 

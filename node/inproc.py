@@ -1,5 +1,5 @@
-"""A real swarm inside one test process: a hivemind DHT per peer (each with its own p2pd), real
-libp2p streams between them, but the workers are Python objects the test can inspect."""
+"""A real swarm inside one process, for tests and benchmarks: a hivemind DHT per peer (each with its
+own p2pd) and real libp2p streams between them, but the workers are Python objects one can inspect."""
 from __future__ import annotations
 
 import contextlib

@@ -1,0 +1,156 @@
+"""Robust replica averaging: CenteredClip on its own, then inside a real hivemind all-reduce where
+one of three replicas sends sign-flipped huge or NaN parameters."""
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from swarm.robust import (bounded_update, centered_clip, choose_center, default_tau, influence_bound,
+                          robust_mean)
+
+TAU, ITERS = 0.05, 3
+
+
+def honest_points(n: int, d: int = 1000, spread: float = 0.01, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=g)
+    return base + spread * torch.randn(n, d, generator=g)
+
+
+ATTACKS = {
+    "huge": lambda x: torch.full_like(x, 1e9),
+    "minus huge": lambda x: torch.full_like(x, -1e30),
+    "sign flipped x100": lambda x: -100 * x,
+    "sign flipped": lambda x: -x,
+    "random huge": lambda x: 1e6 * torch.randn_like(x),
+}
+
+
+def test_honest_replicas_within_tau_get_the_plain_mean():
+    pts = honest_points(4)
+    out, dropped = robust_mean(pts, TAU, ITERS)
+    assert dropped == 0
+    torch.testing.assert_close(out, pts.mean(0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_one_bad_replica_moves_the_result_at_most_the_bound(n, attack):
+    pts = honest_points(n, seed=n)
+    center = pts[0].clone()  # same center in both runs: the exact statement of the bound
+    clean = centered_clip(pts, TAU, ITERS, center=center)
+    bad = pts.clone()
+    bad[-1] = ATTACKS[attack](pts[-1])
+    out = centered_clip(bad, TAU, ITERS, center=center)
+    shift = (out - clean).abs().max().item()
+    assert shift <= influence_bound(TAU, n, ITERS) + 1e-6, (attack, n, shift)
+    assert (out - center).abs().max().item() <= ITERS * TAU + 1e-6  # never more than L*tau from the center
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_with_the_default_median_center_the_result_stays_near_the_honest_mean(attack):
+    pts = honest_points(5, seed=1)
+    bad = pts.clone()
+    bad[2] = ATTACKS[attack](pts[2])
+    out, dropped = robust_mean(bad, TAU, ITERS)
+    honest = torch.cat([pts[:2], pts[3:]]).mean(0)
+    spread = (pts - pts.mean(0)).abs().max().item()
+    assert dropped == 0
+    assert (out - honest).abs().max().item() <= influence_bound(TAU, 5, ITERS) + 2 * spread
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_contributions_are_dropped_whole(bad_value):
+    pts = honest_points(4)
+    bad = pts.clone()
+    bad[1, 17] = bad_value  # a single bad coordinate condemns the whole contribution
+    out, dropped = robust_mean(bad, TAU, ITERS, own=3)
+    assert dropped == 1
+    torch.testing.assert_close(out, torch.cat([pts[:1], pts[2:]]).mean(0), rtol=0, atol=1e-6)
+    assert torch.isfinite(out).all()
+
+
+def test_nothing_finite_left_falls_back():
+    pts = torch.full((3, 10), float("nan"))
+    fallback = torch.arange(10.0)
+    out, dropped = robust_mean(pts, TAU, ITERS, fallback=fallback)
+    assert dropped == 3 and torch.equal(out, fallback)
+
+
+def test_random_attacks_never_exceed_the_bound():
+    g = torch.Generator().manual_seed(7)
+    for trial in range(200):
+        n = int(torch.randint(2, 9, (1,), generator=g))
+        pts = torch.randn(n, 50, generator=g) * float(torch.rand(1, generator=g)) * 0.2
+        center = pts[0].clone()
+        clean = centered_clip(pts, TAU, ITERS, center=center)
+        bad = pts.clone()
+        k = int(torch.randint(0, n, (1,), generator=g))
+        bad[k] = torch.randn(50, generator=g) * 10 ** float(torch.randint(-3, 12, (1,), generator=g))
+        out = centered_clip(bad, TAU, ITERS, center=center)
+        assert (out - clean).abs().max().item() <= influence_bound(TAU, n, ITERS) + 1e-5, trial
+
+
+def test_center_and_helpers():
+    pts = torch.tensor([[0.0], [1.0], [100.0]])
+    assert choose_center(pts).item() == 1.0  # median of three ignores the outlier
+    assert choose_center(pts[:2], own=1).item() == 1.0  # two: our own copy
+    upd = bounded_update(torch.tensor([float("nan"), float("inf"), 5.0, -5.0, 0.1]), 1.0)
+    assert upd.tolist() == pytest.approx([0.0, 0.0, 1.0, -1.0, 0.1])
+    assert default_tau(3e-3, 10) == pytest.approx(0.06)
+    with pytest.raises(ValueError):
+        centered_clip(pts, 0.0)
+
+
+# --- a real all-reduce: three replicas over hivemind, one of them sends garbage ---------------
+@pytest.mark.swarm
+def test_robust_all_reduce_bounds_one_bad_replica():
+    from node.averaging import RobustAverager
+    from node.dht import start_dht, visible_maddrs
+    from node.runtime import SocketJanitor
+
+    janitor = SocketJanitor()
+    dhts, averagers = [], []
+    d = 3000
+    base = honest_points(3, d=d, spread=0.005, seed=3)
+    try:
+        for i in range(3):
+            dhts.append(start_dht("robust", visible_maddrs(dhts[0]) if dhts else ()))
+        for i in range(3):
+            averagers.append(RobustAverager([base[i].clone()], dhts[i], tau=TAU, iters=ITERS, prefix="robust_test",
+                                            target_group_size=3, min_group_size=3, min_matchmaking_time=2.0,
+                                            request_timeout=1.0, allreduce_timeout=20, sender_timeout=5,
+                                            reducer_timeout=10, part_size_bytes=2048))
+        results = {}
+        for attack, bad in [("sign flipped x100", -100 * base[2]), ("huge", torch.full((d,), 1e20)),
+                            ("nan", torch.full((d,), float("nan")))]:
+            for i, avg in enumerate(averagers):
+                with avg.get_tensors() as (t,):
+                    t.copy_(bad if i == 2 else base[i])
+            with ThreadPoolExecutor(3) as pool:
+                gathered = list(pool.map(lambda a: a.step(timeout=30), averagers))
+            assert all(g is not None and len(g) == 3 for g in gathered), (attack, gathered)
+            outs = []
+            for avg in averagers[:2]:
+                with avg.get_tensors() as (t,):
+                    outs.append(t.clone())
+            results[attack] = outs
+    finally:
+        for a in averagers:
+            a.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+        janitor.sweep()
+
+    honest_mean = base[:2].mean(0)
+    spread = (base[:2] - honest_mean).abs().max().item()
+    for attack, (a, b) in results.items():
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), attack
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=attack)  # honest replicas still identical
+        moved = (a - honest_mean).abs().max().item()
+        if attack == "nan":
+            assert moved < 1e-5, moved  # the NaN replica is dropped: the plain mean of the honest two
+        else:
+            assert moved <= influence_bound(TAU, 3, ITERS) + spread, (attack, moved)
