@@ -33,22 +33,46 @@ def add_parser(sub) -> None:
 
 
 class Swarm:
-    """The processes of a local swarm; every one in its own process group, ended by group id."""
+    """The processes of a swarm on this machine; every one in its own process group, ended by group id.
+    Benchmarks reuse it, e.g. with `wrap` putting a node into a network namespace."""
 
-    def __init__(self, run_dir: Path, threads: int):
-        self.run_dir, self.threads = run_dir, threads
+    def __init__(self, run_dir: Path, threads: int, run_id: str, run_argv: list[str]):
+        self.run_dir, self.threads, self.run_id, self.run_argv = run_dir, threads, run_id, run_argv
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
 
-    def start(self, name: str, argv: list[str], inherit_stderr: bool = False) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], inherit_stderr: bool = False, wrap=None) -> subprocess.Popen:
         log = self.run_dir / f"{name}.log"
         out = None if inherit_stderr else open(log, "w")
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "node.cli", *argv, "--threads", str(self.threads)]
-                                if argv[0] == "join" else [sys.executable, "-m", "node.cli", *argv],
-                                stdout=out or None, stderr=out or None, env=env, start_new_session=True,
-                                cwd=Path(__file__).resolve().parent.parent)
+        cmd = [sys.executable, "-m", "node.cli", *argv]
+        if argv[0] == "join":
+            cmd += ["--threads", str(self.threads)]
+        proc = subprocess.Popen(wrap(cmd) if wrap else cmd, stdout=out, stderr=out, env=env,
+                                start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
         self.procs.append((name, proc, log))
         return proc
+
+    def start_bootstrap(self, host: str = "127.0.0.1", wrap=None, timeout: float = 60) -> list[str]:
+        addr_file = self.run_dir / "bootstrap.addr"
+        self.start("bootstrap", ["bootstrap", *self.run_argv, "--run-id", self.run_id, "--host", host,
+                                 "--addr-file", str(addr_file), "--save-config", str(self.run_dir / "config.json")],
+                   wrap=wrap)
+        self.wait_for_line("bootstrap", "is up", timeout)
+        return addr_file.read_text().split()
+
+    def join_argv(self, name: str, stage: int, peers: list[str], host: str = "127.0.0.1", extra=()) -> list[str]:
+        return ["join", "--stage", str(stage), "--initial-peers", *peers, "--run-id", self.run_id, "--host", host,
+                "--identity", str(self.run_dir / f"{name}.id"), "--checkpoint-dir", str(self.run_dir / "checkpoints"),
+                *extra]
+
+    def start_stage(self, name: str, stage: int, peers: list[str], host: str = "127.0.0.1", extra=(), wrap=None):
+        return self.start(name, self.join_argv(name, stage, peers, host, extra), wrap=wrap)
+
+    def start_head(self, peers: list[str], steps: int, json_out: Path, host: str = "127.0.0.1", extra=(),
+                   inherit_stderr: bool = False, wrap=None):
+        return self.start("head", self.join_argv("head", 0, peers, host,
+                                                 ["--steps", str(steps), "--json-out", str(json_out), *extra]),
+                          inherit_stderr=inherit_stderr, wrap=wrap)
 
     def wait_for_line(self, name: str, text: str, timeout: float) -> None:
         _, proc, log = next(p for p in self.procs if p[0] == name)
@@ -60,6 +84,12 @@ class Swarm:
                 raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail(log)}")
             time.sleep(0.2)
         raise RuntimeError(f"{name} did not become ready in {timeout:.0f}s:\n{tail(log)}")
+
+    def kill(self, name: str) -> None:
+        """Crash a node: SIGKILL its whole process group (as if its machine died)."""
+        _, proc, _ = next(p for p in self.procs if p[0] == name)
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM each node's main process (it stops its own hivemind helpers in order), wait, then
@@ -110,35 +140,24 @@ def main(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     n_nodes = 1 + (run.model.n_stages - 1) * args.replicas
     threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
-    swarm = Swarm(run_dir, threads)
+    swarm = Swarm(run_dir, threads, args.run_id, run_args(args))
     port = lambda i: ["--metrics-port", str(args.metrics_port + i)] if args.metrics_port else []  # noqa: E731
-    addr_file = run_dir / "bootstrap.addr"
     print(f"local swarm: {run.model.n_stages} stages x {args.replicas} replicas ({n_nodes} nodes + bootstrap), "
           f"boundary {run.model.boundary} b={run.model.code_width}, logs in {run_dir}", file=sys.stderr)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     head = None
     try:
-        swarm.start("bootstrap", ["bootstrap", *run_args(args), "--run-id", args.run_id,
-                                  "--addr-file", str(addr_file), "--save-config", str(run_dir / "config.json")])
-        swarm.wait_for_line("bootstrap", "is up", 60)
-        peers = addr_file.read_text().split()
+        peers = swarm.start_bootstrap()
         node = 1
         for stage in range(1, run.model.n_stages):
             for r in range(args.replicas):
-                swarm.start(f"stage{stage}-{r}", ["join", "--stage", str(stage), "--initial-peers", *peers,
-                                                  "--run-id", args.run_id, "--identity",
-                                                  str(run_dir / f"stage{stage}-{r}.id"), *port(node),
-                                                  "--checkpoint-dir", str(run_dir / "checkpoints")])
+                swarm.start_stage(f"stage{stage}-{r}", stage, peers, extra=port(node))
                 node += 1
         for name, _, _ in swarm.procs[1:]:
             swarm.wait_for_line(name, "serving", 120)
-        head_json = run_dir / "head.json"
-        head = swarm.start("head", ["join", "--stage", "0", "--initial-peers", *peers, "--run-id", args.run_id,
-                                    "--steps", str(args.steps), "--eval-every", str(args.eval_every),
-                                    "--json-out", str(head_json), "--identity", str(run_dir / "head.id"),
-                                    "--checkpoint-dir", str(run_dir / "checkpoints"),
-                                    *(["--data", args.data] if args.data else []), *port(0)],
-                           inherit_stderr=True)
+        head = swarm.start_head(peers, args.steps, run_dir / "head.json", inherit_stderr=True,
+                                extra=["--eval-every", str(args.eval_every),
+                                       *(["--data", args.data] if args.data else []), *port(0)])
         code = _wait_head(head)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the swarm", file=sys.stderr)
@@ -177,6 +196,7 @@ def _summarize(args, run_dir: Path, swarm: Swarm, code: int) -> int:
     summary["replicas"] = args.replicas
     summary["run_dir"] = str(run_dir)
     summary["exit_codes"] = {name: proc.returncode for name, proc, _ in swarm.procs}
+    summary["pids"] = {name: proc.pid for name, proc, _ in swarm.procs}  # each one leads its own session
     if args.metrics_port:
         for i, node in enumerate(summary["nodes"]):
             node["metrics_port"] = args.metrics_port + i

@@ -22,9 +22,20 @@ TINY = ["--d-model", "64", "--layers", "4", "--heads", "2", "--ratio", "16", "--
         "--batch-size", "4", "--microbatches", "2"]
 
 
-def p2pd_pids():
-    out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
-    return set(out.split())
+def session_members(leaders) -> list[str]:
+    """Processes (p2pd, hivemind helpers, ...) still alive in the sessions of the given node pids."""
+    leaders = {int(p) for p in leaders}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[3]) in leaders and fields[0] != "Z":  # field 6 of stat: session id
+                found.append(stat.split(")")[0])
+    return found
 
 
 def cli(*argv, **kw):
@@ -32,7 +43,6 @@ def cli(*argv, **kw):
 
 
 def test_local_swarm_trains_sends_only_codes_and_cleans_up(tmp_path):
-    before_p2pd = p2pd_pids()
     before_sockets = set(glob.glob("/tmp/hivemind-*.sock"))
     out = tmp_path / "run.json"
     res = cli("local", "--stages", "4", "--steps", "30", "--eval-every", "0", "--lr", "0.01", *TINY,
@@ -56,12 +66,11 @@ def test_local_swarm_trains_sends_only_codes_and_cleans_up(tmp_path):
         assert n["payload_received"] == hops * tokens * expected
         assert n["payload_sent"] == hops * tokens * expected
     assert set(s["exit_codes"].values()) == {0}, s["exit_codes"]
-    assert p2pd_pids() == before_p2pd
+    assert session_members(s["pids"].values()) == []
     assert set(glob.glob("/tmp/hivemind-*.sock")) <= before_sockets
 
 
 def test_sigterm_to_local_stops_every_node(tmp_path):
-    before = p2pd_pids()
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "local", "--stages", "2", "--steps", "100000",
                              *TINY, "--run-dir", str(tmp_path / "run"), "--json-out", str(tmp_path / "s.json")],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -78,7 +87,7 @@ def test_sigterm_to_local_stops_every_node(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["steps_completed"] >= 1 and s["stopped_by"] == "signal"
-    assert p2pd_pids() == before
+    assert session_members(s["pids"].values()) == []
 
 
 def test_join_with_other_config_is_refused(tmp_path):
