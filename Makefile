@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/resbm-node local $(ARGS)
+	$(BIN)/resbm-node local --steps 200 --run-dir runs/local --json-out runs/local/summary.json $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(ARGS)
