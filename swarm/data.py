@@ -40,6 +40,10 @@ class ByteCorpus:
     """Train and validation byte streams of a text source, capped at `max_bytes` each."""
 
     def __init__(self, source: str | None = None, val_percent: int = 5, max_bytes: int = 32 << 20):
+        if source and source.startswith("hf:"):
+            self.name = source
+            self.splits = _hf_splits(source[3:], val_percent, max_bytes)
+            return
         root = Path(source) if source else Path(sysconfig.get_paths()["stdlib"])
         self.name = str(root) if source else "python-stdlib"
         files = _files(root)
@@ -69,3 +73,33 @@ class ByteCorpus:
         idx = starts[:, None] + torch.arange(seq_len + 1)
         chunk = data[idx].long()
         return chunk[:, :-1], chunk[:, 1:]
+
+
+def _hf_splits(spec: str, val_percent: int, max_bytes: int) -> dict:
+    """`hf:<dataset>[:<config>]`: the "text" column of a Hugging Face dataset, streamed, as bytes.
+    Needs `pip install datasets` and internet; imported only when asked for."""
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit("error: --data hf:... needs the Hugging Face `datasets` package (pip install datasets)")
+    name, _, config = spec.partition(":")
+    out = {}
+    for split in ("train", "validation"):
+        try:
+            stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        except ValueError:
+            continue
+        chunks, size = [], 0
+        for row in stream:
+            data = row.get("text", "").encode()
+            chunks.append(data)
+            size += len(data)
+            if size >= max_bytes:
+                break
+        out["val" if split == "validation" else "train"] = b"".join(chunks)[:max_bytes]
+    if "train" not in out:
+        raise SystemExit(f"error: dataset {name!r} has no train split with a text column")
+    if "val" not in out:
+        cut = len(out["train"]) * (100 - val_percent) // 100
+        out["train"], out["val"] = out["train"][:cut], out["train"][cut:]
+    return {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in out.items()}

@@ -39,6 +39,12 @@ class StageWorker:
         self.grad_inputs: dict[int, torch.Tensor | None] = {}   # micro -> grad sent back (for duplicates)
         self.discarded_steps = 0
 
+    def _run(self, x, tokens):
+        """The stage's forward; bf16 autocast on a GPU, codes leave in fp32 for the codec."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.stage(x, tokens)
+        return out.float()
+
     # --- bookkeeping ---------------------------------------------------------------------------
     def _open_step(self, step: int) -> None:
         if step <= self.applied_step:
@@ -55,17 +61,17 @@ class StageWorker:
         if cached is not None and torch.equal(cached[0].detach(), x):
             return cached
         leaf = _leaf(x)
-        return leaf, self.stage(leaf, tokens)
+        return leaf, self._run(leaf, tokens)
 
     # --- requests ------------------------------------------------------------------------------
     def forward(self, step: int, micro: int, x: torch.Tensor, tokens=None, train: bool = True) -> torch.Tensor:
         if not train:
             with torch.no_grad():
-                return self.stage(x, tokens)
+                return self._run(x, tokens)
         if step <= self.applied_step:
             raise StaleRequest(f"step {step} is already applied here (last applied {self.applied_step})")
         leaf = _leaf(x)
-        out = self.stage(leaf, tokens)
+        out = self._run(leaf, tokens)
         self.cache[(step, micro)] = (leaf, out)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
@@ -86,12 +92,12 @@ class StageWorker:
         """Last stage: (loss value, gradient w.r.t. x of scale*loss) or (loss, None) when not training."""
         if not train:
             with torch.no_grad():
-                return lm_loss(self.stage(x, tokens), targets).item(), None
+                return lm_loss(self._run(x, tokens), targets).item(), None
         self._open_step(step)
         if micro in self.grad_inputs:
             raise StaleRequest(f"microbatch {micro} of step {step} was already counted here")
         leaf = x.detach().requires_grad_(True)
-        loss = lm_loss(self.stage(leaf, tokens), targets)
+        loss = lm_loss(self._run(leaf, tokens), targets)
         (loss * scale).backward()
         self.grad_inputs[micro] = leaf.grad
         return loss.item(), leaf.grad

@@ -52,6 +52,10 @@ class LocalTrainer:
         self.step = 0
         self.tokens_seen = 0
 
+    def autocast(self):
+        """bf16 autocast on a GPU (as the swarm's stages do); a no-op on the CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
     def microbatch(self, split: str, step: int, micro: int):
         t = self.run.train
         x, y = self.corpus.batch(split, t.microbatch_size, self.run.model.seq_len, self.run.model.seed, step, micro)
@@ -62,7 +66,8 @@ class LocalTrainer:
         total = 0.0
         for micro in range(m):
             x, y = self.microbatch("train", self.step, micro)
-            loss = lm_loss(self.model(x), y)
+            with self.autocast():
+                loss = lm_loss(self.model(x), y)
             (loss / m).backward()
             total += loss.item() / m
             self.tokens_seen += x.numel()
@@ -75,8 +80,9 @@ class LocalTrainer:
     @torch.no_grad()
     def evaluate(self, batches: int = 8) -> float:
         self.model.eval()
-        losses = [lm_loss(self.model(x), y).item() for x, y in
-                  (self.microbatch("val", 0, i) for i in range(batches))]
+        with self.autocast():
+            losses = [lm_loss(self.model(x), y).item() for x, y in
+                      (self.microbatch("val", 0, i) for i in range(batches))]
         self.model.train()
         return sum(losses) / len(losses)
 
