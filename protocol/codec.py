@@ -7,7 +7,11 @@ and `train-local` compute exactly the same numbers.
     fp32  4 bytes/value
     bf16  2 bytes/value (truncating cast with round-to-nearest-even, as torch does)
     fp16  2 bytes/value (values beyond the fp16 range are refused, not clipped silently)
-    int8  1 byte/value + one fp16 scale per token (symmetric absmax / 127)
+    int8  1 byte/value + one bf16 scale per token (symmetric absmax / 127)
+
+The int8 scale is bf16, not fp16: gradients of codes are often ~1e-6 and smaller, and their
+absmax/127 underflows fp16 (smallest normal 6e-5), which silently zeroes or distorts them. The
+scale is rounded UP to bf16, so no value needs clipping and the error stays <= scale / 2.
 """
 from __future__ import annotations
 
@@ -56,10 +60,17 @@ def quantize(x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor | 
             raise ValueError("tensor exceeds the fp16 range; use bf16 or fp32 for this boundary")
         return x.to(torch.float16), None
     absmax = x.float().abs().amax(dim=-1, keepdim=True)
-    scale = (absmax / 127.0).clamp(max=_FP16_MAX).to(torch.float16)
+    scale = _round_up_bf16(absmax / 127.0)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(absmax))
     q = torch.round(x.float() / safe).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Smallest bf16 >= x, for finite x >= 0 (the next bf16 above a positive one is its bits + 1)."""
+    y = x.to(torch.bfloat16)
+    bumped = (y.view(torch.int16) + 1).view(torch.bfloat16)
+    return torch.where(y.float() < x, bumped, y)
 
 
 def dequantize(payload: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -145,8 +156,9 @@ def decode(msg: dict, *, expect_codec: str | None = None, width: int | None = No
         raw = _field(msg, "scale", bytes)
         rows = n // shape[-1] if shape[-1] else 0
         if len(raw) != rows * 2:
-            raise PayloadError("size", f"{len(raw)} scale bytes, expected {rows * 2} (one fp16 per token)")
-        scale = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).copy()).reshape(*shape[:-1], 1)
+            raise PayloadError("size", f"{len(raw)} scale bytes, expected {rows * 2} (one bf16 per token)")
+        scale = torch.from_numpy(np.frombuffer(raw, dtype=np.int16).copy()).view(torch.bfloat16)
+        scale = scale.reshape(*shape[:-1], 1)
         if scale.numel() and (not torch.isfinite(scale).all() or (scale < 0).any()):
             raise PayloadError("nonfinite", "int8 scales must be finite and non-negative")
     out = dequantize(payload, scale)
