@@ -86,14 +86,17 @@ class RobustPartReducer(TensorPartReducer):
                 own = order.index(self.own_index) if self.own_index in self.contributions else None
                 result, dropped = robust_mean(torch.stack([self.contributions[i] for i in order]), self.tau,
                                               self.iters, own=own)
-                if dropped:
-                    self.dropped += dropped
-                    log.warning("averaging: dropped %d non-finite contribution(s) to part %d",
-                                dropped, self.current_part_index)
+                self.dropped += dropped
             else:
                 result = torch.zeros(self.part_shapes[self.current_part_index])
             self.current_part_future.set_result(result)
             self.reset_accumulators()
+
+
+    def finalize(self):
+        if self.dropped and not self.finished.is_set():
+            log.warning("averaging: dropped %d non-finite part contribution(s) this round", self.dropped)
+        super().finalize()
 
 
 class RobustAllReduceRunner(AllReduceRunner):
@@ -151,8 +154,9 @@ class ReplicaAverager:
         self.averager = RobustAverager(
             [p.detach().cpu().clone() for p in self.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
             tau=self.tau, iters=iters, min_group_size=2, min_matchmaking_time=matchmaking_s,
-            request_timeout=max(1.0, matchmaking_s), allreduce_timeout=timeout_s,
-            sender_timeout=timeout_s / 4, reducer_timeout=timeout_s / 2, start=True)
+            request_timeout=0.8 * matchmaking_s, allreduce_timeout=timeout_s,
+            sender_timeout=timeout_s / 4, reducer_timeout=timeout_s / 2,
+            allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)
 
     async def maybe_average(self, step: int) -> bool | None:
         """Average after step `step` when it is due and another replica exists; None if not due."""

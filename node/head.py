@@ -30,6 +30,29 @@ class StageMissing(RuntimeError):
     pass
 
 
+def check_reply(method: str, reply: dict, fields: dict, codec: str, width: int) -> None:
+    """A replica's answer must be what we asked for: codes/gradients in the swarm's codec, of the
+    request's shape, finite; a finite loss. Raises RemoteError("internal") otherwise, so the
+    replica is banned and the call retried elsewhere, like a replica that failed."""
+    from math import isfinite, prod
+    from protocol.errors import PayloadError
+    shape = fields["x"]["shape"]
+    want = [key for key, needed in (("y", method == "forward"), ("loss", method == "loss"),
+                                    ("grad_in", method == "backward" or method == "loss" and not fields.get("eval")))
+            if needed]
+    try:
+        for key in want:
+            if key == "loss":
+                if not isinstance(reply.get(key), float) or not isfinite(reply[key]):
+                    raise PayloadError("malformed", f"loss must be a finite float, got {reply.get(key)!r}")
+                continue
+            t = decode(reply.get(key), expect_codec=codec, width=width, max_elems=prod(shape))
+            if list(t.shape) != list(shape):
+                raise PayloadError("shape", f"{key} has shape {list(t.shape)}, expected {list(shape)}")
+    except PayloadError as e:
+        raise RemoteError("internal", f"bad reply to {method}: {e}") from e
+
+
 class Head:
     def __init__(self, worker: StageWorker, corpus, dht, p2p, metrics, *, forward_timeout: float = 30.0,
                  backward_timeout: float = 75.0, stall_timeout: float = 600.0, refresh_s: float = 5.0,
@@ -100,6 +123,8 @@ class Head:
             try:
                 reply, sent, received = await call(self.p2p, rep.peer_id, request(method, self.fp, **fields),
                                                    timeout=timeout)
+                if method in ("forward", "backward", "loss"):
+                    check_reply(method, reply, fields, self.codec, self.cfg.code_width)
             except (PeerUnavailable, RemoteError) as e:
                 if isinstance(e, RemoteError) and e.reason not in RETRYABLE:
                     self.router.succeeded(rep, time.perf_counter() - t0)

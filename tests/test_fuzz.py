@@ -266,3 +266,31 @@ def test_frame_limit_follows_the_stage_schema():
     server = StageServer(StageWorker(RUN, 1), NodeMetrics())
     biggest_valid = pack(bwd(x=code(8, 32, B, codec="bf16"), grad_out=code(8, 32, B, codec="bf16")))
     assert len(biggest_valid) < server.max_frame < 4 << 20  # a few MiB at most, not the 64 MiB default
+
+
+def test_head_refuses_bad_replies_and_retries_on_an_honest_replica():
+    """A replica that answers with NaN codes or wrong shapes is treated like a failed one: the head
+    bans it and the step completes on the honest replica, with a finite loss."""
+    from node.inproc import InprocSwarm
+    from swarm.data import ByteCorpus
+
+    run = RunConfig(model=RUN.model, train=TrainConfig(batch_size=8, microbatches=4), run_id="badreply")
+
+    async def go():
+        async with InprocSwarm(run, ByteCorpus(max_bytes=1 << 20), replicas={1: 2}) as sw:
+            bad = sw.servers[1][0]
+
+            async def nan_forward(msg):
+                shape = msg["x"]["shape"]
+                return {"y": code(*shape, data=bf16_bits(0x7FC0, int(np.prod(shape))))}
+
+            async def short_backward(msg):
+                return {"grad_in": code(1, 32, B)}
+
+            bad._on_forward, bad._on_backward = nan_forward, short_backward
+            results = [await sw.head.train_step(s) for s in range(2)]
+            return results, sw.head.retries, sw.servers[1][1].tokens_done
+
+    results, retries, honest_tokens = asyncio.run(go())
+    assert all(np.isfinite(r["loss"]) for r in results)
+    assert retries > 0 and honest_tokens > 0

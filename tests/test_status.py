@@ -61,6 +61,8 @@ def swarm_dht():
                                       return_future=True)
         schema_refused = not await dht.store(key, {"stage": "one", "peer_id": 5}, now + 300,
                                              subkey=owner_subkey("QmBadSchema", validator), return_future=True)
+        local = RunConfig(model=RUN.model, train=RUN.train, run_id="resbm-local")  # `local`'s default run id
+        assert await publish_config(dht, local.run_id, local.wire_dict(), local.fingerprint, validator)
         return refused, schema_refused, await read_stage_records(dht, RUN.run_id, RUN.fingerprint)
 
     refused, schema_refused, records = asyncio.run(setup())
@@ -144,3 +146,12 @@ def test_status_watch_refreshes_until_stopped(swarm_dht):
     assert docs[-1]["dht_time"] > docs[0]["dht_time"]
     assert all(d["missing_stages"] == [2] for d in docs)
     assert proc.returncode == 0
+
+
+def test_status_finds_the_default_run_ids_without_run_id(swarm_dht):
+    dht = swarm_dht[0]
+    res = subprocess.run([sys.executable, "-m", "node.cli", "status", "--initial-peers", *visible_maddrs(dht), "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(res.stdout)
+    assert doc["run_id"] == "resbm-local" and doc["n_stages"] == 3 and doc["missing_stages"] == [1, 2]

@@ -1,0 +1,215 @@
+"""`resbm-node status`: what the DHT says about a swarm: stages x replicas, throughput, queue,
+record age and version; stages with no replica are flagged. `--watch` refreshes, `--json` is for
+scripts (one JSON document; with --watch, one per line)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+
+from node.runtime import SocketJanitor, close_hivemind, setup_logging, stop_event_on_signals
+
+log = logging.getLogger("resbm.status")
+
+DEFAULT_RUN_IDS = ("resbm", "resbm-local")  # the defaults of bootstrap/join and of local
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("status", help="show the swarm's stages and replicas as the DHT sees them",
+                       description="Join the DHT briefly (serving no stage), read the run config and "
+                                   "the signed stage records, and print a table of stages x replicas.")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
+                   help="multiaddrs of running peers, e.g. the bootstrap's /ip4/.../tcp/.../p2p/...")
+    p.add_argument("--run-id", default=None,
+                   help=f"run to inspect (default: whichever of {', '.join(DEFAULT_RUN_IDS)} exists; "
+                        f"`resbm-node local` uses resbm-local, bootstrap/join resbm)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until interrupted")
+    p.add_argument("--host", default="127.0.0.1", help="address this short-lived peer listens on")
+    p.add_argument("--public", action="store_true", help="enable hivemind NAT traversal (behind NAT)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the run config record")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=main)
+
+
+# --- reading the DHT ---------------------------------------------------------------------------
+def _classify(subkey, value, now: float, fingerprint: str | None, version: int | None) -> tuple[dict | None, str]:
+    """(record dict or None, "" if it is a live replica else why it is ignored)."""
+    from node.announce import MAX_CLOCK_SKEW_S, MAX_RECORD_AGE_S, owned_by_its_peer
+    from protocol.records import StageRecord
+    try:
+        rec = StageRecord(**value).dict()
+    except Exception:
+        return None, "malformed"
+    rec["age_s"] = round(max(0.0, now - rec["updated"]), 3)
+    if not owned_by_its_peer(subkey, rec["peer_id"]):
+        return rec, "unsigned or foreign-owned"
+    if version is not None and rec["version"] != version:
+        return rec, f"protocol version {rec['version']}"
+    if fingerprint and rec["fingerprint"] != fingerprint:
+        return rec, "other run fingerprint"
+    if now - rec["updated"] > MAX_RECORD_AGE_S or rec["updated"] > now + MAX_CLOCK_SKEW_S:
+        return rec, "stale"
+    if not rec["serving"]:
+        return rec, "not serving (loading or leaving)"
+    return rec, ""
+
+
+async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
+    """One JSON-able picture of the swarm (see `render_table` for the fields)."""
+    from hivemind.utils import get_dht_time
+    from node.announce import fetch_config
+    from protocol import PROTOCOL_VERSION
+    from protocol.records import stages_key
+    from swarm.config import ConfigError, RunConfig
+
+    deadline = time.monotonic() + config_timeout
+    published = await fetch_config(dht, run_id)
+    while published is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        published = await fetch_config(dht, run_id)
+    run, error = None, None
+    if published is None:
+        error = f"no run config for run {run_id!r} in the DHT (is its bootstrap up? is --run-id right?)"
+    else:
+        try:
+            run = RunConfig.from_wire_dict(published["config"])
+        except (ConfigError, KeyError, TypeError) as e:
+            error = f"the published run config is malformed: {e}"
+    fingerprint = run.fingerprint if run else None
+    version = published.get("version") if published else None
+    tokens_per_microbatch = run.train.microbatch_size * run.model.seq_len if run else None
+
+    found = await dht.get(stages_key(run_id), latest=True, return_future=True)
+    now = get_dht_time()
+    live: dict[str, dict] = {}
+    ignored = []
+    items = found.value.items() if found is not None and isinstance(found.value, dict) else ()
+    for subkey, item in items:
+        rec, why = _classify(subkey, item.value, now, fingerprint, version if version is not None else PROTOCOL_VERSION)
+        if rec is None or why:
+            ignored.append({"peer_id": rec["peer_id"] if rec else None, "stage": rec["stage"] if rec else None,
+                            "reason": why or "malformed"})
+            continue
+        if rec["peer_id"] in live and live[rec["peer_id"]]["updated"] >= rec["updated"]:
+            continue
+        live[rec["peer_id"]] = rec
+
+    n_stages = run.model.n_stages if run else 1 + max([r["stage"] for r in live.values()], default=0)
+    stages = []
+    for k in range(n_stages):
+        reps = sorted((r for r in live.values() if r["stage"] == k), key=lambda r: r["peer_id"])
+        stages.append({
+            "stage": k, "role": "head" if k == 0 else ("last" if k == n_stages - 1 else "middle"),
+            "missing": k > 0 and not reps,
+            "replicas": [{
+                "peer_id": r["peer_id"], "throughput": r["throughput"],
+                "tokens_per_s": r["throughput"] * tokens_per_microbatch if tokens_per_microbatch else None,
+                "queue": r["queue"], "age_s": r["age_s"], "version": r["version"], "step": r["step"],
+                "fingerprint": r["fingerprint"], "uptime_s": round(max(0.0, now - r["started"]), 1),
+            } for r in reps],
+        })
+    missing = [s["stage"] for s in stages if s["missing"]]
+    return {"run_id": run_id, "fingerprint": fingerprint, "version": version, "n_stages": n_stages,
+            "dht_time": now, "stages": stages, "missing_stages": missing,
+            "replicas_total": sum(len(s["replicas"]) for s in stages), "ignored_records": ignored,
+            "ok": error is None and not missing, "error": error}
+
+
+# --- printing ----------------------------------------------------------------------------------
+def _short(peer_id: str) -> str:
+    return peer_id if len(peer_id) <= 16 else "…" + peer_id[-14:]
+
+
+def render_table(snap: dict) -> str:
+    lines = []
+    if snap["error"]:
+        lines.append(f"error: {snap['error']}")
+    lines.append(f"run {snap['run_id']}  fingerprint {snap['fingerprint'] or '?'}  protocol {snap['version'] or '?'}  "
+                 f"{snap['n_stages']} stages  {snap['replicas_total']} nodes  "
+                 f"at {time.strftime('%H:%M:%S', time.localtime(snap['dht_time']))}")
+    header = f"{'STAGE':<6}{'ROLE':<8}{'PEER':<17}{'TOKENS/S':>10}{'MICRO/S':>8}{'QUEUE':>7}{'STEP':>7}{'AGE':>7}{'VER':>5}"
+    lines.append(header)
+    for s in snap["stages"]:
+        if not s["replicas"]:
+            note = "(no head record: the head may be down or not started)" if s["stage"] == 0 else "!! NO REPLICA: start one with " \
+                                                                     f"`resbm-node join --stage {s['stage']} ...`"
+            lines.append(f"{s['stage']:<6}{s['role']:<8}{note}")
+            continue
+        for r in s["replicas"]:
+            tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "?"
+            lines.append(f"{s['stage']:<6}{s['role']:<8}{_short(r['peer_id']):<17}{tps:>10}"
+                         f"{r['throughput']:>8.1f}{r['queue']:>7}{r['step']:>7}{r['age_s']:>6.0f}s{r['version']:>5}")
+    if snap["missing_stages"]:
+        lines.append(f"MISSING: stage(s) {', '.join(map(str, snap['missing_stages']))} have no replica; "
+                     f"training is paused until each has one")
+    if snap["ignored_records"]:
+        reasons: dict[str, int] = {}
+        for r in snap["ignored_records"]:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        lines.append("ignored records: " + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
+    lines.append("(MICRO/S: microbatches per second a replica sustains; AGE: seconds since its record was refreshed)")
+    return "\n".join(lines)
+
+
+async def resolve_run_id(dht, requested: str | None, timeout: float) -> str:
+    """--run-id, or the first default run id that has a published config (waiting up to `timeout`)."""
+    from node.announce import fetch_config
+    if requested:
+        return requested
+    deadline = time.monotonic() + timeout
+    while True:
+        for run_id in DEFAULT_RUN_IDS:
+            if await fetch_config(dht, run_id) is not None:
+                return run_id
+        if time.monotonic() >= deadline:
+            return DEFAULT_RUN_IDS[0]
+        await asyncio.sleep(0.5)
+
+
+# --- command -----------------------------------------------------------------------------------
+def main(args) -> int:
+    setup_logging(args.verbose)
+    from node.dht import AddressError
+    try:
+        import uvloop
+        return uvloop.run(_main(args))
+    except (AddressError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+async def _main(args) -> int:
+    from node.dht import start_dht
+    janitor = SocketJanitor()
+    stop = stop_event_on_signals(asyncio.get_running_loop())
+    dht = None
+    try:
+        dht = start_dht(args.run_id or DEFAULT_RUN_IDS[0], args.initial_peers, host=args.host, public=args.public)
+        run_id = await resolve_run_id(dht, args.run_id, args.timeout)
+        first = True
+        while True:
+            snap = await snapshot(dht, run_id, config_timeout=args.timeout if first and args.run_id else 0.0)
+            if snap["error"] and not args.run_id:
+                snap["error"] += f"; tried run ids {', '.join(DEFAULT_RUN_IDS)}: pass --run-id"
+                run_id = await resolve_run_id(dht, None, 0.0)  # --watch: a swarm that starts later is found
+            first = False
+            if args.json:
+                print(json.dumps(snap, indent=None if args.watch else 1), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[H\033[2J", end="")
+                print(render_table(snap) + ("\n" if args.watch else ""), flush=True)
+            if not args.watch:
+                return 0 if snap["error"] is None else 1
+            try:
+                await asyncio.wait_for(stop.wait(), args.watch)
+                return 0
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await close_hivemind(None, dht)
+        janitor.sweep()
