@@ -145,7 +145,7 @@ class RobustAverager(DecentralizedAverager):
 
 class ReplicaAverager:
     def __init__(self, dht: DHT, run_id: str, stage: int, module: torch.nn.Module, every: int,
-                 count_replicas, metrics, matchmaking_s: float = 1.0, timeout_s: float = 20.0,
+                 count_replicas, metrics, matchmaking_s: float = 1.0, timeout_s: float = 8.0,
                  tau: float | None = None, iters: int = DEFAULT_ITERS):
         self.module, self.every, self.count_replicas, self.metrics = module, every, count_replicas, metrics
         self.timeout_s = timeout_s
@@ -158,11 +158,12 @@ class ReplicaAverager:
             sender_timeout=timeout_s / 4, reducer_timeout=timeout_s / 2,
             allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)
 
-    async def maybe_average(self, step: int) -> bool | None:
-        """Average after step `step` when it is due and another replica exists; None if not due."""
+    async def maybe_average(self, step: int, group: int | None = None) -> bool | None:
+        """Average after step `step` when it is due and another replica exists; None if not due.
+        `group`: how many replicas of this stage the head is stepping now (fresher than the DHT)."""
         if not self.every or (step + 1) % self.every:
             return None
-        n = await self.count_replicas()
+        n = group if group is not None else await self.count_replicas()
         if n < 2:
             return None
         ok = await asyncio.get_running_loop().run_in_executor(None, self._average)

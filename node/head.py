@@ -74,6 +74,7 @@ class Head:
         self.recomputed = 0      # microbatch gradients recomputed on another replica
         self.lost = 0            # microbatch gradients that no replica applied (should stay 0)
         self.ledger: dict[int, dict[str, dict]] = {}
+        self._alive: set[tuple[int, str]] = set()   # (stage, peer) that answered the last check
         self._last_refresh = 0.0
 
     # --- routes --------------------------------------------------------------------------------
@@ -210,10 +211,12 @@ class Head:
         self.ledger = {k: {} for k in range(1, self.cfg.n_stages)}
         losses = await asyncio.gather(*(self.microbatch(step, i) for i in range(m)))
         await self._settle(step)
-        peers = {(k, r.peer_id) for k in self.ledger for r in self.router.replicas(k)}
-        peers |= {(k, p) for k, holders in self.ledger.items() for p in holders}
+        # Step the replicas that answered the last check; each learns how many replicas of its stage
+        # are stepping, so it averages only with peers that are really there (no waiting for the dead).
+        peers = sorted(self._alive)
+        group = {k: sum(1 for s, _ in peers if s == k) for k in self.ledger}
         results = await asyncio.gather(self._local(self.worker.apply_step, step),
-                                       *(self._step_replica(k, p, step) for k, p in sorted(peers)))
+                                       *(self._step_replica(k, p, step, group[k]) for k, p in peers))
         tokens = m * self.run.train.microbatch_size * self.cfg.seq_len
         self.metrics.tokens.inc(tokens)
         self.metrics.samples.inc(self.run.train.batch_size)
@@ -244,6 +247,7 @@ class Head:
             targets = sorted({(k, r.peer_id) for k in self.ledger for r in self.router.replicas(k)}
                              | {(k, p) for k, holders in self.ledger.items() for p in holders})
             held = await asyncio.gather(*(self._prepare(k, p, step) for k, p in targets))
+            self._alive = {t for t, got in zip(targets, held) if got is not None}
             redo = []
             for (k, peer), got in zip(targets, held):
                 expected = sorted(self.ledger[k].get(peer, {}))
@@ -267,10 +271,11 @@ class Head:
         _, peer = await self.call_stage(stage, method, self.backward_timeout, avoid={failed_peer}, **fields)
         self._hold(stage, peer, micro, method, fields)
 
-    async def _step_replica(self, stage: int, peer_id: str, step: int):
+    async def _step_replica(self, stage: int, peer_id: str, step: int, group: int):
         expect = sorted(self.ledger[stage].get(peer_id, {}))
         try:
-            reply, sent, received = await call(self.p2p, peer_id, request("step", self.fp, step=step, expect=expect),
+            reply, sent, received = await call(self.p2p, peer_id, request("step", self.fp, step=step, expect=expect,
+                                                                       group=group),
                                                timeout=self.backward_timeout)
             self.bytes["sent"] += sent
             self.bytes["received"] += received

@@ -255,7 +255,10 @@ class StageServer:
             self.metrics.steps.inc()
         self.metrics.step.set(self.worker.applied_step)
         if self.averager is not None and not result["duplicate"]:
-            result["averaged"] = await self.averager.maybe_average(step)
+            group = msg.get("group")
+            if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group < 1):
+                raise PayloadError("malformed", "group must be a positive int")
+            result["averaged"] = await self.averager.maybe_average(step, group)
         return result
 
     async def _on_info(self, msg):

@@ -69,7 +69,9 @@ def main(args) -> int:
     tokens_per_step = run.train.batch_size * run.model.seq_len
     bar = Progress(args.steps)
     losses, val_losses, times = [], [], []
-    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM,)}
+    # SIGINT explicitly too: a process started in the background inherits it ignored.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stop),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     stopped = None
     start_step = trainer.step
     try:
