@@ -119,10 +119,12 @@ def main(argv=None) -> int:
     for label, r in runs.items():
         times = r["step_times"]
         rows.append([label, r["steps_completed"], f"{r['steps_completed'] / max(1, steady['steps_completed']):.2f}",
-                     r["lost_microbatches"], r["recomputed_microbatches"], r["retries"],
+                     r["lost_microbatches"], r["recomputed_microbatches"], r["crashed_unaveraged_microbatches"],
+                     r["retries"],
                      f"{max(times):.1f}" if times else "-", f"{r['loss_curve'][0]:.3f}",
                      f"{sum(r['loss_curve'][-10:]) / len(r['loss_curve'][-10:]):.3f}"])
-    table = markdown_table(["run", "steps", "vs no churn", "lost microbatches", "recomputed", "retries",
+    table = markdown_table(["run", "steps", "vs no churn", "lost microbatches", "recomputed",
+                            "updates lost with crashed replicas", "retries",
                             "longest step s", "first loss", "last-10 loss"], rows)
     kills = sum(e["event"] == "kill" for e in churned["events"])
     handoffs = sum(e.get("state") == "live replica" for e in churned["events"])

@@ -73,6 +73,8 @@ class Head:
         self.retries = 0
         self.recomputed = 0      # microbatch gradients recomputed on another replica
         self.lost = 0            # microbatch gradients that no replica applied (should stay 0)
+        self.crashed_progress = 0  # microbatch updates that lived only in replicas that crashed
+        self.unaveraged: dict[tuple[int, str], int] = {}  # per replica: updates since its last averaging
         self.ledger: dict[int, dict[str, dict]] = {}
         self._alive: set[tuple[int, str]] = set()   # (stage, peer) that answered the last check
         self._last_refresh = 0.0
@@ -217,6 +219,7 @@ class Head:
         group = {k: sum(1 for s, _ in peers if s == k) for k in self.ledger}
         results = await asyncio.gather(self._local(self.worker.apply_step, step),
                                        *(self._step_replica(k, p, step, group[k]) for k, p in peers))
+        await self._catch_up(step, results[1:])
         tokens = m * self.run.train.microbatch_size * self.cfg.seq_len
         self.metrics.tokens.inc(tokens)
         self.metrics.samples.inc(self.run.train.batch_size)
@@ -224,7 +227,7 @@ class Head:
         self.metrics.step.set(step)
         loss = sum(losses) / m
         self.metrics.train_loss.set(loss)
-        return {"loss": loss, "replies": [r for r in results if r is not None]}
+        return {"loss": loss, "replies": [r for r in results if not r.get("failed")]}
 
     # --- exactly-once gradients ----------------------------------------------------------------
     def _hold(self, stage: int, peer: str, micro: int, method: str, fields: dict) -> None:
@@ -280,15 +283,52 @@ class Head:
             self.bytes["sent"] += sent
             self.bytes["received"] += received
             if reply.get("mismatch"):
-                self.lost += len(expect)
-                log.error("stage %d replica %s changed its gradients after the check; %d microbatch(es) of step "
-                          "%d not applied on stage %d", stage, peer_id[-8:], len(expect), step, stage)
+                log.error("stage %d replica %s changed its gradients after the check", stage, peer_id[-8:])
+                return {"stage": stage, "peer_id": peer_id, "failed": True}
             return {"stage": stage, "peer_id": peer_id, **reply}
         except (PeerUnavailable, RemoteError) as e:
-            self.lost += len(expect)
-            log.warning("stage %d replica %s did not apply step %d (%s); %d microbatch(es) lost on that stage",
-                        stage, peer_id[-8:], step, e, len(expect))
-            return None
+            log.warning("stage %d replica %s did not apply step %d: %s", stage, peer_id[-8:], step, e)
+            return {"stage": stage, "peer_id": peer_id, "failed": True}
+
+    async def _catch_up(self, step: int, outcomes: list[dict]) -> None:
+        """A replica that failed to apply `step` (it died in the step barrier) leaves its microbatches
+        unapplied: recompute them on a surviving replica of the stage and apply them there as one
+        extra update, so every microbatch reaches the model exactly once. Also account for progress
+        that lived only in crashed replicas (applied there, never averaged with anyone)."""
+        failed = {(o["stage"], o["peer_id"]) for o in outcomes if o.get("failed")}
+        for o in outcomes:
+            key = (o["stage"], o["peer_id"])
+            if key not in failed:
+                self.unaveraged[key] = 0 if o.get("averaged") else self.unaveraged.get(key, 0) + o["micro_count"]
+        for stage, dead in sorted(failed):
+            self.crashed_progress += self.unaveraged.pop((stage, dead), 0)
+            entries = self.ledger[stage].get(dead, {})
+            if not entries:
+                continue
+            survivors = [p for k, p in sorted(self._alive) if k == stage and (k, p) not in failed]
+            for peer in survivors:
+                if await self._apply_elsewhere(step, stage, peer, entries):
+                    self.recomputed += len(entries)
+                    self.unaveraged[(stage, peer)] = self.unaveraged.get((stage, peer), 0) + len(entries)
+                    log.warning("stage %d: %d microbatch(es) of replica %s recomputed and applied on %s", stage,
+                                len(entries), dead[-8:], peer[-8:])
+                    break
+            else:
+                self.lost += len(entries)
+                log.error("stage %d: %d microbatch(es) of step %d lost: no surviving replica could apply them",
+                          stage, len(entries), step)
+
+    async def _apply_elsewhere(self, step: int, stage: int, peer: str, entries: dict) -> bool:
+        try:
+            for method, fields in entries.values():
+                await call(self.p2p, peer, request(method, self.fp, catchup=True, **fields),
+                           timeout=self.backward_timeout)
+            reply, _, _ = await call(self.p2p, peer, request("step", self.fp, step=step, expect=sorted(entries),
+                                                             catchup=True), timeout=self.backward_timeout)
+            return bool(reply.get("applied"))
+        except (PeerUnavailable, RemoteError) as e:
+            log.warning("catch-up on %s failed: %s", peer[-8:], e)
+            return False
 
     async def evaluate(self, batches: int = 8) -> float:
         losses = await asyncio.gather(*(self.microbatch(0, i, split="val") for i in range(batches)))

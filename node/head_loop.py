@@ -80,6 +80,7 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
         "measured_wire_bytes_per_token_bwd": _per_token(head, "bwd"),
         "measured_compression_vs_bf16": _measured_ratio(head, cfg),
         "retries": head.retries, "recomputed_microbatches": head.recomputed, "lost_microbatches": head.lost,
+        "crashed_unaveraged_microbatches": head.crashed_progress,
         "nodes": nodes, "loss_curve": losses, "val_curve": val_curve,
         "step_times": step_times,
         "step_replies": replies[-3:], "stopped_by": stopped, "error": error,

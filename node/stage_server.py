@@ -173,11 +173,14 @@ class StageServer:
         return step, micro
 
     @staticmethod
-    def _train_flag(msg) -> bool:
-        flag = msg.get("eval", False)
+    def _flag(msg, key: str) -> bool:
+        flag = msg.get(key, False)
         if not isinstance(flag, bool):
-            raise PayloadError("malformed", f"field 'eval' must be bool, got {type(flag).__name__}")
-        return not flag
+            raise PayloadError("malformed", f"field {key!r} must be bool, got {type(flag).__name__}")
+        return flag
+
+    def _train_flag(self, msg) -> bool:
+        return not self._flag(msg, "eval")
 
     async def _on_forward(self, msg):
         if self.worker.stage.is_last:
@@ -201,7 +204,7 @@ class StageServer:
         grad = self._code(msg, "grad_out", shape=(*x.shape[:2], self.cfg.code_width))
         tokens = self._tokens(msg, x.shape[:2])
         t0 = time.perf_counter()
-        g = await self._compute(self.worker.backward, step, micro, x, grad, tokens)
+        g = await self._compute(self.worker.backward, step, micro, x, grad, tokens, self._flag(msg, "catchup"))
         out = encode(g, self.codec)
         n = x.shape[0] * x.shape[1]
         self._count_payload(msg["grad_out"], self.index, "received", "backward", n)
@@ -221,7 +224,8 @@ class StageServer:
         if not isinstance(scale, float) or not math.isfinite(scale) or not 0 < scale <= 1:
             raise PayloadError("malformed", f"scale must be a float in (0, 1], got {scale!r}")
         t0 = time.perf_counter()
-        loss, g = await self._compute(self.worker.loss, step, micro, x, targets, scale, tokens, train)
+        loss, g = await self._compute(self.worker.loss, step, micro, x, targets, scale, tokens, train,
+                                      self._flag(msg, "catchup"))
         reply = {"loss": loss}
         if train:
             reply["grad_in"] = encode(g, self.codec)
@@ -250,7 +254,7 @@ class StageServer:
         expect = msg.get("expect")
         if expect is not None and (not isinstance(expect, list) or not all(isinstance(m, int) for m in expect)):
             raise PayloadError("malformed", "expect must be a list of microbatch ids")
-        result = await self._compute(self.worker.apply_step, step, expect)
+        result = await self._compute(self.worker.apply_step, step, expect, self._flag(msg, "catchup"))
         if result["applied"]:
             self.metrics.steps.inc()
         self.metrics.step.set(self.worker.applied_step)

@@ -46,7 +46,17 @@ class StageWorker:
         return out.float()
 
     # --- bookkeeping ---------------------------------------------------------------------------
-    def _open_step(self, step: int) -> None:
+    def _open_step(self, step: int, catchup: bool = False) -> None:
+        if catchup:
+            # Microbatches of the step just applied here, whose replica died before applying them:
+            # they are recomputed here and applied as one extra update (never lost, never twice).
+            if step != self.applied_step:
+                raise StaleRequest(f"catch-up is only for the step just applied ({self.applied_step}), not {step}")
+            if self.grad_step != step:
+                self.opt.zero_grad()
+                self.grad_inputs.clear()
+            self.grad_step = step
+            return
         if step <= self.applied_step:
             raise StaleRequest(f"step {step} is already applied here (last applied {self.applied_step})")
         if self.grad_step is not None and self.grad_step != step:
@@ -77,8 +87,9 @@ class StageWorker:
             self.cache.popitem(last=False)
         return out.detach()
 
-    def backward(self, step: int, micro: int, x: torch.Tensor, grad_out: torch.Tensor, tokens=None):
-        self._open_step(step)
+    def backward(self, step: int, micro: int, x: torch.Tensor, grad_out: torch.Tensor, tokens=None,
+                 catchup: bool = False):
+        self._open_step(step, catchup)
         if micro in self.grad_inputs:  # a retried call that already counted here: same answer, no re-count
             self.cache.pop((step, micro), None)
             return self.grad_inputs[micro]
@@ -88,12 +99,12 @@ class StageWorker:
         return leaf.grad
 
     def loss(self, step: int, micro: int, x: torch.Tensor, targets: torch.Tensor, scale: float, tokens=None,
-             train: bool = True):
+             train: bool = True, catchup: bool = False):
         """Last stage: (loss value, gradient w.r.t. x of scale*loss) or (loss, None) when not training."""
         if not train:
             with torch.no_grad():
                 return lm_loss(self._run(x, tokens), targets).item(), None
-        self._open_step(step)
+        self._open_step(step, catchup)
         if micro in self.grad_inputs:
             raise StaleRequest(f"microbatch {micro} of step {step} was already counted here")
         leaf = x.detach().requires_grad_(True)
@@ -113,10 +124,11 @@ class StageWorker:
             self.grad_inputs.clear()
             self.grad_step = None
 
-    def apply_step(self, step: int, expect: list[int] | None = None) -> dict:
+    def apply_step(self, step: int, expect: list[int] | None = None, catchup: bool = False) -> dict:
         """Apply `step` once. With `expect`, apply only if exactly those microbatches were counted
-        here; otherwise drop the gradients (never apply a partial or double-counted update)."""
-        if step <= self.applied_step:
+        here; otherwise drop the gradients (never apply a partial or double-counted update).
+        `catchup` applies the extra update of microbatches recomputed for the step just applied."""
+        if step < self.applied_step or (step == self.applied_step and not (catchup and self.grad_step == step)):
             return {"applied": False, "grad_norm": 0.0, "micro_count": 0, "duplicate": True}
         held = self.held(step)
         mismatch = expect is not None and sorted(expect) != held

@@ -120,3 +120,39 @@ def test_no_replica_no_checkpoint_says_initialisation(corpus, tmp_path):
     first, second, step = asyncio.run(go())
     assert "starting from initialisation" in first
     assert "resumed from checkpoint" in second and step == 7
+
+
+def test_replica_dying_in_the_step_barrier_loses_no_microbatch(corpus):
+    run = _run("barrier")
+
+    async def go():
+        async with InprocSwarm(run, corpus, replicas={1: 2}) as sw:
+            a, b = sw.servers[1]
+            dht_of = {s.peer_id: d for s, d in zip([a, b], sw.dhts[1:3])}
+            await sw.head.train_step(0)
+            held = {}
+
+            def dying(server):
+                original = server.worker.apply_step
+
+                def apply_step(step, expect=None, catchup=False):
+                    if step == 1 and not catchup and "victim" not in held:
+                        held["victim"] = (server.peer_id, server.worker.held(step))
+                        dht_of[server.peer_id].shutdown()  # dies before applying anything
+                        time.sleep(3)
+                        raise RuntimeError("killed")
+                    return original(step, expect, catchup)
+                return apply_step
+
+            # whichever replica the head steps first dies; make sure it holds microbatches
+            for s in (a, b):
+                s.worker.apply_step = dying(s)
+            sw.head.router.rng.seed(1)
+            result = await sw.head.train_step(1)
+            survivor = b if held["victim"][0] == a.peer_id else a
+            return held["victim"][1], sw.head.lost, sw.head.recomputed, survivor.worker.applied_step, result
+
+    victim_micros, lost, recomputed, step, result = asyncio.run(go())
+    assert lost == 0
+    assert victim_micros and recomputed >= len(victim_micros)  # its microbatches were applied elsewhere
+    assert step == 1 and torch.isfinite(torch.tensor(result["loss"]))
