@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--kill-every", type=float, default=None)
     p.add_argument("--restart-after", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", default=None, help="keep the runs' logs in this folder")
     p.add_argument("--json-out", default="bench/results/churn.json")
     p.add_argument("--png-out", default="bench/results/churn.png")
     args = p.parse_args(argv)
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
     restart_after = args.restart_after or size["restart_after"]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.keep or tmp
         for churn in (False, True):
             label = "churn" if churn else "no churn"
             print(f"[{label}] {duration:.0f}s of training" + (f", kill every {kill_every:.0f}s, restart after "

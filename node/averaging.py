@@ -149,6 +149,7 @@ class ReplicaAverager:
                  tau: float | None = None, iters: int = DEFAULT_ITERS):
         self.module, self.every, self.count_replicas, self.metrics = module, every, count_replicas, metrics
         self.timeout_s = timeout_s
+        self.matchmaking_timeout_s = 3 * matchmaking_s
         self.tau = tau if tau is not None else DEFAULT_TAU
         self.params = [p for p in module.parameters()]
         self.averager = RobustAverager(
@@ -177,7 +178,9 @@ class ReplicaAverager:
             for dst, p in zip(shared, self.params):
                 dst.copy_(p.detach().cpu())
         try:
-            result = self.averager.step(timeout=self.timeout_s, allow_retries=False)
+            # the timeout bounds group *finding*: the head said who is stepping, so a partner that died
+            # meanwhile is given up on quickly (transfers have their own allreduce timeouts)
+            result = self.averager.step(timeout=self.matchmaking_timeout_s, allow_retries=False)
         except Exception as e:
             log.warning("averaging error: %s", e)
             return False

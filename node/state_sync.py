@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -36,11 +37,25 @@ async def download_state(p2p, fingerprint: str, peer_id: str, timeout: float = 6
     return torch.load(io.BytesIO(b"".join(chunks)), map_location="cpu", weights_only=True)
 
 
+async def _replicas_of_stage(dht, run, stage: int, own_peer_id: str, patience_s: float = 20.0) -> list[dict]:
+    """Live replicas of `stage`. A fresh DHT peer can miss records for a while (they may have been
+    stored on peers that just left, until their owners refresh them), so while the swarm is clearly
+    training (other stages report applied steps) but ours shows nobody, look again before concluding."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        records = await read_stage_records(dht, run.run_id, run.fingerprint)
+        mine = [r for r in records.get(stage, []) if r["peer_id"] != own_peer_id]
+        running = any(r["step"] >= 0 for k, recs in records.items() if k != stage for r in recs)
+        if mine or not running or time.monotonic() > deadline:
+            return mine
+        await asyncio.sleep(2.0)
+
+
 async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str) -> str:
     """Load the best available state into `worker`; returns a sentence saying where it came from."""
     run = worker.run
-    records = (await read_stage_records(dht, run.run_id, run.fingerprint)).get(worker.index, [])
-    for rec in sorted((r for r in records if r["peer_id"] != own_peer_id), key=lambda r: -r["step"]):
+    records = await _replicas_of_stage(dht, run, worker.index, own_peer_id)
+    for rec in sorted(records, key=lambda r: -r["step"]):
         try:
             state = await download_state(p2p, run.fingerprint, rec["peer_id"])
             worker.load_state_dict(state)
