@@ -26,6 +26,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--microbatches", type=int, default=4, help="microbatches per step (pipelined in a swarm)")
     g.add_argument("--average-every", type=int, default=10, help="replicas of a stage average every N steps")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--trainer", action="append", default=[], metavar="PEER_ID",
+                   help="peer id allowed to drive training (the head; see `resbm-node identity`); repeatable. "
+                        "Without it any peer may send training calls: fine on a private network only")
 
 
 def run_config_from_args(args) -> RunConfig:
@@ -35,7 +38,7 @@ def run_config_from_args(args) -> RunConfig:
                             seed=args.seed)
         train = TrainConfig(optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
                             batch_size=args.batch_size, microbatches=args.microbatches,
-                            average_every=args.average_every,
+                            average_every=args.average_every, trainers=tuple(getattr(args, "trainer", [])),
                             steps=getattr(args, "steps", 0) or 0)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
@@ -49,3 +52,14 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} asked for, but this machine has no usable CUDA GPU")
     return dev
+
+
+def identity_peer_id(path: str) -> str:
+    """The libp2p peer id of an identity file, creating the file if it does not exist yet."""
+    import os
+    from hivemind.p2p import P2P, PeerID
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        P2P.generate_identity(path)
+    with open(path, "rb") as f:
+        return PeerID.from_identity(f.read()).to_base58()

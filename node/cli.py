@@ -7,6 +7,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from node import bootstrap, export, join, local, status, train_local
+    from node.args import identity_peer_id
     p = argparse.ArgumentParser(prog="resbm-node", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_local.add_parser(sub)
@@ -15,6 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_parser(sub)
     status.add_parser(sub)
     export.add_parsers(sub)
+    ident = sub.add_parser("identity", help="print the peer id of an identity file (created if missing)",
+                           description="Create or read a libp2p identity file and print its peer id, e.g. to "
+                                       "pass the head's id to `bootstrap --trainer`.")
+    ident.add_argument("path")
+    ident.set_defaults(func=lambda a: print(identity_peer_id(a.path)))
     return p
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from node.args import add_run_args, run_config_from_args
+from node.args import add_run_args, identity_peer_id, run_config_from_args
 
 
 def add_parser(sub) -> None:
@@ -125,22 +125,24 @@ def tail(path: Path, n: int = 15) -> str:
         return "(no log)"
 
 
-def run_args(args) -> list[str]:
+def run_args(args, trainers=()) -> list[str]:
     return ["--d-model", str(args.d_model), "--layers", str(args.layers), "--heads", str(args.heads),
             "--seq-len", str(args.seq_len), "--stages", str(args.stages), "--ratio", str(args.ratio),
             "--boundary", args.boundary, "--codec", args.codec, "--optimizer", args.optimizer, "--lr", str(args.lr),
             "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
             "--microbatches", str(args.microbatches), "--average-every", str(args.average_every),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), *[x for t in trainers for x in ("--trainer", t)]]
 
 
 def main(args) -> int:
-    run = run_config_from_args(args)  # validates the config before anything starts
     run_dir = Path(args.run_dir or f"runs/local-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Only our head may drive training: its identity exists before the run config is published.
+    args.trainer = [identity_peer_id(str(run_dir / "head.id"))]
+    run = run_config_from_args(args)  # validates the config before anything starts
     n_nodes = 1 + (run.model.n_stages - 1) * args.replicas
     threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
-    swarm = Swarm(run_dir, threads, args.run_id, run_args(args))
+    swarm = Swarm(run_dir, threads, args.run_id, run_args(args, args.trainer))
     port = lambda i: ["--metrics-port", str(args.metrics_port + i)] if args.metrics_port else []  # noqa: E731
     print(f"local swarm: {run.model.n_stages} stages x {args.replicas} replicas ({n_nodes} nodes + bootstrap), "
           f"boundary {run.model.boundary} b={run.model.code_width}, logs in {run_dir}", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, decode_ints, encode
 from protocol.errors import PayloadError
-from protocol.messages import STATE_CHUNK, check_request, error_reply, field
+from protocol.messages import STATE_CHUNK, TRAINER_METHODS, check_request, error_reply, field
 from swarm.stage_worker import StageWorker, StaleRequest
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,10 @@ class StageServer:
         self.metrics.queue.set(self.inflight)
         try:
             method = check_request(msg, self.fingerprint)
+            trainers = self.run.train.trainers
+            if trainers and method in TRAINER_METHODS and str(peer) not in trainers:
+                raise PayloadError("forbidden", f"only this run's trainers may call {method!r}; your peer id "
+                                                f"{peer} is not among them")
             if self.methods is not None and method not in self.methods:
                 raise PayloadError("method", f"this node (stage {self.index}) serves only {', '.join(self.methods)}")
             reply = await getattr(self, f"_on_{method}")(msg)

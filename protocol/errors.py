@@ -6,7 +6,7 @@ class PayloadError(ValueError):
     """
 
     REASONS = ("malformed", "codec", "dtype", "shape", "size", "nonfinite", "token_range",
-               "version", "fingerprint", "method", "state")
+               "version", "fingerprint", "method", "state", "forbidden")
 
     def __init__(self, reason: str, message: str):
         assert reason in self.REASONS, reason

@@ -26,6 +26,7 @@ from protocol.errors import PayloadError
 
 HANDLER_NAME = "resbm.rpc"
 METHODS = ("forward", "backward", "loss", "prepare", "step", "info", "state")
+TRAINER_METHODS = ("forward", "backward", "loss", "prepare", "step")  # only a run's trainers may call these
 STATE_CHUNK = 4 << 20
 HEADER_BYTES = 8
 DEFAULT_MAX_FRAME = 64 << 20

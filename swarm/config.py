@@ -110,6 +110,7 @@ class TrainConfig:
     batch_size: int = 16               # sequences per optimizer step
     microbatches: int = 4              # pieces a step is cut into (pipelined in the swarm)
     average_every: int = 10            # replicas of a stage average parameters every N steps
+    trainers: tuple = ()               # peer ids allowed to drive training (head); () = anyone
     steps: int = 200
 
     def __post_init__(self):
@@ -133,6 +134,7 @@ class RunConfig:
     def wire_dict(self) -> dict:
         train = dataclasses.asdict(self.train)
         train.pop("steps")
+        train["trainers"] = list(self.train.trainers)
         model = dataclasses.asdict(self.model)
         model["layers_per_stage"] = list(self.model.stage_layers)
         return {"protocol": PROTOCOL_VERSION, "run_id": self.run_id, **{f"model.{k}": v for k, v in model.items()},
@@ -148,6 +150,7 @@ class RunConfig:
             model = {k[6:]: v for k, v in d.items() if k.startswith("model.")}
             train = {k[6:]: v for k, v in d.items() if k.startswith("train.")}
             model["layers_per_stage"] = tuple(model.get("layers_per_stage", ()))
+            train["trainers"] = tuple(train.get("trainers", ()))
             return cls(model=ModelConfig(**model), train=TrainConfig(**train), run_id=d["run_id"])
         except (TypeError, KeyError) as e:
             raise ConfigError(f"run config is malformed: {e}") from e

@@ -85,3 +85,25 @@ def test_steps_follow_reference_and_bad_requests_are_refused(corpus):
     assert errors["shape"] == ("shape", "shape: last dimension is 64, this boundary carries 4 values per token")
     assert errors["state"][0] == "state"  # step 0 is already applied: no late request can change it
     assert ok["ok"] and ok["y"]["shape"] == [2, 32, 4]
+
+
+def test_only_the_runs_trainers_may_drive_training(corpus):
+    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, seq_len=32, n_stages=3, ratio=16)
+    run = RunConfig(model=model, train=TrainConfig(batch_size=8, microbatches=4,
+                                                   trainers=("QmSomeoneElse1111111111111111111111111111111111",)),
+                    run_id="authz")
+
+    async def go():
+        async with InprocSwarm(run, corpus) as sw:
+            with pytest.raises(RemoteError) as err:
+                await sw.head.microbatch(0, 0)
+            peer = sw.servers[1][0].peer_id
+            info, _, _ = await call(sw.head.p2p, peer, request("info", run.fingerprint), timeout=10)
+            with pytest.raises(RemoteError) as step_err:
+                await call(sw.head.p2p, peer, request("step", run.fingerprint, step=10 ** 9), timeout=10)
+            return err.value, info, step_err.value, sw.servers[1][0].worker.applied_step
+
+    err, info, step_err, applied = asyncio.run(go())
+    assert err.reason == "forbidden" and "not among them" in str(err)
+    assert step_err.reason == "forbidden" and applied == -1  # a stranger cannot push the step counter
+    assert info["ok"] and info["stage"] == 1                  # reading is open
