@@ -99,7 +99,11 @@ class Stage(nn.Module):
         cos, sin = rotary_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._init_weights()
+        # Blocks, embedding and head get the same initial weights whatever the boundary kind (whose
+        # modules drew random numbers above), so boundary variants differ only by their boundary.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 10_007 + index + 7)
+            self._init_weights()
         self.project_to_subspace()
 
     def _init_weights(self):
