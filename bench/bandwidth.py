@@ -106,10 +106,13 @@ def swarm_in_lab(run: RunConfig, rate: float, size: dict, workdir: Path) -> dict
             if head.poll() is None:
                 head.send_signal(signal.SIGINT)  # finish the current step, write the summary
                 head.wait(timeout=600)
+        except RuntimeError as e:  # a node failed to start: report it, go on with the next run
+            return {"error": str(e)[-2000:]}
         finally:
             swarm.stop()
-        summary = json.loads((run_dir / "head.json").read_text())
-    return summary
+        if not (run_dir / "head.json").exists():
+            return {"error": "the head wrote no summary:\n" + (run_dir / "head.log").read_text(errors="replace")[-2000:]}
+        return json.loads((run_dir / "head.json").read_text())
 
 
 def steady(summary: dict, warmup: int, tokens_per_step: int) -> float:
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None)
     p.add_argument("--gpu-factor", type=float, default=100.0,
                    help="assumed GPU/CPU compute speed ratio used to map link rates to a GPU deployment")
+    p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/bandwidth.json")
     p.add_argument("--png-out", default="bench/results/bandwidth.png")
     args = p.parse_args(argv)
@@ -153,8 +157,15 @@ def main(argv=None) -> int:
             for rate in rates:
                 label = f"{rate:g} Mbit/s" if rate else "unshaped"
                 print(f"[{variant} @ {label}]", file=sys.stderr, flush=True)
-                summary = swarm_in_lab(run, rate, size, Path(tmp))
+                summary = swarm_in_lab(run, rate, size, Path(args.keep or tmp))
                 ws = wire_stats(run.model)
+                if summary.get("error"):
+                    print(f"  FAILED: {summary['error']}", file=sys.stderr)
+                    results.append({"variant": variant, "rate_mbit": rate, "steps": 0, "tokens_per_s": 0.0,
+                                     "wire_bytes_per_token_fwd": 0.0, "wire_bytes_per_token_bwd": 0.0,
+                                     "compression_vs_bf16": ws["compression_vs_bf16"], "lost_microbatches": 0,
+                                     "error": summary["error"]})
+                    continue
                 results.append({"variant": variant, "rate_mbit": rate, "steps": summary["steps_completed"],
                                 "tokens_per_s": steady(summary, size["warmup"], tokens_per_step),
                                 "wire_bytes_per_token_fwd": summary["measured_wire_bytes_per_token_fwd"],

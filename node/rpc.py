@@ -46,6 +46,9 @@ async def serve(p2p: P2P, service, *, max_frame: int = DEFAULT_MAX_FRAME, read_t
             out = pack(reply)
             await write_frame(writer, out)
             service.count_frame("sent", len(out) + 8)
+            # Closing our end while the reply is still in flight makes p2pd reset the stream and the
+            # caller reads a truncated frame (seen on rate-limited links): let the caller close first.
+            await asyncio.wait_for(reader.read(1), read_timeout)
         except Exception:  # a broken stream must not take the node down
             log.debug("stream from %s failed", peer, exc_info=True)
         finally:
