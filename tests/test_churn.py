@@ -136,7 +136,7 @@ def test_replica_dying_in_the_step_barrier_loses_no_microbatch(corpus):
                 original = server.worker.apply_step
 
                 def apply_step(step, expect=None, catchup=False):
-                    if step == 1 and not catchup and "victim" not in held:
+                    if step == 1 and not catchup and "victim" not in held and server.worker.held(step):
                         held["victim"] = (server.peer_id, server.worker.held(step))
                         dht_of[server.peer_id].shutdown()  # dies before applying anything
                         time.sleep(3)
@@ -144,7 +144,7 @@ def test_replica_dying_in_the_step_barrier_loses_no_microbatch(corpus):
                     return original(step, expect, catchup)
                 return apply_step
 
-            # whichever replica the head steps first dies; make sure it holds microbatches
+            # the first replica stepped that holds microbatches of step 1 dies
             for s in (a, b):
                 s.worker.apply_step = dying(s)
             sw.head.router.rng.seed(1)
