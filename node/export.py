@@ -92,7 +92,11 @@ def export_main(args) -> int:
         run, states, steps = states_from_checkpoints(args.checkpoints)
     elif args.initial_peers:
         import uvloop
-        run, states, steps = uvloop.run(states_from_swarm(args))
+        from node.dht import AddressError
+        try:
+            run, states, steps = uvloop.run(states_from_swarm(args))
+        except (AddressError, ConnectionError) as e:
+            raise SystemExit(f"error: {e}")
     else:
         raise SystemExit("error: give --initial-peers (live swarm) or --checkpoints (files)")
     try:
@@ -107,7 +111,10 @@ def export_main(args) -> int:
 def generate_main(args) -> int:
     from node.args import resolve_device
     from swarm.export import generate, load_export
-    run, model, steps = load_export(args.model, device=str(resolve_device(args.device)))
+    try:
+        run, model, steps = load_export(args.model, device=str(resolve_device(args.device)))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load {args.model}: {e}")
     model.eval()
     out = generate(model, args.prompt.encode(), args.tokens, args.temperature, args.top_k, args.seed)
     sys.stdout.write(args.prompt + out.decode("utf-8", errors="replace") + "\n")
