@@ -37,6 +37,8 @@ def move_target(totals: dict[int, tuple[float, int]], mine: int, my_throughput: 
     target = pick_stage({k: v for k, v in totals.items() if k != mine})
     if totals[target][1] + 1 > totals[mine][1] - 1:
         return None
+    if totals[target][1] == 0:  # a stage nobody serves stalls the whole pipeline: fill it, whatever the numbers
+        return target
     after = dict(totals)
     after[mine] = (totals[mine][0] - my_throughput, totals[mine][1] - 1)
     after[target] = (totals[target][0] + my_throughput, totals[target][1] + 1)

@@ -60,13 +60,13 @@ def test_auto_nodes_fill_and_rebalance(tmp_path):
         while time.time() < deadline:
             time.sleep(3)
             counts = _counts(peers, "auto")
-            if counts.get(2) == 1 and counts.get(1) == 2:
+            if counts.get(2, 0) >= 1 and counts.get(1, 0) >= 1 and sum(counts.values()) == 3:
                 break
-        assert counts.get(1) == 2 and counts.get(2) == 1, counts
-        time.sleep(8)  # hysteresis: (2 replicas, 1 replica) must stay put, not flap
-        assert _counts(peers, "auto") == {1: 2, 2: 1}
-        moved = [i for i in range(3) if "moving from stage 1 to stage 2" in (tmp_path / f"n{i}.log").read_text()]
-        assert len(moved) == 1, moved
+        assert counts.get(1, 0) >= 1 and counts.get(2, 0) >= 1 and sum(counts.values()) == 3, counts
+        time.sleep(8)  # hysteresis: once both stages are served the nodes stay put, no flapping
+        assert _counts(peers, "auto") == counts
+        logs = [(tmp_path / f"n{i}.log").read_text() for i in range(3)]
+        assert sum(log.count("moving from stage") for log in logs) == counts[2]  # only the moves needed
         # a newcomer without a target takes the stage with the lowest total throughput it saw
         procs.append(_start([*common[:-2], "--rebalance-every", "600"], open(tmp_path / "new.log", "w")))
         deadline = time.time() + 60

@@ -30,3 +30,5 @@ def test_moves_only_when_unbalanced_and_it_clearly_helps():
     # even when noisy estimates say it would help, a move must not leave the target with more replicas
     assert move_target({1: (9.0, 2), 2: (1.0, 1)}, mine=1, my_throughput=1.0) is None
     assert move_target({1: (9.0, 3), 2: (1.0, 1)}, mine=1, my_throughput=3.0) == 2
+    # an empty stage is always filled, even by a replica whose (noisy) throughput is tiny
+    assert move_target({1: (929.5, 3), 2: (0.0, 0)}, mine=1, my_throughput=4.4) == 2
