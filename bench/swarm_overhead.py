@@ -26,7 +26,7 @@ import torch
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
 from node.inproc import InprocSwarm
 from node.rpc import call
-from protocol.codec import encode
+from protocol.codec import encode, payload_nbytes
 from protocol.messages import request
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
@@ -99,7 +99,7 @@ async def hop_overhead(run: RunConfig, corpus, repeats: int) -> dict:
     med = statistics.median
     return {"info_rtt_ms": 1e3 * med(info_rtt), "forward_remote_ms": 1e3 * med(remote),
             "forward_local_ms": 1e3 * med(local), "forward_overhead_ms": 1e3 * (med(remote) - med(local)),
-            "code_bytes": len(msg["data"]) + len(msg.get("scale", b""))}
+            "code_bytes": payload_nbytes(msg)}
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from protocol.codec import decode, encode, encode_ints
+from protocol.codec import decode, encode, encode_ints, payload_nbytes
 from protocol.messages import request
 from node.announce import read_stage_records
 from node.rpc import PeerUnavailable, RemoteError, call
@@ -155,7 +155,7 @@ class Head:
 
     # --- one microbatch ------------------------------------------------------------------------
     def _count(self, msg: dict, boundary: int, direction: str, pass_: str, tokens: int) -> None:
-        n = len(msg["data"]) + len(msg.get("scale", b""))
+        n = payload_nbytes(msg)
         self.payload["fwd" if pass_ == "forward" else "bwd"] += n
         self.payload_tokens["fwd" if pass_ == "forward" else "bwd"] += tokens
         self.metrics.wire_bytes.labels(str(boundary), direction, pass_).inc(n)

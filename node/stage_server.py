@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from protocol import PROTOCOL_VERSION
-from protocol.codec import decode, decode_ints, encode
+from protocol.codec import decode, decode_ints, encode, payload_nbytes
 from protocol.errors import PayloadError
 from protocol.messages import STATE_CHUNK, TRAINER_METHODS, check_request, error_reply, field
 from swarm.stage_worker import StageWorker, StaleRequest
@@ -96,7 +96,7 @@ class StageServer:
         self.metrics.frame_bytes.labels(direction).inc(n)
 
     def _count_payload(self, tensor_msg: dict, boundary: int, direction: str, pass_: str, tokens: int) -> None:
-        n = len(tensor_msg["data"]) + len(tensor_msg.get("scale", b""))
+        n = payload_nbytes(tensor_msg)
         self.payload[direction] += n
         self.metrics.wire_bytes.labels(str(boundary), direction, pass_).inc(n)
         self.metrics.full_width_bytes.labels(str(boundary), direction, pass_).inc(2 * self.cfg.d_model * tokens)

@@ -2,7 +2,7 @@ import msgpack
 import pytest
 import torch
 
-from protocol.codec import bytes_per_token, decode, decode_ints, encode, encode_ints, roundtrip
+from protocol.codec import bytes_per_token, decode, decode_ints, encode, encode_ints, payload_nbytes, roundtrip
 from protocol.errors import PayloadError
 
 # Worst-case relative error per value, as a fraction of the token's absmax (int8) or of |x|.
@@ -22,7 +22,7 @@ def test_roundtrip_error_bounds_and_wire_identity(codec):
     else:
         err = (y - x).abs() / x.abs()
     assert err.max() <= BOUNDS[codec] + 1e-7
-    assert len(msg["data"]) + len(msg.get("scale", b"")) == 21 * bytes_per_token(codec, 8)
+    assert payload_nbytes(msg) == 21 * bytes_per_token(codec, 8)
 
 
 def test_int8_keeps_tiny_gradients():
