@@ -158,8 +158,7 @@ class Head:
         n = payload_nbytes(msg)
         self.payload["fwd" if pass_ == "forward" else "bwd"] += n
         self.payload_tokens["fwd" if pass_ == "forward" else "bwd"] += tokens
-        self.metrics.wire_bytes.labels(str(boundary), direction, pass_).inc(n)
-        self.metrics.full_width_bytes.labels(str(boundary), direction, pass_).inc(2 * self.cfg.d_model * tokens)
+        self.metrics.count_payload(n, boundary, direction, pass_, tokens, self.cfg.d_model)
 
     async def _local(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -90,6 +90,11 @@ class NodeMetrics:
                 raise ConnectionError(f"cannot serve /metrics on {host}:{port}: {e}") from e
         return self
 
+    def count_payload(self, nbytes: int, boundary: int, direction: str, pass_: str, tokens: int, d_model: int):
+        """One code or gradient on the wire, and what it would have cost in bf16 at full width d."""
+        self.wire_bytes.labels(str(boundary), direction, pass_).inc(nbytes)
+        self.full_width_bytes.labels(str(boundary), direction, pass_).inc(2 * d_model * tokens)
+
     def close(self):
         if self._server is not None:
             server, thread = self._server

@@ -98,8 +98,7 @@ class StageServer:
     def _count_payload(self, tensor_msg: dict, boundary: int, direction: str, pass_: str, tokens: int) -> None:
         n = payload_nbytes(tensor_msg)
         self.payload[direction] += n
-        self.metrics.wire_bytes.labels(str(boundary), direction, pass_).inc(n)
-        self.metrics.full_width_bytes.labels(str(boundary), direction, pass_).inc(2 * self.cfg.d_model * tokens)
+        self.metrics.count_payload(n, boundary, direction, pass_, tokens, self.cfg.d_model)
 
     def rejected(self, err: PayloadError, peer) -> None:
         self.metrics.rejected.labels(err.reason).inc()
