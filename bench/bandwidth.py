@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.netns import NetnsLab, cleanup_stale, measure_throughput_mbit, require_root_netns
+from bench.netns import NetnsLab, measure_throughput_mbit, prepare
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
 from node.local import Swarm
 from swarm.config import ModelConfig, RunConfig, TrainConfig
@@ -133,11 +133,10 @@ def main(argv=None) -> int:
     p.add_argument("--json-out", default="bench/results/bandwidth.json")
     p.add_argument("--png-out", default="bench/results/bandwidth.png")
     args = p.parse_args(argv)
-    reason = require_root_netns()
+    reason = prepare()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
-    cleanup_stale()
     name = "quick" if args.quick else "scale" if args.scale else "default"
     size = SIZES[name]
     rates = args.rates or size["rates"]

@@ -349,3 +349,11 @@ def measure_throughput_mbit(lab: NetnsLab, src: int, dst: int, seconds: float = 
                 for f in (p.stdout, p.stderr):
                     if f is not None:
                         f.close()
+
+
+def prepare() -> str | None:
+    """None when a lab can be built (after removing leftovers of dead runs), else why not."""
+    reason = require_root_netns()
+    if reason is None:
+        cleanup_stale()
+    return reason

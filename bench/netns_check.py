@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.netns import NetnsLab, cleanup_stale, measure_throughput_mbit, require_root_netns, tbf_burst_bytes
+from bench.netns import NetnsLab, measure_throughput_mbit, prepare, tbf_burst_bytes
 
 GOODPUT_FRACTION = 1448 / 1514  # TCP payload per Ethernet frame at MTU 1500 (with timestamps)
 
@@ -23,11 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-unshaped", action="store_true", help="skip the unshaped row")
     args = ap.parse_args(argv)
 
-    reason = require_root_netns()
+    reason = prepare()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 1
-    cleanup_stale()
 
     print("| requested (Mbit/s) | tbf burst (bytes) | measured goodput (Mbit/s) | goodput / requested |")
     print("|---:|---:|---:|---:|")

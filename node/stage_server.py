@@ -82,6 +82,7 @@ class StageServer:
         self.averager = averager
         self.inflight = 0
         self.compute = RateMeter()
+        self._discards_seen = 0
         self.bytes = {"sent": 0, "received": 0}
         self.payload = {"sent": 0, "received": 0}
         self.requests = 0
@@ -134,7 +135,13 @@ class StageServer:
         return self._ints(msg, "tokens", shape) if self.cfg.boundary == "subspace" else None
 
     async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        # the worker drops the gradients of a step the head abandoned; export that as a counter
+        fresh = self.worker.discarded_steps - self._discards_seen
+        if fresh:
+            self.metrics.dropped_grads.inc(fresh)
+            self._discards_seen += fresh
+        return result
 
     # --- dispatch ------------------------------------------------------------------------------
     async def handle(self, msg: dict, peer) -> dict:

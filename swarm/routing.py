@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -25,7 +25,6 @@ class Replica:
     ema_seconds: float | None = None
     failures: int = 0
     banned_until: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def expected_seconds(self) -> float:
         if self.ema_seconds is not None:
