@@ -28,7 +28,8 @@ class ModelConfig:
     layers_per_stage: tuple = ()       # () = as even as possible
     boundary: str = "resbm"
     ratio: int = 128                   # code width b = d_model // ratio
-    codec: str = "bf16"                # wire codec for codes and their gradients
+    codec: str = "bf16"                # wire codec for codes (forward)
+    codec_bwd: str = ""                # wire codec for their gradients (backward); "": same as codec
     boundary_hidden: int = 0           # m of Enc/Dec; 0: max(4b, 64)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -49,6 +50,11 @@ class ModelConfig:
     @property
     def wire_codec(self) -> str:
         return "int8" if self.boundary == "int8" else self.codec
+
+    @property
+    def wire_codec_bwd(self) -> str:
+        """Codec of the gradients that cross a boundary backward (their range differs from the codes')."""
+        return "int8" if self.boundary == "int8" else (self.codec_bwd or self.codec)
 
     @property
     def ffn_dim(self) -> int:
@@ -87,6 +93,8 @@ class ModelConfig:
             bad(f"boundary={self.boundary!r}; choose one of {', '.join(BOUNDARIES)}")
         if self.codec not in CODECS:
             bad(f"codec={self.codec!r}; choose one of {', '.join(CODECS)}")
+        if self.codec_bwd and self.codec_bwd not in CODECS:
+            bad(f"codec_bwd={self.codec_bwd!r}; choose one of {', '.join(CODECS)} (or '' for the forward codec)")
         if self.boundary in ("resbm", "bottleneck", "subspace"):
             if self.ratio < 1 or self.d_model % self.ratio:
                 bad(f"ratio={self.ratio} must divide d_model={self.d_model} "
