@@ -25,9 +25,8 @@ import torch
 
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
 from node.inproc import InprocSwarm
-from node.rpc import call
+from node.client import StageClient
 from protocol.codec import encode, payload_nbytes
-from protocol.messages import request
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.trainer import LocalTrainer
@@ -79,11 +78,11 @@ async def hop_overhead(run: RunConfig, corpus, repeats: int) -> dict:
     """RTT of `info`, and forward-over-libp2p minus local forward, on a middle stage."""
     async with InprocSwarm(run, corpus) as sw:
         server = sw.servers[1][0]
-        p2p, peer = sw.head.p2p, server.peer_id
+        client, peer = StageClient(sw.head.p2p, run), server.peer_id
         info_rtt = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            await call(p2p, peer, request("info", run.fingerprint), timeout=30)
+            await client.info(peer, 1, timeout=30)
             info_rtt.append(time.perf_counter() - t0)
         b, t = run.train.microbatch_size, run.model.seq_len
         x = torch.randn(b, t, run.model.code_width)
@@ -91,7 +90,7 @@ async def hop_overhead(run: RunConfig, corpus, repeats: int) -> dict:
         remote, local = [], []
         for i in range(repeats):
             t0 = time.perf_counter()
-            await call(p2p, peer, request("forward", run.fingerprint, step=0, micro=i, x=msg, eval=True), timeout=60)
+            await client.call(peer, 1, "forward", step=0, micro=i, x=msg, eval=True, timeout=60)
             remote.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             server.worker.forward(0, i, x, None, False)

@@ -9,7 +9,7 @@ from hivemind.utils import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
 
 from protocol import PROTOCOL_VERSION
-from protocol.records import StageRecord, config_key, stage_record, stages_key
+from protocol.records import StageRecord, config_key, stage_key, stage_record
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Announcer:
                              fingerprint=fingerprint, step=int(step), serving=serving, started=float(self.started),
                              updated=float(get_dht_time()))
         ttl = ttl if ttl is not None else 3 * self.period_s
-        return await self.dht.store(stages_key(self.run_id), value, get_dht_time() + ttl, subkey=self.subkey,
+        return await self.dht.store(stage_key(self.run_id, stage), value, get_dht_time() + ttl, subkey=self.subkey,
                                     return_future=True)
 
     async def run(self, stage: int, fingerprint: str, server) -> None:
@@ -56,26 +56,31 @@ class Announcer:
             await asyncio.sleep(self.period_s)
 
 
-async def read_stage_records(dht: DHT, run_id: str, fingerprint: str | None = None,
-                             include_idle: bool = False) -> dict[int, list[dict]]:
-    """Live stage records by stage. Records of another protocol version or run fingerprint, not
-    serving, not signed by an owner key under the peer id they claim, or stale (not refreshed for
-    MAX_RECORD_AGE_S, or dated in the future) are left out. One record per peer id (the newest).
-    `include_idle` keeps records with serving=False (nodes leaving or about to start serving: the
-    balancer counts them, the router must not)."""
-    found = await dht.get(stages_key(run_id), latest=True, return_future=True)
+async def stage_items(dht: DHT, run_id: str, n_stages: int) -> list[tuple[int, object, object]]:
+    """(stage, subkey, ValueWithExpiration) of every record under the stage keys, one get per stage."""
+    async def one(k):
+        found = await dht.get(stage_key(run_id, k), latest=True, return_future=True)
+        return [(k, sub, item) for sub, item in found.value.items()] \
+            if found is not None and isinstance(found.value, dict) else []
+    return [row for rows in await asyncio.gather(*(one(k) for k in range(n_stages))) for row in rows]
+
+
+async def read_stage_records(dht: DHT, run, include_idle: bool = False) -> dict[int, list[dict]]:
+    """Live stage records of `run` (a RunConfig) by stage. Records of another protocol version or run
+    fingerprint, not serving, not signed by an owner key under the peer id they claim, filed under
+    another stage's key, or stale (not refreshed for MAX_RECORD_AGE_S, or dated in the future) are
+    left out. One record per peer id (the newest). `include_idle` keeps records with serving=False
+    (nodes leaving or about to start serving: the balancer counts them, the router must not)."""
     out: dict[int, list[dict]] = {}
     newest: dict[str, dict] = {}
-    if found is None or not isinstance(found.value, dict):
-        return out
     now = get_dht_time()
-    for subkey, item in found.value.items():
+    for stage, subkey, item in await stage_items(dht, run.run_id, run.model.n_stages):
         try:
             rec = StageRecord(**item.value).dict()
         except Exception:
             continue
         rec["age_s"] = max(0.0, now - rec["updated"])
-        if rec["version"] != PROTOCOL_VERSION or (fingerprint and rec["fingerprint"] != fingerprint):
+        if rec["version"] != PROTOCOL_VERSION or rec["fingerprint"] != run.fingerprint or rec["stage"] != stage:
             log.debug("ignoring record of %s: version %s fingerprint %s", rec["peer_id"], rec["version"],
                       rec["fingerprint"])
             continue

@@ -70,12 +70,12 @@ async def states_from_swarm(args) -> tuple[RunConfig, dict[int, dict], dict[int,
         p2p = await dht.replicate_p2p()
         args.config = None
         run = await resolve_run_config(dht, args)
-        records = await read_stage_records(dht, run.run_id, run.fingerprint)
+        records = await read_stage_records(dht, run)
         states, steps = {}, {}
         for k in range(run.model.n_stages):
             for rec in sorted(records.get(k, []), key=lambda r: -r["step"]):
                 try:
-                    state = await download_state(p2p, run.fingerprint, rec["peer_id"])
+                    state = await download_state(p2p, run, k, rec["peer_id"])
                 except Exception as e:
                     print(f"stage {k}: {rec['peer_id']} failed ({e}); trying another replica", file=sys.stderr)
                     continue

@@ -13,10 +13,9 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from protocol.codec import decode, encode, encode_ints, payload_nbytes
-from protocol.messages import request
+from protocol.codec import decode, encode, encode_ints
 from node.announce import read_stage_records
-from node.rpc import PeerUnavailable, RemoteError, call
+from node.client import PeerUnavailable, RemoteError, StageClient
 from swarm.routing import Router
 from swarm.stage_worker import StageWorker
 
@@ -30,29 +29,6 @@ class StageMissing(RuntimeError):
     pass
 
 
-def check_reply(method: str, reply: dict, fields: dict, codec: str, width: int) -> None:
-    """A replica's answer must be what we asked for: codes/gradients in the swarm's codec, of the
-    request's shape, finite; a finite loss. Raises RemoteError("internal") otherwise, so the
-    replica is banned and the call retried elsewhere, like a replica that failed."""
-    from math import isfinite, prod
-    from protocol.errors import PayloadError
-    shape = fields["x"]["shape"]
-    want = [key for key, needed in (("y", method == "forward"), ("loss", method == "loss"),
-                                    ("grad_in", method == "backward" or method == "loss" and not fields.get("eval")))
-            if needed]
-    try:
-        for key in want:
-            if key == "loss":
-                if not isinstance(reply.get(key), float) or not isfinite(reply[key]):
-                    raise PayloadError("malformed", f"loss must be a finite float, got {reply.get(key)!r}")
-                continue
-            t = decode(reply.get(key), expect_codec=codec, width=width, max_elems=prod(shape))
-            if list(t.shape) != list(shape):
-                raise PayloadError("shape", f"{key} has shape {list(t.shape)}, expected {list(shape)}")
-    except PayloadError as e:
-        raise RemoteError("internal", f"bad reply to {method}: {e}") from e
-
-
 class Head:
     def __init__(self, worker: StageWorker, corpus, dht, p2p, metrics, *, forward_timeout: float = 30.0,
                  backward_timeout: float = 75.0, stall_timeout: float = 600.0, refresh_s: float = 5.0,
@@ -61,6 +37,7 @@ class Head:
         self.run, self.cfg = worker.run, worker.run.model
         self.fp = self.run.fingerprint
         self.codec = self.cfg.wire_codec
+        self.client = StageClient(p2p, self.run)
         self.router = Router(self.cfg.n_stages)
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self.stall_timeout, self.refresh_s = stall_timeout, refresh_s
@@ -84,7 +61,7 @@ class Head:
         if not force and time.monotonic() - self._last_refresh < self.refresh_s:
             return
         self._last_refresh = time.monotonic()
-        records = await read_stage_records(self.dht, self.run.run_id, self.fp)
+        records = await read_stage_records(self.dht, self.run)
         for k in range(1, self.cfg.n_stages):
             self.router.update(k, records.get(k, []))
             self.metrics.replicas.labels(str(k)).set(len(records.get(k, [])))
@@ -107,58 +84,83 @@ class Head:
                         f"({waited:.0f}s); start one with `resbm-node join --stage {missing[0]} ...`")
             await asyncio.sleep(2.0)
 
-    async def call_stage(self, stage: int, method: str, timeout: float, avoid=(), **fields) -> tuple[dict, str]:
-        """Call `method` on some replica of `stage` (preferably not one in `avoid`), retrying on
-        others until one answers. Returns (reply, peer id of the replica that answered)."""
+    async def call_stage(self, stage: int, method: str, timeout: float, avoid=(), prefer: str | None = None,
+                         resend: dict | None = None, **fields) -> tuple[dict, str]:
+        """Call `method` on some replica of `stage` (preferably `prefer`, not one in `avoid`), retrying
+        on others until one answers. `resend` fields (a backward's input) are added only for a replica
+        other than `prefer`, or when `prefer` asks for them. Returns (reply, peer id that answered)."""
         deadline = time.monotonic() + self.stall_timeout
         tried: set[str] = set(avoid)
         while True:
-            await self.refresh()
-            rep = self.router.choose(stage, exclude=tried)
-            if rep is None and tried:
-                tried.clear()  # every replica failed once: start over, bans still order them
-                rep = self.router.choose(stage)
-            if rep is None:
-                await self.wait_for_stages()
-                continue
+            rep = await self._pick(stage, tried, prefer)
+            extra = resend if resend and rep.peer_id != prefer else {}
             self.router.started(rep)
             t0 = time.perf_counter()
             try:
-                reply, sent, received = await call(self.p2p, rep.peer_id, request(method, self.fp, **fields),
-                                                   timeout=timeout)
-                if method in ("forward", "backward", "loss"):
-                    check_reply(method, reply, fields, self.codec, self.cfg.code_width)
-            except (PeerUnavailable, RemoteError) as e:
-                if isinstance(e, RemoteError) and e.reason not in RETRYABLE:
+                reply, sent, received = await self.client.call(rep.peer_id, stage, method, timeout=timeout,
+                                                               **fields, **extra)
+            except RemoteError as e:
+                if e.reason == "resend" and resend and not extra:  # it lost the forward's graph: send the input
+                    self.router.succeeded(rep, time.perf_counter() - t0)
+                    prefer = None
+                    continue
+                if e.reason not in RETRYABLE:
                     self.router.succeeded(rep, time.perf_counter() - t0)
                     raise
-                ban = self.router.failed(rep)
-                tried.add(rep.peer_id)
-                self.retries += 1
-                self.metrics.retries.labels(str(stage)).inc()
-                self.metrics.bans.labels(str(stage)).inc()
-                log.warning("stage %d replica %s failed %s (%s); banned %.0fs, retrying elsewhere",
-                            stage, rep.peer_id[-8:], method, e, ban)
-                if time.monotonic() > deadline:
-                    raise StageMissing(f"stage {stage}: no replica completed {method} within "
-                                       f"{self.stall_timeout:.0f}s") from e
-                await self.refresh(force=True)
+                await self._failed(stage, rep, method, e, tried, deadline)
+                continue
+            except PeerUnavailable as e:
+                await self._failed(stage, rep, method, e, tried, deadline)
                 continue
             seconds = time.perf_counter() - t0
             self.router.succeeded(rep, seconds)
             self.metrics.call_seconds.labels(str(stage), method).observe(seconds)
-            self.bytes["sent"] += sent
-            self.bytes["received"] += received
-            self.metrics.frame_bytes.labels("sent").inc(sent)
-            self.metrics.frame_bytes.labels("received").inc(received)
+            self._count_message(sent, received)
+            reply["wire"] = (sent, received)
             return reply, rep.peer_id
 
+    async def _pick(self, stage: int, tried: set, prefer: str | None):
+        while True:
+            await self.refresh()
+            rep = self.router.usable(stage, prefer) if prefer and prefer not in tried else None
+            rep = rep or self.router.choose(stage, exclude=tried)
+            if rep is None and tried:
+                tried.clear()  # every replica failed once: start over, bans still order them
+                rep = self.router.choose(stage)
+            if rep is not None:
+                return rep
+            await self.wait_for_stages()
+
+    async def _failed(self, stage: int, rep, method: str, e: Exception, tried: set, deadline: float) -> None:
+        ban = self.router.failed(rep)
+        tried.add(rep.peer_id)
+        self.retries += 1
+        self.metrics.retries.labels(str(stage)).inc()
+        self.metrics.bans.labels(str(stage)).inc()
+        log.warning("stage %d replica %s failed %s (%s); banned %.0fs, retrying elsewhere",
+                    stage, rep.peer_id[-8:], method, e, ban)
+        if time.monotonic() > deadline:
+            raise StageMissing(f"stage {stage}: no replica completed {method} within {self.stall_timeout:.0f}s") from e
+        await self.refresh(force=True)
+
+    def _count_message(self, sent: int, received: int) -> None:
+        self.bytes["sent"] += sent
+        self.bytes["received"] += received
+        self.metrics.frame_bytes.labels("sent").inc(sent)
+        self.metrics.frame_bytes.labels("received").inc(received)
+
     # --- one microbatch ------------------------------------------------------------------------
-    def _count(self, msg: dict, boundary: int, direction: str, pass_: str, tokens: int) -> None:
-        n = payload_nbytes(msg)
-        self.payload["fwd" if pass_ == "forward" else "bwd"] += n
-        self.payload_tokens["fwd" if pass_ == "forward" else "bwd"] += tokens
-        self.metrics.count_payload(n, boundary, direction, pass_, tokens, self.cfg.d_model)
+    def _count(self, reply: dict, boundary_out: int, boundary_back: int, pass_out: str, pass_back: str,
+               tokens: int) -> None:
+        """Count a call's whole messages (every byte, metadata included) on the boundaries they cross:
+        the request on `boundary_out` (its pass), the reply on `boundary_back`."""
+        sent, received = reply["wire"]
+        for n, boundary, direction, pass_ in ((sent, boundary_out, "sent", pass_out),
+                                              (received, boundary_back, "received", pass_back)):
+            key = "fwd" if pass_ == "forward" else "bwd"
+            self.payload[key] += n
+            self.payload_tokens[key] += tokens
+            self.metrics.count_payload(n, boundary, direction, pass_, tokens, self.cfg.d_model)
 
     async def _local(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -173,35 +175,32 @@ class Head:
         extra = {"tokens": encode_ints(x, self.cfg.vocab_size)} if self.cfg.boundary == "subspace" else {}
         code = await self._local(self.worker.forward, step, micro, x, None, train)
         msg = encode(code, self.codec)
-        inputs = {}
+        inputs, peers = {}, {}
         last = self.cfg.n_stages - 1
         for k in range(1, last):
             inputs[k] = msg
-            if train:
-                self._count(msg, k - 1, "sent", "forward", n)
-            reply, _ = await self.call_stage(k, "forward", self.forward_timeout, step=step, micro=micro, x=msg,
-                                             eval=not train, **extra)
+            reply, peers[k] = await self.call_stage(k, "forward", self.forward_timeout, step=step, micro=micro, x=msg,
+                                                    eval=not train, **extra)
             msg = reply["y"]
             if train:
-                self._count(msg, k, "received", "forward", n)
-        if train:
-            self._count(msg, last - 1, "sent", "forward", n)
+                self._count(reply, k - 1, k, "forward", "forward", n)
         loss_fields = dict(step=step, micro=micro, x=msg, targets=encode_ints(y, self.cfg.vocab_size),
                            scale=1.0 / t.microbatches, **extra)
         reply, peer = await self.call_stage(last, "loss", self.backward_timeout, eval=not train, **loss_fields)
         loss = float(reply["loss"])
         if not train:
             return loss
+        self._count(reply, last - 1, last - 1, "forward", "backward", n)
         self._hold(last, peer, micro, "loss", loss_fields)
         grad = reply["grad_in"]
-        self._count(grad, last - 1, "received", "backward", n)
         for k in range(last - 1, 0, -1):
-            self._count(grad, k, "sent", "backward", n)
-            fields = dict(step=step, micro=micro, x=inputs[k], grad_out=grad, **extra)
-            reply, peer = await self.call_stage(k, "backward", self.backward_timeout, **fields)
-            self._hold(k, peer, micro, "backward", fields)
+            # the replica that ran the forward still holds its graph: send only the gradient
+            fields = dict(step=step, micro=micro, grad_out=grad, **extra)
+            reply, peer = await self.call_stage(k, "backward", self.backward_timeout, prefer=peers[k],
+                                                resend={"x": inputs[k]}, **fields)
+            self._count(reply, k, k - 1, "backward", "backward", n)
+            self._hold(k, peer, micro, "backward", {**fields, "x": inputs[k]})
             grad = reply["grad_in"]
-            self._count(grad, k - 1, "received", "backward", n)
         await self._local(self.worker.backward, step, micro, x, decode(grad).to(self.worker.device), None)
         return loss
 
@@ -235,8 +234,8 @@ class Head:
 
     async def _prepare(self, stage: int, peer: str, step: int, discard: bool = False):
         try:
-            reply, _, _ = await call(self.p2p, peer, request("prepare", self.fp, step=step, discard=discard),
-                                     timeout=self.forward_timeout)
+            reply, _, _ = await self.client.call(peer, stage, "prepare", step=step, discard=discard,
+                                                 timeout=self.forward_timeout)
             return reply["held"]
         except (PeerUnavailable, RemoteError):
             return None
@@ -276,9 +275,8 @@ class Head:
     async def _step_replica(self, stage: int, peer_id: str, step: int, group: int):
         expect = sorted(self.ledger[stage].get(peer_id, {}))
         try:
-            reply, sent, received = await call(self.p2p, peer_id, request("step", self.fp, step=step, expect=expect,
-                                                                       group=group),
-                                               timeout=self.backward_timeout)
+            reply, sent, received = await self.client.call(peer_id, stage, "step", step=step, expect=expect,
+                                                           group=group, timeout=self.backward_timeout)
             self.bytes["sent"] += sent
             self.bytes["received"] += received
             if reply.get("mismatch"):
@@ -320,10 +318,9 @@ class Head:
     async def _apply_elsewhere(self, step: int, stage: int, peer: str, entries: dict) -> bool:
         try:
             for method, fields in entries.values():
-                await call(self.p2p, peer, request(method, self.fp, catchup=True, **fields),
-                           timeout=self.backward_timeout)
-            reply, _, _ = await call(self.p2p, peer, request("step", self.fp, step=step, expect=sorted(entries),
-                                                             catchup=True), timeout=self.backward_timeout)
+                await self.client.call(peer, stage, method, catchup=True, timeout=self.backward_timeout, **fields)
+            reply, _, _ = await self.client.call(peer, stage, "step", step=step, expect=sorted(entries), catchup=True,
+                                                 timeout=self.backward_timeout)
             return bool(reply.get("applied"))
         except (PeerUnavailable, RemoteError) as e:
             log.warning("catch-up on %s failed: %s", peer[-8:], e)
@@ -337,10 +334,10 @@ class Head:
 
     async def node_info(self) -> list[dict]:
         """`info` of every known replica (bytes, tokens, peer ids) for the run summary."""
-        async def one(peer_id):
+        async def one(stage, peer_id):
             try:
-                return (await call(self.p2p, peer_id, request("info", self.fp), timeout=10.0))[0]
+                return await self.client.info(peer_id, stage, timeout=10.0)
             except (PeerUnavailable, RemoteError) as e:
                 return {"peer_id": peer_id, "error": str(e)}
-        peers = [r.peer_id for k in range(1, self.cfg.n_stages) for r in self.router.replicas(k)]
-        return list(await asyncio.gather(*(one(p) for p in peers)))
+        peers = [(k, r.peer_id) for k in range(1, self.cfg.n_stages) for r in self.router.replicas(k)]
+        return list(await asyncio.gather(*(one(k, p) for k, p in peers)))

@@ -10,7 +10,6 @@ from node.announce import Announcer, publish_config
 from node.dht import start_dht, visible_maddrs
 from node.head import Head
 from node.metrics import NodeMetrics
-from node.rpc import serve
 from node.runtime import SocketJanitor, close_hivemind
 from node.stage_server import StageServer, measure_throughput
 from swarm.stage_worker import StageWorker
@@ -53,7 +52,7 @@ class InprocSwarm:
                     self.averagers.append(averager)
                 server = StageServer(worker, NodeMetrics(), str(dht.peer_id), averager)
                 measure_throughput(server)
-                await serve(p2p, server)
+                await server.add_p2p_handlers(p2p)
                 ann = Announcer(dht, run.run_id, str(dht.peer_id), validator)
                 assert await ann.publish(k, run.fingerprint, server.throughput, 0, -1, ttl=300)
                 self.servers[k].append(server)

@@ -85,7 +85,7 @@ async def choose_auto_stage(dht, run: RunConfig, preferred: int | None) -> int:
     stages = range(1, run.model.n_stages)
     if preferred in stages:
         return preferred
-    totals = stage_totals(await read_stage_records(dht, run.run_id, run.fingerprint), stages)
+    totals = stage_totals(await read_stage_records(dht, run), stages)
     stage = pick_stage(totals)
     log.info("--stage auto: serving stage %d (stage totals in microbatches/s: %s)", stage,
              {k: round(t, 2) for k, (t, _) in totals.items()})
@@ -102,7 +102,7 @@ async def watch_balance(dht, run: RunConfig, stage: int, server, every_s: float,
         await asyncio.sleep(5 * every_s)
     while not stop.is_set():
         await asyncio.sleep(every_s * random.uniform(0.5, 1.5))  # jitter: nodes do not all move at once
-        records = await read_stage_records(dht, run.run_id, run.fingerprint, include_idle=True)
+        records = await read_stage_records(dht, run, include_idle=True)
         totals = stage_totals(records, range(1, run.model.n_stages))
         target = move_target(totals, stage, server.throughput)
         if target is not None:
@@ -173,7 +173,6 @@ async def _main(args) -> int:
     from hivemind.dht.crypto import RSASignatureValidator
     from node.announce import Announcer, read_stage_records
     from node.averaging import ReplicaAverager
-    from node.rpc import serve
     from node.stage_server import StageServer, measure_throughput
     from node.state_sync import checkpoint_path, initial_state, save_periodically
     from swarm.checkpoint import atomic_write_bytes
@@ -212,7 +211,7 @@ async def _main(args) -> int:
                            "fingerprint": run.fingerprint, "run_id": run.run_id})
 
         async def count_replicas():
-            return len((await read_stage_records(dht, run.run_id, run.fingerprint)).get(args.stage, []))
+            return len((await read_stage_records(dht, run)).get(args.stage, []))
 
         if args.stage > 0 and run.train.average_every:
             averager = ReplicaAverager(dht, run.run_id, args.stage, worker.stage, run.train.average_every,
@@ -227,7 +226,7 @@ async def _main(args) -> int:
             from node.head_loop import train
             # The head answers `info` and `state` (for `resbm-node export`) and shows up in `status`.
             server = StageServer(worker, metrics, peer_id, methods=("info", "state"))
-            await serve(p2p, server, max_frame=server.max_frame)
+            await server.add_p2p_handlers(p2p)
             tasks.append(asyncio.create_task(announcer.run(0, run.fingerprint, server)))
             try:
                 return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, server.executor)
@@ -238,7 +237,7 @@ async def _main(args) -> int:
 
         server = StageServer(worker, metrics, peer_id, averager)
         measure_throughput(server)
-        await serve(p2p, server, max_frame=server.max_frame)
+        await server.add_p2p_handlers(p2p)
         tasks.append(asyncio.create_task(announcer.run(args.stage, run.fingerprint, server)))
         if ckpt is not None and args.save_every_min > 0:
             tasks.append(asyncio.create_task(save_periodically(worker, ckpt, 60 * args.save_every_min,

@@ -1,26 +1,35 @@
-"""Serving one stage over libp2p: validate every request, compute in one worker thread, count bytes.
+"""Serving one stage as a hivemind expert: validate every request, compute in one worker thread, count bytes.
 
-A bad request is the sender's problem: it gets an error saying what was wrong, it is counted by
-reason, a peer that keeps sending them is refused for a while, and everyone else is still served.
+The stage answers under hivemind ConnectionHandler's handler names (so a stock RemoteExpert reaches
+rpc_info / rpc_forward / rpc_backward) plus the project's own rpc_* calls; protocol/contract.py
+describes every call. A bad request is the sender's problem: it gets a refusal saying what was
+wrong, it is counted by reason, a peer that keeps sending them is refused for a while, and everyone
+else is still served.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
 
 import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, decode_ints, encode, payload_nbytes
+from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_fields, pack_meta, refusal,
+                               stock_tensors, tensors_from_proto, tensors_to_proto, unpack_meta)
 from protocol.errors import PayloadError
-from protocol.messages import STATE_CHUNK, TRAINER_METHODS, check_request, error_reply, field
-from swarm.stage_worker import StageWorker, StaleRequest
+from swarm.stage_worker import NeedInput, StageWorker, StaleRequest
 
 log = logging.getLogger(__name__)
-
+STREAM_PART = 1 << 20  # bytes per part of a streamed reply
 
 class BadPeerTracker:
     """Refuse a peer for `ban_s` seconds after `limit` rejected requests within `window_s`."""
@@ -68,15 +77,19 @@ class RateMeter:
         return sum(t for _, t in self.samples) / seconds if seconds > 0 else 0.0
 
 
-class StageServer:
+class StageServer(ServicerBase):
+    """One stage's servicer. Register with `await server.add_p2p_handlers(p2p)` (in-process: no forked
+    handler, no TaskPool merging microbatches, no recompute of forward on backward)."""
+
     def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, methods=None):
         self.worker, self.metrics, self.peer_id = worker, metrics, peer_id
         self.methods = methods  # None: all; the head serves only ("info", "state")
         self.run = worker.run
         self.cfg = worker.run.model
         self.index = worker.index
+        self.uid = f"{self.run.run_id}.{self.index}"
         self.fingerprint = worker.run.fingerprint
-        self.codec = self.cfg.wire_codec
+        self.codec, self.codec_bwd = self.cfg.wire_codec, self.cfg.wire_codec_bwd
         self.max_batch = self.run.train.batch_size
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.index}")
         self.averager = averager
@@ -88,16 +101,20 @@ class StageServer:
         self.requests = 0
         self.bad_peers = BadPeerTracker()
         self.tokens_done = 0
-        # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids; the rest is headers.
-        self.max_frame = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
+        # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids and metadata.
+        self.max_request = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        name = f"ConnectionHandler.{method_name}"  # the names a stock hivemind client calls
+        return f"{namespace}::{name}" if namespace is not None else name
 
     # --- accounting ----------------------------------------------------------------------------
-    def count_frame(self, direction: str, n: int) -> None:
+    def count_message(self, direction: str, n: int) -> None:
         self.bytes[direction] += n
         self.metrics.frame_bytes.labels(direction).inc(n)
 
-    def _count_payload(self, tensor_msg: dict, boundary: int, direction: str, pass_: str, tokens: int) -> None:
-        n = payload_nbytes(tensor_msg)
+    def _count_boundary(self, n: int, boundary: int, direction: str, pass_: str, tokens: int) -> None:
         self.payload[direction] += n
         self.metrics.count_payload(n, boundary, direction, pass_, tokens, self.cfg.d_model)
 
@@ -112,11 +129,143 @@ class StageServer:
         """Microbatches per second this replica's compute sustains (forward + backward)."""
         return self.compute.rate() / (self.run.train.microbatch_size * self.cfg.seq_len)
 
-    # --- request parsing -----------------------------------------------------------------------
-    def _code(self, msg: dict, key: str, shape=None) -> torch.Tensor:
+    # --- hivemind handlers ---------------------------------------------------------------------
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        if request.uid != self.uid:
+            raise ValueError(f"this peer serves expert {self.uid!r}, not {request.uid!r}")
+        return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self.info()))
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve("forward", request, context)
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve("backward", request, context)
+
+    async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                                 context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for part in self._serve_stream("forward", requests, context):
+            yield part
+
+    async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                                  context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for part in self._serve_stream("backward", requests, context):
+            yield part
+
+    async def rpc_loss(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve("loss", request, context)
+
+    async def rpc_prepare(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve("prepare", request, context)
+
+    async def rpc_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve("step", request, context)
+
+    async def rpc_state(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve("state", request, context)
+
+    # --- dispatch ------------------------------------------------------------------------------
+    async def _serve(self, name: str, request, context: P2PContext, error: PayloadError | None = None):
+        peer = context.remote_id
+        self.count_message("received", request.ByteSize())
+        stock = not request.metadata
+        started = time.perf_counter()
+        self.inflight += 1
+        self.metrics.queue.set(self.inflight)
+        try:
+            if error is not None:
+                raise error
+            if self.bad_peers.is_banned(str(peer)):
+                self.metrics.rejected.labels("banned").inc()
+                return self._refuse("banned", "too many bad requests from your peer id; refused for a while", stock)
+            fields, tensors = self._parse(METHODS[name], request, stock)
+            self._authorize(METHODS[name], fields, peer)
+            reply_fields, reply_tensors = await getattr(self, f"_on_{name}")(fields, tensors)
+            protos, index = tensors_to_proto(reply_tensors, runtime_pb2)
+            response = runtime_pb2.ExpertResponse(tensors=protos,
+                                                  metadata=pack_meta({"ok": True, "tensors": index, **reply_fields}))
+            self.requests += 1
+        except PayloadError as e:
+            self.rejected(e, peer)
+            return self._refuse(e.reason, e.detail, stock)
+        except StaleRequest as e:
+            return self._refuse("state", str(e), stock)
+        except NeedInput as e:
+            return self._refuse("resend", str(e), stock)
+        except Exception as e:  # our bug, not the peer's: report it, keep serving
+            log.exception("stage %d failed on %s", self.index, name)
+            return self._refuse("internal", f"{type(e).__name__}: {e}", stock)
+        finally:
+            self.inflight -= 1
+            self.metrics.queue.set(self.inflight)
+            self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - started)
+        self.count_message("sent", response.ByteSize())
+        return response
+
+    def _refuse(self, reason: str, message: str, stock: bool):
+        if stock:  # a stock hivemind client reads handler errors as text: make the text say it all
+            raise PayloadError(reason, message)
+        response = runtime_pb2.ExpertResponse(metadata=pack_meta(refusal(reason, message)))
+        self.count_message("sent", response.ByteSize())
+        return response
+
+    async def _serve_stream(self, name: str, requests, context: P2PContext):
+        """Streaming variant for large tensors: gather the parts (bounded), serve, split the reply."""
+        request, error = runtime_pb2.ExpertRequest(), None
+        try:
+            request = await self._gather(requests)
+        except PayloadError as e:
+            error = e
+        response = await self._serve(name, request, context, error)
+        parts = [p for t in response.tensors for p in split_for_streaming(t, STREAM_PART)]
+        yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=response.metadata)
+        for part in parts[1:]:
+            yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def _gather(self, requests) -> runtime_pb2.ExpertRequest:
+        first, parts, total = None, [], 0
+        async for req in requests:
+            total += req.ByteSize()
+            if total > self.max_request:
+                raise PayloadError("size", f"streamed request exceeds this stage's limit of {self.max_request} bytes")
+            first = first or req
+            parts.extend(req.tensors)
+        if first is None:
+            raise PayloadError("malformed", "empty request stream")
+        tensors, i = [], 0
+        while i < len(parts):
+            n = max(parts[i].chunks, 1)
+            tensors.append(combine_from_streaming(parts[i:i + n]))
+            i += n
+        return runtime_pb2.ExpertRequest(uid=first.uid, metadata=first.metadata, tensors=tensors)
+
+    def _parse(self, method, request, stock: bool) -> tuple[dict, dict]:
+        if request.uid != self.uid:
+            raise PayloadError("uid", f"this peer serves expert {self.uid!r}, not {request.uid!r}")
+        if self.methods is not None and method.name not in self.methods:
+            raise PayloadError("method", f"this node (stage {self.index}) serves only {', '.join(self.methods)}")
+        if stock:
+            if method.name != "forward":
+                raise PayloadError("metadata", f"{method.name!r} needs ExpertRequest.metadata (msgpack: v, fp, step, "
+                                               f"micro, tensors; see protocol/contract.py); without it the call "
+                                               f"would be counted as some step's gradient, so it is refused")
+            return {"step": 0, "micro": 0, "eval": True, "catchup": False, "stock": True}, \
+                stock_tensors(request.tensors, ("x",))
+        meta = unpack_meta(request.metadata)
+        check_envelope(meta, self.fingerprint)
+        fields = check_fields(method.fields, meta)
+        return fields, tensors_from_proto(request.tensors, meta.get("tensors", []), method.tensor_names())
+
+    def _authorize(self, method, fields: dict, peer) -> None:
+        trainers = self.run.train.trainers
+        if trainers and method.trainer_only and not fields.get("eval") and str(peer) not in trainers:
+            raise PayloadError("forbidden", f"only this run's trainers may call {method.name!r}; your peer id "
+                                            f"{peer} is not among them")
+
+    # --- tensors -------------------------------------------------------------------------------
+    def _code(self, tensors: dict, key: str, codec: str | None, shape=None) -> torch.Tensor:
         width = self.cfg.code_width
         limit = self.max_batch * self.cfg.seq_len * width
-        t = decode(field(msg, key, dict), expect_codec=self.codec, width=width, max_elems=limit)
+        t = decode(tensors[key], expect_codec=codec, width=width, max_elems=limit)
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise PayloadError("shape", f"{key} has shape {list(t.shape)}, expected {list(shape)}")
         if t.ndim != 3 or t.shape[-1] != width or not 1 <= t.shape[0] <= self.max_batch \
@@ -125,14 +274,20 @@ class StageServer:
                                         f"[batch<={self.max_batch}, tokens<={self.cfg.seq_len}, {width}]")
         return t.to(self.worker.device)
 
-    def _ints(self, msg: dict, key: str, shape) -> torch.Tensor:
-        t = decode_ints(field(msg, key, dict), self.cfg.vocab_size, max_elems=self.max_batch * self.cfg.seq_len)
+    def _ints(self, tensors: dict, key: str, shape) -> torch.Tensor:
+        if key not in tensors:
+            raise PayloadError("malformed", f"missing tensor {key!r}")
+        t = decode_ints(tensors[key], self.cfg.vocab_size, max_elems=self.max_batch * self.cfg.seq_len)
         if tuple(t.shape) != tuple(shape):
             raise PayloadError("shape", f"{key} has shape {list(t.shape)}, expected {list(shape)}")
         return t.to(self.worker.device)
 
-    def _tokens(self, msg: dict, shape):
-        return self._ints(msg, "tokens", shape) if self.cfg.boundary == "subspace" else None
+    def _tokens(self, tensors: dict, shape):
+        return self._ints(tensors, "tokens", shape) if self.cfg.boundary == "subspace" else None
+
+    def _reply_codec(self, fields: dict, codec: str) -> str:
+        """Stock clients get a plain float codec they can read (bf16 when the swarm's has scales)."""
+        return codec if not fields.get("stock") or codec in ("fp32", "bf16", "fp16") else "bf16"
 
     async def _compute(self, fn, *args):
         result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -143,107 +298,65 @@ class StageServer:
             self._discards_seen += fresh
         return result
 
-    # --- dispatch ------------------------------------------------------------------------------
-    async def handle(self, msg: dict, peer) -> dict:
-        if self.bad_peers.is_banned(str(peer)):
-            self.metrics.rejected.labels("banned").inc()
-            return error_reply("state", "too many bad requests from your peer id; refused for a while")
-        started = time.perf_counter()
-        method = "invalid"
-        self.inflight += 1
-        self.metrics.queue.set(self.inflight)
-        try:
-            method = check_request(msg, self.fingerprint)
-            trainers = self.run.train.trainers
-            if trainers and method in TRAINER_METHODS and str(peer) not in trainers:
-                raise PayloadError("forbidden", f"only this run's trainers may call {method!r}; your peer id "
-                                                f"{peer} is not among them")
-            if self.methods is not None and method not in self.methods:
-                raise PayloadError("method", f"this node (stage {self.index}) serves only {', '.join(self.methods)}")
-            reply = await getattr(self, f"_on_{method}")(msg)
-            self.requests += 1
-            return {"ok": True, **reply}
-        except PayloadError as e:
-            self.rejected(e, peer)
-            return error_reply(e.reason, e.detail)
-        except StaleRequest as e:
-            return error_reply("state", str(e))
-        except Exception as e:  # our bug, not the peer's: report it, keep serving
-            log.exception("stage %d failed on %s", self.index, method)
-            return error_reply("internal", f"{type(e).__name__}: {e}")
-        finally:
-            self.inflight -= 1
-            self.metrics.queue.set(self.inflight)
-            self.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
-
-    def _step_micro(self, msg, train: bool = True):
-        step, micro = field(msg, "step", int, minimum=0), field(msg, "micro", int, minimum=0)
-        if train and micro >= self.run.train.microbatches:  # bounds what a step accumulates per peer
-            raise PayloadError("malformed", f"field 'micro' must be < {self.run.train.microbatches}, got {micro}")
-        return step, micro
-
-    @staticmethod
-    def _flag(msg, key: str) -> bool:
-        flag = msg.get(key, False)
-        if not isinstance(flag, bool):
-            raise PayloadError("malformed", f"field {key!r} must be bool, got {type(flag).__name__}")
-        return flag
-
-    def _train_flag(self, msg) -> bool:
-        return not self._flag(msg, "eval")
-
-    async def _on_forward(self, msg):
+    # --- methods -------------------------------------------------------------------------------
+    async def _on_forward(self, f: dict, tensors: dict):
         if self.worker.stage.is_last:
             raise PayloadError("method", f"stage {self.index} is the last stage: call 'loss', not 'forward'")
-        train = self._train_flag(msg)
-        step, micro = self._step_micro(msg, train)
-        x = self._code(msg, "x")
-        tokens = self._tokens(msg, x.shape[:2])
-        t0 = time.perf_counter()
-        y = await self._compute(self.worker.forward, step, micro, x, tokens, train)
-        out = encode(y, self.codec)
+        train = not f["eval"]
         if train:
-            self._count_payload(msg["x"], self.index - 1, "received", "forward", x.shape[0] * x.shape[1])
-            self._count_payload(out, self.index, "sent", "forward", x.shape[0] * x.shape[1])
-            self._done(x, time.perf_counter() - t0)
-        return {"y": out}
-
-    async def _on_backward(self, msg):
-        step, micro = self._step_micro(msg)
-        x = self._code(msg, "x")
-        grad = self._code(msg, "grad_out", shape=(*x.shape[:2], self.cfg.code_width))
-        tokens = self._tokens(msg, x.shape[:2])
+            self._check_micro(f)
+        x = self._code(tensors, "x", None if f.get("stock") else self.codec)
+        tokens = self._tokens(tensors, x.shape[:2])
         t0 = time.perf_counter()
-        g = await self._compute(self.worker.backward, step, micro, x, grad, tokens, self._flag(msg, "catchup"))
-        out = encode(g, self.codec)
-        n = x.shape[0] * x.shape[1]
-        self._count_payload(msg["grad_out"], self.index, "received", "backward", n)
-        self._count_payload(out, self.index - 1, "sent", "backward", n)
-        self.compute.add(time.perf_counter() - t0, 0)
-        return {"grad_in": out}
+        y = await self._compute(self.worker.forward, f["step"], f["micro"], x, tokens, train)
+        out = encode(y, self._reply_codec(f, self.codec))
+        if train:
+            n = x.shape[0] * x.shape[1]
+            self._count_boundary(payload_nbytes(tensors["x"]), self.index - 1, "received", "forward", n)
+            self._count_boundary(payload_nbytes(out), self.index, "sent", "forward", n)
+            self._done(x, time.perf_counter() - t0)
+        return {}, {"y": out}
 
-    async def _on_loss(self, msg):
+    async def _on_backward(self, f: dict, tensors: dict):
+        self._check_micro(f)
+        grad = self._code(tensors, "grad_out", self.codec_bwd)
+        # x is re-sent only when this replica did not run the forward (a rerouted backward)
+        x = self._code(tensors, "x", self.codec, shape=grad.shape) if "x" in tensors else None
+        tokens = self._tokens(tensors, grad.shape[:2])
+        t0 = time.perf_counter()
+        g = await self._compute(self.worker.backward, f["step"], f["micro"], x, grad, tokens, f["catchup"])
+        out = encode(g, self.codec_bwd)
+        n = grad.shape[0] * grad.shape[1]
+        received = payload_nbytes(tensors["grad_out"]) + (payload_nbytes(tensors["x"]) if x is not None else 0)
+        self._count_boundary(received, self.index, "received", "backward", n)
+        self._count_boundary(payload_nbytes(out), self.index - 1, "sent", "backward", n)
+        self.compute.add(time.perf_counter() - t0, 0)
+        return {}, {"grad_in": out}
+
+    def _check_micro(self, f: dict) -> None:
+        if f["micro"] >= self.run.train.microbatches:  # bounds what a step accumulates per peer
+            raise PayloadError("malformed", f"field 'micro' must be < {self.run.train.microbatches}, got {f['micro']}")
+
+    async def _on_loss(self, f: dict, tensors: dict):
         if not self.worker.stage.is_last:
             raise PayloadError("method", f"stage {self.index} is not the last stage: 'loss' is served by the tail")
-        train = self._train_flag(msg)
-        step, micro = self._step_micro(msg, train)
-        x = self._code(msg, "x")
-        targets = self._ints(msg, "targets", x.shape[:2])
-        tokens = self._tokens(msg, x.shape[:2])
-        scale = msg.get("scale", 1.0)
-        if not isinstance(scale, float) or not math.isfinite(scale) or not 0 < scale <= 1:
-            raise PayloadError("malformed", f"scale must be a float in (0, 1], got {scale!r}")
-        t0 = time.perf_counter()
-        loss, g = await self._compute(self.worker.loss, step, micro, x, targets, scale, tokens, train,
-                                      self._flag(msg, "catchup"))
-        reply = {"loss": loss}
+        train = not f["eval"]
         if train:
-            reply["grad_in"] = encode(g, self.codec)
-            n = x.shape[0] * x.shape[1]
-            self._count_payload(msg["x"], self.index - 1, "received", "forward", n)
-            self._count_payload(reply["grad_in"], self.index - 1, "sent", "backward", n)
-            self._done(x, time.perf_counter() - t0)
-        return reply
+            self._check_micro(f)
+        x = self._code(tensors, "x", self.codec)
+        targets = self._ints(tensors, "targets", x.shape[:2])
+        tokens = self._tokens(tensors, x.shape[:2])
+        t0 = time.perf_counter()
+        loss, g = await self._compute(self.worker.loss, f["step"], f["micro"], x, targets, f["scale"], tokens, train,
+                                      f["catchup"])
+        if not train:
+            return {"loss": loss}, {}
+        out = encode(g, self.codec_bwd)
+        n = x.shape[0] * x.shape[1]
+        self._count_boundary(payload_nbytes(tensors["x"]), self.index - 1, "received", "forward", n)
+        self._count_boundary(payload_nbytes(out), self.index - 1, "sent", "backward", n)
+        self._done(x, time.perf_counter() - t0)
+        return {"loss": loss}, {"grad_in": out}
 
     def _done(self, x, seconds):
         n = x.shape[0] * x.shape[1]
@@ -253,39 +366,38 @@ class StageServer:
         self.metrics.samples.inc(x.shape[0])
         self.metrics.tokens_per_second.set(self.compute.rate())
 
-    async def _on_prepare(self, msg):
-        step = field(msg, "step", int, minimum=0)
-        if msg.get("discard"):
-            await self._compute(self.worker.discard, step)
-        return {"held": self.worker.held(step), "applied_step": self.worker.applied_step}
+    async def _on_prepare(self, f: dict, tensors: dict):
+        if f["discard"]:
+            await self._compute(self.worker.discard, f["step"])
+        return {"held": self.worker.held(f["step"]), "applied_step": self.worker.applied_step}, {}
 
-    async def _on_step(self, msg):
-        step = field(msg, "step", int, minimum=0)
-        expect = msg.get("expect")
-        if expect is not None and (not isinstance(expect, list) or not all(isinstance(m, int) for m in expect)):
-            raise PayloadError("malformed", "expect must be a list of microbatch ids")
-        result = await self._compute(self.worker.apply_step, step, expect, self._flag(msg, "catchup"))
+    async def _on_step(self, f: dict, tensors: dict):
+        result = await self._compute(self.worker.apply_step, f["step"], f["expect"], f["catchup"])
         if result["applied"]:
             self.metrics.steps.inc()
         self.metrics.step.set(self.worker.applied_step)
         if self.averager is not None and not result["duplicate"]:
-            group = msg.get("group")
-            if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group < 1):
-                raise PayloadError("malformed", "group must be a positive int")
-            result["averaged"] = await self.averager.maybe_average(step, group)
-        return result
+            result["averaged"] = await self.averager.maybe_average(f["step"], f["group"])
+        return result, {}
 
-    async def _on_info(self, msg):
-        return {"stage": self.index, "peer_id": self.peer_id, "step": self.worker.applied_step,
-                "fingerprint": self.fingerprint, "version": PROTOCOL_VERSION, "throughput": self.throughput,
-                "queue": self.inflight, "bytes_sent": self.bytes["sent"], "bytes_received": self.bytes["received"],
-                "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
-                "tokens": self.tokens_done, "requests": self.requests}
-
-    async def _on_state(self, msg):
-        offset = field(msg, "offset", int, minimum=0)
+    async def _on_state(self, f: dict, tensors: dict):
         blob = await self._compute(self.worker.state_bytes)
-        return {"step": self.worker.applied_step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK]}
+        offset = f["offset"]
+        return {"step": self.worker.applied_step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK]}, {}
+
+    # --- info ----------------------------------------------------------------------------------
+    def info(self) -> dict:
+        """hivemind's expert info (what a stock RemoteExpert reads) plus this stage's own figures."""
+        width, seq = self.cfg.code_width, self.cfg.seq_len
+        code = BatchTensorDescriptor(seq, width, dtype=torch.float32)
+        return {"forward_schema": ((code,), {}), "outputs_schema": code, "keyword_names": (),
+                "resbm": {"stage": self.index, "peer_id": self.peer_id, "step": self.worker.applied_step,
+                          "fingerprint": self.fingerprint, "version": PROTOCOL_VERSION, "uid": self.uid,
+                          "codec": self.codec, "codec_bwd": self.codec_bwd, "code_width": width,
+                          "throughput": self.throughput, "queue": self.inflight,
+                          "bytes_sent": self.bytes["sent"], "bytes_received": self.bytes["received"],
+                          "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
+                          "tokens": self.tokens_done, "requests": self.requests}}
 
 
 def measure_throughput(server: StageServer, repeats: int = 5) -> None:

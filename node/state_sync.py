@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 
 from node.announce import read_stage_records
-from node.rpc import PeerUnavailable, RemoteError, call
-from protocol.messages import request
+from node.client import PeerUnavailable, RemoteError, StageClient
 from swarm.checkpoint import atomic_write_bytes, load
 
 log = logging.getLogger("resbm.state")
 
 
-async def download_state(p2p, fingerprint: str, peer_id: str, timeout: float = 60.0) -> dict:
+async def download_state(p2p, run, stage: int, peer_id: str, timeout: float = 60.0) -> dict:
+    client = StageClient(p2p, run)
     chunks, offset, total = [], 0, None
     while total is None or offset < total:
-        reply, _, _ = await call(p2p, peer_id, request("state", fingerprint, offset=offset), timeout=timeout)
+        reply, _, _ = await client.call(peer_id, stage, "state", offset=offset, timeout=timeout)
         if total is not None and reply["total"] != total:  # the replica stepped meanwhile: start over
             chunks, offset = [], 0
         total = reply["total"]
@@ -43,7 +43,7 @@ async def _replicas_of_stage(dht, run, stage: int, own_peer_id: str, patience_s:
     training (other stages report applied steps) but ours shows nobody, look again before concluding."""
     deadline = time.monotonic() + patience_s
     while True:
-        records = await read_stage_records(dht, run.run_id, run.fingerprint)
+        records = await read_stage_records(dht, run)
         mine = [r for r in records.get(stage, []) if r["peer_id"] != own_peer_id]
         running = any(r["step"] >= 0 for k, recs in records.items() if k != stage for r in recs)
         if mine or not running or time.monotonic() > deadline:
@@ -57,7 +57,7 @@ async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: 
     records = await _replicas_of_stage(dht, run, worker.index, own_peer_id)
     for rec in sorted(records, key=lambda r: -r["step"]):
         try:
-            state = await download_state(p2p, run.fingerprint, rec["peer_id"])
+            state = await download_state(p2p, run, worker.index, rec["peer_id"])
             worker.load_state_dict(state)
             return f"loaded stage {worker.index} at step {worker.applied_step} from live replica {rec['peer_id']}"
         except (PeerUnavailable, RemoteError, ValueError, RuntimeError) as e:

@@ -63,7 +63,8 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     from hivemind.utils import get_dht_time
     from node.announce import fetch_config
     from protocol import PROTOCOL_VERSION
-    from protocol.records import stages_key
+    from node.announce import stage_items
+    from protocol.records import MAX_STAGES
     from swarm.config import ConfigError, RunConfig
 
     deadline = time.monotonic() + config_timeout
@@ -83,12 +84,12 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     version = published.get("version") if published else None
     tokens_per_microbatch = run.train.microbatch_size * run.model.seq_len if run else None
 
-    found = await dht.get(stages_key(run_id), latest=True, return_future=True)
+    # without a config we do not know how many stages there are: look under every stage key
+    items = await stage_items(dht, run_id, run.model.n_stages if run else MAX_STAGES)
     now = get_dht_time()
     live: dict[str, dict] = {}
     ignored = []
-    items = found.value.items() if found is not None and isinstance(found.value, dict) else ()
-    for subkey, item in items:
+    for _, subkey, item in items:
         rec, why = _classify(subkey, item.value, now, fingerprint, version if version is not None else PROTOCOL_VERSION)
         if rec is None or why:
             ignored.append({"peer_id": rec["peer_id"] if rec else None, "stage": rec["stage"] if rec else None,

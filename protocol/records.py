@@ -1,7 +1,11 @@
 """DHT keys and record schemas of a run.
 
-    {run_id}_config   dictionary; subkey = owner public key of a bootstrap; value: RunRecord
-    {run_id}_stages   dictionary; subkey = "<peer id>" + owner public key; value: StageRecord
+    {run_id}_config     dictionary; subkey = owner public key of a bootstrap; value: RunRecord
+    {run_id}.{stage}    dictionary; subkey = "<peer id>" + owner public key; value: StageRecord
+
+The stage key is also the stage's hivemind expert uid: a hivemind client lists a stage's replicas
+with one `dht.get("<run_id>.<stage>")` (with RSASignatureValidator among its record validators, to
+read owner-signed subkeys), one subkey per replica, as Petals keys its module records.
 
 Stage records carry the owner's public key in their subkey, so hivemind's RSASignatureValidator
 only accepts values signed by that owner: no peer can overwrite another's record. The pydantic
@@ -21,12 +25,15 @@ def config_key(run_id: str) -> str:
     return f"{run_id}_config"
 
 
-def stages_key(run_id: str) -> str:
-    return f"{run_id}_stages"
+MAX_STAGES = 64  # stage keys the schema validator knows (a run may have fewer stages)
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    return f"{run_id}.{stage}"
 
 
 class StageRecord(pydantic.BaseModel):
-    stage: pydantic.conint(strict=True, ge=0, le=4096)
+    stage: pydantic.conint(strict=True, ge=0, lt=MAX_STAGES)
     peer_id: StrictStr
     throughput: pydantic.confloat(strict=True, ge=0.0)   # microbatches per second this replica sustains
     queue: pydantic.conint(strict=True, ge=0)            # requests waiting for compute
@@ -55,8 +62,8 @@ def make_schema(run_id: str):
     """A pydantic model whose fields are the run's DHT keys (what SchemaValidator expects)."""
     return pydantic.create_model(
         f"ResBMSchema_{run_id}",
-        **{config_key(run_id): (Dict[bytes, RunRecord], None),
-           stages_key(run_id): (Dict[bytes, StageRecord], None)},
+        **{config_key(run_id): (Dict[bytes, RunRecord], None)},
+        **{stage_key(run_id, k): (Dict[bytes, StageRecord], None) for k in range(MAX_STAGES)},
     )
 
 

@@ -63,6 +63,11 @@ class Router:
     def is_banned(self, rep: Replica) -> bool:
         return rep.banned_until > self.clock()
 
+    def usable(self, stage: int, peer_id: str) -> Replica | None:
+        """That replica, if it is known and not banned (a backward goes where its forward went)."""
+        rep = self.stages[stage].get(peer_id)
+        return rep if rep is not None and not self.is_banned(rep) else None
+
     def choose(self, stage: int, exclude=()) -> Replica | None:
         candidates = [r for r in self.stages[stage].values() if r.peer_id not in exclude]
         if not candidates:

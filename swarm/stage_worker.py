@@ -1,8 +1,8 @@
 """The training logic of one served stage, free of networking (node/stage_server.py wraps it).
 
 Forward keeps the autograd graph of each (step, microbatch) so backward need not recompute it;
-a backward whose forward ran elsewhere (rerouted after a failure) recomputes from the input the
-head re-sends. Gradients of one step accumulate until `apply_step(step)`, which is idempotent:
+a backward normally carries only the gradient; one whose forward ran elsewhere (rerouted after a
+failure) recomputes from the input the head re-sends. Gradients of one step accumulate until `apply_step(step)`, which is idempotent:
 an update is never applied twice, and a step's late requests are refused once it is applied.
 """
 from __future__ import annotations
@@ -24,6 +24,10 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
 
 class StaleRequest(ValueError):
     """A request for a step that this stage has already applied (or abandoned)."""
+
+
+class NeedInput(ValueError):
+    """A backward without its input, for a microbatch whose forward is not cached here: resend x."""
 
 
 class StageWorker:
@@ -67,9 +71,11 @@ class StageWorker:
         self.grad_step = step
 
     def _graph(self, step: int, micro: int, x: torch.Tensor, tokens):
-        cached = self.cache.pop((step, micro), None)
-        if cached is not None and torch.equal(cached[0].detach(), x):
-            return cached
+        cached = self.cache.get((step, micro))
+        if cached is not None and (x is None or torch.equal(cached[0].detach(), x)):
+            return self.cache.pop((step, micro))
+        if x is None:
+            raise NeedInput(f"the forward of step {step} microbatch {micro} is not cached here: resend x")
         leaf = _leaf(x)
         return leaf, self._run(leaf, tokens)
 
@@ -87,7 +93,7 @@ class StageWorker:
             self.cache.popitem(last=False)
         return out.detach()
 
-    def backward(self, step: int, micro: int, x: torch.Tensor, grad_out: torch.Tensor, tokens=None,
+    def backward(self, step: int, micro: int, x: torch.Tensor | None, grad_out: torch.Tensor, tokens=None,
                  catchup: bool = False):
         self._open_step(step, catchup)
         if micro in self.grad_inputs:  # a retried call that already counted here: same answer, no re-count
