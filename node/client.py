@@ -10,7 +10,7 @@ from hivemind.p2p.p2p_daemon_bindings.control import MAX_UNARY_PAYLOAD_SIZE
 from hivemind.proto import runtime_pb2
 
 from protocol import PROTOCOL_VERSION
-from protocol.codec import decode
+from protocol.codec import decode, payload_nbytes
 from protocol.contract import (INT_TENSORS, METHODS, STATE_CHUNK, check_fields, pack_meta, tensors_from_proto,
                                tensors_to_proto, unpack_meta)
 from protocol.errors import PayloadError
@@ -66,7 +66,11 @@ class StageClient:
             raise PeerUnavailable(f"peer {peer} did not answer {method} within {timeout:.0f}s") from e
         except Exception as e:  # p2pd reports dial failures and handler errors as its own error types
             raise PeerUnavailable(f"peer {peer}: {type(e).__name__}: {e}") from e
-        return self._check(method, response, tensors, meta), sent, response.ByteSize()
+        reply = self._check(method, response, tensors, meta)
+        # codec bytes alone, beside the whole messages: what the metadata and framing cost is visible
+        reply["payload"] = (sum(payload_nbytes(t) for t in tensors.values()),
+                            sum(payload_nbytes(reply[n]) for n, _ in spec.tensor_names(reply=True) if n in reply))
+        return reply, sent, response.ByteSize()
 
     async def info(self, peer_id: PeerID | str, stage: int, timeout: float = 10.0) -> dict:
         """The stage's own figures from hivemind's rpc_info (step, bytes, tokens, throughput, ...)."""

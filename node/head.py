@@ -45,7 +45,8 @@ class Head:
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="head")
         self.status = status or (lambda text: log.warning(text))
         self.bytes = {"sent": 0, "received": 0}
-        self.payload = {"fwd": 0, "bwd": 0}       # code/grad payload bytes per boundary hop, head side
+        self.payload = {"fwd": 0, "bwd": 0}       # whole message bytes per boundary hop, head side
+        self.codes = {"fwd": 0, "bwd": 0}         # of which codec bytes of codes, gradients and token ids
         self.payload_tokens = {"fwd": 0, "bwd": 0}
         self.retries = 0
         self.recomputed = 0      # microbatch gradients recomputed on another replica
@@ -154,11 +155,12 @@ class Head:
                tokens: int) -> None:
         """Count a call's whole messages (every byte, metadata included) on the boundaries they cross:
         the request on `boundary_out` (its pass), the reply on `boundary_back`."""
-        sent, received = reply["wire"]
-        for n, boundary, direction, pass_ in ((sent, boundary_out, "sent", pass_out),
-                                              (received, boundary_back, "received", pass_back)):
+        for n, codes, boundary, direction, pass_ in (
+                (reply["wire"][0], reply["payload"][0], boundary_out, "sent", pass_out),
+                (reply["wire"][1], reply["payload"][1], boundary_back, "received", pass_back)):
             key = "fwd" if pass_ == "forward" else "bwd"
             self.payload[key] += n
+            self.codes[key] += codes
             self.payload_tokens[key] += tokens
             self.metrics.count_payload(n, boundary, direction, pass_, tokens, self.cfg.d_model)
 

@@ -78,6 +78,8 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
         "wall_s": time.perf_counter() - started, **ws, "param_overhead": param_overhead(cfg),
         "measured_wire_bytes_per_token_fwd": _per_token(head, "fwd"),
         "measured_wire_bytes_per_token_bwd": _per_token(head, "bwd"),
+        "measured_code_bytes_per_token_fwd": _per_token(head, "fwd", head.codes),
+        "measured_code_bytes_per_token_bwd": _per_token(head, "bwd", head.codes),
         "measured_compression_vs_bf16": _measured_ratio(head, cfg),
         "retries": head.retries, "recomputed_microbatches": head.recomputed, "lost_microbatches": head.lost,
         "crashed_unaveraged_microbatches": head.crashed_progress,
@@ -96,9 +98,11 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
     return 1 if error else (130 if stopped else 0)
 
 
-def _per_token(head: Head, pass_: str) -> float:
-    """Payload bytes per token per boundary hop, measured from the real messages at the head."""
-    return head.payload[pass_] / head.payload_tokens[pass_] if head.payload_tokens[pass_] else 0.0
+def _per_token(head: Head, pass_: str, counts: dict | None = None) -> float:
+    """Bytes per token per boundary hop, measured from the real messages at the head: whole messages
+    (metadata and protobuf framing included), or with `head.codes` the codec bytes alone."""
+    counts = head.payload if counts is None else counts
+    return counts[pass_] / head.payload_tokens[pass_] if head.payload_tokens[pass_] else 0.0
 
 
 def _measured_ratio(head: Head, cfg) -> float:

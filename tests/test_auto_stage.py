@@ -28,7 +28,10 @@ def _records(peers, run_id):
     async def get():
         dht = start_dht(run_id, peers)
         try:
-            return await read_stage_records(dht, run_id)
+            from node.announce import fetch_config
+            from swarm.config import RunConfig
+            published = await fetch_config(dht, run_id)
+            return await read_stage_records(dht, RunConfig.from_wire_dict(published["config"]))
         finally:
             dht.shutdown()
     return asyncio.run(get())

@@ -16,7 +16,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from node.announce import Announcer, owner_subkey, publish_config, read_stage_records
 from node.dht import start_dht, visible_maddrs
 from node.runtime import SocketJanitor
-from protocol.records import stage_record, stages_key
+from protocol.records import stage_key, stage_record
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 
 pytestmark = pytest.mark.swarm
@@ -39,7 +39,7 @@ def swarm_dht():
             assert await ann.publish(1, RUN.fingerprint, tput, queue, 41, ttl=300)
         assert await Announcer(dht, RUN.run_id, "QmLeaving", validator).publish(1, RUN.fingerprint, 5.0, 0, 41,
                                                                                 serving=False, ttl=300)
-        key = stages_key(RUN.run_id)
+        key = stage_key(RUN.run_id, 1)
 
         def rec(peer, **kw):
             fields = dict(stage=1, peer_id=peer, throughput=1.0, queue=0, fingerprint=RUN.fingerprint, step=3,
@@ -63,7 +63,7 @@ def swarm_dht():
                                              subkey=owner_subkey("QmBadSchema", validator), return_future=True)
         local = RunConfig(model=RUN.model, train=RUN.train, run_id="resbm-local")  # `local`'s default run id
         assert await publish_config(dht, local.run_id, local.wire_dict(), local.fingerprint, validator)
-        return refused, schema_refused, await read_stage_records(dht, RUN.run_id, RUN.fingerprint)
+        return refused, schema_refused, await read_stage_records(dht, RUN)
 
     refused, schema_refused, records = asyncio.run(setup())
     yield dht, refused, schema_refused, records
