@@ -173,7 +173,8 @@ def tensors_from_proto(protos, index, expected: tuple) -> dict:
         raise PayloadError("malformed", f"{len(protos)} tensors sent, {pos} announced")
     missing = [n for n, optional in expected if not optional and n not in out]
     if missing:
-        raise PayloadError("malformed", f"missing tensor(s) {', '.join(missing)}")
+        takes = ", ".join(n + (" (optional)" if optional else "") for n, optional in expected)
+        raise PayloadError("malformed", f"missing tensor(s) {', '.join(missing)}; this call takes {takes}")
     return out
 
 
