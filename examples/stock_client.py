@@ -1,0 +1,136 @@
+"""Call a resbm-swarm stage with nothing but hivemind's public client API.
+
+    python examples/stock_client.py --initial-peers /ip4/.../p2p/... --run-id my-run --stage 1 [--train] [--hostile]
+
+1. Discover the stage's replicas with one DHT get of "<run_id>.<stage>" (records are owner-signed,
+   so the DHT needs RSASignatureValidator to read them).
+2. Run an eval forward of a random (batch, seq_len, b) code through a stock `RemoteExpert`.
+3. A stock backward through that RemoteExpert carries no step/microbatch metadata: the stage
+   refuses it with a clear error instead of counting it as some step's gradient.
+4. With --train: a training forward + backward through the servicer stub, with the metadata the
+   stage needs (protocol version, run fingerprint, step, microbatch; see protocol/contract.py).
+   Only works where the run lists no trainers or lists this peer.
+5. With --hostile: NaN, inf, width b+1, int64, batch 10^5 and zero-length inputs; prints each refusal.
+
+Prints one JSON object with what happened.
+"""
+import argparse
+import json
+import sys
+
+import msgpack
+import torch
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.moe.client.expert import RemoteExpert, get_server_stub
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.expert_uid import ExpertInfo
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+LOOPBACK = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False, use_relay=False,
+                use_auto_relay=False)  # never probe beyond this host
+
+
+def discover(dht: DHT, uid: str) -> list[dict]:
+    found = dht.get(uid, latest=True)
+    records = [item.value for item in (found.value.values() if found and isinstance(found.value, dict) else [])]
+    return [r for r in records if isinstance(r, dict) and r.get("serving")]
+
+
+def plain(t: torch.Tensor) -> runtime_pb2.Tensor:
+    """A tensor as hivemind's NONE compression sends it (bf16 as 2 bytes per value)."""
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    return runtime_pb2.Tensor(buffer=raw.numpy().tobytes(), size=list(t.shape), dtype=str(t.dtype)[6:])
+
+
+def refusal_of(fn) -> str:
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "accepted"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--initial-peers", nargs="+", required=True)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--stage", type=int, default=1)
+    p.add_argument("--identity", default=None, help="libp2p identity file (to be listed as a trainer)")
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--hostile", action="store_true")
+    args = p.parse_args()
+
+    dht = DHT(initial_peers=args.initial_peers, start=True, client_mode=True, identity_path=args.identity,
+              record_validators=[RSASignatureValidator()], **LOOPBACK)
+    out = {"uid": f"{args.run_id}.{args.stage}"}
+    try:
+        replicas = discover(dht, out["uid"])
+        out["replicas"] = [r["peer_id"] for r in replicas]
+        if not replicas:
+            print(json.dumps(out))
+            return 1
+        peer = PeerID.from_base58(replicas[0]["peer_id"])
+        p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+        expert = RemoteExpert(ExpertInfo(out["uid"], peer), p2p)
+        info = expert.info["resbm"]  # the stage's own figures ride along in hivemind's expert info
+        b, seq = info["code_width"], expert.info["forward_schema"][0][0].size[1]
+        out.update(fingerprint=info["fingerprint"], code_width=b, stage_step=info["step"])
+
+        x = torch.randn(2, seq, b)
+        y = expert(x)
+        out["eval_forward_shape"] = list(y.shape)
+        out["stock_backward"] = refusal_of(lambda: y.sum().backward())
+
+        stub = get_server_stub(p2p, peer)
+        if args.train:
+            out["train"] = train_call(stub, out["uid"], info, x)
+        if args.hostile:
+            out["hostile"] = hostile_calls(expert, stub, out["uid"], b, seq)
+        print(json.dumps(out))
+        return 0
+    finally:
+        dht.shutdown()
+
+
+def _meta(info: dict, **fields) -> bytes:
+    return msgpack.packb({"v": info["version"], "fp": info["fingerprint"], **fields})
+
+
+def train_call(stub, uid: str, info: dict, x: torch.Tensor) -> dict:
+    """A training forward, then its backward (same step and microbatch), through the servicer stub."""
+    step = 10 ** 6  # far from the swarm's own steps: this gradient is dropped when the swarm moves on
+    codec = info["codec"]
+    fwd = runtime_pb2.ExpertRequest(uid=uid, tensors=[plain(x.to(torch.bfloat16))],
+                                    metadata=_meta(info, step=step, micro=0, tensors=[["x", codec, False]]))
+    reply = RemoteExpertWorker.run_coroutine(stub.rpc_forward(fwd))
+    meta = msgpack.unpackb(reply.metadata)
+    if not meta.get("ok"):
+        return {"refused": meta}
+    grad = torch.randn_like(x).to(torch.bfloat16)
+    bwd = runtime_pb2.ExpertRequest(uid=uid, tensors=[plain(grad)], metadata=_meta(
+        info, step=step, micro=0, tensors=[["grad_out", info["codec_bwd"], False]]))
+    back = RemoteExpertWorker.run_coroutine(stub.rpc_backward(bwd))
+    return {"forward_shape": list(reply.tensors[0].size), "backward": msgpack.unpackb(back.metadata),
+            "grad_shape": list(back.tensors[0].size) if back.tensors else None}
+
+
+def hostile_calls(expert, stub, uid: str, b: int, seq: int) -> dict:
+    cases = {
+        "nan": torch.full((2, seq, b), float("nan")),
+        "inf": torch.full((2, seq, b), float("inf")),
+        "width_b_plus_1": torch.randn(2, seq, b + 1),
+        "int64": torch.zeros(2, seq, b, dtype=torch.int64),
+        "batch_1e5": torch.randn(10 ** 5, 1, b),
+        "zero_length": torch.randn(2, 0, b),
+    }
+    results = {}
+    for name, t in cases.items():  # through the stub: RemoteExpert itself checks shapes client-side
+        req = runtime_pb2.ExpertRequest(uid=uid, tensors=[plain(t)])
+        results[name] = refusal_of(lambda: RemoteExpertWorker.run_coroutine(stub.rpc_forward(req)))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

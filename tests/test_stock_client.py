@@ -1,0 +1,69 @@
+"""A stock hivemind client (examples/stock_client.py, hivemind's public API only, its own process)
+discovers a stage in the DHT and calls it; hostile inputs get clear refusals while the swarm trains."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node.local import Swarm
+
+pytestmark = pytest.mark.swarm
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
+        "--batch-size", "4", "--microbatches", "2", "--stages", "3"]
+
+
+def stock_client(peers, *flags, identity=None):
+    argv = [sys.executable, str(ROOT / "examples" / "stock_client.py"), "--initial-peers", *peers,
+            "--run-id", "stock", "--stage", "1", *flags, *(["--identity", identity] if identity else [])]
+    res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180, start_new_session=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def head_steps(log: Path) -> int:
+    """Steps the head's progress line reports (e.g. '12/100000')."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = [int(part.split("/")[0]) for part in text.replace("\r", "\n").split() if part.endswith("/100000")
+             and part.split("/")[0].isdigit()]
+    return max(found, default=0)
+
+
+def test_stock_hivemind_client_discovers_calls_and_is_refused_clearly(tmp_path):
+    swarm = Swarm(tmp_path, 1, "stock", TINY)  # an open swarm: no --trainer list, so a stranger may train
+    try:
+        peers = swarm.start_bootstrap()
+        for stage in (1, 2):
+            swarm.start_stage(f"stage{stage}", stage, peers)
+        for name in ("stage1", "stage2"):
+            swarm.wait_for_line(name, "serving", 120)
+
+        first = stock_client(peers, "--train")
+        assert len(first["replicas"]) == 1 and first["code_width"] == 4
+        assert first["eval_forward_shape"] == [2, 32, 4]
+        assert "needs ExpertRequest.metadata" in first["stock_backward"]
+        assert first["train"]["forward_shape"] == [2, 32, 4]
+        assert first["train"]["backward"]["ok"] is True and first["train"]["grad_shape"] == [2, 32, 4]
+
+        swarm.start("head", swarm.join_argv("head", 0, peers, extra=["--steps", "100000", "--eval-every", "0"]))
+        deadline = time.time() + 120
+        while head_steps(tmp_path / "head.log") < 2 and time.time() < deadline:
+            time.sleep(1)
+        before = head_steps(tmp_path / "head.log")
+        assert before >= 2, (tmp_path / "head.log").read_text()[-2000:]
+        second = stock_client(peers, "--hostile")
+        time.sleep(3)
+        after = head_steps(tmp_path / "head.log")
+    finally:
+        swarm.stop()
+    hostile = second["hostile"]
+    assert "nonfinite" in hostile["nan"] and "nonfinite" in hostile["inf"]
+    assert "shape" in hostile["width_b_plus_1"] and "carries 4 values per token" in hostile["width_b_plus_1"]
+    assert "codec" in hostile["int64"] and "float32, bfloat16 or float16" in hostile["int64"]
+    assert "size" in hostile["batch_1e5"]
+    assert "shape" in hostile["zero_length"]
+    assert after > before  # the swarm kept training through it
