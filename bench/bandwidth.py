@@ -169,6 +169,8 @@ def main(argv=None) -> int:
                                 "tokens_per_s": steady(summary, size["warmup"], tokens_per_step),
                                 "wire_bytes_per_token_fwd": summary["measured_wire_bytes_per_token_fwd"],
                                 "wire_bytes_per_token_bwd": summary["measured_wire_bytes_per_token_bwd"],
+                                "code_bytes_per_token_fwd": summary["measured_code_bytes_per_token_fwd"],
+                                "code_bytes_per_token_bwd": summary["measured_code_bytes_per_token_bwd"],
                                 "compression_vs_bf16": ws["compression_vs_bf16"],
                                 "lost_microbatches": summary["lost_microbatches"]})
     by = {(r["variant"], r["rate_mbit"]): r for r in results}
