@@ -38,6 +38,8 @@ class Head:
         self.fp = self.run.fingerprint
         self.codec = self.cfg.wire_codec
         self.client = StageClient(p2p, self.run)
+        if metrics.train_loss is None:  # the head computes the loss: it exports it
+            metrics.enable_loss()
         self.router = Router(self.cfg.n_stages)
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self.stall_timeout, self.refresh_s = stall_timeout, refresh_s
@@ -162,7 +164,7 @@ class Head:
             self.payload[key] += n
             self.codes[key] += codes
             self.payload_tokens[key] += tokens
-            self.metrics.count_payload(n, boundary, direction, pass_, tokens, self.cfg.d_model)
+            self.metrics.count_boundary(n, codes, boundary, direction, pass_, tokens, self.cfg.d_model)
 
     async def _local(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -49,10 +49,9 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
                 val_curve.append((step, await head.evaluate()))
             recent = step_times[-10:]
             tps = tokens_per_step * len(recent) / sum(recent)
-            metrics.tokens_per_second.set(tps)
+            metrics.train_tokens_per_second.set(tps)
             moved = head.payload["fwd"] + head.payload["bwd"] - bytes_before
             ratio = _measured_ratio(head, cfg)
-            metrics.compression.set(ratio)
             bar.update(len(losses), {"loss": f"{losses[-1]:.3f}",
                                      "val": f"{val_curve[-1][1]:.3f}" if val_curve else "-",
                                      "tok/s": f"{tps:.0f}", "wire": f"{human_bytes(moved / dt)}/s",

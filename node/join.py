@@ -207,6 +207,7 @@ async def _main(args) -> int:
                  args.stage, cfg.stage_layers[args.stage], sum(p.numel() for p in worker.stage.parameters()) / 1e6,
                  need["params_bytes"] / 2**20, need["activations_bytes"] / 2**20)
         metrics = NodeMetrics().serve(args.metrics_port, args.metrics_host)
+        metrics.set_nominal(cfg)
         metrics.info.info({"version": str(PROTOCOL_VERSION), "stage": str(args.stage), "peer_id": peer_id,
                            "fingerprint": run.fingerprint, "run_id": run.run_id})
 

@@ -6,15 +6,19 @@ counters, no unit for ratios. Which role updates what:
 
     resbm_node_info                         both   version, stage, peer id, fingerprint, run id
     resbm_tokens_total, resbm_samples_total both   tokens / sequences that went through this stage
-    resbm_tokens_per_second                 both   head: wall-clock training throughput; stage: per compute-second
-    resbm_wire_bytes_total{boundary,direction,pass}        both   payload bytes of codes/gradients on the wire
+    resbm_train_tokens_per_second           head   tokens trained per second of wall-clock time (last 10 steps)
+    resbm_compute_tokens_per_second         stage  tokens per second of this stage's own compute (its capacity)
+    resbm_wire_bytes_total{boundary,direction,pass}        both   whole RPC messages that crossed a boundary
+                                                                  (tensors, metadata, protobuf framing)
+    resbm_code_bytes_total{boundary,direction,pass}        both   of which codec bytes of codes, gradients, token ids
     resbm_full_width_bytes_total{boundary,direction,pass}  both   what those tensors would take at width d in bf16
-    resbm_compression_ratio                 both   full-width / wire bytes, over the node's lifetime
-    resbm_frame_bytes_total{direction}      both   every RPC byte incl. headers
+    resbm_compression_ratio{boundary}       both   full-width / wire bytes per boundary, measured (lifetime)
+    resbm_nominal_compression_ratio{codec,code_width}  both  what the run config promises: 2d / codec bytes per token
+    resbm_frame_bytes_total{direction}      both   every RPC message byte, training or not
     resbm_rpc_duration_seconds{method}      stage  server-side latency of forward / backward / loss / step
     resbm_call_duration_seconds{stage,method}  head   client-side latency of calls to each stage
     resbm_queue_depth                       stage  requests waiting for or in compute
-    resbm_train_loss, resbm_val_loss        head
+    resbm_train_loss, resbm_val_loss        head   (only nodes that compute a loss export one)
     resbm_replicas{stage}                   head   replicas per stage seen in the DHT
     resbm_retries_total{stage}, resbm_bans_total{stage}   head   calls retried / replicas banned after failures
     resbm_rejected_payloads_total{reason}   stage  bad requests refused, by reason ("banned": from a banned peer)
@@ -29,9 +33,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-def _total(counter) -> float:
-    """Sum of a (labelled) counter's `_total` samples."""
-    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+def _total_where(counter, **labels) -> float:
+    """Sum of a labelled counter's `_total` samples whose labels match."""
+    return sum(s.value for m in counter.collect() for s in m.samples
+               if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 class NodeMetrics:
@@ -41,23 +46,29 @@ class NodeMetrics:
         self.tokens = Counter("resbm_tokens_total", "Tokens processed (forward passes through this node's stage)",
                               registry=r)
         self.samples = Counter("resbm_samples_total", "Sequences processed", registry=r)
-        self.tokens_per_second = Gauge("resbm_tokens_per_second", "Recent tokens per second", registry=r)
+        self.train_tokens_per_second = Gauge("resbm_train_tokens_per_second",
+                                             "Tokens trained per second of wall-clock time (trainers)", registry=r)
+        self.compute_tokens_per_second = Gauge("resbm_compute_tokens_per_second",
+                                               "Tokens per second of this stage's own compute (its capacity)",
+                                               registry=r)
         self.rpc_seconds = Histogram("resbm_rpc_duration_seconds", "Server-side handling time per RPC",
                                      ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.call_seconds = Histogram("resbm_call_duration_seconds", "Client-side time of calls to other stages",
                                       ["stage", "method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.wire_bytes = Counter("resbm_wire_bytes_total", "Payload bytes of codes and gradients on the wire",
+        self.wire_bytes = Counter("resbm_wire_bytes_total", "Whole RPC messages (tensors, metadata, framing) that "
+                                  "crossed a stage boundary", ["boundary", "direction", "pass"], registry=r)
+        self.code_bytes = Counter("resbm_code_bytes_total", "Codec bytes of codes, gradients and token ids in them",
                                   ["boundary", "direction", "pass"], registry=r)
         self.full_width_bytes = Counter("resbm_full_width_bytes_total",
                                         "bf16 bytes the same tensors would take at full hidden width d",
                                         ["boundary", "direction", "pass"], registry=r)
         self.frame_bytes = Counter("resbm_frame_bytes_total", "All RPC bytes (frames incl. headers and metadata)",
                                    ["direction"], registry=r)
-        self.compression = Gauge("resbm_compression_ratio",
-                                 "Full-width bf16 bytes / wire payload bytes (lifetime of this node)", registry=r)
-        self.compression.set_function(self._compression_ratio)  # computed at scrape time from the counters
-        self.train_loss = Gauge("resbm_train_loss", "Training loss of the last step (nats/token)", registry=r)
-        self.val_loss = Gauge("resbm_val_loss", "Last validation loss (nats/token)", registry=r)
+        self.compression = Gauge("resbm_compression_ratio", "Full-width bf16 bytes / whole message bytes that "
+                                 "crossed the boundary (measured, lifetime of this node)", ["boundary"], registry=r)
+        self.nominal_compression = Gauge("resbm_nominal_compression_ratio", "What the run config promises: "
+                                         "2 d / codec bytes per token", ["codec", "code_width"], registry=r)
+        self.train_loss = self.val_loss = None  # only nodes that compute a loss export one (enable_loss)
         self.step = Gauge("resbm_optimizer_step", "Last optimizer step applied", registry=r)
         self.steps = Counter("resbm_optimizer_steps_total", "Optimizer steps applied", registry=r)
         self.queue = Gauge("resbm_queue_depth", "Requests waiting for or in compute", registry=r)
@@ -78,9 +89,18 @@ class NodeMetrics:
                                      "Accumulated gradients discarded because their step was abandoned", registry=r)
         self._server = None
 
-    def _compression_ratio(self) -> float:
-        wire = _total(self.wire_bytes)
-        return _total(self.full_width_bytes) / wire if wire else 0.0
+    def enable_loss(self) -> "NodeMetrics":
+        self.train_loss = Gauge("resbm_train_loss", "Training loss of the last step (nats/token)",
+                                registry=self.registry)
+        self.val_loss = Gauge("resbm_val_loss", "Last validation loss (nats/token)", registry=self.registry)
+        return self
+
+    def set_nominal(self, cfg) -> None:
+        from protocol.codec import bytes_per_token
+        per_token = (bytes_per_token(cfg.wire_codec, cfg.code_width) + bytes_per_token(cfg.wire_codec_bwd,
+                                                                                      cfg.code_width)) / 2
+        codecs = cfg.wire_codec if cfg.wire_codec == cfg.wire_codec_bwd else f"{cfg.wire_codec}/{cfg.wire_codec_bwd}"
+        self.nominal_compression.labels(codecs, str(cfg.code_width)).set(2 * cfg.d_model / per_token)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         if port:
@@ -90,10 +110,17 @@ class NodeMetrics:
                 raise ConnectionError(f"cannot serve /metrics on {host}:{port}: {e}") from e
         return self
 
-    def count_payload(self, nbytes: int, boundary: int, direction: str, pass_: str, tokens: int, d_model: int):
-        """One code or gradient on the wire, and what it would have cost in bf16 at full width d."""
-        self.wire_bytes.labels(str(boundary), direction, pass_).inc(nbytes)
-        self.full_width_bytes.labels(str(boundary), direction, pass_).inc(2 * d_model * tokens)
+    def count_boundary(self, message_bytes: int, code_bytes: int, boundary: int, direction: str, pass_: str,
+                       tokens: int, d_model: int) -> None:
+        """One message that crossed `boundary`: its whole size, its codec bytes, and what its tensor
+        would have cost in bf16 at full width d; the boundary's measured ratio follows."""
+        labels = (str(boundary), direction, pass_)
+        self.wire_bytes.labels(*labels).inc(message_bytes)
+        self.code_bytes.labels(*labels).inc(code_bytes)
+        self.full_width_bytes.labels(*labels).inc(2 * d_model * tokens)
+        wire = _total_where(self.wire_bytes, boundary=str(boundary))
+        full = _total_where(self.full_width_bytes, boundary=str(boundary))
+        self.compression.labels(str(boundary)).set(full / wire if wire else 0.0)
 
     def close(self):
         if self._server is not None:

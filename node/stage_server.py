@@ -30,6 +30,9 @@ from swarm.stage_worker import NeedInput, StageWorker, StaleRequest
 
 log = logging.getLogger(__name__)
 STREAM_PART = 1 << 20  # bytes per part of a streamed reply
+# which boundary (relative to this stage) a training call's request and reply cross, and in which pass
+_BOUNDARIES = {"forward": ((-1, "forward"), (0, "forward")), "backward": ((0, "backward"), (-1, "backward")),
+               "loss": ((-1, "forward"), (-1, "backward"))}
 
 class BadPeerTracker:
     """Refuse a peer for `ban_s` seconds after `limit` rejected requests within `window_s`."""
@@ -114,9 +117,17 @@ class StageServer(ServicerBase):
         self.bytes[direction] += n
         self.metrics.frame_bytes.labels(direction).inc(n)
 
-    def _count_boundary(self, n: int, boundary: int, direction: str, pass_: str, tokens: int) -> None:
-        self.payload[direction] += n
-        self.metrics.count_payload(n, boundary, direction, pass_, tokens, self.cfg.d_model)
+    def _account(self, name: str, fields: dict, tensors: dict, reply_tensors: dict, received: int, sent: int):
+        """A training call's two messages, whole, on the boundaries they crossed (relative to this stage)."""
+        if name not in _BOUNDARIES or fields.get("eval"):
+            return
+        shape = tensors["x" if "x" in tensors else "grad_out"]["shape"]
+        tokens = shape[0] * shape[1]
+        codes = (sum(payload_nbytes(t) for t in tensors.values()), sum(payload_nbytes(t) for t in reply_tensors.values()))
+        self.payload["received"] += codes[0]
+        self.payload["sent"] += codes[1]
+        for (offset, pass_), direction, n, code in zip(_BOUNDARIES[name], ("received", "sent"), (received, sent), codes):
+            self.metrics.count_boundary(n, code, self.index + offset, direction, pass_, tokens, self.cfg.d_model)
 
     def rejected(self, err: PayloadError, peer) -> None:
         self.metrics.rejected.labels(err.reason).inc()
@@ -184,6 +195,7 @@ class StageServer(ServicerBase):
             response = runtime_pb2.ExpertResponse(tensors=protos,
                                                   metadata=pack_meta({"ok": True, "tensors": index, **reply_fields}))
             self.requests += 1
+            self._account(name, fields, tensors, reply_tensors, request.ByteSize(), response.ByteSize())
         except PayloadError as e:
             self.rejected(e, peer)
             return self._refuse(e.reason, e.detail, stock)
@@ -311,11 +323,9 @@ class StageServer(ServicerBase):
         y = await self._compute(self.worker.forward, f["step"], f["micro"], x, tokens, train)
         out = encode(y, self._reply_codec(f, self.codec))
         if train:
-            n = x.shape[0] * x.shape[1]
-            self._count_boundary(payload_nbytes(tensors["x"]), self.index - 1, "received", "forward", n)
-            self._count_boundary(payload_nbytes(out), self.index, "sent", "forward", n)
             self._done(x, time.perf_counter() - t0)
         return {}, {"y": out}
+
 
     async def _on_backward(self, f: dict, tensors: dict):
         self._check_micro(f)
@@ -326,10 +336,6 @@ class StageServer(ServicerBase):
         t0 = time.perf_counter()
         g = await self._compute(self.worker.backward, f["step"], f["micro"], x, grad, tokens, f["catchup"])
         out = encode(g, self.codec_bwd)
-        n = grad.shape[0] * grad.shape[1]
-        received = payload_nbytes(tensors["grad_out"]) + (payload_nbytes(tensors["x"]) if x is not None else 0)
-        self._count_boundary(received, self.index, "received", "backward", n)
-        self._count_boundary(payload_nbytes(out), self.index - 1, "sent", "backward", n)
         self.compute.add(time.perf_counter() - t0, 0)
         return {}, {"grad_in": out}
 
@@ -352,9 +358,6 @@ class StageServer(ServicerBase):
         if not train:
             return {"loss": loss}, {}
         out = encode(g, self.codec_bwd)
-        n = x.shape[0] * x.shape[1]
-        self._count_boundary(payload_nbytes(tensors["x"]), self.index - 1, "received", "forward", n)
-        self._count_boundary(payload_nbytes(out), self.index - 1, "sent", "backward", n)
         self._done(x, time.perf_counter() - t0)
         return {"loss": loss}, {"grad_in": out}
 
@@ -364,7 +367,7 @@ class StageServer(ServicerBase):
         self.compute.add(seconds, n)
         self.metrics.tokens.inc(n)
         self.metrics.samples.inc(x.shape[0])
-        self.metrics.tokens_per_second.set(self.compute.rate())
+        self.metrics.compute_tokens_per_second.set(self.compute.rate())
 
     async def _on_prepare(self, f: dict, tensors: dict):
         if f["discard"]:

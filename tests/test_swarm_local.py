@@ -69,8 +69,8 @@ def test_local_swarm_trains_sends_only_codes_and_cleans_up(tmp_path):
     for n in stages:
         assert n["tokens"] == tokens and n["bytes_sent"] > 0 and n["bytes_received"] > 0
         # every payload a stage received or sent had width b: nothing of width d crossed
-        hops = 2 if n["stage"] < 3 else 1  # a middle stage gets x and grad_out; the tail only x
-        assert n["payload_received"] == hops * tokens * expected
+        hops = 2 if n["stage"] < 3 else 1  # a middle stage gets x and grad_out; the tail x and the targets
+        assert n["payload_received"] == hops * tokens * expected + (tokens if n["stage"] == 3 else 0)
         assert n["payload_sent"] == hops * tokens * expected
     assert set(s["exit_codes"].values()) == {0}, s["exit_codes"]
     assert session_members(s["pids"].values()) == []
