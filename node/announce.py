@@ -113,3 +113,17 @@ async def fetch_config(dht: DHT, run_id: str) -> dict | None:
     if len({r.get("fingerprint") for r in records}) > 1:
         log.warning("bootstraps of run %s publish different configs; using the newest", run_id)
     return max(records, key=lambda r: r.get("updated", 0.0), default=None)
+
+
+async def watch_swarm(dht: DHT, run, server, period_s: float = 5.0) -> None:
+    """Keep the server's view of the swarm fresh: the highest step any replica announces (open swarms
+    refuse steps far past it) and which peers are joining its stage (they get state first)."""
+    while True:
+        try:
+            records = await read_stage_records(dht, run, include_idle=True)
+            steps = [r["step"] for recs in records.values() for r in recs]
+            server.swarm_step = max(steps) if steps else None
+            server.admission.joining = {r["peer_id"] for r in records.get(server.index, []) if not r["serving"]}
+        except Exception as e:
+            log.debug("could not read the swarm's records: %s", e)
+        await asyncio.sleep(period_s)

@@ -22,7 +22,7 @@ from swarm.stage_worker import StageWorker
 log = logging.getLogger(__name__)
 
 # Reasons a replica gives that say "not me, try another" rather than "your request is wrong".
-RETRYABLE = {"internal", "state"}
+RETRYABLE = {"internal", "state", "busy"}
 
 
 class StageMissing(RuntimeError):

@@ -171,7 +171,7 @@ def main(args) -> int:
 
 async def _main(args) -> int:
     from hivemind.dht.crypto import RSASignatureValidator
-    from node.announce import Announcer, read_stage_records
+    from node.announce import Announcer, read_stage_records, watch_swarm
     from node.averaging import ReplicaAverager
     from node.stage_server import StageServer, measure_throughput
     from node.state_sync import checkpoint_path, initial_state, save_periodically
@@ -219,16 +219,19 @@ async def _main(args) -> int:
                                        count_replicas, metrics,
                                        tau=default_tau(run.train.lr, run.train.average_every))
         ckpt = checkpoint_path(args.checkpoint_dir, run.run_id, args.stage, peer_id)
+        announcer = Announcer(dht, run.run_id, peer_id, RSASignatureValidator())
+        # say we are joining (not serving): replicas hand their state to joiners first
+        await announcer.publish(args.stage, run.fingerprint, 0.0, 0, -1, serving=False)
         log.info(await initial_state(dht, p2p, worker, ckpt, peer_id))
         worker.stage.to(device)
         worker.device = device
-        announcer = Announcer(dht, run.run_id, peer_id, RSASignatureValidator())
         if args.stage == 0:
             from node.head_loop import train
             # The head answers `info` and `state` (for `resbm-node export`) and shows up in `status`.
             server = StageServer(worker, metrics, peer_id, methods=("info", "state"))
             await server.add_p2p_handlers(p2p)
             tasks.append(asyncio.create_task(announcer.run(0, run.fingerprint, server)))
+            tasks.append(asyncio.create_task(watch_swarm(dht, run, server)))
             try:
                 return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, server.executor)
             finally:
@@ -240,6 +243,7 @@ async def _main(args) -> int:
         measure_throughput(server)
         await server.add_p2p_handlers(p2p)
         tasks.append(asyncio.create_task(announcer.run(args.stage, run.fingerprint, server)))
+        tasks.append(asyncio.create_task(watch_swarm(dht, run, server)))
         if ckpt is not None and args.save_every_min > 0:
             tasks.append(asyncio.create_task(save_periodically(worker, ckpt, 60 * args.save_every_min,
                                                                server.executor)))

@@ -26,10 +26,12 @@ from protocol.codec import decode, decode_ints, encode, payload_nbytes
 from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_fields, pack_meta, refusal,
                                stock_tensors, tensors_from_proto, tensors_to_proto, unpack_meta)
 from protocol.errors import PayloadError
+from node.admission import Admission
 from swarm.stage_worker import NeedInput, StageWorker, StaleRequest
 
 log = logging.getLogger(__name__)
 STREAM_PART = 1 << 20  # bytes per part of a streamed reply
+MAX_STEPS_AHEAD = 64   # open swarms: how far past the swarm's step (from DHT records) a call may be
 # which boundary (relative to this stage) a training call's request and reply cross, and in which pass
 _BOUNDARIES = {"forward": ((-1, "forward"), (0, "forward")), "backward": ((0, "backward"), (-1, "backward")),
                "loss": ((-1, "forward"), (-1, "backward"))}
@@ -103,6 +105,8 @@ class StageServer(ServicerBase):
         self.payload = {"sent": 0, "received": 0}
         self.requests = 0
         self.bad_peers = BadPeerTracker()
+        self.admission = Admission(self.run.train.trainers, per_peer=2 * self.run.train.microbatches + 4)
+        self.swarm_step: int | None = None  # highest step any replica announces (node/announce.watch_swarm)
         self.tokens_done = 0
         # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids and metadata.
         self.max_request = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
@@ -131,6 +135,8 @@ class StageServer(ServicerBase):
 
     def rejected(self, err: PayloadError, peer) -> None:
         self.metrics.rejected.labels(err.reason).inc()
+        if err.reason == "busy":  # our capacity, not the peer's fault: no strike against it
+            return
         if self.bad_peers.record(str(peer)):
             self.metrics.peer_bans.inc()
             log.warning("peer %s sent too many bad requests; refusing it for %.0fs", peer, self.bad_peers.ban_s)
@@ -190,7 +196,9 @@ class StageServer(ServicerBase):
                 return self._refuse("banned", "too many bad requests from your peer id; refused for a while", stock)
             fields, tensors = self._parse(METHODS[name], request, stock)
             self._authorize(METHODS[name], fields, peer)
-            reply_fields, reply_tensors = await getattr(self, f"_on_{name}")(fields, tensors)
+            self._check_step(fields)
+            with self.admission.slot(name, str(peer)):
+                reply_fields, reply_tensors = await getattr(self, f"_on_{name}")(fields, tensors)
             protos, index = tensors_to_proto(reply_tensors, runtime_pb2)
             response = runtime_pb2.ExpertResponse(tensors=protos,
                                                   metadata=pack_meta({"ok": True, "tensors": index, **reply_fields}))
@@ -272,6 +280,15 @@ class StageServer(ServicerBase):
         if trainers and method.trainer_only and not fields.get("eval") and str(peer) not in trainers:
             raise PayloadError("forbidden", f"only this run's trainers may call {method.name!r}; your peer id "
                                             f"{peer} is not among them")
+
+    def _check_step(self, fields: dict) -> None:
+        """Where the run lists no trainers, nobody may move this stage far ahead of the swarm: a step
+        far past every replica's announced step (and ours) is refused, not adopted."""
+        if self.run.train.trainers or "step" not in fields or fields.get("eval"):
+            return
+        known = max(self.worker.applied_step, -1 if self.swarm_step is None else self.swarm_step)
+        if fields["step"] > known + MAX_STEPS_AHEAD:
+            raise PayloadError("state", f"step {fields['step']} is far ahead of the swarm (at step {known}); refused")
 
     # --- tensors -------------------------------------------------------------------------------
     def _code(self, tensors: dict, key: str, codec: str | None, shape=None) -> torch.Tensor:
