@@ -1,0 +1,83 @@
+"""A stranger floods a stage of a training swarm (tests/peers/flood.py): the stage's memory stays
+bounded and the trainer keeps stepping."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node.args import identity_peer_id
+from node.local import Swarm
+
+pytestmark = pytest.mark.swarm
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
+        "--batch-size", "4", "--microbatches", "2", "--stages", "3"]
+
+
+def group_rss_mb(pid: int) -> float:
+    """RSS of a node: its main process and everything in its session (p2pd, hivemind helpers)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            if int(stat[3]) == pid:
+                total += int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            continue
+    return total / 2 ** 20
+
+
+def steps_of(log: Path) -> int:
+    text = log.read_text(errors="replace").replace("\r", "\n") if log.exists() else ""
+    found = [int(w.split("/")[0]) for w in text.split() if w.endswith("/100000") and w.split("/")[0].isdigit()]
+    return max(found, default=0)
+
+
+def rate(log: Path, seconds: float) -> float:
+    start = steps_of(log)
+    time.sleep(seconds)
+    return (steps_of(log) - start) / seconds
+
+
+def test_flood_of_state_and_forward_requests_is_capped(tmp_path):
+    head_id = identity_peer_id(str(tmp_path / "head.id"))
+    swarm = Swarm(tmp_path, 1, "flood", TINY + ["--trainer", head_id])
+    attacker = None
+    try:
+        peers = swarm.start_bootstrap()
+        stage1 = swarm.start_stage("stage1", 1, peers)
+        swarm.start_stage("stage2", 2, peers)
+        for name in ("stage1", "stage2"):
+            swarm.wait_for_line(name, "serving", 120)
+        stage1_peer = (tmp_path / "stage1.log").read_text().split("peer ")[1].split()[0]
+        swarm.start("head", swarm.join_argv("head", 0, peers, extra=["--steps", "100000", "--eval-every", "0"]))
+        log = tmp_path / "head.log"
+        deadline = time.time() + 120
+        while steps_of(log) < 5 and time.time() < deadline:
+            time.sleep(1)
+        undisturbed = rate(log, 15)
+        rss_before = group_rss_mb(stage1.pid)
+        attacker = subprocess.Popen([sys.executable, str(ROOT / "tests" / "peers" / "flood.py"),
+                                     str(tmp_path / "config.json"), stage1_peer, *peers], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                    start_new_session=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        first = json.loads(attacker.stdout.readline())
+        during = rate(log, 15)
+        rss_during = group_rss_mb(stage1.pid)
+        assert stage1.poll() is None
+    finally:
+        if attacker is not None:
+            os.killpg(attacker.pid, signal.SIGKILL)
+            attacker.wait()
+        swarm.stop()
+    assert sum(first.values()) == 300 and first.get("busy", 0) > 0, first  # caps answered at once
+    assert set(first) <= {"ok", "busy"}, first                                # nothing dropped or broken
+    assert rss_during - rss_before < 200, (rss_before, rss_during)
+    assert undisturbed > 0 and during >= 0.5 * undisturbed, (undisturbed, during)
