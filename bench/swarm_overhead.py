@@ -4,8 +4,10 @@
 
 1. tokens/s of `train-local` (one process, all stages) vs `resbm-node local` (S processes on
    loopback, 1 replica each) for the same model, steady state (the first steps are warm-up);
-2. the per-hop RPC overhead: round-trip time of an empty `info` call, and a stage `forward` over
-   libp2p minus the same forward computed locally.
+2. the per-hop RPC overhead: round-trip time of an `info` call, and a stage `forward` over
+   libp2p minus the same forward computed locally;
+3. bytes: codec bytes and whole messages per token per hop as the head counts them, and the
+   kernel's count of the head's TCP sockets (TLS, yamux, p2p daemon framing, DHT traffic included).
 Writes a markdown table, JSON and a PNG (tokens/s per step, both runs).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
+from bench.wirecount import SocketCounter, find_pids
 from node.inproc import InprocSwarm
 from node.client import StageClient
 from protocol.codec import encode, payload_nbytes
@@ -68,10 +71,37 @@ def local_swarm(size: dict, stages: int, steps: int, device: str) -> dict:
                 "--seq-len", str(size["seq_len"]), "--batch-size", str(size["batch"]),
                 "--microbatches", str(size["micro"]), "--eval-every", "0", "--run-dir", str(Path(tmp) / "run"),
                 "--json-out", str(out)]
-        res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+        identity = str(Path(tmp) / "run" / "head.id")
+        head_p2pd = lambda: [p for p in find_pids(identity) if _is_p2pd(p)]  # noqa: E731
+        with SocketCounter(head_p2pd) as kernel:
+            res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"local swarm failed:\n{res.stderr[-3000:]}")
-        return json.loads(out.read_text())
+        return {**json.loads(out.read_text()), "head_kernel_bytes": kernel.sent + kernel.received}
+
+
+def _is_p2pd(pid: int) -> bool:
+    try:
+        return "p2pd" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def wire_table(swarm: dict) -> tuple[str, dict]:
+    head = swarm["nodes"][0]
+    ours = head["bytes_sent"] + head["bytes_received"]
+    figures = {"code_fwd": swarm["measured_code_bytes_per_token_fwd"], "code_bwd": swarm["measured_code_bytes_per_token_bwd"],
+               "wire_fwd": swarm["measured_wire_bytes_per_token_fwd"], "wire_bwd": swarm["measured_wire_bytes_per_token_bwd"],
+               "head_message_bytes": ours, "head_kernel_bytes": swarm["head_kernel_bytes"],
+               "kernel_over_messages": swarm["head_kernel_bytes"] / ours if ours else 0.0,
+               "compression_vs_bf16": swarm["measured_compression_vs_bf16"]}
+    table = markdown_table(["bytes (head side)", "value"], [
+        ["codec bytes per token per hop, fwd / bwd", f"{figures['code_fwd']:.2f} / {figures['code_bwd']:.2f}"],
+        ["whole messages per token per hop, fwd / bwd", f"{figures['wire_fwd']:.2f} / {figures['wire_bwd']:.2f}"],
+        ["measured compression vs bf16 at width d (messages)", f"{figures['compression_vs_bf16']:.0f}x"],
+        ["head's TCP bytes (kernel) / its message bytes", f"{figures['kernel_over_messages']:.2f}"],
+    ])
+    return table, figures
 
 
 async def hop_overhead(run: RunConfig, corpus, repeats: int) -> dict:
@@ -136,7 +166,7 @@ def main(argv=None) -> int:
     table = markdown_table(["run", "tokens/s (steady)", "vs train-local", "median step s"], rows)
     hop_table = markdown_table(
         ["per-hop measure", "ms"],
-        [["info round trip (empty RPC)", f"{hop['info_rtt_ms']:.2f}"],
+        [["info round trip (rpc_info)", f"{hop['info_rtt_ms']:.2f}"],
          ["stage forward over libp2p", f"{hop['forward_remote_ms']:.2f}"],
          ["same forward computed locally", f"{hop['forward_local_ms']:.2f}"],
          ["overhead per hop (difference)", f"{hop['forward_overhead_ms']:.2f}"]])
@@ -144,14 +174,15 @@ def main(argv=None) -> int:
     print(f"\nModel d={cfg.d_model}, {cfg.n_layers} layers, {args.stages} stages, batch {size['batch']}x{cfg.seq_len} "
           f"in {size['micro']} microbatches, boundary resbm b={cfg.code_width}, {os.cpu_count()} CPU cores, "
           f"{hops_per_step} RPC hops per step\n")
-    print(table + "\n\n" + hop_table)
+    bytes_table, wire = wire_table(swarm)
+    print(table + "\n\n" + hop_table + "\n\n" + bytes_table)
     result = {"size": name, "steps": steps, "stages": args.stages, "config": run.wire_dict(),
               "machine": machine_info(args.device), "train_local": {"tokens_per_s": ref_tps, "step_times": ref_times},
               "local_swarm": {"tokens_per_s": swarm_tps, "step_times": swarm["step_times"],
                               "measured_wire_bytes_per_token_fwd": swarm["measured_wire_bytes_per_token_fwd"],
                               "nodes": swarm["nodes"]},
-              "ratio": swarm_tps / ref_tps, "hop": hop, "hops_per_step": hops_per_step,
-              "table": table, "hop_table": hop_table, "command": " ".join(["python -m bench.swarm_overhead", *(argv or sys.argv[1:])])}
+              "ratio": swarm_tps / ref_tps, "hop": hop, "hops_per_step": hops_per_step, "wire": wire,
+              "table": table, "hop_table": hop_table, "bytes_table": bytes_table, "command": " ".join(["python -m bench.swarm_overhead", *(argv or sys.argv[1:])])}
     write_json(args.json_out, result)
     line_plot(args.png_out, [{
         "title": "tokens/s per step", "xlabel": "step", "ylabel": "tokens/s",
