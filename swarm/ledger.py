@@ -63,9 +63,6 @@ class TrainerLedger:
         key = MicroKey(self.owner, self.step, micro)
         self.routes[micro] = check_route(key, route, self.n_stages)
 
-    def forget(self, micro: int) -> None:
-        self.routes.pop(micro, None)
-
     def to_wire(self) -> dict:
         return {"owner": self.owner, "step": self.step, "routes": [[m, list(r)] for m, r in sorted(self.routes.items())]}
 
@@ -175,6 +172,8 @@ def unpack_plan(data: bytes, n_stages: int) -> ApplyPlan:
     try:
         raw = msgpack.unpackb(data, raw=False)
         step, keys = raw["step"], tuple(MicroKey.from_wire(k) for k in raw["keys"])
+        if type(step) is not int or step < 0:
+            raise LedgerError(f"plan step must be an int >= 0, got {step!r}")
         apply = {}
         for stage, peer, idx in raw["apply"]:
             if not (type(stage) is int and 0 <= stage < n_stages and isinstance(peer, str) and peer):

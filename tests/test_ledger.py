@@ -1,4 +1,5 @@
 """Exactly-once bookkeeping: ledgers merge into one apply plan; everything else is discarded."""
+import msgpack
 import pytest
 
 from swarm.ledger import (LedgerError, MicroKey, TrainerLedger, merge_ledgers, pack_plan, replica_verdict,
@@ -104,13 +105,18 @@ def test_ledger_of_another_step_is_refused():
         merge_ledgers(5, [a, b], {"A", "B"}, S)
 
 
-@pytest.mark.parametrize("data", [b"\x00garbage", b"\x80",
-                                  __import__("msgpack").packb({"step": 1, "keys": [["A", 1, 0]],
-                                                               "apply": [[0, "A", [5]]], "dropped": []}),
-                                  __import__("msgpack").packb({"step": 1, "keys": [["A", 2, 0]],
-                                                               "apply": [], "dropped": []}),
-                                  __import__("msgpack").packb({"step": 1, "keys": [],
-                                                               "apply": [[9, "A", []]], "dropped": []})])
+BAD_PLANS = [
+    b"\x00garbage",
+    b"\x80",
+    msgpack.packb({"step": 1, "keys": [["A", 1, 0]], "apply": [[0, "A", [5]]], "dropped": []}),  # index out of range
+    msgpack.packb({"step": 1, "keys": [["A", 2, 0]], "apply": [], "dropped": []}),           # key of another step
+    msgpack.packb({"step": 1, "keys": [], "apply": [[9, "A", []]], "dropped": []}),          # no stage 9
+    msgpack.packb({"step": "1", "keys": [], "apply": [], "dropped": []}),                    # step not an int
+    msgpack.packb([1, 2, 3]),                                                               # not a map
+]
+
+
+@pytest.mark.parametrize("data", BAD_PLANS)
 def test_malformed_plans_are_refused(data):
     with pytest.raises(LedgerError):
         unpack_plan(data, S)
