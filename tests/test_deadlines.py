@@ -1,0 +1,64 @@
+"""Deadlines shrink along the route: a downstream hop always gives up before its caller."""
+import pytest
+
+from swarm.deadlines import Deadline, HopCosts, backoff_s, chain_costs, route_timeout
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_child_deadlines_end_strictly_before_their_parents():
+    clock = Clock()
+    hops = [0.2, 0.3, 0.3, 0.4]                     # expected fwd+bwd seconds of stages 0..3
+    costs = chain_costs(hops, transit_s=0.1)
+    timeout = route_timeout(hops[1:], transit_s=0.1)
+    ends = []
+    deadline = Deadline(timeout, clock)
+    for k, c in enumerate(costs):
+        ends.append(deadline.end)
+        child = deadline.child_timeout(c)
+        assert child is not None, f"stage {k} had no budget for the rest of the route"
+        clock.t += 0.05                              # the request travels
+        deadline = Deadline(child, clock, transit_s=0.01)
+    ends.append(deadline.end)
+    assert all(b < a for a, b in zip(ends, ends[1:]))
+    assert ends[-1] > clock.t                        # the tail still has time to compute
+
+
+def test_no_child_call_when_the_rest_of_the_route_cannot_fit():
+    clock = Clock()
+    d = Deadline(1.0, clock)
+    costs = HopCosts(transit_s=0.1, backward_s=0.2, min_chain_s=0.5)
+    assert d.child_timeout(costs) == pytest.approx(0.7)
+    clock.t += 0.3
+    assert d.child_timeout(costs) is None            # 0.4 left for a chain that needs 0.5
+    clock.t += 1.0
+    assert d.expired() and d.remaining() == 0.0
+
+
+def test_retry_only_if_the_backoff_leaves_a_useful_budget():
+    clock = Clock()
+    d = Deadline(2.0, clock)
+    costs = HopCosts(transit_s=0.1, backward_s=0.1, min_chain_s=1.0)
+    assert d.may_retry(backoff_s(1), costs)
+    assert not d.may_retry(1.0, costs)
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [backoff_s(n, 0.05, 0.3) for n in (1, 2, 3, 4, 5)] == [0.05, 0.1, 0.2, 0.3, 0.3]
+    with pytest.raises(ValueError):
+        backoff_s(0)
+
+
+def test_route_timeout_and_bad_input():
+    assert route_timeout([1.0, 1.0], slack=3.0, transit_s=0.5) == 8.0
+    assert route_timeout([0.01], floor_s=5.0) == 5.0
+    with pytest.raises(ValueError):
+        route_timeout([-1.0])
+    with pytest.raises(ValueError):
+        Deadline(0.0)
