@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +39,8 @@ class Head:
         self.fp = self.run.fingerprint
         self.codec = self.cfg.wire_codec
         self.client = StageClient(p2p, self.run)
+        # a restarted head that redoes a step its previous run left half done is told apart by this
+        self.session = random.getrandbits(62)
         if metrics.train_loss is None:  # the head computes the loss: it exports it
             metrics.enable_loss()
         self.router = Router(self.cfg.n_stages)
@@ -97,6 +100,8 @@ class Head:
         while True:
             rep = await self._pick(stage, tried, prefer)
             extra = resend if resend and rep.peer_id != prefer else {}
+            if method in ("forward", "backward", "loss"):
+                extra = {**extra, "session": self.session}
             self.router.started(rep)
             t0 = time.perf_counter()
             try:

@@ -351,7 +351,8 @@ class StageServer(ServicerBase):
         x = self._code(tensors, "x", self.codec, shape=grad.shape) if "x" in tensors else None
         tokens = self._tokens(tensors, grad.shape[:2])
         t0 = time.perf_counter()
-        g = await self._compute(self.worker.backward, f["step"], f["micro"], x, grad, tokens, f["catchup"])
+        g = await self._compute(self.worker.backward, f["step"], f["micro"], x, grad, tokens, f["catchup"],
+                                f["session"])
         out = encode(g, self.codec_bwd)
         self.compute.add(time.perf_counter() - t0, 0)
         return {}, {"grad_in": out}
@@ -371,7 +372,7 @@ class StageServer(ServicerBase):
         tokens = self._tokens(tensors, x.shape[:2])
         t0 = time.perf_counter()
         loss, g = await self._compute(self.worker.loss, f["step"], f["micro"], x, targets, f["scale"], tokens, train,
-                                      f["catchup"])
+                                      f["catchup"], f["session"])
         if not train:
             return {"loss": loss}, {}
         out = encode(g, self.codec_bwd)

@@ -85,7 +85,9 @@ class Method:
         return tuple((n.rstrip("?"), n.endswith("?")) for n in (self.reply_tensors if reply else self.tensors))
 
 
-_TRAIN = {"step": _int(), "micro": _int(), "eval": _flag(), "catchup": _flag()}
+# session: which run of the trainer sends the step (a restarted trainer redoing a step gets a new one)
+_TRAIN = {"step": _int(), "micro": _int(), "eval": _flag(), "catchup": _flag(),
+          "session": Field(int, required=False, default=0, minimum=0)}
 METHODS = {m.name: m for m in (
     Method("forward", _TRAIN, ("x", "tokens?"), {}, ("y",), trainer_only=True),
     Method("backward", _TRAIN, ("grad_out", "x?", "tokens?"), {}, ("grad_in",), trainer_only=True),

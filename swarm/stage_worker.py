@@ -40,6 +40,7 @@ class StageWorker:
         self.cache_size = 2 * run.train.microbatches + 2
         self.applied_step = -1
         self.grad_step: int | None = None
+        self.grad_session: int | None = None   # which run of the head (trainer) the held gradients belong to
         self.grad_inputs: dict[int, torch.Tensor | None] = {}   # micro -> grad sent back (for duplicates)
         self.discarded_steps = 0
 
@@ -50,7 +51,7 @@ class StageWorker:
         return out.float()
 
     # --- bookkeeping ---------------------------------------------------------------------------
-    def _open_step(self, step: int, catchup: bool = False) -> None:
+    def _open_step(self, step: int, catchup: bool = False, session: int = 0) -> None:
         if catchup:
             # Microbatches of the step just applied here, whose replica died before applying them:
             # they are recomputed here and applied as one extra update (never lost, never twice).
@@ -63,12 +64,13 @@ class StageWorker:
             return
         if step <= self.applied_step:
             raise StaleRequest(f"step {step} is already applied here (last applied {self.applied_step})")
-        if self.grad_step is not None and self.grad_step != step:
-            # The head moved on without applying that step (it died or restarted): drop its gradients.
+        if self.grad_step is not None and (self.grad_step != step or self.grad_session != session):
+            # The head moved on without applying that step, or it restarted (a new session) and does
+            # that step again: drop the gradients nobody will apply, never refuse the new run's.
             self.opt.zero_grad()
             self.grad_inputs.clear()
             self.discarded_steps += 1
-        self.grad_step = step
+        self.grad_step, self.grad_session = step, session
 
     def _graph(self, step: int, micro: int, x: torch.Tensor, tokens):
         cached = self.cache.get((step, micro))
@@ -94,8 +96,8 @@ class StageWorker:
         return out.detach()
 
     def backward(self, step: int, micro: int, x: torch.Tensor | None, grad_out: torch.Tensor, tokens=None,
-                 catchup: bool = False):
-        self._open_step(step, catchup)
+                 catchup: bool = False, session: int = 0):
+        self._open_step(step, catchup, session)
         if micro in self.grad_inputs:  # a retried call that already counted here: same answer, no re-count
             self.cache.pop((step, micro), None)
             return self.grad_inputs[micro]
@@ -105,12 +107,12 @@ class StageWorker:
         return leaf.grad
 
     def loss(self, step: int, micro: int, x: torch.Tensor, targets: torch.Tensor, scale: float, tokens=None,
-             train: bool = True, catchup: bool = False):
+             train: bool = True, catchup: bool = False, session: int = 0):
         """Last stage: (loss value, gradient w.r.t. x of scale*loss) or (loss, None) when not training."""
         if not train:
             with torch.no_grad():
                 return lm_loss(self._run(x, tokens), targets).item(), None
-        self._open_step(step, catchup)
+        self._open_step(step, catchup, session)
         if micro in self.grad_inputs:
             raise StaleRequest(f"microbatch {micro} of step {step} was already counted here")
         leaf = x.detach().requires_grad_(True)

@@ -109,3 +109,30 @@ def test_only_the_runs_trainers_may_drive_training(corpus):
     assert err.reason == "forbidden" and "not among them" in str(err)
     assert step_err.reason == "forbidden" and applied == -1  # a stranger cannot push the step counter
     assert info["stage"] == 1                                 # reading is open
+
+
+def test_a_restarted_head_redoes_a_half_done_step_exactly_once(corpus):
+    """The head dies after some microbatches of step 0 reached the stages (gradients held, never
+    applied). A new head (a new session) redoes step 0: the stages drop the dead run's gradients
+    instead of refusing the new run's, and apply the step exactly once: as the reference does."""
+    from node.head import Head
+    from node.metrics import NodeMetrics
+    from swarm.stage_worker import StageWorker
+    run = _run()
+    ref = LocalTrainer(run, corpus)
+    ref_loss = ref.train_step()
+
+    async def go():
+        async with InprocSwarm(run, corpus) as sw:
+            await asyncio.gather(*(sw.head.microbatch(0, i) for i in range(2)))  # then the head "dies"
+            new = Head(StageWorker(run, 0), corpus, sw.head.dht, sw.head.p2p, NodeMetrics(), stall_timeout=60)
+            result = await new.train_step(0)
+            stages = [sw.servers[k][0].worker for k in (1, 2)]
+            return result, new.retries, [w.stage.state_dict() for w in stages], [w.discarded_steps for w in stages]
+
+    result, retries, states, discarded = asyncio.run(go())
+    assert result["loss"] == pytest.approx(ref_loss, rel=1e-4)
+    assert retries == 0 and discarded == [1, 1]
+    for k, state in zip((1, 2), states):
+        for n, v in ref.model.stages[k].state_dict().items():
+            torch.testing.assert_close(state[n], v, rtol=1e-3, atol=1e-4, msg=f"stage {k} {n}")
