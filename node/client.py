@@ -11,8 +11,8 @@ from hivemind.proto import runtime_pb2
 
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, payload_nbytes
-from protocol.contract import (INT_TENSORS, METHODS, STATE_CHUNK, check_fields, pack_meta, tensors_from_proto,
-                               tensors_to_proto, unpack_meta)
+from protocol.contract import (INT_TENSORS, METHODS, STATE_CHUNK, check_fields, join_stream_parts, pack_meta,
+                               tensors_from_proto, tensors_to_proto, unpack_meta)
 from protocol.errors import PayloadError
 
 REPLY_METADATA_LIMIT = STATE_CHUNK + (1 << 16)
@@ -91,7 +91,7 @@ class StageClient:
     async def _send(self, stub, method: str, request):
         if request.ByteSize() <= MAX_UNARY_PAYLOAD_SIZE or method not in ("forward", "backward"):
             return await getattr(stub, f"rpc_{method}")(request)
-        from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+        from hivemind.utils.streaming import split_for_streaming
         parts = [p for t in request.tensors for p in split_for_streaming(t, 1 << 20)]
         msgs = [runtime_pb2.ExpertRequest(uid=request.uid, metadata=request.metadata, tensors=parts[:1])] + \
                [runtime_pb2.ExpertRequest(uid=request.uid, tensors=[p]) for p in parts[1:]]
@@ -103,12 +103,8 @@ class StageClient:
         async for reply in await getattr(stub, f"rpc_{method}_stream")(requests()):
             first = first or reply
             received.extend(reply.tensors)
-        tensors, i = [], 0
-        while i < len(received):
-            n = max(received[i].chunks, 1)
-            tensors.append(combine_from_streaming(received[i:i + n]))
-            i += n
-        return runtime_pb2.ExpertResponse(metadata=first.metadata if first else b"", tensors=tensors)
+        return runtime_pb2.ExpertResponse(metadata=first.metadata if first else b"",
+                                          tensors=join_stream_parts(received))
 
     def _check(self, method: str, response, sent_tensors: dict, sent_fields: dict) -> dict:
         """A replica's answer must be what the contract promises: the reply's fields, and codes or

@@ -18,13 +18,13 @@ import torch
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, decode_ints, encode, payload_nbytes
-from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_fields, pack_meta, refusal,
-                               stock_tensors, tensors_from_proto, tensors_to_proto, unpack_meta)
+from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_fields, join_stream_parts, pack_meta,
+                               refusal, stock_tensors, tensors_from_proto, tensors_to_proto, unpack_meta)
 from protocol.errors import PayloadError
 from node.admission import Admission
 from swarm.stage_worker import NeedInput, StageWorker, StaleRequest
@@ -230,33 +230,32 @@ class StageServer(ServicerBase):
 
     async def _serve_stream(self, name: str, requests, context: P2PContext):
         """Streaming variant for large tensors: gather the parts (bounded), serve, split the reply."""
-        request, error = runtime_pb2.ExpertRequest(), None
-        try:
-            request = await self._gather(requests)
-        except PayloadError as e:
-            error = e
+        request, error = await self._gather(requests)
         response = await self._serve(name, request, context, error)
         parts = [p for t in response.tensors for p in split_for_streaming(t, STREAM_PART)]
         yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=response.metadata)
         for part in parts[1:]:
             yield runtime_pb2.ExpertResponse(tensors=[part])
 
-    async def _gather(self, requests) -> runtime_pb2.ExpertRequest:
+    async def _gather(self, requests) -> tuple[runtime_pb2.ExpertRequest, PayloadError | None]:
+        """The streamed request joined into one, or what was wrong with it (uid and metadata of the
+        first part are kept, so the refusal goes back the way the caller reads it)."""
         first, parts, total = None, [], 0
-        async for req in requests:
-            total += req.ByteSize()
-            if total > self.max_request:
-                raise PayloadError("size", f"streamed request exceeds this stage's limit of {self.max_request} bytes")
-            first = first or req
-            parts.extend(req.tensors)
-        if first is None:
-            raise PayloadError("malformed", "empty request stream")
-        tensors, i = [], 0
-        while i < len(parts):
-            n = max(parts[i].chunks, 1)
-            tensors.append(combine_from_streaming(parts[i:i + n]))
-            i += n
-        return runtime_pb2.ExpertRequest(uid=first.uid, metadata=first.metadata, tensors=tensors)
+        try:
+            async for req in requests:
+                total += req.ByteSize()
+                first = first or req
+                if total > self.max_request:
+                    raise PayloadError("size", f"streamed request exceeds this stage's limit of {self.max_request} "
+                                               f"bytes")
+                parts.extend(req.tensors)
+            if first is None:
+                raise PayloadError("malformed", "empty request stream")
+        except PayloadError as e:
+            head = runtime_pb2.ExpertRequest(uid=first.uid, metadata=first.metadata) if first else \
+                runtime_pb2.ExpertRequest()
+            return head, e
+        return runtime_pb2.ExpertRequest(uid=first.uid, metadata=first.metadata, tensors=join_stream_parts(parts)), None
 
     def _parse(self, method, request, stock: bool) -> tuple[dict, dict]:
         if request.uid != self.uid:

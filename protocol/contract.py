@@ -180,6 +180,17 @@ def tensors_from_proto(protos, index, expected: tuple) -> dict:
     return out
 
 
+def join_stream_parts(parts: list) -> list:
+    """Tensors split by hivemind's split_for_streaming (the first part says how many parts follow)."""
+    from hivemind.utils.streaming import combine_from_streaming
+    tensors, i = [], 0
+    while i < len(parts):
+        n = max(parts[i].chunks, 1)
+        tensors.append(combine_from_streaming(parts[i:i + n]))
+        i += n
+    return tensors
+
+
 def stock_tensors(protos, names: tuple) -> dict:
     """Tensors of a stock hivemind client (no metadata): plain float tensors in schema order."""
     if len(protos) != len(names):

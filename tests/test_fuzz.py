@@ -306,3 +306,35 @@ def test_head_refuses_bad_replies_and_retries_on_an_honest_replica():
     results, retries, honest_tokens = asyncio.run(go())
     assert all(np.isfinite(r["loss"]) for r in results)
     assert retries > 0 and honest_tokens > 0
+
+
+def test_streamed_requests_are_served_and_bounded():
+    """The _stream variants (what hivemind clients use above 2 MiB): parts are joined and served like
+    a unary call; a stream longer than the stage's request limit is refused with `size`."""
+    from hivemind.utils.streaming import split_for_streaming
+    from protocol.contract import unpack_meta
+
+    async def stream(h, req, chunk):
+        parts = [p for t in req.tensors for p in split_for_streaming(t, chunk)]
+        msgs = [runtime_pb2.ExpertRequest(uid=req.uid, metadata=req.metadata, tensors=parts[:1])] + \
+               [runtime_pb2.ExpertRequest(uid=req.uid, tensors=[p]) for p in parts[1:]]
+
+        async def gen():
+            for m in msgs:
+                yield m
+        stub = StageServer.get_stub(h.attacker, PeerID.from_base58(h.peer(1)))
+        replies = [r async for r in await stub.rpc_forward_stream(gen())]
+        return unpack_meta(replies[0].metadata), [t for r in replies for t in r.tensors]
+
+    async def go():
+        h = await Harness().start()
+        try:
+            ok = await stream(h, fwd(eval=True)[2], 100)
+            too_big = await stream(h, fwd(x=code(2, 32, B, data=os.urandom(h.servers[1].max_request)))[2], 1 << 20)
+            return ok, too_big
+        finally:
+            await h.stop()
+
+    (meta, tensors), (refused, _) = asyncio.run(go())
+    assert meta["ok"] is True and [list(t.size) for t in tensors][:1] == [[2, 32, B]]
+    assert refused["ok"] is False and refused["reason"] == "size" and "limit" in refused["error"]
