@@ -33,22 +33,25 @@ class Announcer:
         self.dht, self.run_id, self.peer_id, self.period_s = dht, run_id, peer_id, period_s
         self.subkey = owner_subkey(peer_id, validator)
         self.started = get_dht_time()
+        self.expires = 0.0  # of our last record: the DHT keeps the value that expires last
 
     async def publish(self, stage: int, fingerprint: str, throughput: float, queue: int, step: int,
-                      serving: bool = True, ttl: float | None = None) -> bool:
+                      serving: bool = True, ttl: float | None = None, state: str | None = None) -> bool:
         value = stage_record(stage=stage, peer_id=self.peer_id, throughput=float(throughput), queue=int(queue),
                              fingerprint=fingerprint, step=int(step), serving=serving, started=float(self.started),
-                             updated=float(get_dht_time()))
+                             updated=float(get_dht_time()), state=state or ("serving" if serving else "draining"))
         ttl = ttl if ttl is not None else 3 * self.period_s
-        return await self.dht.store(stages_key(self.run_id), value, get_dht_time() + ttl, subkey=self.subkey,
+        # A newer record with an earlier expiration would be ignored: never expire before the last one.
+        self.expires = max(get_dht_time() + ttl, self.expires + 1e-3)
+        return await self.dht.store(stages_key(self.run_id), value, self.expires, subkey=self.subkey,
                                     return_future=True)
 
-    async def run(self, stage: int, fingerprint: str, server) -> None:
+    async def run(self, stage: int, fingerprint: str, server, state: str = "serving") -> None:
         """Refresh our record every period until cancelled."""
         while True:
             try:
                 ok = await self.publish(stage, fingerprint, server.throughput, server.inflight,
-                                        server.worker.applied_step)
+                                        server.worker.applied_step, serving=state == "serving", state=state)
                 if not ok:
                     log.warning("DHT refused our stage record (is the clock or the key wrong?)")
             except Exception as e:
