@@ -38,8 +38,9 @@ def load_export(path: str, device: str = "cpu") -> tuple[RunConfig, StagedModel,
 def stage_weights(path: str, run: RunConfig, index: int) -> tuple[dict, int]:
     """(parameters of stage `index`, its step) from an export file of a run with the same model."""
     exported, model, steps = load_export(path)
-    if exported.model != run.model:
-        raise ValueError(f"{path} holds another model (fingerprint {exported.fingerprint}, not {run.fingerprint})")
+    model_fields = lambda r: {k: v for k, v in r.wire_dict().items() if k.startswith("model.")}  # noqa: E731
+    if model_fields(exported) != model_fields(run):
+        raise ValueError(f"{path} holds another model than run {run.run_id} (its run: {exported.fingerprint})")
     return model.stages[index].state_dict(), int(steps.get(str(index), -1))
 
 
