@@ -36,6 +36,8 @@ class NodeState(str, enum.Enum):
     STOPPED = "stopped"
 
 
+LEFT = (NodeState.DRAINING.value, NodeState.STOPPED.value)  # records of nodes that no longer count
+
 # Allowed transitions; any state may also end in STOPPED (a signal or an error).
 NEXT = {NodeState.JOINING: {NodeState.LOADING}, NodeState.LOADING: {NodeState.SERVING},
         NodeState.SERVING: {NodeState.DRAINING}, NodeState.DRAINING: {NodeState.MOVING},
@@ -97,9 +99,9 @@ class Node:
     async def publish(self, stage: int, throughput: float = 0.0, step: int = -1) -> None:
         """One record saying where we are; best effort (a node that cannot publish still works)."""
         try:
-            await asyncio.wait_for(self.announcer.publish(
-                stage, self.run_cfg.fingerprint, throughput, 0, step, serving=False,
-                ttl=3 * self.announcer.period_s + 5, state=self.state.value), 5.0)
+            # (It replaces our serving record: the announcer makes it expire after that one.)
+            await asyncio.wait_for(self.announcer.publish(stage, self.run_cfg.fingerprint, throughput, 0, step,
+                                                          serving=False, state=self.state.value), 5.0)
         except Exception as e:
             log.warning("could not publish the %s record: %s", self.state.value, e)
 
@@ -297,7 +299,8 @@ async def choose_auto_stage(dht, run, preferred: int | None) -> int:
 
 
 async def watch_balance(dht, run, stage: int, server, every_s: float, just_moved: bool) -> int:
-    """Returns the stage to move to once the swarm is badly unbalanced (see swarm/balance.py)."""
+    """Returns the stage to move to once the swarm is badly unbalanced (see swarm/balance.py). Nodes that
+    are loading or moving count where they are going; nodes that are leaving do not count at all."""
     from node.announce import read_stage_records
     from swarm.balance import move_target, quality, stage_totals
     if just_moved:  # dwell: a node that just moved stays a while, whatever the numbers say
@@ -309,7 +312,8 @@ async def watch_balance(dht, run, stage: int, server, every_s: float, just_moved
         except Exception as e:  # the DHT hiccuped: look again next time
             log.warning("balance check failed: %s", e)
             continue
-        totals = stage_totals(records, range(1, run.model.n_stages))
+        present = {k: [r for r in recs if r["state"] not in LEFT] for k, recs in records.items()}
+        totals = stage_totals(present, range(1, run.model.n_stages))
         target = move_target(totals, stage, server.throughput)
         if target is not None:
             log.warning("swarm balance quality %.2f is low: moving from stage %d to stage %d", quality(totals),
