@@ -53,14 +53,8 @@ async def _trained_states(run):
         for step in range(2):
             await sw.head.train_step(step)
         live = sw.servers[2][0].worker
-        dht = start_dht(run.run_id, sw.peers)
-        try:
-            p2p = await dht.replicate_p2p()
-            joiner = build_worker(run, 2, META)
-            message = await initial_state(dht, p2p, joiner, None, str(dht.peer_id))
-            await p2p.shutdown()
-        finally:
-            dht.shutdown()
+        joiner = build_worker(run, 2, META)
+        message = await sw.load_joiner(joiner)
         models = {0: sw.head.worker.stage.state_dict(), 1: sw.servers[1][0].worker.stage.state_dict(),
                   2: live.stage.state_dict()}
         return message, joiner, live.state_bytes(), models

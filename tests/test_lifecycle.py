@@ -3,24 +3,19 @@ checkpoint, and an auto node moving to another stage in the same process. Each n
 from its log ("state a -> b") and, independently, from its signed stage records in the DHT, polled
 by this test while the nodes run."""
 import asyncio
-import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from node.announce import read_stage_records
-from node.args import identity_peer_id
+from node.args import identity_peer_id, parse_run_config
 from node.dht import start_dht
+from node.local import Swarm
 
 pytestmark = pytest.mark.swarm
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
         "--batch-size", "4", "--microbatches", "2", "--stages", "3"]
 RUN_ID = "life"
@@ -59,54 +54,19 @@ class RecordWatcher(threading.Thread):
         assert stage_state in self.seen.get(peer, []), (peer, stage_state, self.seen.get(peer))
 
 
-class Nodes:
-    def __init__(self, tmp: Path):
-        self.tmp, self.procs = tmp, []
+def log_of(swarm, name) -> str:
+    return (swarm.run_dir / f"{name}.log").read_text(errors="replace")
 
-    def start(self, name, argv):
-        log = self.tmp / f"{name}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "node.cli", *argv], cwd=ROOT, stdout=open(log, "a"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
 
-    def join(self, name, stage, peers, *extra):
-        return self.start(name, ["join", "--stage", str(stage), "--initial-peers", *peers, "--run-id", RUN_ID,
-                                 "--identity", str(self.tmp / f"{name}.id"), "--checkpoint-dir",
-                                 str(self.tmp / "ckpt"), *extra])
+def states_of(swarm, *names) -> list[str]:
+    return [m.group(1) for n in names for m in re.finditer(r"state \S+ -> (\w+)", log_of(swarm, n))]
 
-    def log(self, name) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
 
-    def states(self, name) -> list[str]:
-        return [m.group(1) for m in re.finditer(r"state \S+ -> (\w+)", self.log(name))]
-
-    def wait_for(self, name, pattern, timeout=120.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if re.search(pattern, self.log(name)):
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"{name}: no {pattern!r} in {timeout:.0f}s:\n{self.log(name)[-3000:]}")
-
-    def stop(self, name, timeout=60.0):
-        proc = next(p for n, p in self.procs if n == name)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=timeout) == 0, self.log(name)[-3000:]
-
-    def kill_all(self):
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def stop(swarm, name, timeout=60.0) -> None:
+    """SIGTERM one node and expect a clean exit."""
+    _, proc, _ = next(p for p in swarm.procs if p[0] == name)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=timeout) == 0, log_of(swarm, name)[-3000:]
 
 
 def subsequence(short, long) -> bool:
@@ -115,68 +75,59 @@ def subsequence(short, long) -> bool:
 
 
 def test_join_walks_every_lifecycle_transition(tmp_path):
-    nodes = Nodes(tmp_path)
+    swarm = Swarm(tmp_path, 1, parse_run_config(TINY, run_id=RUN_ID))
     watcher = None
     peer = {n: identity_peer_id(str(tmp_path / f"{n}.id")) for n in ("a", "b", "c")}
+    serving = "state loading -> serving"
     try:
-        addr = tmp_path / "addr"
-        nodes.start("boot", ["bootstrap", *TINY, "--run-id", RUN_ID, "--addr-file", str(addr)])
-        nodes.wait_for("boot", "is up", 60)
-        peers = addr.read_text().split()
+        peers = swarm.start_bootstrap()
         watcher = RecordWatcher(peers)
         watcher.start()
-        # fresh: nobody serves stage 1 and there is no checkpoint
-        nodes.join("a", 1, peers)
-        nodes.wait_for("a", r"state loading -> serving")
-        # from a live replica: b takes a's state
-        nodes.join("b", 1, peers)
-        nodes.wait_for("b", r"state loading -> serving")
+        # fresh: nobody serves stage 1 and there is no checkpoint; then b takes a's live state
         for n in "ab":
+            swarm.start_stage(n, 1, peers)
+            swarm.wait_for_line(n, serving, 120)
             watcher.wait_seen(peer[n], (1, "serving"))
-        nodes.stop("b")
-        nodes.stop("a")
-        # from its checkpoint (a again, same identity), and c from a's live state, both auto nodes told to
-        # start on stage 1. Stage 2 has nobody, so one of them moves there, in the same process.
+        stop(swarm, "b")
+        stop(swarm, "a")
+        # a again (same identity) resumes from its checkpoint, c takes a's live state; both are auto nodes
+        # told to start on stage 1. Stage 2 has nobody, so one of them moves there, in the same process.
         auto = ["--auto-target", "1", "--rebalance-every", "2"]
-        nodes.join("a", "auto", peers, *auto)
-        nodes.wait_for("a", r"resumed from checkpoint[\s\S]*state loading -> serving")
-        nodes.join("c", "auto", peers, *auto)
-        nodes.wait_for("c", r"state loading -> serving")
+        swarm.start_stage("a2", "auto", peers, extra=[*auto, "--identity", str(tmp_path / "a.id")])
+        swarm.wait_for_line("a2", serving, 120)
+        swarm.start_stage("c", "auto", peers, extra=auto)
+        swarm.wait_for_line("c", serving, 120)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any("moving" in nodes.states(n) for n in "ac"):
+        while time.monotonic() < deadline and not any("moving" in states_of(swarm, n) for n in ("a2", "c")):
             time.sleep(0.5)
-        mover = next((n for n in "ac" if "moving" in nodes.states(n)), None)
-        assert mover, nodes.log("a")[-3000:]
-        nodes.wait_for(mover, r"state moving -> loading \(stage 2\)[\s\S]*state loading -> serving")
-        stayer = "c" if mover == "a" else "a"
-        watcher.wait_seen(peer[mover], (2, "serving"))
-        watcher.wait_seen(peer[stayer], (1, "serving"))
-        nodes.stop(stayer)
-        nodes.stop(mover)
+        mover = next((n for n in ("a2", "c") if "moving" in states_of(swarm, n)), None)
+        assert mover, log_of(swarm, "a2")[-3000:]
+        stayer = "c" if mover == "a2" else "a2"
+        swarm.wait_for_line(mover, "stage 2 serving:", 120)
+        watcher.wait_seen(peer[mover[0]], (2, "serving"))
+        watcher.wait_seen(peer[stayer[0]], (1, "serving"))
+        stop(swarm, stayer)
+        stop(swarm, mover)
         time.sleep(1)
     finally:
-        nodes.kill_all()
+        swarm.stop()
         if watcher is not None:
             watcher.done.set()
             watcher.join(timeout=30)
 
-    runs_a = nodes.log("a").split("state - -> joining")[1:]  # a ran twice
-    assert len(runs_a) == 2
-    assert "starting from initialisation" in runs_a[0] and "resumed from checkpoint" in runs_a[1]
-    assert "from live replica" in nodes.log("b") and "from live replica" in nodes.log("c")
-    assert (nodes.log("a") + nodes.log("c")).count("moving from stage 1 to stage 2") == 1  # one move is enough
-    assert "DHT refused" not in runs_a[1]  # a restart's records replace the previous run's at once
+    assert "starting from initialisation" in log_of(swarm, "a") and "resumed from checkpoint" in log_of(swarm, "a2")
+    assert "from live replica" in log_of(swarm, "b") and "from live replica" in log_of(swarm, "c")
+    assert (log_of(swarm, "a2") + log_of(swarm, "c")).count("moving from stage 1 to stage 2") == 1  # one is enough
+    assert "DHT refused" not in log_of(swarm, "a2")  # a restart's records replace the previous run's at once
     once = FIRST_TURN + LEAVE
     moved = FIRST_TURN + ["draining", "moving", "loading", "serving"] + LEAVE
-    assert nodes.states("b") == once
-    assert nodes.states("a") == once + (moved if mover == "a" else once)
-    assert nodes.states("c") == (moved if mover == "c" else once)
+    assert states_of(swarm, "a") == states_of(swarm, "b") == states_of(swarm, stayer) == once
+    assert states_of(swarm, mover) == moved
 
     # The records tell the same story, as far as polling catches it (loading may be too quick to see).
-    for n in "abc":
+    for n, runs in (("a", ("a", "a2")), ("b", ("b",)), ("c", ("c",))):
         seen = watcher.states(peer[n])
-        assert subsequence(seen, nodes.states(n)), (n, watcher.seen.get(peer[n]))
+        assert subsequence(seen, states_of(swarm, *runs)), (n, watcher.seen.get(peer[n]))
         assert "serving" in seen and seen[-1] == "stopped", (n, watcher.seen.get(peer[n]))
-    seen = watcher.seen[peer[mover]]
-    assert (1, "serving") in seen and (2, "serving") in seen, seen
+    seen = watcher.seen[peer[mover[0]]]
     assert seen.index((1, "serving")) < seen.index((2, "serving")) and seen[-1] == (2, "stopped"), seen
