@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from protocol import PROTOCOL_VERSION
+
 log = logging.getLogger("resbm.node")
 
 DRAIN_TIMEOUT_S = 10.0  # requests still in flight after this are abandoned (their callers retry elsewhere)
@@ -141,7 +143,7 @@ class Node:
         self.enter(NodeState.LOADING, f"stage {stage}")
         run, a = self.run_cfg, self.args
         worker = build_worker(run, stage, self.device)
-        self.metrics.info.info({"version": str(self._version()), "stage": str(stage), "peer_id": self.peer_id,
+        self.metrics.info.info({"version": str(PROTOCOL_VERSION), "stage": str(stage), "peer_id": self.peer_id,
                                 "fingerprint": run.fingerprint, "run_id": run.run_id})
         averager = self._averager(stage, worker)
         t = self.turn = Turn(stage, worker, make_server(worker, self.metrics, self.peer_id, averager), averager,
@@ -167,11 +169,6 @@ class Node:
             return len((await read_stage_records(self.dht, run.run_id, run.fingerprint)).get(stage, []))
         return ReplicaAverager(self.dht, run.run_id, stage, worker.stage, run.train.average_every, count_replicas,
                                self.metrics, tau=default_tau(run.train.lr, run.train.average_every))
-
-    @staticmethod
-    def _version() -> int:
-        from protocol import PROTOCOL_VERSION
-        return PROTOCOL_VERSION
 
     # --- serving ---------------------------------------------------------------------------------
     async def _serve(self) -> int | None:

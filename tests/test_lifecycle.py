@@ -131,3 +131,21 @@ def test_join_walks_every_lifecycle_transition(tmp_path):
         assert "serving" in seen and seen[-1] == "stopped", (n, watcher.seen.get(peer[n]))
     seen = watcher.seen[peer[mover[0]]]
     assert seen.index((1, "serving")) < seen.index((2, "serving")) and seen[-1] == (2, "stopped"), seen
+
+
+def test_only_the_lifecycle_transitions_are_allowed():
+    from node.lifecycle import Node, NodeState as S
+    node = Node(args=None)
+    for state in (S.JOINING, S.LOADING, S.SERVING, S.DRAINING, S.MOVING, S.LOADING, S.SERVING, S.DRAINING):
+        node.enter(state)
+    with pytest.raises(RuntimeError, match="no transition from draining to serving"):
+        node.enter(S.SERVING)
+    node.enter(S.STOPPED)
+    with pytest.raises(RuntimeError):
+        node.enter(S.LOADING)
+    skipping = Node(args=None)
+    skipping.enter(S.JOINING)
+    with pytest.raises(RuntimeError, match="joining to serving"):
+        skipping.enter(S.SERVING)  # never serve a stage that was not loaded
+    skipping.enter(S.STOPPED)  # a signal or an error stops a node in any state
+    assert node.history[-1] == "stopped" and skipping.history == ["joining", "stopped"]
