@@ -56,13 +56,6 @@ def run_config(size: dict, variant: str) -> RunConfig:
                      run_id=f"bw-{variant}")
 
 
-def cli_args(run: RunConfig) -> list[str]:
-    m, t = run.model, run.train
-    return ["--d-model", str(m.d_model), "--layers", str(m.n_layers), "--heads", str(m.n_heads), "--seq-len",
-            str(m.seq_len), "--stages", str(m.n_stages), "--ratio", str(m.ratio), "--boundary", m.boundary,
-            "--codec", m.codec, "--batch-size", str(t.batch_size), "--microbatches", str(t.microbatches)]
-
-
 def compute_bound(run: RunConfig, corpus, steps: int, warmup: int) -> float:
     """Best tokens/s of the staged model in one process, with 1 thread or all cores (on a busy
     machine OpenMP's spinning threads can make 'all cores' the slower one)."""
@@ -87,7 +80,7 @@ def swarm_in_lab(run: RunConfig, rate: float, size: dict, workdir: Path) -> dict
     with NetnsLab(n_hosts, rate_mbit=rate or None) as lab:
         run_dir = workdir / f"{run.run_id}-{rate:g}"
         run_dir.mkdir(parents=True)
-        swarm = Swarm(run_dir, threads=1, run_id=run.run_id, run_argv=cli_args(run))
+        swarm = Swarm(run_dir, threads=1, run=run)
         wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731
         host = lambda i: lab.hosts[i].ip  # noqa: E731
         try:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench.plotting import line_plot, machine_info, markdown_table, smooth, write_json
+from node.args import parse_run_config
 from node.local import Swarm
 
 SIZES = {
@@ -37,11 +38,11 @@ SIZES = {
 
 def one_run(size: dict, duration: float, churn: bool, kill_every: float, restart_after: float, seed: int,
             workdir: Path, replicas: int = 2) -> dict:
-    stages = int(size["argv"][size["argv"].index("--stages") + 1])
+    run = parse_run_config([*size["argv"], "--average-every", "5"], run_id="churn" if churn else "steady")
+    stages = run.model.n_stages
     run_dir = workdir / ("churn" if churn else "steady")
     run_dir.mkdir(parents=True)
-    swarm = Swarm(run_dir, threads=1, run_id="churn" if churn else "steady",
-                  run_argv=[*size["argv"], "--average-every", "5"])
+    swarm = Swarm(run_dir, threads=1, run=run)
     rng = random.Random(seed)
     events = []
     try:

@@ -33,22 +33,25 @@ class Announcer:
         self.dht, self.run_id, self.peer_id, self.period_s = dht, run_id, peer_id, period_s
         self.subkey = owner_subkey(peer_id, validator)
         self.started = get_dht_time()
+        self.expires: dict[int, float] = {}  # per stage key, of our last record: the DHT keeps the latest-expiring
 
     async def publish(self, stage: int, fingerprint: str, throughput: float, queue: int, step: int,
-                      serving: bool = True, ttl: float | None = None) -> bool:
+                      serving: bool = True, ttl: float | None = None, state: str | None = None) -> bool:
         value = stage_record(stage=stage, peer_id=self.peer_id, throughput=float(throughput), queue=int(queue),
                              fingerprint=fingerprint, step=int(step), serving=serving, started=float(self.started),
-                             updated=float(get_dht_time()))
+                             updated=float(get_dht_time()), state=state or ("serving" if serving else "draining"))
         ttl = ttl if ttl is not None else 3 * self.period_s
-        return await self.dht.store(stage_key(self.run_id, stage), value, get_dht_time() + ttl, subkey=self.subkey,
+        # A newer record with an earlier expiration would be ignored: never expire before the last one.
+        expires = self.expires[stage] = max(get_dht_time() + ttl, self.expires.get(stage, 0.0) + 1e-3)
+        return await self.dht.store(stage_key(self.run_id, stage), value, expires, subkey=self.subkey,
                                     return_future=True)
 
-    async def run(self, stage: int, fingerprint: str, server) -> None:
+    async def run(self, stage: int, fingerprint: str, server, state: str = "serving") -> None:
         """Refresh our record every period until cancelled."""
         while True:
             try:
                 ok = await self.publish(stage, fingerprint, server.throughput, server.inflight,
-                                        server.worker.applied_step)
+                                        server.worker.applied_step, serving=state == "serving", state=state)
                 if not ok:
                     log.warning("DHT refused our stage record (is the clock or the key wrong?)")
             except Exception as e:
@@ -123,7 +126,8 @@ async def watch_swarm(dht: DHT, run, server, period_s: float = 5.0) -> None:
             records = await read_stage_records(dht, run, include_idle=True)
             steps = [r["step"] for recs in records.values() for r in recs]
             server.swarm_step = max(steps) if steps else None
-            server.admission.joining = {r["peer_id"] for r in records.get(server.index, []) if not r["serving"]}
+            server.admission.joining = {r["peer_id"] for r in records.get(server.index, [])
+                                        if r["state"] in ("joining", "loading")}
         except Exception as e:
             log.debug("could not read the swarm's records: %s", e)
         await asyncio.sleep(period_s)

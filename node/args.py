@@ -1,54 +1,167 @@
-"""Command-line arguments shared by the subcommands that describe a run."""
+"""What the command line says about a run, shared by every subcommand.
+
+The model and training flags are generated from the fields of swarm.config's ModelConfig and
+TrainConfig (type, default, help and choices live there, once), so every field can be set and a
+new field needs no flag written by hand. Nothing here imports torch or hivemind at module level:
+`resbm-node --help` must answer fast.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
 
-import torch
+from swarm.config import DEFAULT_RUN_ID, ConfigError, ModelConfig, RunConfig, TrainConfig
 
-from protocol.codec import CODECS
-from swarm.config import BOUNDARIES, OPTIMIZERS, ConfigError, ModelConfig, RunConfig, TrainConfig
-
-
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and training (must match across the swarm)")
-    g.add_argument("--d-model", type=int, default=256, help="hidden width d (default 256)")
-    g.add_argument("--layers", type=int, default=4, help="transformer layers in total")
-    g.add_argument("--heads", type=int, default=4, help="attention heads")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    g.add_argument("--stages", type=int, default=2, help="pipeline stages S")
-    g.add_argument("--ratio", type=int, default=128, help="compression ratio: code width b = d / ratio")
-    g.add_argument("--boundary", choices=BOUNDARIES, default="resbm", help="what crosses a stage boundary")
-    g.add_argument("--codec", choices=CODECS, default="bf16", help="wire codec for codes and gradients")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
-    g.add_argument("--microbatches", type=int, default=4, help="microbatches per step (pipelined in a swarm)")
-    g.add_argument("--average-every", type=int, default=10, help="replicas of a stage average every N steps")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--trainer", action="append", default=[], metavar="PEER_ID",
-                   help="peer id allowed to drive training (the head; see `resbm-node identity`); repeatable. "
-                        "Without it any peer may send training calls: fine on a private network only")
+SECTIONS = (("model", ModelConfig), ("train", TrainConfig))
 
 
-def run_config_from_args(args) -> RunConfig:
+# --- model and training flags, generated from the config dataclasses ----------------------------
+def _flags(f: dataclasses.Field) -> list[str]:
+    """The field's flag, then --field-name as an alias when the flag is a shorter, older name."""
+    own = "--" + f.name.replace("_", "-")
+    flag = f.metadata.get("flag") or own
+    return [flag] if flag == own else [flag, own]
+
+
+def _add_field(group, section: str, f: dataclasses.Field, default) -> None:
+    meta = f.metadata
+    kw = dict(dest=f"{section}.{f.name}", help=meta["help"].replace("%", "%%"), choices=meta.get("choices"),
+              metavar=meta.get("metavar") or (None if meta.get("choices") else f.name.upper()))
+    if isinstance(f.default, tuple):  # repeatable, and several values after one flag: --trainer A --trainer B
+        kw.update(action="extend", nargs="+", type=meta["item"], default=list(default))
+    else:
+        kw.update(type=type(f.default), default=default)
+        kw["help"] += " (default: %(default)r)" if isinstance(f.default, str) else " (default: %(default)s)"
+    group.add_argument(*_flags(f), **kw)
+
+
+def add_run_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per ModelConfig/TrainConfig field; `defaults` (field name -> value) overrides the
+    dataclass default for this subcommand (e.g. `local` trains 4 stages by default)."""
+    titles = {"model": "model (must match across the swarm)", "train": "training (must match across the swarm)"}
+    unknown = set(defaults) - {f.name for _, cls in SECTIONS for f in dataclasses.fields(cls)}
+    assert not unknown, f"no config field named {unknown}"
+    for section, cls in SECTIONS:
+        group = p.add_argument_group(titles[section])
+        for f in dataclasses.fields(cls):
+            _add_field(group, section, f, defaults.get(f.name, f.default))
+
+
+def run_config_from_args(args, run_id: str | None = None) -> RunConfig:
+    """The RunConfig the generated flags describe; a bad combination exits with the config's message."""
+    parts = {}
+    for section, cls in SECTIONS:
+        values = {f.name: getattr(args, f"{section}.{f.name}") for f in dataclasses.fields(cls)}
+        parts[section] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
-        model = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
-                            n_stages=args.stages, ratio=args.ratio, boundary=args.boundary, codec=args.codec,
-                            seed=args.seed)
-        train = TrainConfig(optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
-                            batch_size=args.batch_size, microbatches=args.microbatches,
-                            average_every=args.average_every, trainers=tuple(getattr(args, "trainer", [])),
-                            steps=getattr(args, "steps", 0) or 0)
+        return RunConfig(model=ModelConfig(**parts["model"]), train=TrainConfig(**parts["train"]),
+                         run_id=run_id or getattr(args, "run_id", None) or DEFAULT_RUN_ID)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
-    return RunConfig(model=model, train=train, run_id=getattr(args, "run_id", "resbm"))
 
 
-def resolve_device(name: str) -> torch.device:
+def parse_run_config(argv: list[str], run_id: str = DEFAULT_RUN_ID) -> RunConfig:
+    """A RunConfig from model/training flags, e.g. a benchmark's size table."""
+    p = argparse.ArgumentParser(prog="run-config")
+    add_run_args(p)
+    return run_config_from_args(p.parse_args(argv), run_id)
+
+
+# --- run config files -----------------------------------------------------------------------------
+def load_config_file(path: str) -> RunConfig:
+    try:
+        return RunConfig.from_wire_dict(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError, ConfigError) as e:
+        raise SystemExit(f"error: cannot use config file {path}: {e}")
+
+
+def save_config_file(run: RunConfig, path: str | Path) -> Path:
+    """The run config JSON that `join --config` and `bootstrap --config` read (written atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(run.wire_dict(), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def chosen_run_id(requested: str | None, config: RunConfig | None) -> str:
+    """--run-id, else the run id inside --config, else the default; the two must not disagree."""
+    if config is not None:
+        if requested and requested != config.run_id:
+            raise SystemExit(f"error: --run-id {requested} but the --config file is for run {config.run_id}")
+        return config.run_id
+    return requested or DEFAULT_RUN_ID
+
+
+async def resolve_run_config(dht, run_id: str, config_path: str | None = None, timeout_s: float = 30.0) -> RunConfig:
+    """The published run config; a --config file must match it exactly (fingerprint)."""
+    import asyncio
+    import logging
+    import time
+    from node.announce import fetch_config
+    from protocol import PROTOCOL_VERSION
+    from protocol.fingerprint import describe_diff
+    local = load_config_file(config_path) if config_path else None
+    deadline = time.monotonic() + timeout_s
+    published = await fetch_config(dht, run_id)
+    while published is None and time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        published = await fetch_config(dht, run_id)
+    if published is None:
+        if local is None:
+            raise SystemExit(f"error: no run config for run {run_id!r} found in the DHT after {timeout_s:.0f}s; "
+                             f"is the bootstrap of this run up, or pass --config")
+        logging.getLogger("resbm.config").warning("no published config for run %s; using --config %s "
+                                                  "(fingerprint %s)", run_id, config_path, local.fingerprint)
+        return local
+    if published.get("version") != PROTOCOL_VERSION:
+        raise SystemExit(f"error: the swarm speaks protocol version {published.get('version')}, this node "
+                         f"{PROTOCOL_VERSION}; install the matching resbm-swarm release")
+    run = RunConfig.from_wire_dict(published["config"])
+    if run.fingerprint != published.get("fingerprint"):
+        raise SystemExit("error: the published run config does not match its own fingerprint (corrupt record)")
+    if local is not None and local.fingerprint != run.fingerprint:
+        diff = describe_diff(local.wire_dict(), run.wire_dict())
+        raise SystemExit(f"error: --config {config_path} (fingerprint {local.fingerprint}) differs from the swarm's "
+                         f"run config ({run.fingerprint}): " + "; ".join(diff))
+    return run
+
+
+# --- where to connect, monitoring ------------------------------------------------------------------
+def add_connect_args(p) -> None:
+    g = p.add_argument_group("where to connect")
+    g.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
+                   help="multiaddrs of running peers, e.g. the bootstrap's /ip4/.../tcp/.../p2p/...")
+    g.add_argument("--run-id", default=None,
+                   help=f"run to join (DHT namespace; default: the one in --config, else {DEFAULT_RUN_ID!r})")
+    g.add_argument("--identity", default=None, help="libp2p identity file; created if missing, keeps the peer id")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a public node)")
+    g.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")
+    g.add_argument("--announce", nargs="*", default=None, metavar="MULTIADDR",
+                   help="addresses others should dial (e.g. your public IP) if not the listen address")
+    g.add_argument("--public", action="store_true",
+                   help="enable hivemind NAT traversal (AutoNAT, UPnP, relays) for a node behind NAT")
+
+
+def add_monitoring_args(p) -> None:
+    g = p.add_argument_group("monitoring")
+    g.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    g.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address for /metrics (0.0.0.0 to let a Prometheus on another host scrape it)")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+# --- devices and identities ------------------------------------------------------------------------
+def resolve_device(name: str):
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {name}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} asked for, but this machine has no usable CUDA GPU")
     return dev

@@ -3,15 +3,12 @@ publishes the run config (with its fingerprint) that every joining node checks."
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from pathlib import Path
 
-from node.args import add_run_args, run_config_from_args
-from node.dht import AddressError, start_dht, visible_maddrs
-from node.join import add_common_peer_args, load_config_file
-from node.runtime import SocketJanitor, close_hivemind, setup_logging, stop_event_on_signals
+from node.args import (add_connect_args, add_monitoring_args, add_run_args, chosen_run_id, load_config_file,
+                       run_config_from_args, save_config_file)
 
 log = logging.getLogger("resbm.bootstrap")
 
@@ -20,19 +17,25 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bootstrap", help="start a DHT-only peer that publishes the run config",
                        description="Start the swarm's meeting point. Prints the multiaddrs to pass as "
                                    "--initial-peers. Use --identity to keep the same address across restarts.")
-    add_common_peer_args(p)
+    add_connect_args(p)
+    g = p.add_argument_group("the run")
+    g.add_argument("--config", default=None, help="run config JSON instead of the model/training flags")
+    g.add_argument("--save-config", default=None, help="also write the run config JSON here (for `join --config`)")
+    g.add_argument("--addr-file", default=None, help="write the multiaddrs here, one per line, once ready")
+    add_monitoring_args(p)
     add_run_args(p)
-    p.add_argument("--config", default=None, help="run config JSON instead of the model/training flags")
-    p.add_argument("--save-config", default=None, help="also write the run config JSON here (for `join --config`)")
-    p.add_argument("--addr-file", default=None, help="write the multiaddrs here, one per line, once ready")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
+    from node.dht import AddressError
+    from node.runtime import setup_logging
     setup_logging(args.verbose)
-    run = load_config_file(args.config) if args.config else run_config_from_args(args)
-    if args.config and run.run_id != args.run_id:
-        args.run_id = run.run_id
+    if args.config:
+        run = load_config_file(args.config)
+        chosen_run_id(args.run_id, run)  # refuses a --run-id that contradicts the file
+    else:
+        run = run_config_from_args(args, chosen_run_id(args.run_id, None))
     try:
         import uvloop
         return uvloop.run(_main(args, run))
@@ -44,6 +47,8 @@ def main(args) -> int:
 async def _main(args, run) -> int:
     from hivemind.dht.crypto import RSASignatureValidator
     from node.announce import publish_config
+    from node.dht import start_dht, visible_maddrs
+    from node.runtime import SocketJanitor, close_hivemind, stop_event_on_signals
     validator = RSASignatureValidator()
     janitor = SocketJanitor()
     stop = stop_event_on_signals(asyncio.get_running_loop())
@@ -54,7 +59,7 @@ async def _main(args, run) -> int:
         if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator):
             raise SystemExit("error: the DHT refused the run config record")
         if args.save_config:
-            Path(args.save_config).write_text(json.dumps(run.wire_dict(), indent=1))
+            save_config_file(run, args.save_config)
         addrs = visible_maddrs(dht)
         print(f"bootstrap of run {run.run_id!r} (fingerprint {run.fingerprint}) is up. Others join with:",
               file=sys.stderr)

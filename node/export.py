@@ -5,17 +5,14 @@ import asyncio
 import sys
 from pathlib import Path
 
-from swarm.checkpoint import load
-from swarm.config import RunConfig
-
 
 def add_parsers(sub) -> None:
-    from node.join import add_common_peer_args
+    from node.args import add_connect_args
     p = sub.add_parser("export", help="gather every stage into one safetensors file",
                        description="Gather all stages, from a live swarm (--initial-peers) or from checkpoint "
                                    "files (--checkpoints), into one safetensors file that `train-local "
                                    "--init-from` and `generate` load.")
-    add_common_peer_args(p)
+    add_connect_args(p)
     p.add_argument("--checkpoints", nargs="*", default=None, metavar="PATH",
                    help="stage checkpoint files or folders (the newest per stage is used)")
     p.add_argument("--out", required=True, help="output .safetensors path")
@@ -31,7 +28,10 @@ def add_parsers(sub) -> None:
     g.set_defaults(func=generate_main)
 
 
-def states_from_checkpoints(paths) -> tuple[RunConfig, dict[int, dict], dict[int, int]]:
+def states_from_checkpoints(paths) -> tuple:
+    """(RunConfig, stage -> model state, stage -> step) from the newest checkpoint of every stage."""
+    from swarm.checkpoint import load
+    from swarm.config import RunConfig
     files = []
     for p in map(Path, paths):
         files += sorted(p.glob("*.pt")) if p.is_dir() else [p]
@@ -58,18 +58,18 @@ def states_from_checkpoints(paths) -> tuple[RunConfig, dict[int, dict], dict[int
     return run, {k: s["model"] for k, s in best.items()}, {k: s["step"] for k, s in best.items()}
 
 
-async def states_from_swarm(args) -> tuple[RunConfig, dict[int, dict], dict[int, int]]:
+async def states_from_swarm(args) -> tuple:
     from node.announce import read_stage_records
+    from node.args import chosen_run_id, resolve_run_config
     from node.dht import start_dht
-    from node.join import resolve_run_config
     from node.runtime import close_hivemind
     from node.state_sync import download_state
-    dht = start_dht(args.run_id, args.initial_peers, host=args.host)
+    run_id = chosen_run_id(args.run_id, None)
+    dht = start_dht(run_id, args.initial_peers, host=args.host)
     p2p = None
     try:
         p2p = await dht.replicate_p2p()
-        args.config = None
-        run = await resolve_run_config(dht, args)
+        run = await resolve_run_config(dht, run_id)
         records = await read_stage_records(dht, run)
         states, steps = {}, {}
         for k in range(run.model.n_stages):

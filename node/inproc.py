@@ -64,6 +64,18 @@ class InprocSwarm:
         await self.head.wait_for_stages()
         return self
 
+    async def load_joiner(self, worker) -> str:
+        """A newcomer's state load (node/state_sync.initial_state) from its own DHT peer; says from where."""
+        from node.state_sync import initial_state
+        dht = start_dht(self.run.run_id, self.peers)
+        try:
+            p2p = await dht.replicate_p2p()
+            message = await initial_state(dht, p2p, worker, None, str(dht.peer_id))
+            await p2p.shutdown()
+            return message
+        finally:
+            dht.shutdown()
+
     async def __aexit__(self, *exc):
         for p2p in self.p2ps:
             with contextlib.suppress(Exception):

@@ -8,19 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from node.args import add_run_args, identity_peer_id, run_config_from_args
+from node.args import add_run_args, identity_peer_id, run_config_from_args, save_config_file
+from swarm.config import LOCAL_RUN_ID
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("local", help="run a whole swarm on this machine (the main job)",
                        description="Start a bootstrap and one process per node on loopback, train, write a "
                                    "checkpoint and a JSON summary, and shut everything down cleanly.")
-    add_run_args(p)
-    p.set_defaults(stages=4, layers=4)
+    add_run_args(p, n_stages=4, n_layers=4, steps=100)
     p.add_argument("--replicas", type=int, default=1, help="replicas of every middle/last stage")
-    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
     p.add_argument("--metrics-port", type=int, default=0,
@@ -28,16 +28,19 @@ def add_parser(sub) -> None:
     p.add_argument("--json-out", default=None, help="write the run summary JSON here")
     p.add_argument("--run-dir", default=None, help="logs, configs and checkpoints (default runs/local-<time>)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
-    p.add_argument("--run-id", default="resbm-local")
+    p.add_argument("--run-id", default=LOCAL_RUN_ID)
     p.set_defaults(func=main)
 
 
 class Swarm:
     """The processes of a swarm on this machine; every one in its own process group, ended by group id.
+    Every node reads the run config from one file, run_dir/config.json (the file `bootstrap
+    --save-config` writes), never from a command line rebuilt from it.
     Benchmarks reuse it, e.g. with `wrap` putting a node into a network namespace."""
 
-    def __init__(self, run_dir: Path, threads: int, run_id: str, run_argv: list[str]):
-        self.run_dir, self.threads, self.run_id, self.run_argv = run_dir, threads, run_id, run_argv
+    def __init__(self, run_dir: Path, threads: int, run):
+        self.run_dir, self.threads, self.run = run_dir, threads, run
+        self.config_file = save_config_file(run, run_dir / "config.json")
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
 
     def start(self, name: str, argv: list[str], inherit_stderr: bool = False, wrap=None) -> subprocess.Popen:
@@ -54,14 +57,14 @@ class Swarm:
 
     def start_bootstrap(self, host: str = "127.0.0.1", wrap=None, timeout: float = 60) -> list[str]:
         addr_file = self.run_dir / "bootstrap.addr"
-        self.start("bootstrap", ["bootstrap", *self.run_argv, "--run-id", self.run_id, "--host", host,
-                                 "--addr-file", str(addr_file), "--save-config", str(self.run_dir / "config.json")],
-                   wrap=wrap)
+        self.start("bootstrap", ["bootstrap", "--config", str(self.config_file), "--host", host,
+                                 "--addr-file", str(addr_file)], wrap=wrap)
         self.wait_for_line("bootstrap", "is up", timeout)
         return addr_file.read_text().split()
 
     def join_argv(self, name: str, stage: int, peers: list[str], host: str = "127.0.0.1", extra=()) -> list[str]:
-        return ["join", "--stage", str(stage), "--initial-peers", *peers, "--run-id", self.run_id, "--host", host,
+        return ["join", "--stage", str(stage), "--initial-peers", *peers, "--config", str(self.config_file),
+                "--host", host,
                 "--identity", str(self.run_dir / f"{name}.id"), "--checkpoint-dir", str(self.run_dir / "checkpoints"),
                 *extra]
 
@@ -125,24 +128,15 @@ def tail(path: Path, n: int = 15) -> str:
         return "(no log)"
 
 
-def run_args(args, trainers=()) -> list[str]:
-    return ["--d-model", str(args.d_model), "--layers", str(args.layers), "--heads", str(args.heads),
-            "--seq-len", str(args.seq_len), "--stages", str(args.stages), "--ratio", str(args.ratio),
-            "--boundary", args.boundary, "--codec", args.codec, "--optimizer", args.optimizer, "--lr", str(args.lr),
-            "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-            "--microbatches", str(args.microbatches), "--average-every", str(args.average_every),
-            "--seed", str(args.seed), *[x for t in trainers for x in ("--trainer", t)]]
-
-
 def main(args) -> int:
     run_dir = Path(args.run_dir or f"runs/local-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    run = run_config_from_args(args, args.run_id)  # validates the config before anything starts
     # Only our head may drive training: its identity exists before the run config is published.
-    args.trainer = [identity_peer_id(str(run_dir / "head.id"))]
-    run = run_config_from_args(args)  # validates the config before anything starts
+    run = replace(run, train=replace(run.train, trainers=(identity_peer_id(str(run_dir / "head.id")),)))
     n_nodes = 1 + (run.model.n_stages - 1) * args.replicas
     threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
-    swarm = Swarm(run_dir, threads, args.run_id, run_args(args, args.trainer))
+    swarm = Swarm(run_dir, threads, run)
     port = lambda i: ["--metrics-port", str(args.metrics_port + i)] if args.metrics_port else []  # noqa: E731
     print(f"local swarm: {run.model.n_stages} stages x {args.replicas} replicas ({n_nodes} nodes + bootstrap), "
           f"boundary {run.model.boundary} b={run.model.code_width}, logs in {run_dir}", file=sys.stderr)
@@ -157,7 +151,7 @@ def main(args) -> int:
                 node += 1
         for name, _, _ in swarm.procs[1:]:
             swarm.wait_for_line(name, "serving", 120)
-        head = swarm.start_head(peers, args.steps, run_dir / "head.json", inherit_stderr=True,
+        head = swarm.start_head(peers, run.train.steps, run_dir / "head.json", inherit_stderr=True,
                                 extra=["--eval-every", str(args.eval_every),
                                        *(["--data", args.data] if args.data else []), *port(0)])
         code = _wait_head(head)

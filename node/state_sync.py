@@ -51,8 +51,9 @@ async def _replicas_of_stage(dht, run, stage: int, own_peer_id: str, patience_s:
         await asyncio.sleep(2.0)
 
 
-async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str) -> str:
-    """Load the best available state into `worker`; returns a sentence saying where it came from."""
+async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str, export: str | None = None) -> str:
+    """Load the best available state into `worker` (live replica, else own checkpoint, else the
+    weights of an export file, else initialisation); returns a sentence saying where it came from."""
     run = worker.run
     records = await _replicas_of_stage(dht, run, worker.index, own_peer_id)
     for rec in sorted(records, key=lambda r: -r["step"]):
@@ -69,6 +70,14 @@ async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: 
                    f"at step {worker.applied_step}"
         except ValueError as e:
             log.warning("ignoring checkpoint %s: %s", checkpoint, e)
+    if export:
+        from swarm.export import stage_weights
+        try:
+            worker.load_weights(*stage_weights(export, run, worker.index))
+            return f"no live replica of stage {worker.index} and no checkpoint; weights from export {export} " \
+                   f"at step {worker.applied_step} (fresh optimizer state)"
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("ignoring export file %s: %s", export, e)
     return f"no live replica of stage {worker.index} and no usable checkpoint: starting from initialisation"
 
 

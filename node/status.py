@@ -13,7 +13,9 @@ from node.runtime import SocketJanitor, close_hivemind, setup_logging, stop_even
 
 log = logging.getLogger("resbm.status")
 
-DEFAULT_RUN_IDS = ("resbm", "resbm-local")  # the defaults of bootstrap/join and of local
+from swarm.config import DEFAULT_RUN_ID, LOCAL_RUN_ID
+
+DEFAULT_RUN_IDS = (DEFAULT_RUN_ID, LOCAL_RUN_ID)  # the defaults of bootstrap/join and of local
 
 
 def add_parser(sub) -> None:
@@ -54,7 +56,7 @@ def _classify(subkey, value, now: float, fingerprint: str | None, version: int |
     if now - rec["updated"] > MAX_RECORD_AGE_S or rec["updated"] > now + MAX_CLOCK_SKEW_S:
         return rec, "stale"
     if not rec["serving"]:
-        return rec, "not serving (loading or leaving)"
+        return rec, f"not serving ({rec['state']})"
     return rec, ""
 
 
@@ -93,7 +95,7 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
         rec, why = _classify(subkey, item.value, now, fingerprint, version if version is not None else PROTOCOL_VERSION)
         if rec is None or why:
             ignored.append({"peer_id": rec["peer_id"] if rec else None, "stage": rec["stage"] if rec else None,
-                            "reason": why or "malformed"})
+                            "reason": why or "malformed", "state": rec["state"] if rec else None})
             continue
         if rec["peer_id"] in live and live[rec["peer_id"]]["updated"] >= rec["updated"]:
             continue
@@ -109,7 +111,7 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
             "replicas": [{
                 "peer_id": r["peer_id"], "throughput": r["throughput"],
                 "tokens_per_s": r["throughput"] * tokens_per_microbatch if tokens_per_microbatch else None,
-                "queue": r["queue"], "age_s": r["age_s"], "version": r["version"], "step": r["step"],
+                "queue": r["queue"], "age_s": r["age_s"], "version": r["version"], "step": r["step"], "state": r["state"],
                 "fingerprint": r["fingerprint"], "uptime_s": round(max(0.0, now - r["started"]), 1),
             } for r in reps],
         })
@@ -132,7 +134,8 @@ def render_table(snap: dict) -> str:
     lines.append(f"run {snap['run_id']}  fingerprint {snap['fingerprint'] or '?'}  protocol {snap['version'] or '?'}  "
                  f"{snap['n_stages']} stages  {snap['replicas_total']} nodes  "
                  f"at {time.strftime('%H:%M:%S', time.localtime(snap['dht_time']))}")
-    header = f"{'STAGE':<6}{'ROLE':<8}{'PEER':<17}{'TOKENS/S':>10}{'MICRO/S':>8}{'QUEUE':>7}{'STEP':>7}{'AGE':>7}{'VER':>5}"
+    header = (f"{'STAGE':<6}{'ROLE':<8}{'PEER':<17}{'STATE':<9}{'TOKENS/S':>10}{'MICRO/S':>8}{'QUEUE':>7}{'STEP':>7}"
+              f"{'AGE':>7}{'VER':>5}")
     lines.append(header)
     for s in snap["stages"]:
         if not s["replicas"]:
@@ -142,11 +145,15 @@ def render_table(snap: dict) -> str:
             continue
         for r in s["replicas"]:
             tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "?"
-            lines.append(f"{s['stage']:<6}{s['role']:<8}{_short(r['peer_id']):<17}{tps:>10}"
+            lines.append(f"{s['stage']:<6}{s['role']:<8}{_short(r['peer_id']):<17}{r['state']:<9}{tps:>10}"
                          f"{r['throughput']:>8.1f}{r['queue']:>7}{r['step']:>7}{r['age_s']:>6.0f}s{r['version']:>5}")
     if snap["missing_stages"]:
         lines.append(f"MISSING: stage(s) {', '.join(map(str, snap['missing_stages']))} have no replica; "
                      f"training is paused until each has one")
+    idle = [r for r in snap["ignored_records"] if r["reason"].startswith("not serving")]
+    if idle:
+        lines.append("not serving: " + ", ".join(f"{_short(r['peer_id'])} (stage {r['stage']}, {r['state']})"
+                                                 for r in idle))
     if snap["ignored_records"]:
         reasons: dict[str, int] = {}
         for r in snap["ignored_records"]:

@@ -8,21 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from node.args import resolve_device, run_config_from_args
-from node.progress import Progress, human_bytes
-from swarm.data import ByteCorpus
-from swarm.trainer import LocalTrainer, param_overhead, wire_stats
+from node.args import add_run_args, resolve_device, run_config_from_args
 
 
 def add_parser(sub) -> None:
-    from node.args import add_run_args
     p = sub.add_parser("train-local", help="train the whole staged model in one process (reference)",
                        description="Train all stages in one process with exactly the swarm's math "
                                    "(codec included). Ctrl-C saves a checkpoint and exits.")
     add_run_args(p)
-    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
     p.add_argument("--eval-every", type=int, default=50, help="validation every N steps (0: only at the end)")
@@ -44,14 +37,18 @@ def _raise_stop(signum, frame):
 
 
 def main(args) -> int:
+    from node.progress import Progress, human_bytes
+    from swarm.data import ByteCorpus
+    from swarm.trainer import LocalTrainer, param_overhead, wire_stats
     run = run_config_from_args(args)
+    steps = run.train.steps
     device = resolve_device(args.device)
     corpus = ByteCorpus(args.data)
     exported = None
     if args.init_from:
         from swarm.export import load_export
         exported, model, _ = load_export(args.init_from)
-        run = replace(exported, train=replace(exported.train, steps=args.steps))
+        run = replace(exported, train=replace(exported.train, steps=steps))
     trainer = LocalTrainer(run, corpus, device=str(device))
     if exported is not None:
         trainer.model.load_state_dict(model.state_dict())
@@ -67,7 +64,7 @@ def main(args) -> int:
     print(f"wire per boundary: {ws['wire_bytes_per_token_fwd']} B/token fwd, {ws['wire_bytes_per_token_bwd']} B/token "
           f"bwd; {ws['compression_vs_bf16']:.1f}x smaller than bf16 at full width d", file=sys.stderr)
     tokens_per_step = run.train.batch_size * run.model.seq_len
-    bar = Progress(args.steps)
+    bar = Progress(steps)
     losses, val_losses, times = [], [], []
     # SIGINT explicitly too: a process started in the background inherits it ignored.
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stop),
@@ -75,7 +72,7 @@ def main(args) -> int:
     stopped = None
     start_step = trainer.step
     try:
-        while trainer.step < start_step + args.steps:
+        while trainer.step < start_step + steps:
             t0 = time.perf_counter()
             losses.append(trainer.train_step())
             times.append(time.perf_counter() - t0)
@@ -97,7 +94,7 @@ def main(args) -> int:
         bar.close()
         for s, h in previous.items():
             signal.signal(s, h)
-    if not losses and args.steps:
+    if not losses and steps:
         print("no step completed", file=sys.stderr)
         return 130 if stopped else 1
     if args.checkpoint and losses:

@@ -4,3 +4,7 @@ Nothing here knows about models or event loops; node/ moves these bytes, swarm/ 
 """
 
 PROTOCOL_VERSION = 1
+
+# Wire codecs of boundary codes (protocol/codec.py implements them); here so that configs and
+# `--help` can name them without importing torch.
+CODECS = ("fp32", "bf16", "fp16", "int8")

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from protocol import CODECS  # noqa: F401  (re-exported: the codec names are part of this module's API)
 from protocol.errors import PayloadError
 
-CODECS = ("fp32", "bf16", "fp16", "int8")
 _FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 _SCALE_BYTES = {"int8": 2}
 _FP16_MAX = 65504.0

@@ -21,6 +21,10 @@ from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr
 from protocol import PROTOCOL_VERSION
 
 
+# A node's lifecycle (node/lifecycle.py); only "serving" nodes take requests.
+NODE_STATES = ("joining", "loading", "serving", "draining", "moving", "stopped")
+
+
 def config_key(run_id: str) -> str:
     return f"{run_id}_config"
 
@@ -41,6 +45,7 @@ class StageRecord(pydantic.BaseModel):
     fingerprint: StrictStr                               # run config fingerprint
     step: pydantic.conint(strict=True, ge=-1)            # last optimizer step applied
     serving: StrictBool                                  # False while loading state / leaving
+    state: pydantic.constr(strict=True, regex="^(" + "|".join(NODE_STATES) + ")$") = "serving"  # NODE_STATES
     started: StrictFloat                                 # DHT time the node started
     updated: StrictFloat                                 # DHT time of this record
 

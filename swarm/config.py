@@ -4,12 +4,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from protocol import PROTOCOL_VERSION
-from protocol.codec import CODECS
+from protocol import CODECS, PROTOCOL_VERSION
 from protocol.fingerprint import fingerprint
 
 BOUNDARIES = ("resbm", "none", "bottleneck", "subspace", "int8")
 OPTIMIZERS = ("adamw", "muon")
+
+
+DEFAULT_RUN_ID = "resbm"          # bootstrap/join/status when --run-id is not given
+LOCAL_RUN_ID = "resbm-local"      # `resbm-node local`, so a local swarm never mixes with a real one
+
+
+def opt(default, help: str, *, flag: str | None = None, choices=None, item=None, metavar=None):
+    """A config field that is also a command-line flag (node/args.py generates the flags from these):
+    `flag` defaults to --field-name (which always works too), `item` is the element type of a tuple."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "item": item,
+                                            "metavar": metavar})
 
 
 class ConfigError(ValueError):
@@ -18,23 +28,23 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 256              # byte-level by default
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_hidden: int = 0                # 0: SwiGLU default, ~8/3 d rounded up to 64
-    seq_len: int = 128
-    n_stages: int = 2
-    layers_per_stage: tuple = ()       # () = as even as possible
-    boundary: str = "resbm"
-    ratio: int = 128                   # code width b = d_model // ratio
-    codec: str = "bf16"                # wire codec for codes (forward)
-    codec_bwd: str = ""                # wire codec for their gradients (backward); "": same as codec
-    boundary_hidden: int = 0           # m of Enc/Dec; 0: max(4b, 64)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    seed: int = 0                      # also seeds the fixed subspace basis
+    vocab_size: int = opt(256, "vocabulary size (256: byte-level)")
+    d_model: int = opt(256, "hidden width d")
+    n_layers: int = opt(4, "transformer layers in total", flag="--layers")
+    n_heads: int = opt(4, "attention heads", flag="--heads")
+    ffn_hidden: int = opt(0, "SwiGLU hidden width (0: ~8/3 d rounded up to 64)")
+    seq_len: int = opt(128, "tokens per sequence")
+    n_stages: int = opt(2, "pipeline stages S", flag="--stages")
+    layers_per_stage: tuple = opt((), "layers of each stage, e.g. 3 2 2 (default: as even as possible)", item=int)
+    boundary: str = opt("resbm", "what crosses a stage boundary", choices=BOUNDARIES)
+    ratio: int = opt(128, "compression ratio: code width b = d / ratio")
+    codec: str = opt("bf16", "wire codec for codes (forward)", choices=CODECS)
+    codec_bwd: str = opt("", "wire codec for their gradients (backward); '': as --codec", choices=("",) + CODECS)
+    boundary_hidden: int = opt(0, "hidden width m of the boundary's Enc/Dec MLPs (0: max(4b, 64))")
+    rope_theta: float = opt(10000.0, "rotary embedding base")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    init_std: float = opt(0.02, "std of the normal initialisation")
+    seed: int = opt(0, "initialisation seed (also seeds the fixed subspace basis)")
 
     def __post_init__(self):
         self.validate()
@@ -110,16 +120,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    batch_size: int = 16               # sequences per optimizer step
-    microbatches: int = 4              # pieces a step is cut into (pipelined in the swarm)
-    average_every: int = 10            # replicas of a stage average parameters every N steps
-    trainers: tuple = ()               # peer ids allowed to drive training (head); () = anyone
-    steps: int = 200
+    optimizer: str = opt("adamw", "optimizer (muon: Muon for hidden matrices, AdamW for the rest)", choices=OPTIMIZERS)
+    lr: float = opt(3e-3, "peak learning rate")
+    weight_decay: float = opt(0.01, "decoupled weight decay")
+    warmup_steps: int = opt(20, "linear warm-up steps", flag="--warmup")
+    grad_clip: float = opt(1.0, "clip each stage's gradient norm to this")
+    batch_size: int = opt(16, "sequences per optimizer step")
+    microbatches: int = opt(4, "pieces a step is cut into (pipelined in the swarm)")
+    average_every: int = opt(10, "replicas of a stage average parameters every N steps")
+    trainers: tuple = opt((), "peer id allowed to drive training (the head; see `resbm-node identity`); "
+                              "repeatable. Without it any peer may send training calls: fine on a private "
+                              "network only", flag="--trainer", item=str, metavar="PEER_ID")
+    steps: int = opt(200, "optimizer steps to train (a local choice, not part of the fingerprint)")
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -137,7 +149,7 @@ class RunConfig:
     """Everything a peer must agree on. `steps` and data paths are local choices, not part of it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    run_id: str = "resbm"
+    run_id: str = DEFAULT_RUN_ID
 
     def wire_dict(self) -> dict:
         train = dataclasses.asdict(self.train)

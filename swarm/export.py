@@ -35,6 +35,15 @@ def load_export(path: str, device: str = "cpu") -> tuple[RunConfig, StagedModel,
     return run, model.to(device), json.loads(meta.get("steps", "{}"))
 
 
+def stage_weights(path: str, run: RunConfig, index: int) -> tuple[dict, int]:
+    """(parameters of stage `index`, its step) from an export file of a run with the same model."""
+    exported, model, steps = load_export(path)
+    model_fields = lambda r: {k: v for k, v in r.wire_dict().items() if k.startswith("model.")}  # noqa: E731
+    if model_fields(exported) != model_fields(run):
+        raise ValueError(f"{path} holds another model than run {run.run_id} (its run: {exported.fingerprint})")
+    return model.stages[index].state_dict(), int(steps.get(str(index), -1))
+
+
 @torch.no_grad()
 def generate(model: StagedModel, prompt: bytes, max_new: int, temperature: float = 0.8, top_k: int = 40,
              seed: int = 0) -> bytes:

@@ -47,6 +47,12 @@ class Muon32(torch.optim.Optimizer):
                 p.add_(orthogonalize(update), alpha=-lr)
 
 
+def muon_class(device: torch.device) -> type:
+    """torch's Muon (bf16 Newton-Schulz) where bf16 matmuls are native, i.e. on a GPU; Muon32 elsewhere.
+    Chosen from the device the parameters really sit on, so build the stage on its device first."""
+    return torch.optim.Muon if torch.device(device).type == "cuda" else Muon32
+
+
 class StageOptimizer:
     """One object per stage: step / zero_grad / state_dict over its (one or two) torch optimizers."""
 
@@ -59,9 +65,11 @@ class StageOptimizer:
                       if p.requires_grad and p.ndim == 2 and not n.startswith(("embed", "lm_head"))]
             hidden_ids = {id(p) for p in hidden}
             rest = [p for p in params if id(p) not in hidden_ids]
-            on_cpu = all(p.device.type == "cpu" for p in hidden)
-            muon_cls = Muon32 if on_cpu else torch.optim.Muon
-            kw = {} if on_cpu else {"adjust_lr_fn": "match_rms_adamw"}
+            devices = {p.device for p in hidden}
+            if len(devices) > 1:
+                raise ValueError(f"a stage's parameters must sit on one device, not {sorted(map(str, devices))}")
+            muon_cls = muon_class(devices.pop()) if hidden else Muon32
+            kw = {"adjust_lr_fn": "match_rms_adamw"} if muon_cls is torch.optim.Muon else {}
             self.opts = [muon_cls(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)] if hidden else []
             self.opts += [torch.optim.AdamW(rest, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))] if rest else []
         else:

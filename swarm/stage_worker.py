@@ -31,6 +31,11 @@ class NeedInput(ValueError):
 
 
 class StageWorker:
+    """One stage and its optimizer on one device. The seeded initialisation runs on the CPU (so GPU and
+    CPU replicas start identical), and the stage reaches its device before the optimizer exists; a
+    worker never moves afterwards, so every state it loads lands on that device (torch casts optimizer
+    state to its parameters' device at load time) and the optimizer variant fits the device."""
+
     def __init__(self, run: RunConfig, index: int, device="cpu", stage=None):
         self.run, self.index = run, index
         self.device = torch.device(device)
@@ -171,3 +176,9 @@ class StageWorker:
         self.stage.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.applied_step = state["step"]
+
+    def load_weights(self, model_state: dict, step: int) -> None:
+        """Parameters without optimizer state (from an export file): moments start from zero."""
+        self.stage.load_state_dict(model_state)
+        self.opt.zero_grad()
+        self.applied_step = step

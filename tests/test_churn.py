@@ -81,15 +81,8 @@ def test_joiner_downloads_live_state_before_serving(corpus):
             for s in range(3):
                 await sw.head.train_step(s)
             live = sw.servers[2][0].worker
-            dht = start_dht(run.run_id, sw.peers)
-            try:
-                p2p = await dht.replicate_p2p()
-                joiner = StageWorker(run, 2)
-                message = await initial_state(dht, p2p, joiner, None, str(dht.peer_id))
-                await p2p.shutdown()
-            finally:
-                dht.shutdown()
-            return message, live, joiner
+            joiner = StageWorker(run, 2)
+            return await sw.load_joiner(joiner), live, joiner
 
     message, live, joiner = asyncio.run(go())
     assert "from live replica" in message and joiner.applied_step == live.applied_step == 2

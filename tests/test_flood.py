@@ -12,11 +12,14 @@ import pytest
 
 from node.args import identity_peer_id
 from node.local import Swarm
+from swarm.config import ModelConfig, RunConfig, TrainConfig
 
 pytestmark = pytest.mark.swarm
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
-        "--batch-size", "4", "--microbatches", "2", "--stages", "3"]
+def tiny_run(run_id: str, trainers=()) -> RunConfig:
+    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, ratio=16, seq_len=32, n_stages=3)
+    return RunConfig(model=model, train=TrainConfig(batch_size=4, microbatches=2, trainers=tuple(trainers)),
+                     run_id=run_id)
 
 
 def group_rss_mb(pid: int) -> float:
@@ -48,7 +51,7 @@ def rate(log: Path, seconds: float) -> float:
 
 def test_flood_of_state_and_forward_requests_is_capped(tmp_path):
     head_id = identity_peer_id(str(tmp_path / "head.id"))
-    swarm = Swarm(tmp_path, 1, "flood", TINY + ["--trainer", head_id])
+    swarm = Swarm(tmp_path, 1, tiny_run("flood", [head_id]))
     attacker = None
     try:
         peers = swarm.start_bootstrap()

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 
 from node.local import Swarm
+from swarm.config import ModelConfig, RunConfig, TrainConfig
 
 pytestmark = pytest.mark.swarm
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
-        "--batch-size", "4", "--microbatches", "2", "--stages", "3"]
+def tiny_run(run_id: str, trainers=()) -> RunConfig:
+    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, ratio=16, seq_len=32, n_stages=3)
+    return RunConfig(model=model, train=TrainConfig(batch_size=4, microbatches=2, trainers=tuple(trainers)),
+                     run_id=run_id)
 
 
 def stock_client(peers, *flags, identity=None):
@@ -34,7 +37,7 @@ def head_steps(log: Path) -> int:
 
 
 def test_stock_hivemind_client_discovers_calls_and_is_refused_clearly(tmp_path):
-    swarm = Swarm(tmp_path, 1, "stock", TINY)  # an open swarm: no --trainer list, so a stranger may train
+    swarm = Swarm(tmp_path, 1, tiny_run("stock"))  # an open swarm: no --trainer list, so a stranger may train
     try:
         peers = swarm.start_bootstrap()
         for stage in (1, 2):

@@ -1,0 +1,323 @@
+"""A node's life as one explicit loop, after Petals' `Server.run` and its `ServerState`:
+
+    joining -> loading -> serving -> draining -> stopped
+                  ^                      |
+                  +------- moving <------+      (--stage auto: the swarm needs us elsewhere)
+
+joining: DHT up, run config resolved, first stage chosen. loading: the stage is built on its
+device and its state comes from a live replica, our checkpoint, an export file or initialisation.
+serving: requests are answered (the head trains). draining: no new requests, the ones in flight
+finish, the checkpoint is written. moving: the record points at the target stage, and the loop
+turns once more in the same process (same peer id, DHT and metrics port). Every transition is
+logged ("state a -> b") and published in the node's stage record, so `resbm-node status` shows it.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from protocol import PROTOCOL_VERSION
+
+log = logging.getLogger("resbm.node")
+
+DRAIN_TIMEOUT_S = 10.0  # requests still in flight after this are abandoned (their callers retry elsewhere)
+
+
+class NodeState(str, enum.Enum):
+    JOINING = "joining"
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+    MOVING = "moving"
+    STOPPED = "stopped"
+
+
+LEFT = (NodeState.DRAINING.value, NodeState.STOPPED.value)  # records of nodes that no longer count
+
+# Allowed transitions; any state may also end in STOPPED (a signal or an error).
+NEXT = {NodeState.JOINING: {NodeState.LOADING}, NodeState.LOADING: {NodeState.SERVING},
+        NodeState.SERVING: {NodeState.DRAINING}, NodeState.DRAINING: {NodeState.MOVING},
+        NodeState.MOVING: {NodeState.LOADING}, NodeState.STOPPED: set()}
+
+
+@dataclass
+class Turn:
+    """What serving one stage holds; all of it is released when the node leaves the stage."""
+    stage: int
+    worker: object
+    server: object
+    averager: object = None
+    checkpoint: Path | None = None
+    loaded: bool = False  # state loaded: only then may the checkpoint be overwritten
+    tasks: list = field(default_factory=list)
+
+
+class Node:
+    def __init__(self, args):
+        self.args = args
+        self.state: NodeState | None = None
+        self.history: list[str] = []
+        self.dht = self.p2p = self.metrics = self.announcer = self.run_cfg = self.device = None
+        self.peer_id = ""
+        self.turn: Turn | None = None
+        self.moved = False              # an auto node that moved dwells before it considers moving again
+        self.carried_throughput = 0.0   # announced at the target while loading there, so others do not move too
+
+    # --- the loop --------------------------------------------------------------------------------
+    async def run(self) -> int:
+        from node.runtime import SocketJanitor, stop_event_on_signals
+        janitor = SocketJanitor()
+        self.stop = stop_event_on_signals(asyncio.get_running_loop())
+        try:
+            self.enter(NodeState.JOINING)
+            await self._join()
+            stage, code = await self._first_stage(), 0
+            while stage is not None:
+                await self._load(stage)
+                if stage == 0:
+                    code, move_to = await self._serve_head(), None
+                else:
+                    move_to = await self._serve()
+                await self._drain()
+                stage = await self._move(move_to) if move_to is not None else None
+            return code
+        finally:
+            await self._shut_down()
+            janitor.sweep()
+
+    def enter(self, state: NodeState, note: str = "") -> None:
+        if self.state is not None and state is not NodeState.STOPPED and state not in NEXT[self.state]:
+            raise RuntimeError(f"no transition from {self.state.value} to {state.value}")
+        log.info("state %s -> %s%s", self.state.value if self.state else "-", state.value, f" ({note})" if note else "")
+        self.state = state
+        self.history.append(state.value)
+
+    async def publish(self, stage: int, throughput: float = 0.0, step: int = -1) -> None:
+        """One record saying where we are; best effort (a node that cannot publish still works)."""
+        try:
+            # (It replaces our serving record: the announcer makes it expire after that one.)
+            await asyncio.wait_for(self.announcer.publish(stage, self.run_cfg.fingerprint, throughput, 0, step,
+                                                          serving=False, state=self.state.value), 5.0)
+        except Exception as e:
+            log.warning("could not publish the %s record: %s", self.state.value, e)
+
+    # --- joining ---------------------------------------------------------------------------------
+    async def _join(self) -> None:
+        from hivemind.dht.crypto import RSASignatureValidator
+        from node.announce import Announcer
+        from node.args import chosen_run_id, load_config_file, resolve_device, resolve_run_config
+        from node.dht import start_dht
+        from node.metrics import NodeMetrics
+        a = self.args
+        run_id = chosen_run_id(a.run_id, load_config_file(a.config) if a.config else None)
+        # hivemind forks its helper processes: start them before any CUDA work.
+        self.dht = start_dht(run_id, a.initial_peers, host=a.host, port=a.port, identity=a.identity,
+                             announce=a.announce, public=a.public)
+        self.p2p = await self.dht.replicate_p2p()
+        self.peer_id = str(self.dht.peer_id)
+        self.run_cfg = await resolve_run_config(self.dht, run_id, a.config)
+        self.device = resolve_device(a.device)
+        self.metrics = NodeMetrics().serve(a.metrics_port, a.metrics_host)
+        self.metrics.set_nominal(self.run_cfg.model)
+        self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator())
+
+    async def _first_stage(self) -> int:
+        n_stages, stage = self.run_cfg.model.n_stages, self.args.stage
+        if stage == "auto":
+            if n_stages < 2:
+                raise SystemExit("error: --stage auto needs a run with at least 2 stages")
+            return await choose_auto_stage(self.dht, self.run_cfg, self.args.auto_target)
+        if not 0 <= stage < n_stages:
+            raise SystemExit(f"error: --stage {stage} does not exist; this run has stages 0..{n_stages - 1}")
+        return stage
+
+    # --- loading ---------------------------------------------------------------------------------
+    async def _load(self, stage: int) -> None:
+        from node.join import make_server
+        from node.state_sync import checkpoint_path, initial_state
+        self.enter(NodeState.LOADING, f"stage {stage}")
+        run, a = self.run_cfg, self.args
+        worker = build_worker(run, stage, self.device)
+        self.metrics.info.info({"version": str(PROTOCOL_VERSION), "stage": str(stage), "peer_id": self.peer_id,
+                                "fingerprint": run.fingerprint, "run_id": run.run_id})
+        averager = self._averager(stage, worker)
+        t = self.turn = Turn(stage, worker, make_server(worker, self.metrics, self.peer_id, averager), averager,
+                             checkpoint_path(a.checkpoint_dir, run.run_id, stage, self.peer_id))
+        # While loading (a download can take long), the record says so and keeps any throughput carried over.
+        placeholder = SimpleNamespace(throughput=self.carried_throughput, inflight=0, worker=worker)
+        announcing = asyncio.create_task(self.announcer.run(stage, run.fingerprint, placeholder, state="loading"))
+        try:
+            log.info(await initial_state(self.dht, self.p2p, worker, t.checkpoint, self.peer_id, a.init_from))
+        finally:
+            announcing.cancel()
+        t.loaded = True
+
+    def _averager(self, stage: int, worker):
+        from node.announce import read_stage_records
+        from node.averaging import ReplicaAverager
+        from swarm.robust import default_tau
+        run = self.run_cfg
+        if stage == 0 or not run.train.average_every:
+            return None
+
+        async def count_replicas():
+            return len((await read_stage_records(self.dht, run.run_id, run.fingerprint)).get(stage, []))
+        return ReplicaAverager(self.dht, run.run_id, stage, worker.stage, run.train.average_every, count_replicas,
+                               self.metrics, tau=default_tau(run.train.lr, run.train.average_every))
+
+    # --- serving ---------------------------------------------------------------------------------
+    async def _serve(self) -> int | None:
+        """Serve until stopped (None) or until the swarm needs us on another stage (its number)."""
+        from node.announce import watch_swarm
+        from node.join import start_serving
+        from node.state_sync import save_periodically
+        t, run = self.turn, self.run_cfg
+        await start_serving(self.p2p, t.server, measure=True)
+        self.enter(NodeState.SERVING)
+        t.tasks.append(asyncio.create_task(self.announcer.run(t.stage, run.fingerprint, t.server)))
+        t.tasks.append(asyncio.create_task(watch_swarm(self.dht, run, t.server)))
+        if t.checkpoint is not None and self.args.save_every_min > 0:
+            t.tasks.append(asyncio.create_task(save_periodically(t.worker, t.checkpoint, 60 * self.args.save_every_min,
+                                                                 t.server.executor)))
+        print(f"stage {t.stage} serving: peer {self.peer_id} run {run.run_id} fingerprint {run.fingerprint} "
+              f"throughput {t.server.throughput:.1f} microbatches/s", file=sys.stderr, flush=True)
+        waits = [asyncio.create_task(self.stop.wait())]
+        if self.args.stage == "auto":
+            waits.append(asyncio.create_task(watch_balance(self.dht, run, t.stage, t.server, self.args.rebalance_every,
+                                                           self.moved)))
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return None if waits[0] in done else waits[1].result()
+
+    async def _serve_head(self) -> int:
+        from node.announce import watch_swarm
+        from node.join import run_head, start_serving
+        t = self.turn
+        await start_serving(self.p2p, t.server, measure=False)  # `info` and `state` (export, status)
+        self.enter(NodeState.SERVING, "training")
+        t.tasks.append(asyncio.create_task(self.announcer.run(0, self.run_cfg.fingerprint, t.server)))
+        t.tasks.append(asyncio.create_task(watch_swarm(self.dht, self.run_cfg, t.server)))
+        return await run_head(self.args, self.run_cfg, t.worker, self.dht, self.p2p, self.metrics, self.stop,
+                              self.peer_id, t.server.executor)
+
+    # --- draining, moving, stopping --------------------------------------------------------------
+    async def _drain(self) -> None:
+        """Stop taking requests, let the ones in flight finish, write the checkpoint."""
+        from node.join import stop_serving
+        t = self.turn
+        self.enter(NodeState.DRAINING, f"stage {t.stage}")
+        for task in t.tasks:
+            task.cancel()
+        await self.publish(t.stage, step=t.worker.applied_step)
+        await stop_serving(self.p2p, t.server)
+        for _ in range(int(DRAIN_TIMEOUT_S / 0.1)):
+            if not t.server.inflight:
+                break
+            await asyncio.sleep(0.1)
+        await self._save_checkpoint()
+
+    async def _move(self, target: int) -> int:
+        t = self.turn
+        self.enter(NodeState.MOVING, f"stage {t.stage} -> {target}")
+        self.carried_throughput, self.moved = t.server.throughput, True
+        await self.publish(target, throughput=self.carried_throughput)
+        self._end_turn()
+        return target
+
+    async def _save_checkpoint(self) -> None:
+        from swarm.checkpoint import atomic_write_bytes
+        t = self.turn
+        if t is None or t.checkpoint is None or not t.loaded:
+            return
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(t.server.executor, t.worker.state_bytes)
+        await loop.run_in_executor(None, atomic_write_bytes, data, t.checkpoint)
+        log.info("checkpoint written: %s (step %d)", t.checkpoint, t.worker.applied_step)
+
+    def _end_turn(self) -> None:
+        t, self.turn = self.turn, None
+        for task in t.tasks:
+            task.cancel()
+        if t.averager is not None:
+            t.averager.shutdown()
+        t.server.executor.shutdown(wait=False)
+
+    async def _shut_down(self) -> None:
+        from node.runtime import close_hivemind
+        t = self.turn
+        if t is not None:
+            if self.state is not NodeState.DRAINING:  # an error mid-turn: keep what was trained
+                await _best_effort(self._save_checkpoint(), "writing the checkpoint")
+            self.enter(NodeState.STOPPED)
+            await _best_effort(self.publish(t.stage), "publishing the stopped record")
+            self._end_turn()
+        elif self.state is not NodeState.STOPPED:
+            self.enter(NodeState.STOPPED)
+        if self.metrics is not None:
+            self.metrics.close()
+        await close_hivemind(self.p2p, self.dht)
+
+
+async def _best_effort(coro, what: str) -> None:
+    try:
+        await coro
+    except Exception as e:
+        log.warning("%s failed: %s", what, e)
+
+
+def build_worker(run, stage: int, device):
+    """The stage built with the seeded CPU initialisation, checked against the device's free memory,
+    then placed on its device before its optimizer exists (see StageWorker)."""
+    from swarm.memory import check_fits
+    from swarm.model import build_stage
+    from swarm.stage_worker import StageWorker
+    module = build_stage(run.model, stage)
+    need = check_fits(run, stage, module, device)
+    log.info("stage %d: %d layers, %.1f M parameters on %s; memory ~%.0f MiB params+optimizer, ~%.0f MiB "
+             "activations", stage, run.model.stage_layers[stage], sum(p.numel() for p in module.parameters()) / 1e6,
+             device, need["params_bytes"] / 2**20, need["activations_bytes"] / 2**20)
+    return StageWorker(run, stage, device=device, stage=module)
+
+
+# --- --stage auto ----------------------------------------------------------------------------------
+async def choose_auto_stage(dht, run, preferred: int | None) -> int:
+    from node.announce import read_stage_records
+    from swarm.balance import pick_stage, stage_totals
+    stages = range(1, run.model.n_stages)
+    if preferred in stages:
+        return preferred
+    totals = stage_totals(await read_stage_records(dht, run.run_id, run.fingerprint), stages)
+    stage = pick_stage(totals)
+    log.info("--stage auto: serving stage %d (stage totals in microbatches/s: %s)", stage,
+             {k: round(t, 2) for k, (t, _) in totals.items()})
+    return stage
+
+
+async def watch_balance(dht, run, stage: int, server, every_s: float, just_moved: bool) -> int:
+    """Returns the stage to move to once the swarm is badly unbalanced (see swarm/balance.py). Nodes that
+    are loading or moving count where they are going; nodes that are leaving do not count at all."""
+    from node.announce import read_stage_records
+    from swarm.balance import move_target, quality, stage_totals
+    if just_moved:  # dwell: a node that just moved stays a while, whatever the numbers say
+        await asyncio.sleep(5 * every_s)
+    while True:
+        await asyncio.sleep(every_s * random.uniform(0.5, 1.5))  # jitter: nodes do not all move at once
+        try:
+            records = await read_stage_records(dht, run.run_id, run.fingerprint, include_idle=True)
+        except Exception as e:  # the DHT hiccuped: look again next time
+            log.warning("balance check failed: %s", e)
+            continue
+        present = {k: [r for r in recs if r["state"] not in LEFT] for k, recs in records.items()}
+        totals = stage_totals(present, range(1, run.model.n_stages))
+        target = move_target(totals, stage, server.throughput)
+        if target is not None:
+            log.warning("swarm balance quality %.2f is low: moving from stage %d to stage %d", quality(totals),
+                        stage, target)
+            return target

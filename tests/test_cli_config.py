@@ -1,0 +1,102 @@
+"""One source of truth for the run config: the CLI flags are generated from ModelConfig/TrainConfig,
+every field can be set (old flag names still work), `--help` needs neither torch nor hivemind, and
+`local` hands its nodes the run config file instead of a command line rebuilt from it."""
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node.args import parse_run_config
+from node.local import Swarm
+from swarm.config import DEFAULT_RUN_ID, ModelConfig, RunConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ("train-local", "bootstrap", "join", "local", "status", "export", "generate", "identity")
+
+# Every field away from its default (checked below), so a field without a working flag cannot pass.
+TARGET = RunConfig(
+    model=ModelConfig(vocab_size=300, d_model=96, n_layers=3, n_heads=3, ffn_hidden=128, seq_len=64, n_stages=3,
+                      layers_per_stage=(1, 1, 1), boundary="bottleneck", ratio=8, codec="fp16", codec_bwd="int8",
+                      boundary_hidden=48, rope_theta=500.0, norm_eps=1e-6, init_std=0.01, seed=3),
+    train=TrainConfig(optimizer="muon", lr=1e-3, weight_decay=0.1, warmup_steps=5, grad_clip=0.5, batch_size=12,
+                      microbatches=3, average_every=4, trainers=("QmA", "QmB"), steps=7),
+    run_id="target")
+
+
+def _argv_by_field_names(run: RunConfig) -> list[str]:
+    argv = []
+    for part in (run.model, run.train):
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            argv += ["--" + f.name.replace("_", "-"), *map(str, value if isinstance(value, tuple) else [value])]
+    return argv
+
+
+def test_every_config_field_is_a_flag_and_round_trips():
+    for part in (TARGET.model, TARGET.train):
+        for f in dataclasses.fields(part):
+            assert getattr(part, f.name) != f.default, f"TARGET leaves {f.name} at its default"
+    assert parse_run_config(_argv_by_field_names(TARGET), run_id="target") == TARGET
+
+
+def test_the_flag_names_users_rely_on_still_work():
+    argv = ["--d-model", "96", "--layers", "3", "--heads", "3", "--stages", "3", "--ratio", "8", "--codec", "fp16",
+            "--codec-bwd", "int8", "--warmup", "5", "--trainer", "QmA", "--trainer", "QmB", "--seq-len", "64"]
+    run = parse_run_config(argv)
+    m, t = run.model, run.train
+    assert (m.d_model, m.n_layers, m.n_heads, m.n_stages, m.ratio, m.codec, m.codec_bwd) == (96, 3, 3, 3, 8, "fp16",
+                                                                                             "int8")
+    assert t.warmup_steps == 5 and t.trainers == ("QmA", "QmB") and run.run_id == DEFAULT_RUN_ID
+
+
+def test_bad_values_exit_with_the_config_message():
+    with pytest.raises(SystemExit, match="microbatches=3 must divide batch_size=16"):
+        parse_run_config(["--microbatches", "3"])
+    with pytest.raises(SystemExit):  # argparse refuses a codec it does not know
+        parse_run_config(["--codec", "int4"])
+
+
+def test_help_imports_neither_torch_nor_hivemind():
+    script = ("import contextlib, io, sys\n"
+              "from node.cli import build_parser\n"
+              "p = build_parser()\n"
+              f"for cmd in ([],) + tuple([c] for c in {SUBCOMMANDS!r}):\n"
+              "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+              "        try:\n"
+              "            p.parse_args(cmd + ['--help'])\n"
+              "        except SystemExit:\n"
+              "            pass\n"
+              "    assert 'usage:' in out.getvalue(), cmd\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'hivemind', 'numpy')))\n")
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]", res.stdout[:500]
+
+
+def test_join_help_is_grouped_for_a_volunteer():
+    res = subprocess.run([sys.executable, "-m", "node.cli", "join", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    groups = re.findall(r"^(\S[^:\n]*):$", res.stdout, flags=re.M)
+    assert groups == ["options", "where to connect", "what to serve", "device", "monitoring", "advanced",
+                      "head only (--stage 0)"], groups
+
+
+def test_local_hands_its_nodes_the_config_file(tmp_path):
+    swarm = Swarm(tmp_path, 1, TARGET)
+    assert json.loads(swarm.config_file.read_text()) == TARGET.wire_dict()
+    argv = swarm.join_argv("n", 1, ["/ip4/127.0.0.1/tcp/1/p2p/QmX"])
+    assert argv[argv.index("--config") + 1] == str(swarm.config_file)
+    assert not {"--d-model", "--layers", "--stages", "--ratio", "--run-id"} & set(argv)
+
+
+def test_default_run_ids_are_defined_once():
+    run_id = re.compile(r"""(RUN_ID|run_id|run-id).*["']resbm["']|["']resbm-local["']""")  # "resbm" is a boundary too
+    found = [f"{p.relative_to(ROOT)}:{line.split('=')[0].strip()}" for d in ("node", "swarm", "bench")
+             for p in (ROOT / d).glob("*.py") for line in p.read_text().splitlines() if run_id.search(line)]
+    assert found == ["swarm/config.py:DEFAULT_RUN_ID", "swarm/config.py:LOCAL_RUN_ID"], found
