@@ -100,7 +100,9 @@ def _meta(info: dict, **fields) -> bytes:
 
 def train_call(stub, uid: str, info: dict, x: torch.Tensor) -> dict:
     """A training forward, then its backward (same step and microbatch), through the servicer stub."""
-    step = 10 ** 6  # far from the swarm's own steps: this gradient is dropped when the swarm moves on
+    # the stage's next step (a step far ahead of the swarm is refused in an open swarm); the trainers'
+    # own run of that step has another session, so the stage drops this gradient when they send theirs
+    step = info["step"] + 1
     codec = info["codec"]
     fwd = runtime_pb2.ExpertRequest(uid=uid, tensors=[plain(x.to(torch.bfloat16))],
                                     metadata=_meta(info, step=step, micro=0, tensors=[["x", codec, False]]))

@@ -167,7 +167,7 @@ class Node:
             return None
 
         async def count_replicas():
-            return len((await read_stage_records(self.dht, run.run_id, run.fingerprint)).get(stage, []))
+            return len((await read_stage_records(self.dht, run)).get(stage, []))
         return ReplicaAverager(self.dht, run.run_id, stage, worker.stage, run.train.average_every, count_replicas,
                                self.metrics, tau=default_tau(run.train.lr, run.train.average_every))
 
@@ -293,7 +293,7 @@ async def choose_auto_stage(dht, run, preferred: int | None) -> int:
     stages = range(1, run.model.n_stages)
     if preferred in stages:
         return preferred
-    totals = stage_totals(await read_stage_records(dht, run.run_id, run.fingerprint), stages)
+    totals = stage_totals(await read_stage_records(dht, run), stages)
     stage = pick_stage(totals)
     log.info("--stage auto: serving stage %d (stage totals in microbatches/s: %s)", stage,
              {k: round(t, 2) for k, (t, _) in totals.items()})
@@ -310,7 +310,7 @@ async def watch_balance(dht, run, stage: int, server, every_s: float, just_moved
     while True:
         await asyncio.sleep(every_s * random.uniform(0.5, 1.5))  # jitter: nodes do not all move at once
         try:
-            records = await read_stage_records(dht, run.run_id, run.fingerprint, include_idle=True)
+            records = await read_stage_records(dht, run, include_idle=True)
         except Exception as e:  # the DHT hiccuped: look again next time
             log.warning("balance check failed: %s", e)
             continue

@@ -26,15 +26,15 @@ LEAVE = ["draining", "stopped"]
 class RecordWatcher(threading.Thread):
     """Polls the stage records (serving or not) and keeps each peer's (stage, state) changes in order."""
 
-    def __init__(self, peers):
+    def __init__(self, peers, run):
         super().__init__(daemon=True)
-        self.peers, self.seen, self.done = peers, {}, threading.Event()
+        self.peers, self.run_config, self.seen, self.done = peers, run, {}, threading.Event()
 
     def run(self):
         dht = start_dht(RUN_ID, self.peers)
         try:
             while not self.done.is_set():
-                records = asyncio.run(read_stage_records(dht, RUN_ID, include_idle=True))
+                records = asyncio.run(read_stage_records(dht, self.run_config, include_idle=True))
                 for recs in records.values():
                     for r in recs:
                         seq = self.seen.setdefault(r["peer_id"], [])
@@ -81,7 +81,7 @@ def test_join_walks_every_lifecycle_transition(tmp_path):
     serving = "state loading -> serving"
     try:
         peers = swarm.start_bootstrap()
-        watcher = RecordWatcher(peers)
+        watcher = RecordWatcher(peers, swarm.run)
         watcher.start()
         # fresh: nobody serves stage 1 and there is no checkpoint; then b takes a's live state
         for n in "ab":
