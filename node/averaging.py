@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -32,6 +33,7 @@ from hivemind.averaging.partition import AllreduceException, BannedException, Te
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
+from node.lifeline import watch_parent
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
 
 log = logging.getLogger(__name__)
@@ -120,10 +122,15 @@ class RobustAverager(DecentralizedAverager):
     def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS, start: bool = True,
                  **kwargs):
         self.tau, self.iters = float(tau), int(iters)
+        self._node_pid = os.getpid()
         self.update_bound = (self.iters + 1) * self.tau
         super().__init__(averaged_tensors, dht, start=False, **kwargs)
         if start:
             self.run_in_background(await_ready=True)
+
+    def run(self):
+        watch_parent(self._node_pid)  # exit with the node's main process, however it dies
+        super().run()
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id

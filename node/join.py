@@ -175,7 +175,9 @@ async def _main(args) -> int:
     from node.averaging import ReplicaAverager
     from node.rpc import serve
     from node.stage_server import StageServer, measure_throughput
-    from node.state_sync import checkpoint_path, initial_state, save_periodically
+    from node.announce import keep_config_alive
+    from node.dht import print_own_addrs
+    from node.state_sync import checkpoint_path, initial_state, periodic_checkpoints
     from swarm.checkpoint import atomic_write_bytes
     from swarm.memory import check_fits
     from swarm.robust import default_tau
@@ -201,6 +203,8 @@ async def _main(args) -> int:
             args.stage = await choose_auto_stage(dht, run, args.auto_target)
         if not 0 <= args.stage < cfg.n_stages:
             raise SystemExit(f"error: --stage {args.stage} does not exist; this run has stages 0..{cfg.n_stages - 1}")
+        print_own_addrs(dht, f"stage {args.stage} node")
+        tasks.append(asyncio.create_task(keep_config_alive(dht, run, RSASignatureValidator())))
         device = resolve_device(args.device)
         worker = StageWorker(run, args.stage, device="cpu")
         need = check_fits(run, args.stage, worker.stage, device)
@@ -229,6 +233,7 @@ async def _main(args) -> int:
             server = StageServer(worker, metrics, peer_id, methods=("info", "state"))
             await serve(p2p, server, max_frame=server.max_frame)
             tasks.append(asyncio.create_task(announcer.run(0, run.fingerprint, server)))
+            tasks += periodic_checkpoints(worker, ckpt, args.save_every_min, server.executor)
             try:
                 return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, server.executor)
             finally:
@@ -240,9 +245,7 @@ async def _main(args) -> int:
         measure_throughput(server)
         await serve(p2p, server, max_frame=server.max_frame)
         tasks.append(asyncio.create_task(announcer.run(args.stage, run.fingerprint, server)))
-        if ckpt is not None and args.save_every_min > 0:
-            tasks.append(asyncio.create_task(save_periodically(worker, ckpt, 60 * args.save_every_min,
-                                                               server.executor)))
+        tasks += periodic_checkpoints(worker, ckpt, args.save_every_min, server.executor)
         print(f"stage {args.stage} serving: peer {peer_id} run {run.run_id} fingerprint {run.fingerprint} "
               f"throughput {server.throughput:.1f} microbatches/s", file=sys.stderr, flush=True)
         if auto:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from node.args import add_run_args, identity_peer_id, run_config_from_args
+from node.lifeline import parent_death_preexec
 
 
 def add_parser(sub) -> None:
@@ -47,8 +48,9 @@ class Swarm:
         cmd = [sys.executable, "-m", "node.cli", *argv]
         if argv[0] == "join":
             cmd += ["--threads", str(self.threads)]
+        # own session (ended by group id), and SIGTERM (a clean shutdown) if this process dies, even by kill -9
         proc = subprocess.Popen(wrap(cmd) if wrap else cmd, stdout=out, stderr=out, env=env,
-                                start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+                                start_new_session=True, preexec_fn=parent_death_preexec(signal.SIGTERM), cwd=Path(__file__).resolve().parent.parent)
         self.procs.append((name, proc, log))
         return proc
 
@@ -135,6 +137,9 @@ def run_args(args, trainers=()) -> list[str]:
 
 
 def main(args) -> int:
+    if args.replicas < 1 and args.stages > 1:
+        raise SystemExit(f"error: --replicas {args.replicas} can never train: every stage after the head needs at "
+                         f"least one replica")
     run_dir = Path(args.run_dir or f"runs/local-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     # Only our head may drive training: its identity exists before the run config is published.

@@ -73,13 +73,30 @@ async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: 
 
 
 async def save_periodically(worker, path: Path, every_s: float, executor) -> None:
-    """Write the stage checkpoint every `every_s` seconds (serialized between requests)."""
+    """Write the stage checkpoint every `every_s` seconds when a step was applied since the last one.
+    The state is serialized on the worker's own executor, between requests, so the file holds the
+    weights of exactly the step it is labelled with; the write is atomic (temp file + rename)."""
     loop = asyncio.get_running_loop()
+    saved = None
     while True:
         await asyncio.sleep(every_s)
-        data = await loop.run_in_executor(executor, worker.state_bytes)
+        step, data = await loop.run_in_executor(executor, _labelled_state, worker)
+        if step == saved:
+            continue
         await loop.run_in_executor(None, atomic_write_bytes, data, path)
-        log.info("checkpoint written: %s (step %d)", path, worker.applied_step)
+        saved = step
+        log.info("checkpoint written: %s (step %d)", path, step)
+
+
+def _labelled_state(worker) -> tuple[int, bytes]:
+    return worker.applied_step, worker.state_bytes()
+
+
+def periodic_checkpoints(worker, path: Path | None, every_min: float, executor) -> list[asyncio.Task]:
+    """The periodic checkpoint task of a node of any role (stage 0 included); none if disabled."""
+    if path is None or every_min <= 0:
+        return []
+    return [asyncio.create_task(save_periodically(worker, path, 60 * every_min, executor))]
 
 
 def checkpoint_path(directory: str | None, run_id: str, stage: int, peer_id: str) -> Path | None:
