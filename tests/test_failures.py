@@ -1,0 +1,270 @@
+"""Ordinary failures on real processes (issue 10): kill -9 of a node's MAIN pid (never its group, as
+the OOM killer does), a dead bootstrap, a port already taken, configs that can never train, and
+exports of stages at different steps."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from node.lifeline import descendants
+from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm.export import MixedSteps, check_one_step, common_step
+from swarm.stage_worker import StageWorker
+
+pytestmark = pytest.mark.swarm
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
+        "--batch-size", "4", "--microbatches", "2"]
+STEP_LINE = re.compile(r"\] (\d+)/\d+ loss")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(cond, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Nodes:
+    """Processes started as users start them; each in its own session so the test can clean up by group."""
+
+    def __init__(self, tmp_path, env=None):
+        self.dir, self.env = tmp_path, dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.argv: dict[str, list[str]] = {}
+
+    def start(self, name: str, *argv: str) -> subprocess.Popen:
+        self.argv[name] = list(argv)
+        log = open(self.dir / f"{name}.log", "a")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "node.cli", *argv], cwd=ROOT, env=self.env,
+                                            stdout=log, stderr=log, start_new_session=True)
+        return self.procs[name]
+
+    def restart(self, name: str) -> subprocess.Popen:
+        return self.start(name, *self.argv[name])
+
+    def log(self, name: str) -> str:
+        return (self.dir / f"{name}.log").read_text(errors="replace")
+
+    def wait_for(self, name: str, text: str, timeout: float = 120.0, since: int = 0) -> None:
+        def seen():
+            if self.procs[name].poll() is not None and text not in self.log(name)[since:]:
+                raise AssertionError(f"{name} exited ({self.procs[name].returncode}):\n{self.log(name)[-3000:]}")
+            return text in self.log(name)[since:]
+        wait_until(seen, timeout, f"{text!r} in {name}'s log:\n{self.log(name)[-2000:]}")
+
+    def own_addr(self, name: str) -> str:
+        self.wait_for(name, "--initial-peers /")
+        return re.search(r"--initial-peers (/\S+)", self.log(name)).group(1)
+
+    def kill9(self, name: str) -> list[int]:
+        """SIGKILL only the node's main pid; returns the pids of the helpers it had (DHT, p2pd, averager)."""
+        proc = self.procs[name]
+        helpers = descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+        return helpers
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    n = Nodes(tmp_path)
+    yield n
+    n.stop_all()
+
+
+def bootstrap(nodes: Nodes, *extra: str) -> list[str]:
+    nodes.start("bootstrap", "bootstrap", *TINY, "--run-id", "fail", "--addr-file", str(nodes.dir / "boot.addr"),
+                *extra)
+    nodes.wait_for("bootstrap", "is up", 60)
+    return (nodes.dir / "boot.addr").read_text().split()
+
+
+def join_argv(nodes: Nodes, name: str, stage: int, peers: list[str], *extra: str) -> list[str]:
+    return ["join", "--stage", str(stage), "--initial-peers", *peers, "--run-id", "fail",
+            "--identity", str(nodes.dir / f"{name}.id"), "--checkpoint-dir", str(nodes.dir / "ckpt"),
+            "--threads", "1", *extra]
+
+
+def trained_steps(text: str) -> int:
+    return max((int(m) for m in STEP_LINE.findall(text)), default=0)
+
+
+# --- the last replica of a stage ---------------------------------------------------------------------
+
+
+def test_only_replica_of_last_stage_killed_head_pauses_restart_resumes(nodes):
+    peers = bootstrap(nodes, "--stages", "3")
+    nodes.start("s1", *join_argv(nodes, "s1", 1, peers))
+    last = join_argv(nodes, "s2", 2, peers, "--port", str(free_port()), "--metrics-port", str(free_port()))
+    nodes.start("s2", *last)
+    nodes.wait_for("s1", "serving")
+    nodes.wait_for("s2", "serving")
+    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0"))
+    wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
+
+    helpers = nodes.kill9("s2")
+    assert len(helpers) >= 2, helpers  # its DHT process and p2pd at least
+    killed_at, head_mark = time.monotonic(), len(nodes.log("head"))
+    wait_until(lambda: not any(alive(p) for p in helpers), 10, f"the helpers {helpers} of the killed node to exit")
+
+    nodes.wait_for("head", "paused: waiting for", 60, since=head_mark)
+    time.sleep(max(0.0, 20 - (time.monotonic() - killed_at)))
+    outage = nodes.log("head")[head_mark:]
+    calls = outage.count("stage 2 replica")  # one warning per failed call
+    assert nodes.procs["head"].poll() is None, outage[-3000:]
+    assert "Traceback" not in outage and "OverflowError" not in outage, outage[-3000:]
+    assert 1 <= calls < 50, f"{calls} calls to the dead replica in 20 s:\n{outage[-3000:]}"
+
+    s2_mark = len(nodes.log("s2"))
+    stopped_at = trained_steps(nodes.log("head"))
+    nodes.restart("s2")  # same identity, port and metrics port, right away
+    nodes.wait_for("s2", "serving", 120, since=s2_mark)
+    wait_until(lambda: trained_steps(nodes.log("head")) > stopped_at + 2, 180, "training to resume")
+
+    # Paused again, the head still honours SIGTERM.
+    helpers = nodes.kill9("s2")
+    head_mark = len(nodes.log("head"))
+    nodes.wait_for("head", "paused: waiting for", 90, since=head_mark)
+    nodes.procs["head"].send_signal(signal.SIGTERM)
+    assert nodes.procs["head"].wait(timeout=60) == 130, nodes.log("head")[-3000:]
+    wait_until(lambda: not any(alive(p) for p in helpers), 10, "the helpers of the killed node to exit")
+
+
+# --- a dead bootstrap ----------------------------------------------------------------------------------
+
+
+def test_bootstrap_killed_config_survives_and_peers_admit_joiners(tmp_path):
+    ttl = 6.0  # RESBM_CONFIG_TTL_S: the default is 120 s; the same code path, only shorter
+    nodes = Nodes(tmp_path, env={"RESBM_CONFIG_TTL_S": str(ttl)})
+    try:
+        peers = bootstrap(nodes, "--stages", "2")
+        nodes.start("s1", *join_argv(nodes, "s1", 1, peers))
+        nodes.wait_for("s1", "serving")
+        via = nodes.own_addr("s1")
+        assert via not in peers
+        helpers = nodes.kill9("bootstrap")
+        wait_until(lambda: not any(alive(p) for p in helpers), 10, "the bootstrap's helpers to exit")
+        time.sleep(2 * ttl)  # every record the bootstrap stored has expired by now
+        nodes.start("s1b", *join_argv(nodes, "s1b", 1, [via]))  # no --config
+        nodes.wait_for("s1b", "serving", 120)
+        status = subprocess.run([sys.executable, "-m", "node.cli", "status", "--initial-peers", via, "--run-id",
+                                 "fail"], cwd=ROOT, capture_output=True, text=True, timeout=90, env=nodes.env)
+        fingerprint = re.search(r"fingerprint (\w+)", nodes.log("s1")).group(1)
+        assert f"fingerprint {fingerprint}" in status.stdout + status.stderr, status.stdout + status.stderr
+    finally:
+        nodes.stop_all()
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+
+
+def test_second_node_on_a_held_port_is_refused(nodes):
+    port = free_port()
+    bootstrap(nodes, "--stages", "2", "--port", str(port))
+    res = subprocess.run([sys.executable, "-m", "node.cli", "bootstrap", *TINY, "--stages", "2", "--run-id", "fail",
+                          "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in res.stderr, res.stderr
+    assert nodes.procs["bootstrap"].poll() is None
+
+
+def test_local_with_zero_replicas_is_refused(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "node.cli", "local", "--stages", "3", "--replicas", "0", *TINY,
+                          "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "--replicas 0 can never train" in res.stderr, res.stderr
+
+
+def test_nodes_of_local_exit_when_local_is_killed(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "local", "--stages", "2", "--steps", "100000", *TINY,
+                             "--run-dir", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "local.log", "w"), start_new_session=True)
+    try:
+        wait_until(lambda: trained_steps((tmp_path / "local.log").read_text(errors="replace")) >= 1, 240,
+                   "the local swarm to train")
+        tree = descendants(proc.pid)
+        assert len(tree) >= 6, tree  # bootstrap, stage, head and their hivemind helpers
+        proc.kill()  # the main pid only
+        proc.wait()
+        wait_until(lambda: not any(alive(p) for p in tree), 60, f"every process of the killed `local` to exit")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --- export of stages at different steps -----------------------------------------------------------------
+
+
+def test_common_step_and_mixed_step_message():
+    assert common_step({0: {5, 6}, 1: {6, 7}, 2: {4, 6}}) == 6
+    assert common_step({0: {5}, 1: {6}}) is None
+    check_one_step({0: 3, 1: 3})
+    with pytest.raises(MixedSteps, match=r"stage\(s\) 0 \(step 56\), 1 \(step 57\) behind step 58"):
+        check_one_step({0: 56, 1: 57, 2: 58, 3: 58})
+
+
+def _checkpoint(run, stage: int, step: int, path):
+    worker = StageWorker(run, stage)
+    worker.applied_step = step
+    torch.save(worker.state_dict(), path)
+
+
+def test_export_refuses_mixed_steps_unless_allowed(tmp_path):
+    run = RunConfig(model=ModelConfig(d_model=64, n_layers=2, n_heads=2, seq_len=16, n_stages=2, ratio=16),
+                    train=TrainConfig(batch_size=4, microbatches=2), run_id="mix")
+    mixed, common = tmp_path / "mixed", tmp_path / "common"
+    mixed.mkdir(), common.mkdir()
+    _checkpoint(run, 0, 56, mixed / "a.pt")
+    _checkpoint(run, 1, 58, mixed / "b.pt")
+
+    def export(src, *extra):
+        return subprocess.run([sys.executable, "-m", "node.cli", "export", "--checkpoints", str(src), "--out",
+                               str(tmp_path / "m.st"), *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    res = export(mixed)
+    assert res.returncode != 0 and "stage(s) 0 (step 56) behind step 58" in res.stderr, res.stderr
+    assert not (tmp_path / "m.st").exists()
+    res = export(mixed, "--allow-mixed-steps")
+    assert res.returncode == 0 and "{0: 56, 1: 58}" in res.stderr, res.stderr
+    for name, stage, step in (("a", 0, 57), ("b", 1, 57), ("c", 1, 58)):  # stage 1 also has a newer file
+        _checkpoint(run, stage, step, common / f"{name}.pt")
+    res = export(common)
+    assert res.returncode == 0 and "{0: 57, 1: 57}" in res.stderr, res.stderr
