@@ -150,12 +150,22 @@ class RobustAverager(DecentralizedAverager):
                 raise ValueError("aux peers should not receive averaged tensors")
 
 
+def _cancel(control) -> None:
+    """Cancel an averaging round (StepControl) that may already be finished or cancelled."""
+    try:
+        if control is not None:
+            control.cancel()
+    except Exception:
+        pass
+
+
 class ReplicaAverager:
     def __init__(self, dht: DHT, run_id: str, stage: int, module: torch.nn.Module, every: int,
                  count_replicas, metrics, matchmaking_s: float = 1.0, timeout_s: float = 8.0,
                  tau: float | None = None, iters: int = DEFAULT_ITERS):
         self.module, self.every, self.count_replicas, self.metrics = module, every, count_replicas, metrics
         self.timeout_s = timeout_s
+        self.closing, self._control = False, None
         self.matchmaking_timeout_s = 3 * matchmaking_s
         self.tau = tau if tau is not None else DEFAULT_TAU
         self.params = [p for p in module.parameters()]
@@ -184,12 +194,20 @@ class ReplicaAverager:
         with torch.no_grad(), self.averager.get_tensors() as shared:
             for dst, p in zip(shared, self.params):
                 dst.copy_(p.detach().cpu())
+        if self.closing:
+            return False
+        control = self._control = None
         try:
             # the timeout bounds group *finding*: the head said who is stepping, so a partner that died
-            # meanwhile is given up on quickly (transfers have their own allreduce timeouts)
-            result = self.averager.step(timeout=self.matchmaking_timeout_s, allow_retries=False)
+            # meanwhile is given up on quickly (transfers have their own allreduce timeouts); the wait
+            # for the result is bounded too, so a shutdown mid-round cannot leave this thread (and the
+            # process's exit) waiting forever on a helper that is gone
+            control = self._control = self.averager.step(timeout=self.matchmaking_timeout_s, allow_retries=False,
+                                                         wait=False)
+            result = control.result(timeout=self.matchmaking_timeout_s + self.timeout_s + 2.0)
         except Exception as e:
-            log.warning("averaging error: %s", e)
+            _cancel(control)
+            log.warning("averaging error: %s", str(e) or type(e).__name__)
             return False
         if result is None:
             return False
@@ -206,4 +224,6 @@ class ReplicaAverager:
         return True
 
     def shutdown(self) -> None:
+        self.closing = True
+        _cancel(self._control)  # a round in flight: let its waiting thread go now
         self.averager.shutdown()
