@@ -34,6 +34,7 @@ class Announcer:
         self.dht, self.run_id, self.peer_id, self.period_s = dht, run_id, peer_id, period_s
         self.subkey = owner_subkey(peer_id, validator)
         self.started = get_dht_time()
+        self.last_updated = None
 
     async def publish(self, stage: int, fingerprint: str, throughput: float, queue: int, step: int,
                       serving: bool = True, ttl: float | None = None) -> bool:
@@ -41,8 +42,17 @@ class Announcer:
                              fingerprint=fingerprint, step=int(step), serving=serving, started=float(self.started),
                              updated=float(get_dht_time()))
         ttl = ttl if ttl is not None else 3 * self.period_s
+        self.last_updated = value["updated"]
         return await self.dht.store(stages_key(self.run_id), value, get_dht_time() + ttl, subkey=self.subkey,
                                     return_future=True)
+
+    async def readable(self) -> bool:
+        """Whether our newest record can be read back. hivemind's store() reports the answer of the
+        last replica that responded, so one peer holding a stale copy (or a dying one) makes it
+        say False while the record is stored fine elsewhere: only a record nobody serves matters."""
+        found = await self.dht.get(stages_key(self.run_id), latest=True, return_future=True)
+        item = found.value.get(self.subkey) if found is not None and isinstance(found.value, dict) else None
+        return item is not None and isinstance(item.value, dict) and item.value.get("updated") == self.last_updated
 
     async def run(self, stage: int, fingerprint: str, server) -> None:
         """Refresh our record every period until cancelled."""
@@ -50,8 +60,9 @@ class Announcer:
             try:
                 ok = await self.publish(stage, fingerprint, server.throughput, server.inflight,
                                         server.worker.applied_step)
-                if not ok:
-                    log.warning("DHT refused our stage record (is the clock or the key wrong?)")
+                if not ok and not await self.readable():
+                    log.warning("DHT refused our stage record and it cannot be read back (is the clock or the key "
+                                "wrong?)")
             except Exception as e:
                 log.warning("could not publish the stage record: %s", e)
             await asyncio.sleep(self.period_s)

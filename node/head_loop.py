@@ -15,7 +15,10 @@ from swarm.trainer import param_overhead, wire_stats
 log = logging.getLogger("resbm.head")
 
 
-async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_id: str, executor=None) -> int:
+async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_id: str, server=None) -> int:
+    """Train; `server` is the head's own StageServer (its executor runs stage 0's work, and the rate
+    measured here is what the head's DHT record, hence `status`, advertises)."""
+    executor = server.executor if server is not None else None
     cfg, t = run.model, run.train
     corpus = ByteCorpus(args.data)
     bar = Progress(args.steps)
@@ -42,6 +45,8 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
             bytes_before = head.payload["fwd"] + head.payload["bwd"]
             result = await head.train_step(step)
             dt = time.perf_counter() - t0
+            if server is not None:
+                server.compute.add(dt, tokens_per_step)
             losses.append(result["loss"])
             step_times.append(dt)
             replies.append(result["replies"])

@@ -235,7 +235,7 @@ async def _main(args) -> int:
             tasks.append(asyncio.create_task(announcer.run(0, run.fingerprint, server)))
             tasks += periodic_checkpoints(worker, ckpt, args.save_every_min, server.executor)
             try:
-                return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, server.executor)
+                return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, server)
             finally:
                 if ckpt is not None:
                     atomic_write_bytes(worker.state_bytes(), ckpt)

@@ -40,13 +40,16 @@ async def download_state(p2p, fingerprint: str, peer_id: str, timeout: float = 6
 async def _replicas_of_stage(dht, run, stage: int, own_peer_id: str, patience_s: float = 20.0) -> list[dict]:
     """Live replicas of `stage`. A fresh DHT peer can miss records for a while (they may have been
     stored on peers that just left, until their owners refresh them), so while the swarm is clearly
-    training (other stages report applied steps) but ours shows nobody, look again before concluding."""
+    training (other stages report applied steps) but ours shows nobody, look again before concluding.
+    Unless our own previous record is visible (a restart of this identity after a crash): then the
+    stage's records are readable, and nobody else serves it."""
     deadline = time.monotonic() + patience_s
     while True:
         records = await read_stage_records(dht, run.run_id, run.fingerprint)
         mine = [r for r in records.get(stage, []) if r["peer_id"] != own_peer_id]
         running = any(r["step"] >= 0 for k, recs in records.items() if k != stage for r in recs)
-        if mine or not running or time.monotonic() > deadline:
+        restarted = any(r["peer_id"] == own_peer_id for r in records.get(stage, []))
+        if mine or not running or restarted or time.monotonic() > deadline:
             return mine
         await asyncio.sleep(2.0)
 

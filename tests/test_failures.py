@@ -1,6 +1,8 @@
 """Ordinary failures on real processes (issue 10): kill -9 of a node's MAIN pid (never its group, as
 the OOM killer does), a dead bootstrap, a port already taken, configs that can never train, and
 exports of stages at different steps."""
+import asyncio
+import json
 import os
 import re
 import signal
@@ -123,6 +125,15 @@ def join_argv(nodes: Nodes, name: str, stage: int, peers: list[str], *extra: str
             "--threads", "1", *extra]
 
 
+def head_tokens_per_s(peers: list[str]) -> float:
+    def rate():
+        res = subprocess.run([sys.executable, "-m", "node.cli", "status", "--initial-peers", *peers, "--run-id",
+                              "fail", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=90)
+        heads = json.loads(res.stdout)["stages"][0]["replicas"] if res.returncode in (0, 1) and res.stdout else []
+        return heads and heads[0]["tokens_per_s"]
+    return wait_until(rate, 60, "the head's record to show its tokens/s", step=3)
+
+
 def trained_steps(text: str) -> int:
     return max((int(m) for m in STEP_LINE.findall(text)), default=0)
 
@@ -139,6 +150,7 @@ def test_only_replica_of_last_stage_killed_head_pauses_restart_resumes(nodes):
     nodes.wait_for("s2", "serving")
     nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0"))
     wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
+    assert head_tokens_per_s(peers) > 0  # the head advertises the rate it trains at
 
     helpers = nodes.kill9("s2")
     assert len(helpers) >= 2, helpers  # its DHT process and p2pd at least
@@ -172,6 +184,27 @@ def test_only_replica_of_last_stage_killed_head_pauses_restart_resumes(nodes):
     nodes.procs["head"].send_signal(signal.SIGTERM)
     assert nodes.procs["head"].wait(timeout=60) == 130, nodes.log("head")[-3000:]
     wait_until(lambda: not any(alive(p) for p in helpers), 10, "the helpers of the killed node to exit")
+
+
+def test_store_refusals_warn_only_when_the_record_cannot_be_read_back():
+    from hivemind.dht.crypto import RSASignatureValidator
+    from node.announce import Announcer
+    from node.dht import start_dht
+    from node.runtime import SocketJanitor
+    janitor, dht = SocketJanitor(), start_dht("fail")
+
+    async def go():
+        ann = Announcer(dht, "fail", "QmMe", RSASignatureValidator())
+        assert await ann.publish(1, "fp", 1.0, 0, 3, ttl=300) and await ann.readable()
+        # An older expiration than the stored one is refused, and the DHT keeps the previous value:
+        # our newest record is then really not readable (the announcer warns).
+        assert not await ann.publish(1, "fp", 1.0, 0, 4, ttl=1)
+        assert not await ann.readable()
+    try:
+        asyncio.run(go())
+    finally:
+        dht.shutdown()
+        janitor.sweep()
 
 
 # --- a dead bootstrap ----------------------------------------------------------------------------------
