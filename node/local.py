@@ -94,23 +94,27 @@ class Swarm:
         proc.wait()
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM each node's main process (it stops its own hivemind helpers in order), wait, then
-        SIGKILL whatever is left in its process group: no orphan p2pd or workers."""
-        for _, proc, _ in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, proc, _ in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for _, proc, _ in self.procs:
-            _signal_group(proc, signal.SIGKILL)  # the group may still hold hivemind helpers
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_processes([proc for _, proc, _ in self.procs], grace)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+    """SIGTERM each node's main process (it stops its own hivemind helpers in order), wait, then
+    SIGKILL whatever is left in its process group: no orphan p2pd or workers."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        _signal_group(proc, signal.SIGKILL)  # the group may still hold hivemind helpers
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _signal_group(proc: subprocess.Popen, sig) -> None:

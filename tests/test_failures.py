@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from node.lifeline import descendants
+from node.local import stop_processes
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.export import MixedSteps, check_one_step, common_step
 from swarm.stage_worker import StageWorker
@@ -91,18 +92,7 @@ class Nodes:
         return helpers
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop_processes(list(self.procs.values()), grace=30.0)
 
 
 @pytest.fixture
