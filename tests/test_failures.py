@@ -1,6 +1,7 @@
 """Ordinary failures on real processes (issue 10): kill -9 of a node's MAIN pid (never its group, as
 the OOM killer does), a dead bootstrap, a port already taken, configs that can never train, and
 exports of stages at different steps."""
+import ast
 import asyncio
 import json
 import os
@@ -197,6 +198,20 @@ def test_store_refusals_warn_only_when_the_record_cannot_be_read_back():
         janitor.sweep()
 
 
+def test_same_command_restart_right_after_kill9(nodes):
+    peers = bootstrap(nodes, "--stages", "2")
+    nodes.start("s1", *join_argv(nodes, "s1", 1, peers, "--port", str(free_port()),
+                                 "--metrics-port", str(free_port())))
+    nodes.wait_for("s1", "serving")
+    helpers = nodes.kill9("s1")
+    mark = len(nodes.log("s1"))
+    nodes.restart("s1")  # no pause at all: same identity, port and metrics port
+    nodes.wait_for("s1", "serving", 120, since=mark)
+    restarted = nodes.log("s1")[mark:]
+    assert "already taken" not in restarted and "already in use" not in restarted, restarted
+    assert not any(alive(p) for p in helpers), helpers
+
+
 # --- a dead bootstrap ----------------------------------------------------------------------------------
 
 
@@ -299,3 +314,18 @@ def test_export_refuses_mixed_steps_unless_allowed(tmp_path):
         _checkpoint(run, stage, step, common / f"{name}.pt")
     res = export(common)
     assert res.returncode == 0 and "{0: 57, 1: 57}" in res.stderr, res.stderr
+
+
+def test_live_export_of_a_training_swarm_takes_every_stage_at_one_step(nodes):
+    peers = bootstrap(nodes, "--stages", "3")
+    for k in (1, 2):
+        nodes.start(f"s{k}", *join_argv(nodes, f"s{k}", k, peers))
+    for k in (1, 2):
+        nodes.wait_for(f"s{k}", "serving")
+    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0"))
+    wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
+    res = subprocess.run([sys.executable, "-m", "node.cli", "export", "--initial-peers", *peers, "--run-id", "fail",
+                          "--out", str(nodes.dir / "m.st")], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = ast.literal_eval(re.search(r"\(steps (\{.*?\})\)", res.stderr).group(1))
+    assert len(steps) == 3 and len(set(steps.values())) == 1 and min(steps.values()) >= 2, res.stderr
