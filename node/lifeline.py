@@ -30,7 +30,9 @@ def set_parent_death_signal(sig: int) -> bool:
 
 
 def parent_death_preexec(sig: int = signal.SIGTERM):
-    """A Popen preexec_fn: the child gets `sig` when this process dies (also if it already died)."""
+    """A Popen preexec_fn: the child gets `sig` when this process dies (also if it already died).
+    The kernel fires on the exit of the *thread* that forked: start children from a thread that
+    lives as long as they should (the main thread, as `local` does)."""
     parent = os.getpid()
 
     def hook() -> None:
