@@ -76,23 +76,21 @@ async def _newest_state(p2p, run, records: list[dict]) -> dict | None:
 
 
 async def consistent_states(dht, p2p, run, wait_s: float, allow_mixed: bool):
-    """Every stage's state, at one step if possible: stages not at the newest step seen are fetched
-    again (a training swarm applies each step everywhere at once) until all agree or `wait_s` runs out."""
+    """Every stage's state, at one step if possible: all stages are fetched again until they agree
+    or `wait_s` runs out (then export names the stages that disagree)."""
     from node.announce import read_stage_records
     deadline = asyncio.get_running_loop().time() + wait_s
-    states, steps = {}, {}
     while True:
         records = await read_stage_records(dht, run.run_id, run.fingerprint)
-        newest = max(steps.values(), default=None)
-        for k in range(run.model.n_stages):
-            if k not in steps or steps[k] != newest:
-                state = await _newest_state(p2p, run, records.get(k, []))
-                if state is not None:
-                    states[k], steps[k] = state["model"], state["step"]
+        stages = range(run.model.n_stages)
+        # all at once: every stage applies a step at the same barrier, so concurrent requests most
+        # likely land between the same two barriers
+        fetched = await asyncio.gather(*(_newest_state(p2p, run, records.get(k, [])) for k in stages))
+        states = {k: s["model"] for k, s in zip(stages, fetched) if s is not None}
+        steps = {k: s["step"] for k, s in zip(stages, fetched) if s is not None}
         if allow_mixed or len(set(steps.values())) <= 1 or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.5)
-    return states, steps
+            return states, steps
+        await asyncio.sleep(0.2)
 
 
 async def states_from_swarm(args) -> tuple[RunConfig, dict[int, dict], dict[int, int]]:

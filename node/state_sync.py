@@ -23,13 +23,19 @@ from swarm.checkpoint import atomic_write_bytes, load
 log = logging.getLogger("resbm.state")
 
 
-async def download_state(p2p, fingerprint: str, peer_id: str, timeout: float = 60.0) -> dict:
-    chunks, offset, total = [], 0, None
+async def download_state(p2p, fingerprint: str, peer_id: str, timeout: float = 60.0, restarts: int = 5) -> dict:
+    """A replica's state, chunk by chunk. If it applies a step meanwhile (another step label or size),
+    start over: chunks of two steps would make a state that never existed."""
+    chunks, offset, total, step = [], 0, None, None
     while total is None or offset < total:
         reply, _, _ = await call(p2p, peer_id, request("state", fingerprint, offset=offset), timeout=timeout)
-        if total is not None and reply["total"] != total:  # the replica stepped meanwhile: start over
-            chunks, offset = [], 0
-        total = reply["total"]
+        if total is not None and (reply["total"] != total or reply.get("step") != step):
+            if restarts == 0:
+                raise RemoteError("state", "the replica kept stepping during the state transfer")
+            restarts -= 1
+            chunks, offset, total, step = [], 0, None, None
+            continue
+        total, step = reply["total"], reply.get("step")
         chunks.append(reply["data"])
         offset += len(reply["data"])
         if not reply["data"] and offset < total:
