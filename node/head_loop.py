@@ -37,6 +37,7 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
         # worker.applied_step stays the step of the head's own weights, so its checkpoints say the truth.
         step = max([worker.applied_step] + [r.step for k in range(1, cfg.n_stages)
                                             for r in head.router.replicas(k)]) + 1
+        await _forget_gradients_of(head, step)
         while len(losses) < args.steps:
             if stop.is_set():
                 stopped = "signal"
@@ -102,6 +103,13 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
                  summary["tokens_per_s"], summary["measured_wire_bytes_per_token_fwd"],
                  summary["measured_compression_vs_bf16"])
     return 1 if error else (130 if stopped else 0)
+
+
+async def _forget_gradients_of(head: Head, step: int) -> None:
+    """A head restarted after a crash begins at a step whose gradients its previous life may have
+    left on replicas; they would refuse its microbatches as already counted. Drop them first."""
+    await asyncio.gather(*(head._prepare(k, r.peer_id, step, discard=True)
+                           for k in range(1, head.cfg.n_stages) for r in head.router.replicas(k)))
 
 
 async def _final_eval(head: Head) -> float | None:

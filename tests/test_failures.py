@@ -212,6 +212,29 @@ def test_same_command_restart_right_after_kill9(nodes):
     assert not any(alive(p) for p in helpers), helpers
 
 
+def test_head_killed_and_restarted_resumes_near_the_stages(nodes):
+    peers = bootstrap(nodes, "--stages", "3")
+    for k in (1, 2):
+        nodes.start(f"s{k}", *join_argv(nodes, f"s{k}", k, peers))
+    for k in (1, 2):
+        nodes.wait_for(f"s{k}", "serving")
+    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0",
+                                   "--save-every-min", "0.05"))  # a checkpoint every 3 s
+    wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 240, "a periodic head checkpoint")
+    helpers = nodes.kill9("head")  # mid-step, most likely: the last stage holds its gradients
+    mark = len(nodes.log("head"))
+    restarted_at = time.monotonic()
+    nodes.restart("head")
+    nodes.wait_for("head", "resumed from checkpoint", 60, since=mark)
+    wait_until(lambda: trained_steps(nodes.log("head")[mark:]) > 0, 120, "the restarted head to train")
+    print(f"\nrestarted head training again after {time.monotonic() - restarted_at:.1f}s")
+    assert not any(alive(p) for p in helpers), helpers
+    wait_until(lambda: trained_steps(nodes.log("head")[mark:]) >= 5, 120, "5 more steps")
+    log = nodes.log("head")[mark:]
+    resumed = int(re.search(r"resumed from checkpoint \S+ at step (\d+)", log).group(1))
+    assert resumed >= 1 and "already counted" not in log and "failed loss" not in log, log[-3000:]
+
+
 # --- a dead bootstrap ----------------------------------------------------------------------------------
 
 
