@@ -116,6 +116,17 @@ def join_argv(nodes: Nodes, name: str, stage: int, peers: list[str], *extra: str
             "--threads", "1", *extra]
 
 
+def training_swarm(nodes: Nodes, *head_extra: str, last_extra=()) -> list[str]:
+    """bootstrap, one replica each of stages 1 and 2, and a head training until stopped."""
+    peers = bootstrap(nodes, "--stages", "3")
+    nodes.start("s1", *join_argv(nodes, "s1", 1, peers))
+    nodes.start("s2", *join_argv(nodes, "s2", 2, peers, *last_extra))
+    nodes.wait_for("s1", "serving")
+    nodes.wait_for("s2", "serving")
+    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0", *head_extra))
+    return peers
+
+
 def head_tokens_per_s(peers: list[str]) -> float:
     def rate():
         res = subprocess.run([sys.executable, "-m", "node.cli", "status", "--initial-peers", *peers, "--run-id",
@@ -133,13 +144,7 @@ def trained_steps(text: str) -> int:
 
 
 def test_only_replica_of_last_stage_killed_head_pauses_restart_resumes(nodes):
-    peers = bootstrap(nodes, "--stages", "3")
-    nodes.start("s1", *join_argv(nodes, "s1", 1, peers))
-    last = join_argv(nodes, "s2", 2, peers, "--port", str(free_port()), "--metrics-port", str(free_port()))
-    nodes.start("s2", *last)
-    nodes.wait_for("s1", "serving")
-    nodes.wait_for("s2", "serving")
-    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0"))
+    peers = training_swarm(nodes, last_extra=("--port", str(free_port()), "--metrics-port", str(free_port())))
     wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
     assert head_tokens_per_s(peers) > 0  # the head advertises the rate it trains at
 
@@ -213,13 +218,7 @@ def test_same_command_restart_right_after_kill9(nodes):
 
 
 def test_head_killed_and_restarted_resumes_near_the_stages(nodes):
-    peers = bootstrap(nodes, "--stages", "3")
-    for k in (1, 2):
-        nodes.start(f"s{k}", *join_argv(nodes, f"s{k}", k, peers))
-    for k in (1, 2):
-        nodes.wait_for(f"s{k}", "serving")
-    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0",
-                                   "--save-every-min", "0.05"))  # a checkpoint every 3 s
+    training_swarm(nodes, "--save-every-min", "0.05")  # a head checkpoint every 3 s
     wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 240, "a periodic head checkpoint")
     helpers = nodes.kill9("head")  # mid-step, most likely: the last stage holds its gradients
     mark = len(nodes.log("head"))
@@ -340,13 +339,7 @@ def test_export_refuses_mixed_steps_unless_allowed(tmp_path):
 
 
 def test_live_export_of_a_training_swarm_takes_every_stage_at_one_step(nodes):
-    peers = bootstrap(nodes, "--stages", "3")
-    for k in (1, 2):
-        nodes.start(f"s{k}", *join_argv(nodes, f"s{k}", k, peers))
-    for k in (1, 2):
-        nodes.wait_for(f"s{k}", "serving")
-    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0",
-                                   "--save-every-min", "0.05"))
+    peers = training_swarm(nodes, "--save-every-min", "0.05")
     wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
     # the head checkpoints periodically too (not only on exit), atomically, labelled with its weights' step
     head_ckpt = wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 60, "a head checkpoint")
