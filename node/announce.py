@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
@@ -34,6 +35,7 @@ class Announcer:
         self.subkey = owner_subkey(peer_id, validator)
         self.started = get_dht_time()
         self.expires: dict[int, float] = {}  # per stage key, of our last record: the DHT keeps the latest-expiring
+        self.last_updated = None
 
     async def publish(self, stage: int, fingerprint: str, throughput: float, queue: int, step: int,
                       serving: bool = True, ttl: float | None = None, state: str | None = None) -> bool:
@@ -43,8 +45,17 @@ class Announcer:
         ttl = ttl if ttl is not None else 3 * self.period_s
         # A newer record with an earlier expiration would be ignored: never expire before the last one.
         expires = self.expires[stage] = max(get_dht_time() + ttl, self.expires.get(stage, 0.0) + 1e-3)
+        self.last_updated = value["updated"]
         return await self.dht.store(stage_key(self.run_id, stage), value, expires, subkey=self.subkey,
                                     return_future=True)
+
+    async def readable(self, stage: int) -> bool:
+        """Whether our newest record can be read back. hivemind's store() reports the answer of the
+        last replica that responded, so one peer holding a stale copy (or a dying one) makes it
+        say False while the record is stored fine elsewhere: only a record nobody serves matters."""
+        found = await self.dht.get(stage_key(self.run_id, stage), latest=True, return_future=True)
+        item = found.value.get(self.subkey) if found is not None and isinstance(found.value, dict) else None
+        return item is not None and isinstance(item.value, dict) and item.value.get("updated") == self.last_updated
 
     async def run(self, stage: int, fingerprint: str, server, state: str = "serving") -> None:
         """Refresh our record every period until cancelled."""
@@ -52,8 +63,9 @@ class Announcer:
             try:
                 ok = await self.publish(stage, fingerprint, server.throughput, server.inflight,
                                         server.worker.applied_step, serving=state == "serving", state=state)
-                if not ok:
-                    log.warning("DHT refused our stage record (is the clock or the key wrong?)")
+                if not ok and not await self.readable(stage):
+                    log.warning("DHT refused our stage record and it cannot be read back (is the clock or the key "
+                                "wrong?)")
             except Exception as e:
                 log.warning("could not publish the stage record: %s", e)
             await asyncio.sleep(self.period_s)
@@ -100,22 +112,44 @@ async def read_stage_records(dht: DHT, run, include_idle: bool = False) -> dict[
     return out
 
 
+def config_ttl_s() -> float:
+    """Lifetime of a published run config record (RESBM_CONFIG_TTL_S, default 120 s; tests shorten it).
+    Publishers refresh it every quarter of that, so it survives a lost refresh or two."""
+    return float(os.environ.get("RESBM_CONFIG_TTL_S", "120"))
+
+
 async def publish_config(dht: DHT, run_id: str, wire: dict, fingerprint: str, validator: RSASignatureValidator,
-                         ttl: float = 120.0) -> bool:
+                         ttl: float | None = None) -> bool:
+    ttl = ttl if ttl is not None else config_ttl_s()
     value = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "config": wire, "updated": get_dht_time()}
     return await dht.store(config_key(run_id), value, get_dht_time() + ttl, subkey=validator.local_public_key,
                            return_future=True)
 
 
+async def keep_config_alive(dht: DHT, run, validator: RSASignatureValidator) -> None:
+    """Re-publish the run config this node verified, signed by this node, until cancelled: the
+    config then lives as long as any node of the swarm does, not only as long as the bootstrap."""
+    while True:
+        try:
+            if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator):
+                log.warning("could not refresh the run config record")
+        except Exception as e:
+            log.warning("could not publish the run config record: %s", e)
+        await asyncio.sleep(config_ttl_s() / 4)
+
+
 async def fetch_config(dht: DHT, run_id: str) -> dict | None:
-    """The newest run config published by a bootstrap (signed by its owner), or None."""
+    """The run config published by the most peers (each signs its own copy; ties: the newest), or None."""
     found = await dht.get(config_key(run_id), latest=True, return_future=True)
     if found is None or not isinstance(found.value, dict):
         return None
     records = [item.value for item in found.value.values() if isinstance(item.value, dict)]
-    if len({r.get("fingerprint") for r in records}) > 1:
-        log.warning("bootstraps of run %s publish different configs; using the newest", run_id)
-    return max(records, key=lambda r: r.get("updated", 0.0), default=None)
+    votes: dict[str, int] = {}
+    for r in records:
+        votes[r.get("fingerprint")] = votes.get(r.get("fingerprint"), 0) + 1
+    if len(votes) > 1:
+        log.warning("peers of run %s publish different configs %s; using the most published", run_id, votes)
+    return max(records, key=lambda r: (votes[r.get("fingerprint")], r.get("updated", 0.0)), default=None)
 
 
 async def watch_swarm(dht: DHT, run, server, period_s: float = 5.0) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -32,6 +33,7 @@ from hivemind.averaging.partition import AllreduceException, BannedException, Te
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
+from node.lifeline import watch_parent
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
 
 log = logging.getLogger(__name__)
@@ -120,10 +122,15 @@ class RobustAverager(DecentralizedAverager):
     def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS, start: bool = True,
                  **kwargs):
         self.tau, self.iters = float(tau), int(iters)
+        self._node_pid = os.getpid()
         self.update_bound = (self.iters + 1) * self.tau
         super().__init__(averaged_tensors, dht, start=False, **kwargs)
         if start:
             self.run_in_background(await_ready=True)
+
+    def run(self):
+        watch_parent(self._node_pid)  # exit with the node's main process, however it dies
+        super().run()
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
@@ -143,12 +150,22 @@ class RobustAverager(DecentralizedAverager):
                 raise ValueError("aux peers should not receive averaged tensors")
 
 
+def _cancel(control) -> None:
+    """Cancel an averaging round (StepControl) that may already be finished or cancelled."""
+    try:
+        if control is not None:
+            control.cancel()
+    except Exception:
+        pass
+
+
 class ReplicaAverager:
     def __init__(self, dht: DHT, run_id: str, stage: int, module: torch.nn.Module, every: int,
                  count_replicas, metrics, matchmaking_s: float = 1.0, timeout_s: float = 8.0,
                  tau: float | None = None, iters: int = DEFAULT_ITERS):
         self.module, self.every, self.count_replicas, self.metrics = module, every, count_replicas, metrics
         self.timeout_s = timeout_s
+        self.closing, self._control = False, None
         self.matchmaking_timeout_s = 3 * matchmaking_s
         self.tau = tau if tau is not None else DEFAULT_TAU
         self.params = [p for p in module.parameters()]
@@ -177,12 +194,20 @@ class ReplicaAverager:
         with torch.no_grad(), self.averager.get_tensors() as shared:
             for dst, p in zip(shared, self.params):
                 dst.copy_(p.detach().cpu())
+        if self.closing:
+            return False
+        control = self._control = None
         try:
             # the timeout bounds group *finding*: the head said who is stepping, so a partner that died
-            # meanwhile is given up on quickly (transfers have their own allreduce timeouts)
-            result = self.averager.step(timeout=self.matchmaking_timeout_s, allow_retries=False)
+            # meanwhile is given up on quickly (transfers have their own allreduce timeouts); the wait
+            # for the result is bounded too, so a shutdown mid-round cannot leave this thread (and the
+            # process's exit) waiting forever on a helper that is gone
+            control = self._control = self.averager.step(timeout=self.matchmaking_timeout_s, allow_retries=False,
+                                                         wait=False)
+            result = control.result(timeout=self.matchmaking_timeout_s + self.timeout_s + 2.0)
         except Exception as e:
-            log.warning("averaging error: %s", e)
+            _cancel(control)
+            log.warning("averaging error: %s", str(e) or type(e).__name__)
             return False
         if result is None:
             return False
@@ -199,4 +224,6 @@ class ReplicaAverager:
         return True
 
     def shutdown(self) -> None:
+        self.closing = True
+        _cancel(self._control)  # a round in flight: let its waiting thread go now
         self.averager.shutdown()

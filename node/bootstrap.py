@@ -46,13 +46,13 @@ def main(args) -> int:
 
 async def _main(args, run) -> int:
     from hivemind.dht.crypto import RSASignatureValidator
-    from node.announce import publish_config
+    from node.announce import keep_config_alive, publish_config
     from node.dht import start_dht, visible_maddrs
     from node.runtime import SocketJanitor, close_hivemind, stop_event_on_signals
     validator = RSASignatureValidator()
     janitor = SocketJanitor()
     stop = stop_event_on_signals(asyncio.get_running_loop())
-    dht = None
+    dht = refresher = None
     try:
         dht = start_dht(run.run_id, args.initial_peers, host=args.host, port=args.port, identity=args.identity,
                         announce=args.announce, public=args.public)
@@ -70,13 +70,11 @@ async def _main(args, run) -> int:
             tmp.write_text("\n".join(addrs) + "\n")
             tmp.replace(args.addr_file)
         sys.stderr.flush()
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), 30.0)
-            except asyncio.TimeoutError:
-                if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator):
-                    log.warning("could not refresh the run config record")
+        refresher = asyncio.create_task(keep_config_alive(dht, run, validator))
+        await stop.wait()
         return 0
     finally:
+        if refresher is not None:
+            refresher.cancel()
         await close_hivemind(None, dht)
         janitor.sweep()

@@ -16,6 +16,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--checkpoints", nargs="*", default=None, metavar="PATH",
                    help="stage checkpoint files or folders (the newest per stage is used)")
     p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--allow-mixed-steps", action="store_true",
+                   help="export even if the stages' states are from different steps (default: refuse)")
+    p.add_argument("--wait-consistent", type=float, default=60.0, metavar="S",
+                   help="live swarm: retry this long for every stage to be at one step (default 60)")
     p.set_defaults(func=export_main)
     g = sub.add_parser("generate", help="sample text from an exported model")
     g.add_argument("--model", required=True, help="a .safetensors file written by `export`")
@@ -29,13 +33,16 @@ def add_parsers(sub) -> None:
 
 
 def states_from_checkpoints(paths) -> tuple:
-    """(RunConfig, stage -> model state, stage -> step) from the newest checkpoint of every stage."""
+    """(RunConfig, stage -> model state, stage -> step) from checkpoint files: the newest step that
+    every stage has a file of, else the newest of each stage (which export then refuses unless
+    --allow-mixed-steps)."""
     from swarm.checkpoint import load
     from swarm.config import RunConfig
+    from swarm.export import common_step
     files = []
     for p in map(Path, paths):
         files += sorted(p.glob("*.pt")) if p.is_dir() else [p]
-    best: dict[int, dict] = {}
+    by_stage: dict[int, dict[int, dict]] = {}
     run = None
     for f in files:
         try:
@@ -50,55 +57,66 @@ def states_from_checkpoints(paths) -> tuple:
         if run is not None and this.fingerprint != run.fingerprint:
             raise SystemExit(f"error: {f} belongs to run {this.fingerprint}, others to {run.fingerprint}")
         run = this
-        k = state["stage"]
-        if k not in best or state["step"] > best[k]["step"]:
-            best[k] = state
+        by_stage.setdefault(state["stage"], {})[state["step"]] = state
     if run is None:
         raise SystemExit("error: no stage checkpoints found")
+    step = common_step({k: set(states) for k, states in by_stage.items()})
+    best = {k: states[step] if step is not None else states[max(states)] for k, states in by_stage.items()}
     return run, {k: s["model"] for k, s in best.items()}, {k: s["step"] for k, s in best.items()}
 
 
-async def states_from_swarm(args) -> tuple:
+async def _newest_state(p2p, run, records: list[dict]) -> dict | None:
+    from node.state_sync import download_state
+    for rec in sorted(records, key=lambda r: -r["step"]):
+        try:
+            return await download_state(p2p, run, rec["stage"], rec["peer_id"])
+        except Exception as e:
+            print(f"stage {rec['stage']}: {rec['peer_id']} failed ({e}); trying another replica", file=sys.stderr)
+    return None
+
+
+async def consistent_states(dht, p2p, run, wait_s: float, allow_mixed: bool):
+    """Every stage's state, at one step if possible: all stages are fetched again until they agree
+    or `wait_s` runs out (then export names the stages that disagree)."""
     from node.announce import read_stage_records
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        records = await read_stage_records(dht, run)
+        stages = range(run.model.n_stages)
+        # all at once: every stage applies a step at the same barrier, so concurrent requests most
+        # likely land between the same two barriers
+        fetched = await asyncio.gather(*(_newest_state(p2p, run, records.get(k, [])) for k in stages))
+        states = {k: s["model"] for k, s in zip(stages, fetched) if s is not None}
+        steps = {k: s["step"] for k, s in zip(stages, fetched) if s is not None}
+        if allow_mixed or len(set(steps.values())) <= 1 or asyncio.get_running_loop().time() > deadline:
+            return states, steps
+        await asyncio.sleep(0.2)
+
+
+async def states_from_swarm(args) -> tuple:
     from node.args import chosen_run_id, resolve_run_config
     from node.dht import start_dht
     from node.runtime import close_hivemind
-    from node.state_sync import download_state
     run_id = chosen_run_id(args.run_id, None)
     dht = start_dht(run_id, args.initial_peers, host=args.host)
     p2p = None
     try:
         p2p = await dht.replicate_p2p()
         run = await resolve_run_config(dht, run_id)
-        records = await read_stage_records(dht, run)
-        states, steps = {}, {}
-        for k in range(run.model.n_stages):
-            for rec in sorted(records.get(k, []), key=lambda r: -r["step"]):
-                try:
-                    state = await download_state(p2p, run, k, rec["peer_id"])
-                except Exception as e:
-                    print(f"stage {k}: {rec['peer_id']} failed ({e}); trying another replica", file=sys.stderr)
-                    continue
-                states[k], steps[k] = state["model"], state["step"]
-                break
+        states, steps = await consistent_states(dht, p2p, run, args.wait_consistent, args.allow_mixed_steps)
         return run, states, steps
     finally:
         await close_hivemind(p2p, dht)
 
 
 def export_main(args) -> int:
-    from swarm.export import save_export
-    if args.checkpoints:
-        run, states, steps = states_from_checkpoints(args.checkpoints)
-    elif args.initial_peers:
-        import uvloop
-        from node.dht import AddressError
-        try:
-            run, states, steps = uvloop.run(states_from_swarm(args))
-        except (AddressError, ConnectionError) as e:
-            raise SystemExit(f"error: {e}")
-    else:
-        raise SystemExit("error: give --initial-peers (live swarm) or --checkpoints (files)")
+    from swarm.export import MixedSteps, check_one_step, save_export
+    try:
+        run, states, steps = _gather(args)
+        if not args.allow_mixed_steps:
+            check_one_step(steps)
+    except MixedSteps as e:
+        raise SystemExit(f"error: {e}")
     try:
         save_export(args.out, run, states, steps)
     except ValueError as e:
@@ -106,6 +124,19 @@ def export_main(args) -> int:
     print(f"exported {len(states)} stages (steps {steps}) of run {run.run_id} ({run.fingerprint}) to {args.out}",
           file=sys.stderr)
     return 0
+
+
+def _gather(args):
+    if args.checkpoints:
+        return states_from_checkpoints(args.checkpoints)
+    elif args.initial_peers:
+        import uvloop
+        from node.dht import AddressError
+        try:
+            return uvloop.run(states_from_swarm(args))
+        except (AddressError, ConnectionError) as e:
+            raise SystemExit(f"error: {e}")
+    raise SystemExit("error: give --initial-peers (live swarm) or --checkpoints (files)")
 
 
 def generate_main(args) -> int:

@@ -30,10 +30,24 @@ class StageMissing(RuntimeError):
     pass
 
 
+class Stopped(RuntimeError):
+    """A stop signal arrived while the head was paused waiting for replicas."""
+
+
+def _pause_line(blocked: dict[int, float | None], waited: float) -> str:
+    missing = [k for k, w in sorted(blocked.items()) if w is None]
+    banned = [f"{k} (retry in {w:.0f}s)" for k, w in sorted(blocked.items()) if w is not None]
+    parts = ([f"a replica of stage(s) {', '.join(map(str, missing))}"] if missing else []) + \
+            ([f"banned replicas of stage(s) {', '.join(banned)}"] if banned else [])
+    hint = f"; start one with `resbm-node join --stage {missing[0]} ...`" if missing else ""
+    return f"paused: waiting for {' and '.join(parts)} ({waited:.0f}s){hint}"
+
+
 class Head:
     def __init__(self, worker: StageWorker, corpus, dht, p2p, metrics, *, forward_timeout: float = 30.0,
                  backward_timeout: float = 75.0, stall_timeout: float = 600.0, refresh_s: float = 5.0,
-                 status=None, executor: ThreadPoolExecutor | None = None):
+                 status=None, executor: ThreadPoolExecutor | None = None, stop: asyncio.Event | None = None,
+                 poll_min_s: float = 1.0, poll_max_s: float = 10.0):
         self.worker, self.corpus, self.dht, self.p2p, self.metrics = worker, corpus, dht, p2p, metrics
         self.run, self.cfg = worker.run, worker.run.model
         self.fp = self.run.fingerprint
@@ -46,6 +60,8 @@ class Head:
         self.router = Router(self.cfg.n_stages)
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self.stall_timeout, self.refresh_s = stall_timeout, refresh_s
+        self.stop = stop or asyncio.Event()
+        self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         # one thread for all work on stage 0, shared with the head's state server (no races)
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="head")
         self.status = status or (lambda text: log.warning(text))
@@ -75,20 +91,32 @@ class Head:
     def replica_counts(self) -> dict[int, int]:
         return {k: len(self.router.replicas(k)) for k in range(1, self.cfg.n_stages)}
 
-    async def wait_for_stages(self) -> None:
-        """Block (with a status line) until every stage has at least one replica."""
+    async def wait_for_stages(self, stages=None) -> None:
+        """Block until every stage (or each of `stages`) has a usable replica: pause with a status line,
+        polling the DHT at growing intervals (no busy retry) and waking early when a ban ends. A stop
+        signal (SIGTERM/SIGINT) ends the pause with `Stopped`."""
         started = time.monotonic()
+        delay = self.poll_min_s
         while True:
             await self.refresh(force=True)
-            missing = self.router.missing_stages()
-            if not missing:
+            waits = {k: self.router.next_unban_in(k) for k in (stages or range(1, self.cfg.n_stages))}
+            blocked = {k: w for k, w in waits.items() if w != 0.0}
+            if not blocked:
                 return
             waited = time.monotonic() - started
             if waited > self.stall_timeout:
-                raise StageMissing(f"no replica of stage(s) {missing} for {waited:.0f}s")
-            self.status(f"paused: waiting for a replica of stage(s) {', '.join(map(str, missing))} "
-                        f"({waited:.0f}s); start one with `resbm-node join --stage {missing[0]} ...`")
-            await asyncio.sleep(2.0)
+                raise StageMissing(f"no usable replica of stage(s) {sorted(blocked)} for {waited:.0f}s")
+            self.status(_pause_line(blocked, waited))
+            soonest = min((w for w in blocked.values() if w is not None), default=delay)
+            await self._pause(min(delay, max(soonest, 0.05)))
+            delay = min(2 * delay, self.poll_max_s)
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            return
+        raise Stopped("stopped by a signal while paused")
 
     async def call_stage(self, stage: int, method: str, timeout: float, avoid=(), prefer: str | None = None,
                          resend: dict | None = None, **fields) -> tuple[dict, str]:
@@ -133,11 +161,11 @@ class Head:
             rep = self.router.usable(stage, prefer) if prefer and prefer not in tried else None
             rep = rep or self.router.choose(stage, exclude=tried)
             if rep is None and tried:
-                tried.clear()  # every replica failed once: start over, bans still order them
+                tried.clear()  # every replica failed once: start over with the ones not banned
                 rep = self.router.choose(stage)
             if rep is not None:
                 return rep
-            await self.wait_for_stages()
+            await self.wait_for_stages([stage])  # nobody usable: pause until a ban ends or a replica (re)appears
 
     async def _failed(self, stage: int, rep, method: str, e: Exception, tried: set, deadline: float) -> None:
         ban = self.router.failed(rep)

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from node.head import Head, StageMissing
+from node.head import Head, StageMissing, Stopped
 from node.progress import Progress, human_bytes
 from swarm.data import ByteCorpus
 from swarm.trainer import param_overhead, wire_stats
@@ -15,24 +15,30 @@ from swarm.trainer import param_overhead, wire_stats
 log = logging.getLogger("resbm.head")
 
 
-async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_id: str, executor=None) -> int:
+async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_id: str, server=None) -> int:
+    """Train; `server` is the head's own StageServer (its executor runs stage 0's work, and the rate
+    measured here is what the head's DHT record, hence `status`, advertises)."""
+    executor = server.executor if server is not None else None
     cfg, t = run.model, run.train
     corpus = ByteCorpus(args.data)
     bar = Progress(args.steps)
-    head = Head(worker, corpus, dht, p2p, metrics, stall_timeout=args.stall_timeout,
-                status=lambda text: bar.update(0, {"status": text}, force=True), executor=executor)
+    losses, val_curve, step_times, replies = [], [], [], []
+    head = Head(worker, corpus, dht, p2p, metrics, stall_timeout=args.stall_timeout, stop=stop,
+                status=lambda text: bar.update(len(losses), {"status": text}, force=True), executor=executor)
     ws = wire_stats(cfg)
     tokens_per_step = t.batch_size * cfg.seq_len
-    losses, val_curve, step_times, replies = [], [], [], []
     stopped, error = None, None
     started = time.perf_counter()
-    await head.wait_for_stages()
-    log.info("all %d stages have replicas %s; training %d steps (fingerprint %s)", cfg.n_stages,
-             head.replica_counts(), args.steps, run.fingerprint)
-    # Continue after the furthest step anyone applied (a restarted head may be behind its stages).
-    step = max([worker.applied_step] + [r.step for k in range(1, cfg.n_stages) for r in head.router.replicas(k)]) + 1
-    worker.applied_step = step - 1
     try:
+        await head.wait_for_stages()
+        log.info("all %d stages have replicas %s; training %d steps (fingerprint %s)", cfg.n_stages,
+                 head.replica_counts(), args.steps, run.fingerprint)
+        # Continue after the furthest step anyone applied (a restarted head may be behind its stages).
+        # worker.applied_step stays the step of the head's own weights, so its checkpoints say the truth.
+        step = max([worker.applied_step] + [r.step for k in range(1, cfg.n_stages)
+                                            for r in head.router.replicas(k)]) + 1
+        # (gradients a previous run of this head left on replicas are dropped by the stages themselves:
+        # this run has another session, see Head.session)
         while len(losses) < args.steps:
             if stop.is_set():
                 stopped = "signal"
@@ -41,6 +47,8 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
             bytes_before = head.payload["fwd"] + head.payload["bwd"]
             result = await head.train_step(step)
             dt = time.perf_counter() - t0
+            if server is not None:
+                server.compute.add(dt, tokens_per_step)
             losses.append(result["loss"])
             step_times.append(dt)
             replies.append(result["replies"])
@@ -59,9 +67,11 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
     except StageMissing as e:
         error = str(e)
         log.error("training stopped: %s", e)
+    except Stopped:
+        stopped = "signal"
     finally:
         bar.close()
-    val = await head.evaluate() if losses and not error else None
+    val = await _final_eval(head) if losses and not error else None
     nodes = [{"stage": 0, "peer_id": peer_id, "role": "head", "bytes_sent": head.bytes["sent"],
               "bytes_received": head.bytes["received"]}]
     for info in await head.node_info():
@@ -95,6 +105,14 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
                  summary["tokens_per_s"], summary["measured_wire_bytes_per_token_fwd"],
                  summary["measured_compression_vs_bf16"])
     return 1 if error else (130 if stopped else 0)
+
+
+async def _final_eval(head: Head) -> float | None:
+    try:
+        return await head.evaluate()
+    except (Stopped, StageMissing) as e:  # a stage vanished and a signal came while waiting for it
+        log.warning("no final validation: %s", e)
+        return None
 
 
 def _per_token(head: Head, pass_: str, counts: dict | None = None) -> float:

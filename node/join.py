@@ -95,6 +95,6 @@ async def stop_serving(p2p, server) -> None:
     await server.remove_p2p_handlers(p2p)
 
 
-async def run_head(args, run, worker, dht, p2p, metrics, stop, peer_id: str, executor) -> int:
+async def run_head(args, run, worker, dht, p2p, metrics, stop, peer_id: str, server) -> int:
     from node.head_loop import train
-    return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, executor)
+    return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, server)

@@ -66,6 +66,7 @@ class Node:
         self.dht = self.p2p = self.metrics = self.announcer = self.run_cfg = self.device = None
         self.peer_id = ""
         self.turn: Turn | None = None
+        self.config_task: asyncio.Task | None = None
         self.moved = False              # an auto node that moved dwells before it considers moving again
         self.carried_throughput = 0.0   # announced at the target while loading there, so others do not move too
 
@@ -110,9 +111,9 @@ class Node:
     # --- joining ---------------------------------------------------------------------------------
     async def _join(self) -> None:
         from hivemind.dht.crypto import RSASignatureValidator
-        from node.announce import Announcer
+        from node.announce import Announcer, keep_config_alive
         from node.args import chosen_run_id, load_config_file, resolve_device, resolve_run_config
-        from node.dht import start_dht
+        from node.dht import print_own_addrs, start_dht
         from node.metrics import NodeMetrics
         a = self.args
         run_id = chosen_run_id(a.run_id, load_config_file(a.config) if a.config else None)
@@ -126,6 +127,9 @@ class Node:
         self.metrics = NodeMetrics().serve(a.metrics_port, a.metrics_host)
         self.metrics.set_nominal(self.run_cfg.model)
         self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator())
+        print_own_addrs(self.dht, "node")
+        # every node re-publishes the run config it verified: joiners find it after the bootstrap is gone
+        self.config_task = asyncio.create_task(keep_config_alive(self.dht, self.run_cfg, RSASignatureValidator()))
 
     async def _first_stage(self) -> int:
         n_stages, stage = self.run_cfg.model.n_stages, self.args.stage
@@ -176,15 +180,13 @@ class Node:
         """Serve until stopped (None) or until the swarm needs us on another stage (its number)."""
         from node.announce import watch_swarm
         from node.join import start_serving
-        from node.state_sync import save_periodically
+        from node.state_sync import periodic_checkpoints
         t, run = self.turn, self.run_cfg
         await start_serving(self.p2p, t.server, measure=True)
         self.enter(NodeState.SERVING)
         t.tasks.append(asyncio.create_task(self.announcer.run(t.stage, run.fingerprint, t.server)))
         t.tasks.append(asyncio.create_task(watch_swarm(self.dht, run, t.server)))
-        if t.checkpoint is not None and self.args.save_every_min > 0:
-            t.tasks.append(asyncio.create_task(save_periodically(t.worker, t.checkpoint, 60 * self.args.save_every_min,
-                                                                 t.server.executor)))
+        t.tasks += periodic_checkpoints(t.worker, t.checkpoint, self.args.save_every_min, t.server.executor)
         print(f"stage {t.stage} serving: peer {self.peer_id} run {run.run_id} fingerprint {run.fingerprint} "
               f"throughput {t.server.throughput:.1f} microbatches/s", file=sys.stderr, flush=True)
         waits = [asyncio.create_task(self.stop.wait())]
@@ -199,13 +201,15 @@ class Node:
     async def _serve_head(self) -> int:
         from node.announce import watch_swarm
         from node.join import run_head, start_serving
+        from node.state_sync import periodic_checkpoints
         t = self.turn
         await start_serving(self.p2p, t.server, measure=False)  # `info` and `state` (export, status)
         self.enter(NodeState.SERVING, "training")
         t.tasks.append(asyncio.create_task(self.announcer.run(0, self.run_cfg.fingerprint, t.server)))
         t.tasks.append(asyncio.create_task(watch_swarm(self.dht, self.run_cfg, t.server)))
+        t.tasks += periodic_checkpoints(t.worker, t.checkpoint, self.args.save_every_min, t.server.executor)
         return await run_head(self.args, self.run_cfg, t.worker, self.dht, self.p2p, self.metrics, self.stop,
-                              self.peer_id, t.server.executor)
+                              self.peer_id, t.server)
 
     # --- draining, moving, stopping --------------------------------------------------------------
     async def _drain(self) -> None:
@@ -260,6 +264,8 @@ class Node:
             self._end_turn()
         elif self.state is not NodeState.STOPPED:
             self.enter(NodeState.STOPPED)
+        if self.config_task is not None:
+            self.config_task.cancel()
         if self.metrics is not None:
             self.metrics.close()
         await close_hivemind(self.p2p, self.dht)

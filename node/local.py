@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from node.args import add_run_args, identity_peer_id, run_config_from_args, save_config_file
+from node.lifeline import parent_death_preexec
 from swarm.config import LOCAL_RUN_ID
 
 
@@ -50,8 +51,9 @@ class Swarm:
         cmd = [sys.executable, "-m", "node.cli", *argv]
         if argv[0] == "join":
             cmd += ["--threads", str(self.threads)]
+        # own session (ended by group id), and SIGTERM (a clean shutdown) if this process dies, even by kill -9
         proc = subprocess.Popen(wrap(cmd) if wrap else cmd, stdout=out, stderr=out, env=env,
-                                start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+                                start_new_session=True, preexec_fn=parent_death_preexec(signal.SIGTERM), cwd=Path(__file__).resolve().parent.parent)
         self.procs.append((name, proc, log))
         return proc
 
@@ -95,23 +97,27 @@ class Swarm:
         proc.wait()
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM each node's main process (it stops its own hivemind helpers in order), wait, then
-        SIGKILL whatever is left in its process group: no orphan p2pd or workers."""
-        for _, proc, _ in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, proc, _ in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for _, proc, _ in self.procs:
-            _signal_group(proc, signal.SIGKILL)  # the group may still hold hivemind helpers
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_processes([proc for _, proc, _ in self.procs], grace)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+    """SIGTERM each node's main process (it stops its own hivemind helpers in order), wait, then
+    SIGKILL whatever is left in its process group: no orphan p2pd or workers."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        _signal_group(proc, signal.SIGKILL)  # the group may still hold hivemind helpers
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _signal_group(proc: subprocess.Popen, sig) -> None:
@@ -132,6 +138,9 @@ def main(args) -> int:
     run_dir = Path(args.run_dir or f"runs/local-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     run = run_config_from_args(args, args.run_id)  # validates the config before anything starts
+    if args.replicas < 1 and run.model.n_stages > 1:
+        raise SystemExit(f"error: --replicas {args.replicas} can never train: every stage after the head needs at "
+                         f"least one replica")
     # Only our head may drive training: its identity exists before the run config is published.
     run = replace(run, train=replace(run.train, trainers=(identity_peer_id(str(run_dir / "head.id")),)))
     n_nodes = 1 + (run.model.n_stages - 1) * args.replicas

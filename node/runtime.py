@@ -18,6 +18,10 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("hivemind", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+    # hivemind's helper processes run event loops of their own, whose exception handlers we cannot
+    # set: filter their "Unhandled exception in client_connected_cb" reports at the logger instead
+    # (the filter is inherited when they fork)
+    logging.getLogger("asyncio").addFilter(_drop_stream_resets)
 
 
 def stop_event_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
@@ -62,12 +66,21 @@ def _listening(path: str) -> bool:
         s.close()
 
 
+def _is_stream_reset(exc) -> bool:
+    """p2pd connections to stream handlers that close before sending anything (a peer reset its
+    stream, or the daemon is stopping), and handlers cancelled at shutdown, surface from hivemind's
+    bindings as loop errors: expected, not errors."""
+    return isinstance(exc, (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError))
+
+
 def _quiet_stream_resets(loop, context) -> None:
-    # p2pd connections to our stream handlers that close before sending anything (a peer reset its
-    # stream, or the daemon is stopping) surface here from hivemind's bindings: expected, not errors.
-    if isinstance(context.get("exception"), (asyncio.IncompleteReadError, ConnectionError)):
+    if _is_stream_reset(context.get("exception")):
         return
     loop.default_exception_handler(context)
+
+
+def _drop_stream_resets(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _is_stream_reset(record.exc_info[1]))
 
 
 async def close_hivemind(p2p=None, dht=None, *extra) -> None:

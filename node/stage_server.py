@@ -401,9 +401,10 @@ class StageServer(ServicerBase):
         return result, {}
 
     async def _on_state(self, f: dict, tensors: dict):
-        blob = await self._compute(self.worker.state_bytes)
+        # the step label and the bytes come from one moment of the worker thread: they always agree
+        step, blob = await self._compute(lambda: (self.worker.applied_step, self.worker.state_bytes()))
         offset = f["offset"]
-        return {"step": self.worker.applied_step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK]}, {}
+        return {"step": step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK]}, {}
 
     # --- info ----------------------------------------------------------------------------------
     def info(self) -> dict:

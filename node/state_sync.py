@@ -22,14 +22,20 @@ from swarm.checkpoint import atomic_write_bytes, load
 log = logging.getLogger("resbm.state")
 
 
-async def download_state(p2p, run, stage: int, peer_id: str, timeout: float = 60.0) -> dict:
+async def download_state(p2p, run, stage: int, peer_id: str, timeout: float = 60.0, restarts: int = 5) -> dict:
+    """A replica's state, chunk by chunk. If it applies a step meanwhile (another step label or size),
+    start over: chunks of two steps would make a state that never existed."""
     client = StageClient(p2p, run)
-    chunks, offset, total = [], 0, None
+    chunks, offset, total, step = [], 0, None, None
     while total is None or offset < total:
         reply, _, _ = await client.call(peer_id, stage, "state", offset=offset, timeout=timeout)
-        if total is not None and reply["total"] != total:  # the replica stepped meanwhile: start over
-            chunks, offset = [], 0
-        total = reply["total"]
+        if total is not None and (reply["total"] != total or reply.get("step") != step):
+            if restarts == 0:
+                raise RemoteError("state", "the replica kept stepping during the state transfer")
+            restarts -= 1
+            chunks, offset, total, step = [], 0, None, None
+            continue
+        total, step = reply["total"], reply.get("step")
         chunks.append(reply["data"])
         offset += len(reply["data"])
         if not reply["data"] and offset < total:
@@ -40,13 +46,16 @@ async def download_state(p2p, run, stage: int, peer_id: str, timeout: float = 60
 async def _replicas_of_stage(dht, run, stage: int, own_peer_id: str, patience_s: float = 20.0) -> list[dict]:
     """Live replicas of `stage`. A fresh DHT peer can miss records for a while (they may have been
     stored on peers that just left, until their owners refresh them), so while the swarm is clearly
-    training (other stages report applied steps) but ours shows nobody, look again before concluding."""
+    training (other stages report applied steps) but ours shows nobody, look again before concluding.
+    Unless our own previous record is visible (a restart of this identity after a crash): then the
+    stage's records are readable, and nobody else serves it."""
     deadline = time.monotonic() + patience_s
     while True:
         records = await read_stage_records(dht, run)
         mine = [r for r in records.get(stage, []) if r["peer_id"] != own_peer_id]
         running = any(r["step"] >= 0 for k, recs in records.items() if k != stage for r in recs)
-        if mine or not running or time.monotonic() > deadline:
+        restarted = any(r["peer_id"] == own_peer_id for r in records.get(stage, []))
+        if mine or not running or restarted or time.monotonic() > deadline:
             return mine
         await asyncio.sleep(2.0)
 
@@ -82,13 +91,30 @@ async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: 
 
 
 async def save_periodically(worker, path: Path, every_s: float, executor) -> None:
-    """Write the stage checkpoint every `every_s` seconds (serialized between requests)."""
+    """Write the stage checkpoint every `every_s` seconds when a step was applied since the last one.
+    The state is serialized on the worker's own executor, between requests, so the file holds the
+    weights of exactly the step it is labelled with; the write is atomic (temp file + rename)."""
     loop = asyncio.get_running_loop()
+    saved = None
     while True:
         await asyncio.sleep(every_s)
-        data = await loop.run_in_executor(executor, worker.state_bytes)
+        step, data = await loop.run_in_executor(executor, _labelled_state, worker)
+        if step == saved:
+            continue
         await loop.run_in_executor(None, atomic_write_bytes, data, path)
-        log.info("checkpoint written: %s (step %d)", path, worker.applied_step)
+        saved = step
+        log.info("checkpoint written: %s (step %d)", path, step)
+
+
+def _labelled_state(worker) -> tuple[int, bytes]:
+    return worker.applied_step, worker.state_bytes()
+
+
+def periodic_checkpoints(worker, path: Path | None, every_min: float, executor) -> list[asyncio.Task]:
+    """The periodic checkpoint task of a node of any role (stage 0 included); none if disabled."""
+    if path is None or every_min <= 0:
+        return []
+    return [asyncio.create_task(save_periodically(worker, path, 60 * every_min, executor))]
 
 
 def checkpoint_path(directory: str | None, run_id: str, stage: int, peer_id: str) -> Path | None:

@@ -13,6 +13,27 @@ from swarm.config import RunConfig
 from swarm.model import StagedModel
 
 
+class MixedSteps(ValueError):
+    """The stages' states are from different optimizer steps (the model would be a mix)."""
+
+
+def common_step(available: dict[int, set[int]]) -> int | None:
+    """The newest step for which every stage in `available` (stage -> steps it has) has a state."""
+    steps = set.intersection(*available.values()) if available else set()
+    return max(steps, default=None)
+
+
+def check_one_step(steps: dict[int, int]) -> None:
+    """Raise MixedSteps, naming the stages that disagree, unless every stage is at the same step."""
+    if len(set(steps.values())) <= 1:
+        return
+    newest = max(steps.values())
+    behind = {k: s for k, s in sorted(steps.items()) if s != newest}
+    raise MixedSteps(f"stages are at different steps {dict(sorted(steps.items()))}: stage(s) "
+                     f"{', '.join(f'{k} (step {s})' for k, s in behind.items())} behind step {newest}; "
+                     f"pass --allow-mixed-steps to export them anyway")
+
+
 def save_export(path: str, run: RunConfig, stage_states: dict[int, dict], steps: dict[int, int]) -> None:
     missing = [k for k in range(run.model.n_stages) if k not in stage_states]
     if missing:

@@ -4,14 +4,20 @@ The expected finish time of a new task on a replica is
     (tasks this head has in flight there + its advertised queue + 1) * expected seconds per task,
 where seconds per task is an EMA of what this head observed, or 1/throughput advertised in the
 replica's DHT record before the first observation. Ties are broken at random. A failed replica is
-banned for base * 2^(failures-1) seconds (capped), but a stage is never left with nobody: if every
-replica is banned, the one whose ban ends first is used.
+banned for base * 2^(failures-1) seconds, capped at ban_max_s (the exponent is capped too, so the
+arithmetic cannot overflow however often a replica fails). A banned replica is never chosen: when
+every replica of a stage is banned, `choose` returns None and `next_unban_in` says how long the
+caller should wait for the first ban to end. A stage is never given up (the replica whose ban ends
+first is usable again then), and a dead last replica is retried at growing intervals, not in a loop.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
+
+MAX_BAN_EXPONENT = 30  # 2**30 s is far beyond any sane ban_max_s; keeps 2**n a small float
 
 
 @dataclass
@@ -25,6 +31,7 @@ class Replica:
     ema_seconds: float | None = None
     failures: int = 0
     banned_until: float = 0.0
+    started: float | None = None  # when the replica's process started (from its record)
 
     def expected_seconds(self) -> float:
         if self.ema_seconds is not None:
@@ -50,6 +57,9 @@ class Router:
         fresh = {}
         for rec in records:
             rep = old.get(rec["peer_id"]) or Replica(peer_id=rec["peer_id"], stage=stage)
+            if rep.started is not None and rec.get("started", rep.started) != rep.started:
+                rep.failures, rep.banned_until = 0, 0.0  # restarted (same identity): a new process, no ban
+            rep.started = rec.get("started", rep.started)
             rep.throughput, rep.queue, rep.step = rec.get("throughput", 1.0), rec.get("queue", 0), rec.get("step", -1)
             fresh[rep.peer_id] = rep
         for peer, rep in old.items():  # keep in-flight bookkeeping of replicas that vanished mid-call
@@ -69,12 +79,11 @@ class Router:
         return rep if rep is not None and not self.is_banned(rep) else None
 
     def choose(self, stage: int, exclude=()) -> Replica | None:
-        candidates = [r for r in self.stages[stage].values() if r.peer_id not in exclude]
-        if not candidates:
+        """The replica of `stage` expected to finish a new task first, among those neither banned nor
+        in `exclude`; None if there is none (see `next_unban_in` for how long to wait)."""
+        usable = [r for r in self.stages[stage].values() if r.peer_id not in exclude and not self.is_banned(r)]
+        if not usable:
             return None
-        usable = [r for r in candidates if not self.is_banned(r)]
-        if not usable:  # never leave a stage with nobody: take the replica whose ban ends first
-            return min(candidates, key=lambda r: r.banned_until)
         best = min(r.finish_time() for r in usable)
         return self.rng.choice([r for r in usable if r.finish_time() <= best * 1.0001])
 
@@ -90,9 +99,18 @@ class Router:
         """Record a failure and ban the replica; returns the ban duration in seconds."""
         rep.inflight = max(0, rep.inflight - 1)
         rep.failures += 1
-        duration = min(self.ban_base_s * 2 ** (rep.failures - 1), self.ban_max_s)
+        exponent = min(rep.failures - 1, MAX_BAN_EXPONENT)
+        duration = min(self.ban_base_s * math.ldexp(1.0, exponent), self.ban_max_s)
         rep.banned_until = self.clock() + duration
         return duration
+
+    def next_unban_in(self, stage: int) -> float | None:
+        """Seconds until some replica of `stage` may be chosen: 0.0 if one is usable now, None if the
+        stage has no replica at all (wait for one to appear in the DHT)."""
+        reps = self.stages[stage].values()
+        if not reps:
+            return None
+        return max(0.0, min(r.banned_until for r in reps) - self.clock())
 
     def missing_stages(self) -> list[int]:
         return [k for k, reps in self.stages.items() if k > 0 and not reps]

@@ -1,0 +1,353 @@
+"""Ordinary failures on real processes (issue 10): kill -9 of a node's MAIN pid (never its group, as
+the OOM killer does), a dead bootstrap, a port already taken, configs that can never train, and
+exports of stages at different steps."""
+import ast
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from node.lifeline import descendants
+from node.local import stop_processes
+from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm.export import MixedSteps, check_one_step, common_step
+from swarm.stage_worker import StageWorker
+
+pytestmark = pytest.mark.swarm
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
+        "--batch-size", "4", "--microbatches", "2"]
+STEP_LINE = re.compile(r"\] (\d+)/\d+ loss")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(cond, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Nodes:
+    """Processes started as users start them; each in its own session so the test can clean up by group."""
+
+    def __init__(self, tmp_path, env=None):
+        self.dir, self.env = tmp_path, dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.argv: dict[str, list[str]] = {}
+
+    def start(self, name: str, *argv: str) -> subprocess.Popen:
+        self.argv[name] = list(argv)
+        log = open(self.dir / f"{name}.log", "a")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "node.cli", *argv], cwd=ROOT, env=self.env,
+                                            stdout=log, stderr=log, start_new_session=True)
+        return self.procs[name]
+
+    def restart(self, name: str) -> subprocess.Popen:
+        return self.start(name, *self.argv[name])
+
+    def log(self, name: str) -> str:
+        return (self.dir / f"{name}.log").read_text(errors="replace")
+
+    def wait_for(self, name: str, text: str, timeout: float = 120.0, since: int = 0) -> None:
+        def seen():
+            if self.procs[name].poll() is not None and text not in self.log(name)[since:]:
+                raise AssertionError(f"{name} exited ({self.procs[name].returncode}):\n{self.log(name)[-3000:]}")
+            return text in self.log(name)[since:]
+        wait_until(seen, timeout, f"{text!r} in {name}'s log:\n{self.log(name)[-2000:]}")
+
+    def own_addr(self, name: str) -> str:
+        self.wait_for(name, "--initial-peers /")
+        return re.search(r"--initial-peers (/\S+)", self.log(name)).group(1)
+
+    def kill9(self, name: str) -> list[int]:
+        """SIGKILL only the node's main pid; returns the pids of the helpers it had (DHT, p2pd, averager)."""
+        proc = self.procs[name]
+        helpers = descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+        return helpers
+
+    def stop_all(self) -> None:
+        stop_processes(list(self.procs.values()), grace=30.0)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    n = Nodes(tmp_path)
+    yield n
+    n.stop_all()
+
+
+def bootstrap(nodes: Nodes, *extra: str) -> list[str]:
+    nodes.start("bootstrap", "bootstrap", *TINY, "--run-id", "fail", "--addr-file", str(nodes.dir / "boot.addr"),
+                *extra)
+    nodes.wait_for("bootstrap", "is up", 60)
+    return (nodes.dir / "boot.addr").read_text().split()
+
+
+def join_argv(nodes: Nodes, name: str, stage: int, peers: list[str], *extra: str) -> list[str]:
+    return ["join", "--stage", str(stage), "--initial-peers", *peers, "--run-id", "fail",
+            "--identity", str(nodes.dir / f"{name}.id"), "--checkpoint-dir", str(nodes.dir / "ckpt"),
+            "--threads", "1", *extra]
+
+
+def training_swarm(nodes: Nodes, *head_extra: str, last_extra=()) -> list[str]:
+    """bootstrap, one replica each of stages 1 and 2, and a head training until stopped."""
+    peers = bootstrap(nodes, "--stages", "3")
+    nodes.start("s1", *join_argv(nodes, "s1", 1, peers))
+    nodes.start("s2", *join_argv(nodes, "s2", 2, peers, *last_extra))
+    nodes.wait_for("s1", "serving")
+    nodes.wait_for("s2", "serving")
+    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0", *head_extra))
+    return peers
+
+
+def head_tokens_per_s(peers: list[str]) -> float:
+    def rate():
+        res = subprocess.run([sys.executable, "-m", "node.cli", "status", "--initial-peers", *peers, "--run-id",
+                              "fail", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=90)
+        heads = json.loads(res.stdout)["stages"][0]["replicas"] if res.returncode in (0, 1) and res.stdout else []
+        return heads and heads[0]["tokens_per_s"]
+    return wait_until(rate, 60, "the head's record to show its tokens/s", step=3)
+
+
+def trained_steps(text: str) -> int:
+    return max((int(m) for m in STEP_LINE.findall(text)), default=0)
+
+
+# --- the last replica of a stage ---------------------------------------------------------------------
+
+
+def test_only_replica_of_last_stage_killed_head_pauses_restart_resumes(nodes):
+    peers = training_swarm(nodes, last_extra=("--port", str(free_port()), "--metrics-port", str(free_port())))
+    wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
+    assert head_tokens_per_s(peers) > 0  # the head advertises the rate it trains at
+
+    helpers = nodes.kill9("s2")
+    assert len(helpers) >= 2, helpers  # its DHT process and p2pd at least
+    killed_at, head_mark = time.monotonic(), len(nodes.log("head"))
+    wait_until(lambda: not any(alive(p) for p in helpers), 10, f"the helpers {helpers} of the killed node to exit")
+
+    nodes.wait_for("head", "paused: waiting for", 60, since=head_mark)
+    paused_after = time.monotonic() - killed_at
+    time.sleep(max(0.0, 20 - (time.monotonic() - killed_at)))
+    outage = nodes.log("head")[head_mark:]
+    calls = outage.count("stage 2 replica")  # one warning per failed call
+    assert nodes.procs["head"].poll() is None, outage[-3000:]
+    assert "Traceback" not in outage and "OverflowError" not in outage, outage[-3000:]
+    assert 1 <= calls < 50, f"{calls} calls to the dead replica in 20 s:\n{outage[-3000:]}"
+
+    s2_mark = len(nodes.log("s2"))
+    stopped_at = trained_steps(nodes.log("head"))
+    restarted_at = time.monotonic()
+    nodes.restart("s2")  # same identity, port and metrics port, right away
+    nodes.wait_for("s2", "serving", 120, since=s2_mark)
+    serving_after = time.monotonic() - restarted_at
+    wait_until(lambda: trained_steps(nodes.log("head")) > stopped_at, 180, "training to resume")
+    print(f"\nlast replica killed: paused after {paused_after:.1f}s, {calls} calls to it in 20 s; restarted "
+          f"replica serving after {serving_after:.1f}s, training resumed after {time.monotonic() - restarted_at:.1f}s")
+    wait_until(lambda: trained_steps(nodes.log("head")) > stopped_at + 2, 180, "training to go on")
+
+    # Paused again, the head still honours SIGTERM.
+    helpers = nodes.kill9("s2")
+    head_mark = len(nodes.log("head"))
+    nodes.wait_for("head", "paused: waiting for", 90, since=head_mark)
+    nodes.procs["head"].send_signal(signal.SIGTERM)
+    assert nodes.procs["head"].wait(timeout=60) == 130, nodes.log("head")[-3000:]
+    wait_until(lambda: not any(alive(p) for p in helpers), 10, "the helpers of the killed node to exit")
+
+
+def test_store_refusals_warn_only_when_the_record_cannot_be_read_back():
+    from hivemind.dht.crypto import RSASignatureValidator
+    from node.announce import Announcer
+    from node.dht import start_dht
+    from node.runtime import SocketJanitor
+    janitor, dht = SocketJanitor(), start_dht("fail")
+
+    async def go():
+        ann = Announcer(dht, "fail", "QmMe", RSASignatureValidator())
+        assert await ann.publish(1, "fp", 1.0, 0, 3, ttl=300) and await ann.readable()
+        # An older expiration than the stored one is refused, and the DHT keeps the previous value:
+        # our newest record is then really not readable (the announcer warns).
+        assert not await ann.publish(1, "fp", 1.0, 0, 4, ttl=1)
+        assert not await ann.readable()
+    try:
+        asyncio.run(go())
+    finally:
+        dht.shutdown()
+        janitor.sweep()
+
+
+def test_same_command_restart_right_after_kill9(nodes):
+    peers = bootstrap(nodes, "--stages", "2")
+    nodes.start("s1", *join_argv(nodes, "s1", 1, peers, "--port", str(free_port()),
+                                 "--metrics-port", str(free_port())))
+    nodes.wait_for("s1", "serving")
+    helpers = nodes.kill9("s1")
+    mark = len(nodes.log("s1"))
+    nodes.restart("s1")  # no pause at all: same identity, port and metrics port
+    nodes.wait_for("s1", "serving", 120, since=mark)
+    restarted = nodes.log("s1")[mark:]
+    assert "already taken" not in restarted and "already in use" not in restarted, restarted
+    assert not any(alive(p) for p in helpers), helpers
+
+
+def test_head_killed_and_restarted_resumes_near_the_stages(nodes):
+    training_swarm(nodes, "--save-every-min", "0.05")  # a head checkpoint every 3 s
+    wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 240, "a periodic head checkpoint")
+    helpers = nodes.kill9("head")  # mid-step, most likely: the last stage holds its gradients
+    mark = len(nodes.log("head"))
+    restarted_at = time.monotonic()
+    nodes.restart("head")
+    nodes.wait_for("head", "resumed from checkpoint", 60, since=mark)
+    wait_until(lambda: trained_steps(nodes.log("head")[mark:]) > 0, 120, "the restarted head to train")
+    print(f"\nrestarted head training again after {time.monotonic() - restarted_at:.1f}s")
+    assert not any(alive(p) for p in helpers), helpers
+    wait_until(lambda: trained_steps(nodes.log("head")[mark:]) >= 5, 120, "5 more steps")
+    log = nodes.log("head")[mark:]
+    resumed = int(re.search(r"resumed from checkpoint \S+ at step (\d+)", log).group(1))
+    assert resumed >= 1 and "already counted" not in log and "failed loss" not in log, log[-3000:]
+
+
+# --- a dead bootstrap ----------------------------------------------------------------------------------
+
+
+def test_bootstrap_killed_config_survives_and_peers_admit_joiners(tmp_path):
+    ttl = 6.0  # RESBM_CONFIG_TTL_S: the default is 120 s; the same code path, only shorter
+    nodes = Nodes(tmp_path, env={"RESBM_CONFIG_TTL_S": str(ttl)})
+    try:
+        peers = bootstrap(nodes, "--stages", "2")
+        nodes.start("s1", *join_argv(nodes, "s1", 1, peers))
+        nodes.wait_for("s1", "serving")
+        via = nodes.own_addr("s1")
+        assert via not in peers
+        helpers = nodes.kill9("bootstrap")
+        wait_until(lambda: not any(alive(p) for p in helpers), 10, "the bootstrap's helpers to exit")
+        time.sleep(2 * ttl)  # every record the bootstrap stored has expired by now
+        nodes.start("s1b", *join_argv(nodes, "s1b", 1, [via]))  # no --config
+        nodes.wait_for("s1b", "serving", 120)
+        status = subprocess.run([sys.executable, "-m", "node.cli", "status", "--initial-peers", via, "--run-id",
+                                 "fail"], cwd=ROOT, capture_output=True, text=True, timeout=90, env=nodes.env)
+        fingerprint = re.search(r"fingerprint (\w+)", nodes.log("s1")).group(1)
+        assert f"fingerprint {fingerprint}" in status.stdout + status.stderr, status.stdout + status.stderr
+    finally:
+        nodes.stop_all()
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+
+
+def test_second_node_on_a_held_port_is_refused(nodes):
+    port = free_port()
+    bootstrap(nodes, "--stages", "2", "--port", str(port))
+    res = subprocess.run([sys.executable, "-m", "node.cli", "bootstrap", *TINY, "--stages", "2", "--run-id", "fail",
+                          "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in res.stderr, res.stderr
+    assert nodes.procs["bootstrap"].poll() is None
+
+
+def test_local_with_zero_replicas_is_refused(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "node.cli", "local", "--stages", "3", "--replicas", "0", *TINY,
+                          "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "--replicas 0 can never train" in res.stderr, res.stderr
+
+
+def test_nodes_of_local_exit_when_local_is_killed(tmp_path):
+    """Replicas that average (an averager process each, maybe a round in flight) must exit too."""
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "local", "--stages", "2", "--replicas", "2",
+                             "--average-every", "1", "--steps", "100000", *TINY, "--run-dir", str(tmp_path / "run")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "local.log", "w"),
+                            start_new_session=True)
+    try:
+        wait_until(lambda: trained_steps((tmp_path / "local.log").read_text(errors="replace")) >= 3, 240,
+                   "the local swarm to train and average")
+        tree = descendants(proc.pid)
+        assert len(tree) >= 10, tree  # bootstrap, 2 stages, head, their DHT processes, p2pds and averagers
+        proc.kill()  # the main pid only
+        proc.wait()
+        wait_until(lambda: not any(alive(p) for p in tree), 60, f"every process of the killed `local` to exit")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --- export of stages at different steps -----------------------------------------------------------------
+
+
+def test_common_step_and_mixed_step_message():
+    assert common_step({0: {5, 6}, 1: {6, 7}, 2: {4, 6}}) == 6
+    assert common_step({0: {5}, 1: {6}}) is None
+    check_one_step({0: 3, 1: 3})
+    with pytest.raises(MixedSteps, match=r"stage\(s\) 0 \(step 56\), 1 \(step 57\) behind step 58"):
+        check_one_step({0: 56, 1: 57, 2: 58, 3: 58})
+
+
+def _checkpoint(run, stage: int, step: int, path):
+    worker = StageWorker(run, stage)
+    worker.applied_step = step
+    torch.save(worker.state_dict(), path)
+
+
+def test_export_refuses_mixed_steps_unless_allowed(tmp_path):
+    run = RunConfig(model=ModelConfig(d_model=64, n_layers=2, n_heads=2, seq_len=16, n_stages=2, ratio=16),
+                    train=TrainConfig(batch_size=4, microbatches=2), run_id="mix")
+    mixed, common = tmp_path / "mixed", tmp_path / "common"
+    mixed.mkdir(), common.mkdir()
+    _checkpoint(run, 0, 56, mixed / "a.pt")
+    _checkpoint(run, 1, 58, mixed / "b.pt")
+
+    def export(src, *extra):
+        return subprocess.run([sys.executable, "-m", "node.cli", "export", "--checkpoints", str(src), "--out",
+                               str(tmp_path / "m.st"), *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    res = export(mixed)
+    assert res.returncode != 0 and "stage(s) 0 (step 56) behind step 58" in res.stderr, res.stderr
+    assert not (tmp_path / "m.st").exists()
+    res = export(mixed, "--allow-mixed-steps")
+    assert res.returncode == 0 and "{0: 56, 1: 58}" in res.stderr, res.stderr
+    for name, stage, step in (("a", 0, 57), ("b", 1, 57), ("c", 1, 58)):  # stage 1 also has a newer file
+        _checkpoint(run, stage, step, common / f"{name}.pt")
+    res = export(common)
+    assert res.returncode == 0 and "{0: 57, 1: 57}" in res.stderr, res.stderr
+
+
+def test_live_export_of_a_training_swarm_takes_every_stage_at_one_step(nodes):
+    peers = training_swarm(nodes, "--save-every-min", "0.05")
+    wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
+    # the head checkpoints periodically too (not only on exit), atomically, labelled with its weights' step
+    head_ckpt = wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 60, "a head checkpoint")
+    state = torch.load(head_ckpt[0], weights_only=True)
+    assert state["stage"] == 0 and state["step"] >= 1
+    assert nodes.procs["head"].poll() is None
+    res = subprocess.run([sys.executable, "-m", "node.cli", "export", "--initial-peers", *peers, "--run-id", "fail",
+                          "--out", str(nodes.dir / "m.st")], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = ast.literal_eval(re.search(r"\(steps (\{.*?\})\)", res.stderr).group(1))
+    assert len(steps) == 3 and len(set(steps.values())) == 1 and min(steps.values()) >= 2, res.stderr

@@ -1,0 +1,98 @@
+"""Router bans: bounded arithmetic, no banned replica chosen, and how long to wait when all are."""
+import random
+
+import pytest
+
+from swarm.routing import Router
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def router_with(peers, clock, **kw):
+    r = Router(2, rng=random.Random(0), clock=clock, **kw)
+    r.update(1, [{"peer_id": p, "throughput": 1.0} for p in peers])
+    return r
+
+
+def test_ban_duration_is_capped_and_never_overflows():
+    clock = Clock()
+    r = router_with(["a"], clock, ban_base_s=1.0, ban_max_s=60.0)
+    rep = r.replicas(1)[0]
+    durations = [r.failed(rep) for _ in range(5000)]  # the issue's head died at ~1030 failures
+    assert durations[:4] == [1.0, 2.0, 4.0, 8.0]
+    assert max(durations) == 60.0 and durations[-1] == 60.0
+    assert rep.banned_until == clock.t + 60.0
+
+
+def test_a_banned_replica_is_never_chosen_and_the_wait_is_reported():
+    clock = Clock()
+    r = router_with(["a"], clock)
+    rep = r.choose(1)
+    assert rep.peer_id == "a" and r.next_unban_in(1) == 0.0
+    r.failed(rep)  # banned 1 s
+    assert r.choose(1) is None
+    assert r.next_unban_in(1) == pytest.approx(1.0)
+    clock.t += 0.4
+    assert r.choose(1) is None and r.next_unban_in(1) == pytest.approx(0.6)
+    clock.t += 0.6
+    assert r.choose(1).peer_id == "a"
+
+
+def test_retries_of_a_dead_only_replica_are_spaced_out():
+    """Simulate a caller that retries as soon as the ban allows: 20 s of outage -> a handful of calls."""
+    clock = Clock()
+    r = router_with(["dead"], clock)
+    calls, end = 0, clock.t + 20.0
+    while clock.t < end:
+        rep = r.choose(1)
+        if rep is None:
+            clock.t += r.next_unban_in(1)
+            continue
+        calls += 1
+        r.failed(rep)
+    assert calls <= 6, calls
+
+
+def test_other_replicas_are_used_while_one_is_banned():
+    clock = Clock()
+    r = router_with(["a", "b"], clock)
+    a = next(x for x in r.replicas(1) if x.peer_id == "a")
+    r.failed(a)
+    assert {r.choose(1).peer_id for _ in range(20)} == {"b"}
+    assert r.choose(1, exclude={"b"}) is None
+    assert r.next_unban_in(1) == 0.0
+
+
+def test_a_stage_without_records_has_no_wait_to_offer():
+    r = Router(3)
+    assert r.choose(2) is None and r.next_unban_in(2) is None
+    assert r.missing_stages() == [1, 2]
+
+
+def test_success_resets_the_ban_exponent():
+    clock = Clock()
+    r = router_with(["a"], clock)
+    rep = r.replicas(1)[0]
+    for _ in range(10):
+        r.failed(rep)
+    r.succeeded(rep, 0.1)
+    assert r.failed(rep) == 1.0
+
+
+def test_a_restarted_replica_with_the_same_identity_is_not_banned():
+    clock = Clock()
+    r = Router(2, clock=clock)
+    r.update(1, [{"peer_id": "a", "started": 1.0}])
+    rep = r.replicas(1)[0]
+    for _ in range(6):
+        r.failed(rep)
+    r.update(1, [{"peer_id": "a", "started": 1.0}])  # same process, record refreshed: still banned
+    assert r.choose(1) is None
+    r.update(1, [{"peer_id": "a", "started": 50.0}])  # same peer id, new process
+    assert r.choose(1).peer_id == "a"
