@@ -19,6 +19,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ratio", type=int, default=128, help="compression ratio: code width b = d / ratio")
     g.add_argument("--boundary", choices=BOUNDARIES, default="resbm", help="what crosses a stage boundary")
     g.add_argument("--codec", choices=CODECS, default="bf16", help="wire codec for codes and gradients")
+    g.add_argument("--codec-bwd", choices=CODECS, default="", help="wire codec for gradients (default: --codec)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
@@ -34,7 +35,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 def run_config_from_args(args) -> RunConfig:
     try:
         model = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
-                            n_stages=args.stages, ratio=args.ratio, boundary=args.boundary, codec=args.codec,
+                            n_stages=args.stages, ratio=args.ratio, boundary=args.boundary, codec=args.codec, codec_bwd=args.codec_bwd,
                             seed=args.seed)
         train = TrainConfig(optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
                             batch_size=args.batch_size, microbatches=args.microbatches,
