@@ -142,3 +142,31 @@ def test_token_ids():
     with pytest.raises(PayloadError) as err:
         decode_ints(encode_ints(torch.tensor([[0, 300]]), 1000), 256)
     assert err.value.reason == "token_range"
+
+
+@pytest.mark.parametrize("codec, codec_bwd", [("int4ch", "int8ch"), ("int8ch", "bf16"), ("bf16", "int4ch"),
+                                              ("int8", "int8")])
+def test_training_wire_is_the_wire_bit_for_bit(codec, codec_bwd):
+    # What the reference trainer computes at a boundary equals decode(encode(.)) in both directions.
+    from swarm.boundary import wire
+
+    torch.manual_seed(1)
+    x = (torch.randn(2, 16, 8) * torch.logspace(-2, 1, 8)).requires_grad_()
+    g = torch.randn(2, 16, 8) * 1e-6
+    y = wire(x, codec, codec_bwd)
+    assert torch.equal(y, decode(encode(x.detach(), codec)))
+    y.backward(g)
+    assert torch.equal(x.grad, decode(encode(g, codec_bwd)))
+
+
+def test_staged_model_applies_forward_and_gradient_codecs(monkeypatch):
+    import swarm.model
+    from swarm.config import ModelConfig
+
+    seen = []
+    real_wire = swarm.model.wire
+    monkeypatch.setattr(swarm.model, "wire", lambda x, c, cb=None: seen.append((c, cb, x.shape)) or real_wire(x, c, cb))
+    cfg = ModelConfig(d_model=64, n_layers=3, n_heads=2, seq_len=8, n_stages=3, ratio=8, codec="int4ch", codec_bwd="int8ch")
+    swarm.model.StagedModel(cfg)(torch.randint(0, 256, (2, 8))).sum().backward()
+    assert seen == [("int4ch", "int8ch", (2, 8, 8))] * 2
+    assert ModelConfig(codec="int4ch").wire_codec_bwd == "int4ch"
