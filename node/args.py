@@ -35,8 +35,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 def run_config_from_args(args) -> RunConfig:
     try:
         model = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
-                            n_stages=args.stages, ratio=args.ratio, boundary=args.boundary, codec=args.codec, codec_bwd=args.codec_bwd,
-                            seed=args.seed)
+                            n_stages=args.stages, ratio=args.ratio, boundary=args.boundary, codec=args.codec,
+                            codec_bwd=args.codec_bwd, seed=args.seed)
         train = TrainConfig(optimizer=args.optimizer, lr=args.lr, warmup_steps=args.warmup,
                             batch_size=args.batch_size, microbatches=args.microbatches,
                             average_every=args.average_every, trainers=tuple(getattr(args, "trainer", [])),
