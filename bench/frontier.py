@@ -10,7 +10,7 @@ then the two best points within the 128x byte budget (forward bytes <= 2d/128) t
 another seed, for the spread. Bytes are per token per boundary and exact, scales included (the
 per-channel codecs share their scales by the tokens of one microbatch message).
 
-    python -m bench.frontier            # d=256 on a CPU, ~70 min on 2 cores shared with other work
+    python -m bench.frontier --jobs 2   # d=256 on a CPU, ~1 h on 2 cores shared with other work
     python -m bench.frontier --quick    # seconds (CI)
     python -m bench.frontier --scale    # GPU size (d=1024, 4 stages)
 """
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -219,6 +221,8 @@ def parse_args(argv=None):
     size.add_argument("--scale", action="store_true", help="GPU-sized run (d=1024, 4 stages)")
     p.add_argument("--steps", type=int, default=None, help="steps per point (overrides the preset)")
     p.add_argument("--repeat-seed", type=int, default=1, help="seed of the repeated runs (-1: no repeats)")
+    p.add_argument("--jobs", type=int, default=1, help="points trained at once, each in a single-threaded "
+                   "worker process (CPU only)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:i] (default: cpu, auto for --scale)")
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
     p.add_argument("--json-out", default=str(RESULTS / "frontier.json"))
@@ -226,21 +230,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def measure(preset: dict, corpus, device: str, steps: int, eval_every: int, repeat_seed: int) -> tuple:
-    specs = point_specs(preset)
-    points = []
-    for i, spec in enumerate(specs):
-        log(f"[{i + 1}/{len(specs)}] {spec['name']}")
-        points.append(train_point(preset, spec, 0, corpus, device, steps, eval_every))
+def _train_task(task: tuple) -> dict:
+    return train_point(*task)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # N single-threaded workers share a few cores better than N x all threads
+
+
+def run_points(tasks: list[tuple], jobs: int) -> list[dict]:
+    """Train each (preset, spec, seed, corpus, device, steps, eval_every) task; in `jobs` forked
+    single-threaded workers when jobs > 1. Results come back in task order."""
+    for i, task in enumerate(tasks):
+        log(f"[{i + 1}/{len(tasks)}] {task[1]['name']} seed {task[2]}")
+    if jobs <= 1:
+        return [_train_task(t) for t in tasks]
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_one_thread) as pool:
+        return list(pool.map(_train_task, tasks))
+
+
+def measure(preset: dict, corpus, device: str, steps: int, eval_every: int, repeat_seed: int, jobs: int) -> tuple:
+    common = (corpus, device, steps, eval_every)
+    points = run_points([(preset, spec, 0, *common) for spec in point_specs(preset)], jobs)
     add_gaps(points)
     again = []
     if repeat_seed >= 0:
         d = preset["model"]["d_model"]
-        ref = next(s for s in specs if s["name"] == "none")
-        for spec in [ref] + [{k: p[k] for k in ("boundary", "b", "codec_fwd", "codec_bwd", "name")}
-                             for p in repeat_targets(points, d)]:
-            log(f"[repeat] {spec['name']} seed {repeat_seed}")
-            again.append(train_point(preset, spec, repeat_seed, corpus, device, steps, eval_every))
+        ref = next(s for s in point_specs(preset) if s["name"] == "none")
+        specs = [ref] + [{k: p[k] for k in ("boundary", "b", "codec_fwd", "codec_bwd", "name")}
+                         for p in repeat_targets(points, d)]
+        again = run_points([(preset, spec, repeat_seed, *common) for spec in specs], jobs)
         add_gaps(again)
     return points, again
 
@@ -258,7 +278,7 @@ def main(argv=None) -> int:
     d = preset["model"]["d_model"]
     log(f"bench.frontier ({name}): d={d}, {len(point_specs(preset))} points x {steps} steps, device {device}, "
         f"data {corpus.name}")
-    points, again = measure(preset, corpus, str(device), steps, preset["eval_every"], args.repeat_seed)
+    points, again = measure(preset, corpus, str(device), steps, preset["eval_every"], args.repeat_seed, args.jobs)
     wall = time.perf_counter() - t0
 
     front = pareto_front(points)
@@ -285,7 +305,7 @@ def main(argv=None) -> int:
     write_json(args.json_out, {
         "benchmark": "frontier", "preset": name,
         "command": shlex.join([sys.executable, "-m", "bench.frontier", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine_info(device), "data": corpus.name, "settings": {**preset, "steps": steps},
+        "machine": machine_info(device), "jobs": args.jobs, "data": corpus.name, "settings": {**preset, "steps": steps},
         "wall_time_s": wall,
         "points": [{k: p[k] for k in keys} | {"name": p["name"], "seed": p["seed"]} for p in points],
         "best_at_128x_bytes": best and {k: best[k] for k in keys} | {"name": best["name"]},
