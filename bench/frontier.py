@@ -10,7 +10,7 @@ then the two best points within the 128x byte budget (forward bytes <= 2d/128) t
 another seed, for the spread. Bytes are per token per boundary and exact, scales included (the
 per-channel codecs share their scales by the tokens of one microbatch message).
 
-    python -m bench.frontier --jobs 2   # d=256 on a CPU, ~1 h on 2 cores shared with other work
+    python -m bench.frontier --jobs 3   # d=256 on a CPU, ~1 h on 2 cores shared with other work
     python -m bench.frontier --quick    # seconds (CI)
     python -m bench.frontier --scale    # GPU size (d=1024, 4 stages)
 """
@@ -39,7 +39,7 @@ GOAL_GAP_PCT = 5.0
 
 PRESETS = {
     "default": {
-        "model": dict(d_model=256, n_layers=4, n_heads=4, seq_len=128, n_stages=2),
+        "model": dict(d_model=256, n_layers=2, n_heads=4, seq_len=128, n_stages=2),
         "train": dict(batch_size=16, microbatches=4, warmup_steps=20),
         "steps": 150, "eval_every": 0, "eval_batches": 32,
         "widths": [2, 4, 8, 16], "codecs": ["bf16", "int8ch", "int4ch"],
@@ -73,9 +73,9 @@ class FixedValCorpus:
 def point_specs(preset: dict) -> list[dict]:
     """The grid, then the references. `b` is the code width; full-width references have b = d."""
     d = preset["model"]["d_model"]
-    specs = [dict(boundary="resbm", b=b, codec_fwd=c, codec_bwd=c) for b in preset["widths"] for c in preset["codecs"]]
-    specs += [dict(boundary="none", b=d, codec_fwd="bf16", codec_bwd="bf16"),
-              dict(boundary="int8", b=d, codec_fwd="int8", codec_bwd="int8")]
+    specs = [dict(boundary="none", b=d, codec_fwd="bf16", codec_bwd="bf16")]
+    specs += [dict(boundary="resbm", b=b, codec_fwd=c, codec_bwd=c) for b in preset["widths"] for c in preset["codecs"]]
+    specs += [dict(boundary="int8", b=d, codec_fwd="int8", codec_bwd="int8")]
     return [{**s, "name": point_name(s)} for s in specs]
 
 
