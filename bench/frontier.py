@@ -41,7 +41,7 @@ PRESETS = {
     "default": {
         "model": dict(d_model=256, n_layers=2, n_heads=4, seq_len=128, n_stages=2),
         "train": dict(batch_size=16, microbatches=4, warmup_steps=20),
-        "steps": 150, "eval_every": 0, "eval_batches": 32,
+        "steps": 100, "eval_every": 0, "eval_batches": 32,
         "widths": [2, 4, 8, 16], "codecs": ["bf16", "int8ch", "int4ch"],
     },
     "quick": {
