@@ -196,7 +196,7 @@ def plot(path, points: list[dict], front: list[dict], d: int, title: str) -> Non
             pts = [p for p in points if p["codec_fwd"] == codec]
             if pts:
                 series.append({"label": codec, "x": [xkey(p) for p in pts], "y": [p["val_loss"] for p in pts],
-                               "labels": [f"b={p['b']}" for p in pts],
+                               "labels": [f"b={p['b']}" if p["boundary"] == "resbm" else p["name"] for p in pts],
                                "style": {"color": color, "marker": marker, "ls": "", "ms": 6}})
         return series
 
