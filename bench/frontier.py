@@ -234,8 +234,14 @@ def _train_task(task: tuple) -> dict:
     return train_point(*task)
 
 
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # N single-threaded workers share a few cores better than N x all threads
+def _worker_init() -> None:
+    """Single-threaded (N such workers share a few cores better than N x all threads), and dies with
+    the benchmark: a pool's workers otherwise outlive a killed parent and go on training."""
+    torch.set_num_threads(1)
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_points(tasks: list[tuple], jobs: int) -> list[dict]:
@@ -246,7 +252,7 @@ def run_points(tasks: list[tuple], jobs: int) -> list[dict]:
     if jobs <= 1:
         return [_train_task(t) for t in tasks]
     ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
         return list(pool.map(_train_task, tasks))
 
 
