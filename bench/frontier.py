@@ -3,7 +3,8 @@
 Every point trains the same staged ResBM model for the same tokens on the same data and seed with
 the reference trainer (`bench.convergence.train_one`, the swarm's math, wire codecs included):
 
-    code width b in WIDTHS  x  codec in CODECS (forward; the gradient codec is the same)
+    code width b in `widths`  x  codec in `codecs` (the same codec forward and for the gradients)
+    plus `mixed` points: a narrow forward codec with a wider gradient codec (gradients' range differs)
     plus references: none (full width, bf16) and full-width int8 (the `int8` boundary: per-token scales)
 
 then the two best points within the 128x byte budget (forward bytes <= 2d/128) train again with
@@ -43,18 +44,20 @@ PRESETS = {
         "train": dict(batch_size=16, microbatches=4, warmup_steps=20),
         "steps": 100, "eval_every": 0, "eval_batches": 32,
         "widths": [2, 4, 8, 16], "codecs": ["bf16", "int8ch", "int4ch"],
+        "mixed": [(8, "int4ch", "bf16"), (8, "int4ch", "int8ch"), (4, "int8ch", "bf16")],
     },
     "quick": {
         "model": dict(d_model=128, n_layers=2, n_heads=2, seq_len=32, n_stages=2),
         "train": dict(batch_size=4, microbatches=2, warmup_steps=2),
         "steps": 4, "eval_every": 0, "eval_batches": 2,
-        "widths": [1, 2], "codecs": ["bf16", "int4ch"],
+        "widths": [1, 2], "codecs": ["bf16", "int4ch"], "mixed": [(2, "int4ch", "bf16")],
     },
     "scale": {
         "model": dict(d_model=1024, n_layers=8, n_heads=16, seq_len=512, n_stages=4),
         "train": dict(batch_size=32, microbatches=4, warmup_steps=100),
         "steps": 2000, "eval_every": 500, "eval_batches": 64,
         "widths": [8, 16, 32, 64], "codecs": ["bf16", "int8ch", "int4ch"],
+        "mixed": [(64, "int4ch", "bf16"), (64, "int4ch", "int8ch"), (32, "int8ch", "bf16")],
     },
 }
 
@@ -73,9 +76,11 @@ class FixedValCorpus:
 def point_specs(preset: dict) -> list[dict]:
     """The grid, then the references. `b` is the code width; full-width references have b = d."""
     d = preset["model"]["d_model"]
-    specs = [dict(boundary="none", b=d, codec_fwd="bf16", codec_bwd="bf16")]
-    specs += [dict(boundary="resbm", b=b, codec_fwd=c, codec_bwd=c) for b in preset["widths"] for c in preset["codecs"]]
-    specs += [dict(boundary="int8", b=d, codec_fwd="int8", codec_bwd="int8")]
+    grid = [dict(boundary="resbm", b=b, codec_fwd=c, codec_bwd=c) for b in preset["widths"] for c in preset["codecs"]]
+    mixed = [dict(boundary="resbm", b=b, codec_fwd=f, codec_bwd=g) for b, f, g in preset["mixed"]]
+    narrow = [s for s in grid if s["b"] < max(preset["widths"])]
+    specs = [dict(boundary="none", b=d, codec_fwd="bf16", codec_bwd="bf16")] + narrow + mixed
+    specs += [s for s in grid if s not in narrow] + [dict(boundary="int8", b=d, codec_fwd="int8", codec_bwd="int8")]
     return [{**s, "name": point_name(s)} for s in specs]
 
 
@@ -189,6 +194,12 @@ def render_spread(rows: list[dict]) -> str:
 CODEC_STYLE = {"bf16": ("C0", "o"), "int8ch": ("C1", "s"), "int4ch": ("C2", "^"), "int8": ("C4", "D")}
 
 
+def point_label(p: dict) -> str:
+    if p["boundary"] != "resbm":
+        return p["name"]
+    return f"b={p['b']}" + ("" if p["codec_bwd"] == p["codec_fwd"] else f", grad {p['codec_bwd']}")
+
+
 def plot(path, points: list[dict], front: list[dict], d: int, title: str) -> None:
     def scatter(xkey):
         series = []
@@ -196,7 +207,7 @@ def plot(path, points: list[dict], front: list[dict], d: int, title: str) -> Non
             pts = [p for p in points if p["codec_fwd"] == codec]
             if pts:
                 series.append({"label": codec, "x": [xkey(p) for p in pts], "y": [p["val_loss"] for p in pts],
-                               "labels": [f"b={p['b']}" if p["boundary"] == "resbm" else p["name"] for p in pts],
+                               "labels": [point_label(p) for p in pts],
                                "style": {"color": color, "marker": marker, "ls": "", "ms": 6}})
         return series
 

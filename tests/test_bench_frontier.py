@@ -17,7 +17,8 @@ def test_quick_frontier_benchmark(tmp_path, capsys):
 
     points = res["points"]
     assert [(p["b"], p["codec_fwd"]) for p in points] == [(s["b"], s["codec_fwd"]) for s in frontier.point_specs(preset)]
-    assert len(points) == len(preset["widths"]) * len(preset["codecs"]) + 2
+    assert len(points) == len(preset["widths"]) * len(preset["codecs"]) + len(preset["mixed"]) + 2
+    assert any(p["codec_fwd"] != p["codec_bwd"] for p in points)
     for p in points:
         assert set(p) >= {"b", "codec_fwd", "codec_bwd", "bytes_fwd", "bytes_bwd", "val_loss", "gap_vs_none_pct"}
         assert math.isfinite(p["val_loss"]) and math.isfinite(p["gap_vs_none_pct"])
