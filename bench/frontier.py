@@ -44,7 +44,8 @@ PRESETS = {
         "train": dict(batch_size=16, microbatches=4, warmup_steps=20),
         "steps": 100, "eval_every": 0, "eval_batches": 32,
         "widths": [2, 4, 8, 16], "codecs": ["bf16", "int8ch", "int4ch"],
-        "mixed": [(8, "int4ch", "bf16"), (8, "int4ch", "int8ch"), (4, "int8ch", "bf16")],
+        "mixed": [(8, "int4ch", "bf16"), (8, "int4ch", "int8ch"), (4, "int8ch", "bf16"), (4, "fp8", "bf16"),
+                  (8, "fp8", "bf16")],
     },
     "quick": {
         "model": dict(d_model=128, n_layers=2, n_heads=2, seq_len=32, n_stages=2),
@@ -57,7 +58,7 @@ PRESETS = {
         "train": dict(batch_size=32, microbatches=4, warmup_steps=100),
         "steps": 2000, "eval_every": 500, "eval_batches": 64,
         "widths": [8, 16, 32, 64], "codecs": ["bf16", "int8ch", "int4ch"],
-        "mixed": [(64, "int4ch", "bf16"), (64, "int4ch", "int8ch"), (32, "int8ch", "bf16")],
+        "mixed": [(64, "int4ch", "bf16"), (64, "int4ch", "int8ch"), (32, "int8ch", "bf16"), (32, "fp8", "bf16")],
     },
 }
 
@@ -191,7 +192,8 @@ def render_spread(rows: list[dict]) -> str:
          " / ".join(fmt(g, "+.2f") for g in r["gap_vs_none_pct"]), fmt(r["spread"], ".4f")] for r in rows])
 
 
-CODEC_STYLE = {"bf16": ("C0", "o"), "int8ch": ("C1", "s"), "int4ch": ("C2", "^"), "int8": ("C4", "D")}
+CODEC_STYLE = {"bf16": ("C0", "o"), "int8ch": ("C1", "s"), "int4ch": ("C2", "^"), "fp8": ("C3", "v"),
+               "int8": ("C4", "D")}
 
 
 def point_label(p: dict) -> str:

@@ -7,6 +7,8 @@ functions serve the reference trainer (`roundtrip`, pure torch, any device) and 
     fp32    4 bytes/value
     bf16    2 bytes/value (truncating cast with round-to-nearest-even, as torch does)
     fp16    2 bytes/value (values beyond the fp16 range are refused, not clipped silently)
+    fp8     1 byte/value, float8 e4m3 (|x| <= 448 or refused; no scale; values below ~2e-3 lose
+            precision and below ~1e-3 become 0, so it suits codes, not their gradients)
     int8    1 byte/value + one bf16 scale per token (symmetric absmax / 127)
     int8ch  1 byte/value + one bf16 scale per channel, shared by every token of the message
     int4ch  1/2 byte/value (two values per byte, low nibble first) + one bf16 scale per channel
@@ -32,14 +34,15 @@ import torch
 
 from protocol.errors import PayloadError
 
-CODECS = ("fp32", "bf16", "fp16", "int8", "int8ch", "int4ch")
+CODECS = ("fp32", "bf16", "fp16", "fp8", "int8", "int8ch", "int4ch")
 # Bits per value on the wire, and the largest quantized magnitude of the integer codecs.
-_VALUE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int8ch": 8, "int4ch": 4}
+_VALUE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int8ch": 8, "int4ch": 4}
 _QMAX = {"int8": 127, "int8ch": 127, "int4ch": 7}
 PER_TOKEN_SCALED = ("int8",)
 SHARED_SCALED = ("int8ch", "int4ch")  # scales shared by all tokens of one message
 _SCALE_BYTES = 2  # one bf16 per scale
-_FP16_MAX = 65504.0
+_FLOAT_MAX = {"fp16": 65504.0, "fp8": 448.0}
+_FLOAT_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 # Integer tensors (token ids, targets) travel as the narrowest unsigned type that fits the vocab.
 INT_CODECS = {"u8": (np.uint8, 255), "u16": (np.uint16, 65535), "i32": (np.int32, 2**31 - 1)}
@@ -111,14 +114,10 @@ def quantize(x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor | 
     held unpacked in an int8 tensor here; `encode` packs them two per byte."""
     check_codec(codec)
     x = x.detach()
-    if codec == "fp32":
-        return x.float(), None
-    if codec == "bf16":
-        return x.to(torch.bfloat16), None
-    if codec == "fp16":
-        if x.numel() and x.abs().max().item() > _FP16_MAX:
-            raise ValueError("tensor exceeds the fp16 range; use bf16 or fp32 for this boundary")
-        return x.to(torch.float16), None
+    if codec in _FLOAT_MAX and x.numel() and x.abs().max().item() > _FLOAT_MAX[codec]:
+        raise ValueError(f"tensor exceeds the {codec} range; use bf16 or fp32 for this boundary")
+    if codec in _FLOAT_DTYPE:
+        return x.to(_FLOAT_DTYPE[codec]), None
     qmax = _QMAX[codec]
     xf = x.float()
     absmax = _absmax(xf, codec)
@@ -149,8 +148,10 @@ def roundtrip(x: torch.Tensor, codec: str) -> torch.Tensor:
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
     t = t.contiguous().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship its 16 bits
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16 or float8: ship their bits
         t = t.view(torch.int16)
+    elif t.dtype == torch.float8_e4m3fn:
+        t = t.view(torch.uint8)
     return t.numpy().tobytes()
 
 
@@ -186,7 +187,9 @@ def payload_nbytes(msg: dict) -> int:
     return len(msg["data"]) + len(msg.get("scale", b""))
 
 
-_NP_DTYPE = {"fp32": np.float32, "bf16": np.int16, "fp16": np.float16, "int8": np.int8, "int8ch": np.int8}
+_NP_DTYPE = {"fp32": np.float32, "bf16": np.int16, "fp16": np.float16, "fp8": np.uint8, "int8": np.int8,
+             "int8ch": np.int8}
+_VIEW_AS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def _field(msg, key, kind):
@@ -219,7 +222,7 @@ def _decode_payload(data: bytes, codec: str, shape: list[int]) -> torch.Tensor:
     if codec == "int4ch":
         return torch.from_numpy(_unpack_int4(data, n).reshape(shape))
     payload = torch.from_numpy(np.frombuffer(data, dtype=_NP_DTYPE[codec]).reshape(shape).copy())
-    return payload.view(torch.bfloat16) if codec == "bf16" else payload
+    return payload.view(_VIEW_AS[codec]) if codec in _VIEW_AS else payload
 
 
 def _decode_scale(msg: dict, codec: str, shape: list[int]) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from protocol.errors import PayloadError
 
 # Worst-case relative error per value, as a fraction of the token's absmax (int8), of the channel's
 # absmax over all tokens (int8ch, int4ch) or of |x|. The 1 + 2^-7 is the bf16 scale's round-up.
-BOUNDS = {"fp32": 0.0, "bf16": 2 ** -8, "fp16": 2 ** -11, "int8": 0.5 / 127 * (1 + 2 ** -7),
+BOUNDS = {"fp32": 0.0, "bf16": 2 ** -8, "fp16": 2 ** -11, "fp8": 2 ** -4, "int8": 0.5 / 127 * (1 + 2 ** -7),
           "int8ch": 0.5 / 127 * (1 + 2 ** -7), "int4ch": 0.5 / 7 * (1 + 2 ** -7)}
 
 
@@ -25,6 +25,8 @@ def _relative_error(x, y, codec):
 def test_roundtrip_error_bounds_and_wire_identity(codec, shape):
     torch.manual_seed(0)
     x = torch.randn(*shape) * torch.logspace(-3, 3, shape[-1])
+    if codec == "fp8":  # its normal range, where the relative error bound holds
+        x = x.sign() * x.abs().clamp(2 ** -6, 400)
     msg = msgpack.unpackb(msgpack.packb(encode(x, codec)))
     y = decode(msg, expect_codec=codec)
     assert y.shape == x.shape
@@ -45,6 +47,17 @@ def test_bytes_per_token_of_narrow_codes():
     assert message_nbytes("int4ch", [3, 3]) == 5 + 6  # 9 nibbles -> 5 bytes, 3 scales
     with pytest.raises(ValueError, match="pass tokens"):
         bytes_per_token("int4ch", 8)
+
+
+def test_fp8_refuses_out_of_range_and_config_refuses_fp8_gradients():
+    from swarm.config import ConfigError, ModelConfig
+
+    with pytest.raises(ValueError, match="fp8 range"):
+        encode(torch.tensor([[500.0]]), "fp8")
+    assert bytes_per_token("fp8", 4) == 4
+    assert ModelConfig(codec="fp8", codec_bwd="bf16").wire_codec_bwd == "bf16"
+    with pytest.raises(ConfigError, match="gradients"):
+        ModelConfig(codec="fp8")
 
 
 def test_int4_packing_layout():
@@ -88,7 +101,7 @@ def _good():
     (lambda m: m.update(shape=[2, 3, 5]), "size"),
     (lambda m: m.update(shape=[2, -3, 4]), "shape"),
     (lambda m: m.update(shape="2x3"), "malformed"),
-    (lambda m: m.update(codec="fp8"), "codec"),
+    (lambda m: m.update(codec="fp6"), "codec"),
     (lambda m: m.update(data=b"\xff\x7f" * 24), "nonfinite"),  # bf16 NaN pattern
     (lambda m: m.update(shape=[1 << 20, 1 << 10, 64]), "size"),
     # element counts that overflow int64 (np.prod wraps [2^32, 2^32, 2] to 0): exact ints refuse them
@@ -145,7 +158,7 @@ def test_token_ids():
 
 
 @pytest.mark.parametrize("codec, codec_bwd", [("int4ch", "int8ch"), ("int8ch", "bf16"), ("bf16", "int4ch"),
-                                              ("int8", "int8")])
+                                              ("int8", "int8"), ("fp8", "bf16")])
 def test_training_wire_is_the_wire_bit_for_bit(codec, codec_bwd):
     # What the reference trainer computes at a boundary equals decode(encode(.)) in both directions.
     from swarm.boundary import wire
