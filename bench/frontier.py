@@ -7,11 +7,11 @@ the reference trainer (`bench.convergence.train_one`, the swarm's math, wire cod
     plus `mixed` points: a narrow forward codec with a wider gradient codec (gradients' range differs)
     plus references: none (full width, bf16) and full-width int8 (the `int8` boundary: per-token scales)
 
-then the two best points within the 128x byte budget (forward bytes <= 2d/128) train again with
-another seed, for the spread. Bytes are per token per boundary and exact, scales included (the
+then `none` and the two best points within the 128x byte budget (forward bytes <= 2d/128) train
+again with another seed, for the spread. Bytes are per token per boundary and exact, scales included (the
 per-channel codecs share their scales by the tokens of one microbatch message).
 
-    python -m bench.frontier --jobs 3   # d=256 on a CPU, ~1 h on 2 cores shared with other work
+    python -m bench.frontier --jobs 3   # d=256 on a CPU, ~25 min on 2 cores shared with other work
     python -m bench.frontier --quick    # seconds (CI)
     python -m bench.frontier --scale    # GPU size (d=1024, 4 stages)
 """
@@ -290,8 +290,10 @@ def main(argv=None) -> int:
     preset = copy.deepcopy(PRESETS[name])
     device = resolve_device(args.device or ("auto" if args.scale else "cpu"))
     steps = args.steps if args.steps is not None else preset["steps"]
-    if steps < 1:
-        raise SystemExit("error: --steps must be >= 1")
+    if steps < 1 or args.jobs < 1:
+        raise SystemExit("error: --steps and --jobs must be >= 1")
+    if device.type == "cuda" and args.jobs > 1:
+        raise SystemExit("error: --jobs forks CPU workers; on a GPU run the points one by one (--jobs 1)")
     t0 = time.perf_counter()
     corpus = FixedValCorpus(ByteCorpus(args.data))
     d = preset["model"]["d_model"]
