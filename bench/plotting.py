@@ -88,8 +88,8 @@ def line_plot(path, panels: list[dict], title: str | None = None, panel_size=(6.
     """Write a PNG with one subplot per panel, side by side.
 
     A panel: {"title", "xlabel", "ylabel", "series": [{"label", "x", "y", optional "style": dict of
-    matplotlib kwargs}], optional "logx"/"logy": bool, "ylim": (lo, hi), "hline": y, "xticks": [...],
-    "xticklabels": [...]}.
+    matplotlib kwargs}, optional "labels": one text per point, drawn beside it], optional "logx"/"logy":
+    bool, "ylim": (lo, hi), "hline": y, "vline": x, "xticks": [...], "xticklabels": [...]}.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -101,8 +101,12 @@ def line_plot(path, panels: list[dict], title: str | None = None, panel_size=(6.
     for ax, panel in zip(axes[0], panels):
         for s in panel["series"]:
             ax.plot(s["x"], s["y"], label=s.get("label"), **s.get("style", {}))
+            for x, y, text in zip(s["x"], s["y"], s.get("labels", [])):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         if panel.get("hline") is not None:
             ax.axhline(panel["hline"], color="grey", lw=0.8, ls=":")
+        if panel.get("vline") is not None:
+            ax.axvline(panel["vline"], color="grey", lw=0.8, ls=":")
         ax.set_title(panel.get("title", ""))
         ax.set_xlabel(panel.get("xlabel", ""))
         ax.set_ylabel(panel.get("ylabel", ""))

@@ -25,7 +25,7 @@ async def train(args, run, worker, dht, p2p, metrics, stop: asyncio.Event, peer_
     losses, val_curve, step_times, replies = [], [], [], []
     head = Head(worker, corpus, dht, p2p, metrics, stall_timeout=args.stall_timeout, stop=stop,
                 status=lambda text: bar.update(len(losses), {"status": text}, force=True), executor=executor)
-    ws = wire_stats(cfg)
+    ws = wire_stats(cfg, t.microbatch_size * cfg.seq_len)  # one message carries one microbatch
     tokens_per_step = t.batch_size * cfg.seq_len
     stopped, error = None, None
     started = time.perf_counter()

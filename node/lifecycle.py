@@ -125,7 +125,7 @@ class Node:
         self.run_cfg = await resolve_run_config(self.dht, run_id, a.config)
         self.device = resolve_device(a.device)
         self.metrics = NodeMetrics().serve(a.metrics_port, a.metrics_host)
-        self.metrics.set_nominal(self.run_cfg.model)
+        self.metrics.set_nominal(self.run_cfg)
         self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator())
         print_own_addrs(self.dht, "node")
         # every node re-publishes the run config it verified: joiners find it after the bootstrap is gone

@@ -95,10 +95,11 @@ class NodeMetrics:
         self.val_loss = Gauge("resbm_val_loss", "Last validation loss (nats/token)", registry=self.registry)
         return self
 
-    def set_nominal(self, cfg) -> None:
+    def set_nominal(self, run) -> None:
         from protocol.codec import bytes_per_token
-        per_token = (bytes_per_token(cfg.wire_codec, cfg.code_width) + bytes_per_token(cfg.wire_codec_bwd,
-                                                                                      cfg.code_width)) / 2
+        cfg, tokens = run.model, run.train.microbatch_size * run.model.seq_len  # tokens per message
+        per_token = (bytes_per_token(cfg.wire_codec, cfg.code_width, tokens)
+                     + bytes_per_token(cfg.wire_codec_bwd, cfg.code_width, tokens)) / 2
         codecs = cfg.wire_codec if cfg.wire_codec == cfg.wire_codec_bwd else f"{cfg.wire_codec}/{cfg.wire_codec_bwd}"
         self.nominal_compression.labels(codecs, str(cfg.code_width)).set(2 * cfg.d_model / per_token)
 

@@ -7,4 +7,4 @@ PROTOCOL_VERSION = 1
 
 # Wire codecs of boundary codes (protocol/codec.py implements them); here so that configs and
 # `--help` can name them without importing torch.
-CODECS = ("fp32", "bf16", "fp16", "int8")
+CODECS = ("fp32", "bf16", "fp16", "fp8", "int8", "int8ch", "int4ch")

@@ -1,19 +1,33 @@
 """Codecs for boundary codes and their gradients.
 
-A tensor [..., width] is quantized per token (last dim). The same functions serve the reference
-trainer (`roundtrip`, pure torch, any device) and the wire (`encode`/`decode`, bytes), so the swarm
-and `train-local` compute exactly the same numbers.
+A tensor [..., width] travels as data bytes plus, for the integer codecs, scale bytes. The same
+functions serve the reference trainer (`roundtrip`, pure torch, any device) and the wire
+(`encode`/`decode`, bytes), so the swarm and `train-local` compute exactly the same numbers.
 
-    fp32  4 bytes/value
-    bf16  2 bytes/value (truncating cast with round-to-nearest-even, as torch does)
-    fp16  2 bytes/value (values beyond the fp16 range are refused, not clipped silently)
-    int8  1 byte/value + one bf16 scale per token (symmetric absmax / 127)
+    fp32    4 bytes/value
+    bf16    2 bytes/value (truncating cast with round-to-nearest-even, as torch does)
+    fp16    2 bytes/value (values beyond the fp16 range are refused, not clipped silently)
+    fp8     1 byte/value, float8 e4m3 (|x| <= 448 or refused; no scale; values below ~2e-3 lose
+            precision and below ~1e-3 become 0, so it suits codes, not their gradients)
+    int8    1 byte/value + one bf16 scale per token (symmetric absmax / 127)
+    int8ch  1 byte/value + one bf16 scale per channel, shared by every token of the message
+    int4ch  1/2 byte/value (two values per byte, low nibble first) + one bf16 scale per channel
 
-The int8 scale is bf16, not fp16: gradients of codes are often ~1e-6 and smaller, and their
-absmax/127 underflows fp16 (smallest normal 6e-5), which silently zeroes or distorts them. The
-scale is rounded UP to bf16, so no value needs clipping and the error stays <= scale / 2.
+Why per-channel scales: at a narrow code (b = 2..16 values per token) a per-token scale costs as
+much as the values themselves, while one scale per channel for a whole microbatch (hundreds of
+tokens) costs almost nothing per token. The scale layout follows from codec + shape alone:
+[width] scales for the *ch codecs, shape[:-1] for int8.
+
+Scales are bf16, not fp16: gradients of codes are often ~1e-6 and smaller, and their absmax/127
+underflows fp16 (smallest normal 6e-5), which silently zeroes or distorts them. A scale is rounded
+UP to bf16, so no value needs clipping and the error stays <= scale / 2.
+
+All size arithmetic is exact Python integer arithmetic on validated ints, done before anything is
+allocated: a hostile shape can only ever produce a `shape` or `size` PayloadError.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -21,9 +35,14 @@ import torch
 from protocol import CODECS  # noqa: F401  (re-exported: the codec names are part of this module's API)
 from protocol.errors import PayloadError
 
-_FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
-_SCALE_BYTES = {"int8": 2}
-_FP16_MAX = 65504.0
+# Bits per value on the wire, and the largest quantized magnitude of the integer codecs.
+_VALUE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int8ch": 8, "int4ch": 4}
+_QMAX = {"int8": 127, "int8ch": 127, "int4ch": 7}
+PER_TOKEN_SCALED = ("int8",)
+SHARED_SCALED = ("int8ch", "int4ch")  # scales shared by all tokens of one message
+_SCALE_BYTES = 2  # one bf16 per scale
+_FLOAT_MAX = {"fp16": 65504.0, "fp8": 448.0}
+_FLOAT_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 # Integer tensors (token ids, targets) travel as the narrowest unsigned type that fits the vocab.
 INT_CODECS = {"u8": (np.uint8, 255), "u16": (np.uint16, 65535), "i32": (np.int32, 2**31 - 1)}
@@ -34,10 +53,43 @@ def check_codec(codec: str) -> None:
         raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
-def bytes_per_token(codec: str, width: int) -> int:
-    """Payload bytes for one token's vector of `width` values (scales included)."""
+def data_nbytes(codec: str, n_values: int) -> int:
+    """Exact data bytes for n values (int4 packs two per byte, the last byte half used if n is odd)."""
+    return -(-n_values * _VALUE_BITS[codec] // 8)
+
+
+def scale_count(codec: str, shape) -> int:
+    """How many bf16 scales a tensor of this shape carries; follows from codec + shape alone."""
+    if codec in PER_TOKEN_SCALED:
+        return math.prod(shape[:-1])
+    if codec in SHARED_SCALED:
+        return shape[-1]
+    return 0
+
+
+def message_nbytes(codec: str, shape) -> int:
+    """Exact payload bytes (data + scales) of one encoded tensor of this shape."""
     check_codec(codec)
-    return width * _FLOAT_BYTES[codec] + _SCALE_BYTES.get(codec, 0)
+    shape = [int(s) for s in shape]
+    return data_nbytes(codec, math.prod(shape)) + _SCALE_BYTES * scale_count(codec, shape)
+
+
+def bytes_per_token(codec: str, width: int, tokens: int | None = None):
+    """Payload bytes per token of `width` values, scales included.
+
+    For the per-channel codecs (int8ch, int4ch) the scales are shared by the `tokens` tokens of one
+    message (a microbatch), so the figure depends on it: pass `tokens`; it is then
+    message_nbytes(codec, [tokens, width]) / tokens, exact (an int when it divides evenly).
+    Without `tokens` those codecs raise rather than quote a figure that hides their scales.
+    """
+    check_codec(codec)
+    if tokens is None:
+        if codec in SHARED_SCALED:
+            raise ValueError(f"codec {codec!r} shares its scales across the tokens of a message: pass tokens=")
+        tokens = 1  # per-token codecs: the same figure for any token count
+    total = message_nbytes(codec, [tokens, width])
+    per, rest = divmod(total, tokens)
+    return per if rest == 0 else total / tokens
 
 
 def int_codec_for(vocab_size: int) -> str:
@@ -47,22 +99,31 @@ def int_codec_for(vocab_size: int) -> str:
     raise ValueError(f"vocab_size {vocab_size} too large")
 
 
+def _absmax(x: torch.Tensor, codec: str) -> torch.Tensor:
+    """Per-token absmax [..., 1] (int8) or per-channel absmax over every token [width] (*ch codecs)."""
+    if codec in PER_TOKEN_SCALED:
+        return x.abs().amax(dim=-1, keepdim=True)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] == 0:
+        return torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+    return flat.abs().amax(dim=0)
+
+
 def quantize(x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float tensor -> (payload tensor in its wire dtype, per-token scales or None)."""
+    """Float tensor -> (payload tensor in its wire dtype, bf16 scales or None). int4ch values are
+    held unpacked in an int8 tensor here; `encode` packs them two per byte."""
     check_codec(codec)
     x = x.detach()
-    if codec == "fp32":
-        return x.float(), None
-    if codec == "bf16":
-        return x.to(torch.bfloat16), None
-    if codec == "fp16":
-        if x.numel() and x.abs().max().item() > _FP16_MAX:
-            raise ValueError("tensor exceeds the fp16 range; use bf16 or fp32 for this boundary")
-        return x.to(torch.float16), None
-    absmax = x.float().abs().amax(dim=-1, keepdim=True)
-    scale = _round_up_bf16(absmax / 127.0)
+    if codec in _FLOAT_MAX and x.numel() and x.abs().max().item() > _FLOAT_MAX[codec]:
+        raise ValueError(f"tensor exceeds the {codec} range; use bf16 or fp32 for this boundary")
+    if codec in _FLOAT_DTYPE:
+        return x.to(_FLOAT_DTYPE[codec]), None
+    qmax = _QMAX[codec]
+    xf = x.float()
+    absmax = _absmax(xf, codec)
+    scale = _round_up_bf16(absmax / qmax)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(absmax))
-    q = torch.round(x.float() / safe).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(xf / safe).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
@@ -74,6 +135,7 @@ def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(payload: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Scales broadcast: [..., 1] per token or [width] per channel."""
     if scale is None:
         return payload.float()
     return payload.float() * scale.float()
@@ -86,9 +148,27 @@ def roundtrip(x: torch.Tensor, codec: str) -> torch.Tensor:
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
     t = t.contiguous().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship its 16 bits
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16 or float8: ship their bits
         t = t.view(torch.int16)
+    elif t.dtype == torch.float8_e4m3fn:
+        t = t.view(torch.uint8)
     return t.numpy().tobytes()
+
+
+def _pack_int4(q: torch.Tensor) -> bytes:
+    """Values in [-7, 7] -> nibbles q + 8, two per byte, low nibble first; an odd tail pads with 8 (zero)."""
+    u = (q.reshape(-1).cpu().numpy().astype(np.int16) + 8).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(8))
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _unpack_int4(data: bytes, n: int) -> np.ndarray:
+    u = np.frombuffer(data, dtype=np.uint8)
+    both = np.empty(u.size * 2, dtype=np.int8)
+    both[0::2] = (u & 0x0F).astype(np.int8)
+    both[1::2] = (u >> 4).astype(np.int8)
+    return both[:n] - np.int8(8)
 
 
 def encode(x: torch.Tensor, codec: str) -> dict:
@@ -96,7 +176,8 @@ def encode(x: torch.Tensor, codec: str) -> dict:
     if not torch.isfinite(x).all():
         raise ValueError("refusing to encode a tensor with NaN or inf values")
     payload, scale = quantize(x, codec)
-    msg = {"codec": codec, "shape": list(x.shape), "data": _raw_bytes(payload)}
+    data = _pack_int4(payload) if codec == "int4ch" else _raw_bytes(payload)
+    msg = {"codec": codec, "shape": list(x.shape), "data": data}
     if scale is not None:
         msg["scale"] = _raw_bytes(scale)
     return msg
@@ -106,7 +187,9 @@ def payload_nbytes(msg: dict) -> int:
     return len(msg["data"]) + len(msg.get("scale", b""))
 
 
-_NP_DTYPE = {"fp32": np.float32, "bf16": np.int16, "fp16": np.float16, "int8": np.int8}
+_NP_DTYPE = {"fp32": np.float32, "bf16": np.int16, "fp16": np.float16, "fp8": np.uint8, "int8": np.int8,
+             "int8ch": np.int8}
+_VIEW_AS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def _field(msg, key, kind):
@@ -119,20 +202,46 @@ def _field(msg, key, kind):
 
 
 def _shape(msg, max_elems: int | None) -> list[int]:
+    """The validated shape: 1-4 plain non-negative Python ints whose exact product is <= max_elems."""
     shape = _field(msg, "shape", list)
-    if not 1 <= len(shape) <= 4 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                           for s in shape):
+    if not 1 <= len(shape) <= 4 or not all(type(s) is int and s >= 0 for s in shape):
         raise PayloadError("shape", f"shape must be 1-4 non-negative ints, got {shape!r}")
-    n = int(np.prod(shape)) if shape else 0
+    n = math.prod(shape)  # exact: no int64 overflow can wrap a huge shape to a small count
     if max_elems is not None and n > max_elems:
         raise PayloadError("size", f"{n} values exceed the limit of {max_elems}")
     return shape
 
 
+def _check_len(raw: bytes, expected: int, what: str, shape, codec: str) -> None:
+    if len(raw) != expected:
+        raise PayloadError("size", f"{len(raw)} {what} bytes for shape {shape} in {codec}, expected {expected}")
+
+
+def _decode_payload(data: bytes, codec: str, shape: list[int]) -> torch.Tensor:
+    n = math.prod(shape)
+    if codec == "int4ch":
+        return torch.from_numpy(_unpack_int4(data, n).reshape(shape))
+    payload = torch.from_numpy(np.frombuffer(data, dtype=_NP_DTYPE[codec]).reshape(shape).copy())
+    return payload.view(_VIEW_AS[codec]) if codec in _VIEW_AS else payload
+
+
+def _decode_scale(msg: dict, codec: str, shape: list[int]) -> torch.Tensor | None:
+    count = scale_count(codec, shape)
+    if codec not in PER_TOKEN_SCALED + SHARED_SCALED:
+        return None
+    raw = _field(msg, "scale", bytes)
+    _check_len(raw, _SCALE_BYTES * count, "scale", shape, codec)
+    scale = torch.from_numpy(np.frombuffer(raw, dtype=np.int16).copy()).view(torch.bfloat16)
+    scale = scale.reshape(*shape[:-1], 1) if codec in PER_TOKEN_SCALED else scale
+    if scale.numel() and (not torch.isfinite(scale).all() or (scale < 0).any()):
+        raise PayloadError("nonfinite", f"{codec} scales must be finite and non-negative")
+    return scale
+
+
 def decode(msg: dict, *, expect_codec: str | None = None, width: int | None = None,
            max_elems: int = 1 << 26) -> torch.Tensor:
     """Wire dict -> float32 tensor. Every malformed input raises PayloadError with the reason.
-    `width`, if given, is the required last dimension (checked before anything is allocated)."""
+    `width`, if given, is the required last dimension. All sizes are checked before anything is allocated."""
     codec = _field(msg, "codec", str)
     if codec not in CODECS:
         raise PayloadError("codec", f"unknown codec {codec!r}")
@@ -143,25 +252,9 @@ def decode(msg: dict, *, expect_codec: str | None = None, width: int | None = No
         raise PayloadError("shape", f"last dimension is {shape[-1]}, this boundary carries {width} values per token")
     _shape(msg, max_elems)
     data = _field(msg, "data", bytes)
-    n = int(np.prod(shape))
-    if len(data) != n * _FLOAT_BYTES[codec]:
-        raise PayloadError("size", f"{len(data)} data bytes for shape {shape} in {codec}, "
-                                   f"expected {n * _FLOAT_BYTES[codec]}")
-    arr = np.frombuffer(data, dtype=_NP_DTYPE[codec]).reshape(shape)
-    payload = torch.from_numpy(arr.copy())
-    if codec == "bf16":
-        payload = payload.view(torch.bfloat16)
-    scale = None
-    if codec == "int8":
-        raw = _field(msg, "scale", bytes)
-        rows = n // shape[-1] if shape[-1] else 0
-        if len(raw) != rows * 2:
-            raise PayloadError("size", f"{len(raw)} scale bytes, expected {rows * 2} (one bf16 per token)")
-        scale = torch.from_numpy(np.frombuffer(raw, dtype=np.int16).copy()).view(torch.bfloat16)
-        scale = scale.reshape(*shape[:-1], 1)
-        if scale.numel() and (not torch.isfinite(scale).all() or (scale < 0).any()):
-            raise PayloadError("nonfinite", "int8 scales must be finite and non-negative")
-    out = dequantize(payload, scale)
+    _check_len(data, data_nbytes(codec, math.prod(shape)), "data", shape, codec)
+    scale = _decode_scale(msg, codec, shape)
+    out = dequantize(_decode_payload(data, codec, shape), scale)
     if not torch.isfinite(out).all():
         raise PayloadError("nonfinite", "tensor contains NaN or inf")
     return out
@@ -180,7 +273,7 @@ def decode_ints(msg: dict, vocab_size: int, *, max_elems: int = 1 << 24) -> torc
     shape = _shape(msg, max_elems)
     data = _field(msg, "data", bytes)
     dtype = INT_CODECS[codec][0]
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     if len(data) != n * np.dtype(dtype).itemsize:
         raise PayloadError("size", f"{len(data)} bytes for {n} {codec} token ids")
     arr = np.frombuffer(data, dtype=dtype).reshape(shape).astype(np.int64)

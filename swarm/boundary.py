@@ -128,18 +128,24 @@ def make_receiver(cfg: ModelConfig) -> nn.Module:
 
 
 class _WireRoundtrip(torch.autograd.Function):
-    """Forward: the code as the receiver decodes it. Backward: the gradient as the sender decodes it."""
+    """Forward: the code as the receiver decodes it. Backward: the gradient as the sender decodes it
+    (straight-through: the quantizer's own derivative is taken as 1)."""
 
     @staticmethod
-    def forward(ctx, x, codec):
-        ctx.codec = codec
+    def forward(ctx, x, codec, codec_bwd):
+        ctx.codec_bwd = codec_bwd
         return roundtrip(x, codec)
 
     @staticmethod
     def backward(ctx, grad):
-        return roundtrip(grad, ctx.codec), None
+        return roundtrip(grad, ctx.codec_bwd), None, None
 
 
-def wire(x: torch.Tensor, codec: str) -> torch.Tensor:
-    """Apply the wire codec in both directions, exactly as the swarm does over the network."""
-    return x if codec == "fp32" else _WireRoundtrip.apply(x, codec)
+def wire(x: torch.Tensor, codec: str, codec_bwd: str | None = None) -> torch.Tensor:
+    """Apply the wire codecs exactly as the swarm does over the network: `codec` to the code going
+    forward, `codec_bwd` (default: the same) to its gradient coming back. One call = one message,
+    so per-channel scales are shared by the tokens of x, as they are on the wire."""
+    codec_bwd = codec_bwd or codec
+    if codec == "fp32" and codec_bwd == "fp32":
+        return x
+    return _WireRoundtrip.apply(x, codec, codec_bwd)

@@ -105,6 +105,9 @@ class ModelConfig:
             bad(f"codec={self.codec!r}; choose one of {', '.join(CODECS)}")
         if self.codec_bwd and self.codec_bwd not in CODECS:
             bad(f"codec_bwd={self.codec_bwd!r}; choose one of {', '.join(CODECS)} (or '' for the forward codec)")
+        if self.wire_codec_bwd == "fp8":
+            bad("codec_bwd=fp8: gradients of codes are often ~1e-6, far below fp8's range (they would be "
+                "zeroed); set codec_bwd to bf16 (or int8ch) when codec is fp8")
         if self.boundary in ("resbm", "bottleneck", "subspace"):
             if self.ratio < 1 or self.d_model % self.ratio:
                 bad(f"ratio={self.ratio} must divide d_model={self.d_model} "

@@ -163,7 +163,7 @@ class StagedModel(nn.Module):
         x = tokens
         for k, stage in enumerate(self.stages):
             if k > 0:
-                x = wire(x, self.cfg.wire_codec)
+                x = wire(x, self.cfg.wire_codec, self.cfg.wire_codec_bwd)
             x = stage(x, tokens)
         return x
 

@@ -22,16 +22,24 @@ def token_id_bytes(cfg: ModelConfig) -> int:
     return INT_CODECS[int_codec_for(cfg.vocab_size)][0]().itemsize
 
 
-def wire_stats(cfg: ModelConfig) -> dict:
+def wire_stats(cfg: ModelConfig, tokens: int | None = None) -> dict:
     """Bytes per token crossing ONE boundary, forward (code, plus token ids where the boundary needs
-    them) and backward (the code's gradient), and the ratio against bf16 at full width d."""
-    code = bytes_per_token(cfg.wire_codec, cfg.code_width)
-    fwd = code + (token_id_bytes(cfg) if cfg.boundary == "subspace" else 0)
+    them) and backward (the code's gradient), and the ratio against bf16 at full width d.
+
+    `tokens` is the number of tokens in one message (a microbatch): per-channel codecs share their
+    scales across them. Default: one sequence (seq_len tokens), the smallest message, so the
+    figure never understates the scales' cost."""
+    tokens = tokens or cfg.seq_len
+    code_fwd = bytes_per_token(cfg.wire_codec, cfg.code_width, tokens)
+    code_bwd = bytes_per_token(cfg.wire_codec_bwd, cfg.code_width, tokens)
+    fwd = code_fwd + (token_id_bytes(cfg) if cfg.boundary == "subspace" else 0)
     return {
         "code_width": cfg.code_width,
         "wire_codec": cfg.wire_codec,
+        "wire_codec_bwd": cfg.wire_codec_bwd,
+        "tokens_per_message": tokens,
         "wire_bytes_per_token_fwd": fwd,
-        "wire_bytes_per_token_bwd": code,
+        "wire_bytes_per_token_bwd": code_bwd,
         "full_width_bf16_bytes_per_token": 2 * cfg.d_model,
         "compression_vs_bf16": (2 * cfg.d_model) / fwd,
     }

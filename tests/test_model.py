@@ -104,7 +104,7 @@ def test_build_stage_matches_staged_model(tiny):
     (dict(n_stages=0), "n_stages must be >= 1"),
     (dict(n_stages=5, n_layers=4), "exceeds n_layers=4"),
     (dict(boundary="zip"), "boundary='zip'"),
-    (dict(codec="fp8"), "codec='fp8'"),
+    (dict(codec="fp6"), "codec='fp6'"),
     (dict(n_heads=3), "n_heads=3"),
 ])
 def test_bad_configs_are_clear_errors(kw, words):

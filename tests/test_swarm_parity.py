@@ -25,9 +25,11 @@ def _run(**kw):
     return RunConfig(model=model, train=TrainConfig(batch_size=8, microbatches=4), run_id="parity")
 
 
-@pytest.mark.parametrize("codec", ["bf16", "int8"])
-def test_gradients_equal_reference(corpus, codec):
-    run = _run(codec=codec)
+@pytest.mark.parametrize("codec,codec_bwd", [("bf16", ""), ("int8", ""), ("int8ch", ""), ("int4ch", "int8ch"),
+                                             ("fp8", "bf16")])
+def test_gradients_equal_reference(corpus, codec, codec_bwd):
+    """Every codec pair crosses the real transport and gives exactly the reference's gradients."""
+    run = _run(codec=codec, codec_bwd=codec_bwd)
     ref = LocalTrainer(run, corpus)
     m = run.train.microbatches
     for micro in range(m):
