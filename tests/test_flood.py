@@ -12,14 +12,10 @@ import pytest
 
 from node.args import identity_peer_id
 from node.local import Swarm
-from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm_helpers import head_steps, tiny_run
 
 pytestmark = pytest.mark.swarm
 ROOT = Path(__file__).resolve().parent.parent
-def tiny_run(run_id: str, trainers=()) -> RunConfig:
-    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, ratio=16, seq_len=32, n_stages=3)
-    return RunConfig(model=model, train=TrainConfig(batch_size=4, microbatches=2, trainers=tuple(trainers)),
-                     run_id=run_id)
 
 
 def group_rss_mb(pid: int) -> float:
@@ -37,16 +33,10 @@ def group_rss_mb(pid: int) -> float:
     return total / 2 ** 20
 
 
-def steps_of(log: Path) -> int:
-    text = log.read_text(errors="replace").replace("\r", "\n") if log.exists() else ""
-    found = [int(w.split("/")[0]) for w in text.split() if w.endswith("/100000") and w.split("/")[0].isdigit()]
-    return max(found, default=0)
-
-
 def rate(log: Path, seconds: float) -> float:
-    start = steps_of(log)
+    start = head_steps(log)
     time.sleep(seconds)
-    return (steps_of(log) - start) / seconds
+    return (head_steps(log) - start) / seconds
 
 
 def test_flood_of_state_and_forward_requests_is_capped(tmp_path):
@@ -63,7 +53,7 @@ def test_flood_of_state_and_forward_requests_is_capped(tmp_path):
         swarm.start("head", swarm.join_argv("head", 0, peers, extra=["--steps", "100000", "--eval-every", "0"]))
         log = tmp_path / "head.log"
         deadline = time.time() + 120
-        while steps_of(log) < 5 and time.time() < deadline:
+        while head_steps(log) < 5 and time.time() < deadline:
             time.sleep(1)
         undisturbed = rate(log, 15)
         rss_before = group_rss_mb(stage1.pid)

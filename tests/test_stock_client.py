@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 
 from node.local import Swarm
-from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm_helpers import head_steps, tiny_run
 
 pytestmark = pytest.mark.swarm
 ROOT = Path(__file__).resolve().parent.parent
-def tiny_run(run_id: str, trainers=()) -> RunConfig:
-    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, ratio=16, seq_len=32, n_stages=3)
-    return RunConfig(model=model, train=TrainConfig(batch_size=4, microbatches=2, trainers=tuple(trainers)),
-                     run_id=run_id)
 
 
 def stock_client(peers, *flags, identity=None):
@@ -26,14 +22,6 @@ def stock_client(peers, *flags, identity=None):
     res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180, start_new_session=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def head_steps(log: Path) -> int:
-    """Steps the head's progress line reports (e.g. '12/100000')."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    found = [int(part.split("/")[0]) for part in text.replace("\r", "\n").split() if part.endswith("/100000")
-             and part.split("/")[0].isdigit()]
-    return max(found, default=0)
 
 
 def test_stock_hivemind_client_discovers_calls_and_is_refused_clearly(tmp_path):
