@@ -55,14 +55,14 @@ def test_flood_of_state_and_forward_requests_is_capped(tmp_path):
         deadline = time.time() + 120
         while head_steps(log) < 5 and time.time() < deadline:
             time.sleep(1)
-        undisturbed = rate(log, 15)
+        undisturbed = rate(log, 20)
         rss_before = group_rss_mb(stage1.pid)
         attacker = subprocess.Popen([sys.executable, str(ROOT / "tests" / "peers" / "flood.py"),
                                      str(tmp_path / "config.json"), stage1_peer, *peers], cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                     start_new_session=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         first = json.loads(attacker.stdout.readline())
-        during = rate(log, 15)
+        during = rate(log, 20)
         rss_during = group_rss_mb(stage1.pid)
         assert stage1.poll() is None
     finally:
