@@ -77,11 +77,26 @@ class Head:
         self.ledger: dict[int, dict[str, dict]] = {}
         self._alive: set[tuple[int, str]] = set()   # (stage, peer) that answered the last check
         self._last_refresh = 0.0
+        self._refreshing: asyncio.Task | None = None
 
     # --- routes --------------------------------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._last_refresh < self.refresh_s:
-            return
+        """Update the routes from the DHT. A periodic refresh runs in the background, so a step never
+        waits on a slow DHT get (an unresponsive DHT peer makes gets wait for timeouts); `force`
+        (a failure, a pause) waits for fresh records."""
+        if force:
+            await self._read_routes()
+        elif time.monotonic() - self._last_refresh >= self.refresh_s and \
+                (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self._background_refresh())
+
+    async def _background_refresh(self) -> None:
+        try:
+            await self._read_routes()
+        except Exception as e:  # the next refresh tries again; a failing call forces one
+            log.warning("could not refresh the routes from the DHT: %s", e)
+
+    async def _read_routes(self) -> None:
         self._last_refresh = time.monotonic()
         records = await read_stage_records(self.dht, self.run)
         for k in range(1, self.cfg.n_stages):
