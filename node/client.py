@@ -14,6 +14,7 @@ from protocol.codec import decode, payload_nbytes
 from protocol.contract import (INT_TENSORS, METHODS, STATE_CHUNK, check_fields, join_stream_parts, pack_meta,
                                tensors_from_proto, tensors_to_proto, unpack_meta)
 from protocol.errors import PayloadError
+from protocol.records import stage_key  # a stage's DHT key is also its hivemind expert uid
 
 REPLY_METADATA_LIMIT = STATE_CHUNK + (1 << 16)
 
@@ -28,11 +29,6 @@ class RemoteError(RuntimeError):
 
 class PeerUnavailable(ConnectionError):
     """The peer did not answer (gone, unreachable, or too slow)."""
-
-
-def expert_uid(run_id: str, stage: int) -> str:
-    """The hivemind expert uid of a stage, also its DHT key (protocol/records.py)."""
-    return f"{run_id}.{stage}"
 
 
 class StageClient:
@@ -54,7 +50,7 @@ class StageClient:
         tensors = {k: v for k, v in fields.items() if k in names}
         meta = {k: v for k, v in fields.items() if k not in names}
         protos, index = tensors_to_proto(tensors, runtime_pb2)
-        request = runtime_pb2.ExpertRequest(uid=expert_uid(self.run.run_id, stage), tensors=protos, metadata=pack_meta(
+        request = runtime_pb2.ExpertRequest(uid=stage_key(self.run.run_id, stage), tensors=protos, metadata=pack_meta(
             {"v": PROTOCOL_VERSION, "fp": self.fingerprint, "tensors": index, **meta}))
         peer = PeerID.from_base58(peer_id) if isinstance(peer_id, str) else peer_id
         stub = self.stub_type.get_stub(self.p2p, peer)
@@ -78,7 +74,7 @@ class StageClient:
         peer = PeerID.from_base58(peer_id) if isinstance(peer_id, str) else peer_id
         stub = self.stub_type.get_stub(self.p2p, peer)
         try:
-            reply = await stub.rpc_info(runtime_pb2.ExpertUID(uid=expert_uid(self.run.run_id, stage)), timeout=timeout)
+            reply = await stub.rpc_info(runtime_pb2.ExpertUID(uid=stage_key(self.run.run_id, stage)), timeout=timeout)
             info = MSGPackSerializer.loads(reply.serialized_info)
         except (asyncio.TimeoutError, TimeoutError) as e:
             raise PeerUnavailable(f"peer {peer} did not answer info within {timeout:.0f}s") from e

@@ -26,6 +26,7 @@ from protocol.codec import decode, decode_ints, encode, payload_nbytes
 from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_fields, join_stream_parts, pack_meta,
                                refusal, stock_tensors, tensors_from_proto, tensors_to_proto, unpack_meta)
 from protocol.errors import PayloadError
+from protocol.records import stage_key
 from node.admission import Admission
 from swarm.stage_worker import NeedInput, StageWorker, StaleRequest
 
@@ -92,7 +93,7 @@ class StageServer(ServicerBase):
         self.run = worker.run
         self.cfg = worker.run.model
         self.index = worker.index
-        self.uid = f"{self.run.run_id}.{self.index}"
+        self.uid = stage_key(self.run.run_id, self.index)  # also its DHT key
         self.fingerprint = worker.run.fingerprint
         self.codec, self.codec_bwd = self.cfg.wire_codec, self.cfg.wire_codec_bwd
         self.max_batch = self.run.train.batch_size
