@@ -37,23 +37,24 @@ def _add_field(group, section: str, f: dataclasses.Field, default) -> None:
     group.add_argument(*_flags(f), **kw)
 
 
-def add_run_args(p: argparse.ArgumentParser, **defaults) -> None:
-    """One flag per ModelConfig/TrainConfig field; `defaults` (field name -> value) overrides the
-    dataclass default for this subcommand (e.g. `local` trains 4 stages by default)."""
+def add_run_args(p: argparse.ArgumentParser, skip=(), **defaults) -> None:
+    """One flag per ModelConfig/TrainConfig field except `skip`; `defaults` (field name -> value)
+    overrides the dataclass default for this subcommand (e.g. `local` trains 4 stages by default)."""
     titles = {"model": "model (must match across the swarm)", "train": "training (must match across the swarm)"}
     unknown = set(defaults) - {f.name for _, cls in SECTIONS for f in dataclasses.fields(cls)}
     assert not unknown, f"no config field named {unknown}"
     for section, cls in SECTIONS:
         group = p.add_argument_group(titles[section])
         for f in dataclasses.fields(cls):
-            _add_field(group, section, f, defaults.get(f.name, f.default))
+            if f.name not in skip:
+                _add_field(group, section, f, defaults.get(f.name, f.default))
 
 
 def run_config_from_args(args, run_id: str | None = None) -> RunConfig:
     """The RunConfig the generated flags describe; a bad combination exits with the config's message."""
     parts = {}
     for section, cls in SECTIONS:
-        values = {f.name: getattr(args, f"{section}.{f.name}") for f in dataclasses.fields(cls)}
+        values = {f.name: getattr(args, f"{section}.{f.name}", f.default) for f in dataclasses.fields(cls)}
         parts[section] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return RunConfig(model=ModelConfig(**parts["model"]), train=TrainConfig(**parts["train"]),

@@ -85,7 +85,7 @@ class StageClient:
         return info["resbm"]
 
     async def _send(self, stub, method: str, request):
-        if request.ByteSize() <= MAX_UNARY_PAYLOAD_SIZE or method not in ("forward", "backward"):
+        if request.ByteSize() <= MAX_UNARY_PAYLOAD_SIZE or method not in ("forward", "train"):
             return await getattr(stub, f"rpc_{method}")(request)
         from hivemind.utils.streaming import split_for_streaming
         parts = [p for t in request.tensors for p in split_for_streaming(t, 1 << 20)]
@@ -119,8 +119,8 @@ class StageClient:
                 if shape is not None and list(t.shape) != list(shape):
                     raise PayloadError("shape", f"{name} has shape {list(t.shape)}, expected {list(shape)}")
                 reply[name] = msg
-            if method == "loss" and not sent_fields.get("eval") and "grad_in" not in reply:
-                raise PayloadError("malformed", "a training loss reply must carry grad_in")
+            if method == "train" and not sent_fields.get("eval") and "grad_in" not in reply:
+                raise PayloadError("malformed", "a training reply must carry grad_in")
         except PayloadError as e:
             raise RemoteError("internal", f"bad reply to {method}: {e}") from e
         return reply

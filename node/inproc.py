@@ -8,21 +8,24 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from node.announce import Announcer, publish_config
 from node.dht import start_dht, visible_maddrs
-from node.head import Head
 from node.metrics import NodeMetrics
-from node.runtime import SocketJanitor, close_hivemind
+from node.runtime import SocketJanitor
 from node.stage_server import StageServer, measure_throughput
+from node.trainer import Trainer
 from swarm.stage_worker import StageWorker
 
 
 class InprocSwarm:
-    def __init__(self, run, corpus, replicas: dict[int, int] | None = None, averaging: bool = False):
+    """`replicas[k]` replicas of every stage k >= 1 and `trainers` stage-0 replicas, each a Trainer."""
+
+    def __init__(self, run, corpus, replicas: dict[int, int] | None = None, averaging: bool = False,
+                 trainers: int = 1, barrier_s: float = 10.0):
         self.run, self.corpus = run, corpus
-        self.replicas = replicas or {}
-        self.averaging = averaging
+        self.replicas = {0: trainers, **(replicas or {})}
+        self.averaging, self.barrier_s = averaging, barrier_s
         self.dhts, self.p2ps, self.averagers = [], [], []
         self.servers: dict[int, list[StageServer]] = {}
-        self.head: Head | None = None
+        self.trainers: list[Trainer] = []
         self.janitor = SocketJanitor()
 
     async def __aenter__(self):
@@ -32,37 +35,43 @@ class InprocSwarm:
         self.peers = visible_maddrs(boot)
         validator = RSASignatureValidator()
         assert await publish_config(boot, run.run_id, run.wire_dict(), run.fingerprint, validator)
-        for k in range(1, run.model.n_stages):
-            self.servers[k] = []
-            for _ in range(self.replicas.get(k, 1)):
-                dht = start_dht(run.run_id, self.peers)
-                p2p = await dht.replicate_p2p()
-                self.dhts.append(dht)
-                self.p2ps.append(p2p)
-                worker = StageWorker(run, k)
-                averager = None
-                if self.averaging:
-                    from node.averaging import ReplicaAverager
-                    n = self.replicas.get(k, 1)
+        for k in range(run.model.n_stages):
+            self.servers[k] = [await self._serve(k, validator) for _ in range(self.replicas.get(k, 1))]
+        for server in self.servers[0]:
+            self.trainers.append(Trainer(server, self.corpus, server.next_hop.client.p2p, min_route_timeout_s=30,
+                                         barrier_s=self.barrier_s))
+        for trainer in self.trainers:
+            await trainer.wait_for_stages(60)
+        return self
 
-                    async def count(n=n):
-                        return n
-                    averager = ReplicaAverager(dht, run.run_id, k, worker.stage, run.train.average_every, count,
-                                               NodeMetrics())
-                    self.averagers.append(averager)
-                server = StageServer(worker, NodeMetrics(), str(dht.peer_id), averager)
-                measure_throughput(server)
-                await server.add_p2p_handlers(p2p)
-                ann = Announcer(dht, run.run_id, str(dht.peer_id), validator)
-                assert await ann.publish(k, run.fingerprint, server.throughput, 0, -1, ttl=300)
-                self.servers[k].append(server)
+    async def _serve(self, k: int, validator) -> StageServer:
+        run = self.run
         dht = start_dht(run.run_id, self.peers)
         p2p = await dht.replicate_p2p()
         self.dhts.append(dht)
         self.p2ps.append(p2p)
-        self.head = Head(StageWorker(run, 0), self.corpus, dht, p2p, NodeMetrics(), stall_timeout=60)
-        await self.head.wait_for_stages()
-        return self
+        worker = StageWorker(run, k)
+        averager = None
+        if self.averaging:
+            from node.averaging import ReplicaAverager
+            n = self.replicas.get(k, 1)
+
+            async def count(n=n):
+                return n
+            averager = ReplicaAverager(dht, run.run_id, k, worker.stage, run.train.average_every, count, NodeMetrics())
+            self.averagers.append(averager)
+        server = StageServer(worker, NodeMetrics(), str(dht.peer_id), averager, dht=dht, p2p=p2p)
+        if k:
+            measure_throughput(server)
+        await server.add_p2p_handlers(p2p)
+        ann = Announcer(dht, run.run_id, str(dht.peer_id), validator)
+        assert await ann.publish(k, run.fingerprint, server.throughput, 0, -1, ttl=300)
+        return server
+
+    async def train_step(self, step: int) -> list[dict]:
+        """One step driven by every trainer at once."""
+        import asyncio
+        return list(await asyncio.gather(*(t.train_step(step) for t in self.trainers)))
 
     async def load_joiner(self, worker) -> str:
         """A newcomer's state load (node/state_sync.initial_state) from its own DHT peer; says from where."""

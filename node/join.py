@@ -1,4 +1,4 @@
-"""`resbm-node join --stage N`: become one replica of stage N (N = 0: the head, which trains).
+"""`resbm-node join --stage N`: become one replica of stage N (N = 0: a trainer).
 
 The node's life (joining, loading, serving, draining, moving) is node/lifecycle.py; this module is
 the command line and the few calls that put a stage on the network."""
@@ -12,13 +12,13 @@ from node.args import add_connect_args, add_monitoring_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("join", help="serve one pipeline stage (stage 0 = the head, which trains)",
+    p = sub.add_parser("join", help="serve one pipeline stage (stage 0 = a trainer)",
                        description="Join a swarm as one replica of a stage. The run config comes from the DHT "
                                    "(published by the bootstrap) or from --config, which must match it.")
     add_connect_args(p)
     g = p.add_argument_group("what to serve")
     g.add_argument("--stage", type=_stage_arg, required=True,
-                   help="stage to serve (0 is the head: data + training), or 'auto': the stage that needs "
+                   help="stage to serve (0: a trainer, which feeds its own share of the data; any number may run), or 'auto': the stage that needs "
                         "throughput most; an auto node also moves later if the swarm becomes badly unbalanced")
     g.add_argument("--config", default=None, help="run config JSON (as written by `bootstrap --save-config`)")
     g.add_argument("--checkpoint-dir", default=str(Path.home() / ".cache" / "resbm-swarm"),
@@ -35,13 +35,16 @@ def add_parser(sub) -> None:
                         "weights (same model) instead of initialisation")
     g.add_argument("--rebalance-every", type=float, default=60.0, help="auto nodes: seconds between balance checks")
     g.add_argument("--auto-target", type=int, default=None, help=argparse.SUPPRESS)  # tests: an auto node's start
-    g = p.add_argument_group("head only (--stage 0)")
+    g = p.add_argument_group("trainers only (--stage 0)")
     g.add_argument("--steps", type=int, default=100, help="optimizer steps to train")
     g.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
     g.add_argument("--eval-every", type=int, default=25, help="validation every N steps (0: only at the end)")
     g.add_argument("--json-out", default=None, help="write the run summary JSON here")
     g.add_argument("--stall-timeout", type=float, default=600.0,
-                   help="give up after a stage has had no working replica this long (seconds)")
+                   help="give up after a stage has had no replica at all this long (seconds)")
+    g.add_argument("--barrier-timeout", type=float, default=10.0,
+                   help="as step coordinator: wait this long for a live trainer's ledger before closing the step "
+                        "without it (seconds)")
     p.set_defaults(func=main)
 
 
@@ -74,12 +77,10 @@ def main(args) -> int:
 
 
 # --- putting a stage on the network (one small function per call, to swap with the transport) ------
-def make_server(worker, metrics, peer_id: str, averager=None):
-    """The stage's request handler; the head's answers only `info` and `state` (export, status)."""
+def make_server(worker, metrics, peer_id: str, averager, dht, p2p):
+    """The stage's request handler (a trainer's serves the step calls, its state and ledgers)."""
     from node.stage_server import StageServer
-    if worker.index == 0:
-        return StageServer(worker, metrics, peer_id, methods=("info", "state"))
-    return StageServer(worker, metrics, peer_id, averager)
+    return StageServer(worker, metrics, peer_id, averager, dht=dht, p2p=p2p)
 
 
 async def start_serving(p2p, server, measure: bool) -> None:
@@ -95,6 +96,6 @@ async def stop_serving(p2p, server) -> None:
     await server.remove_p2p_handlers(p2p)
 
 
-async def run_head(args, run, worker, dht, p2p, metrics, stop, peer_id: str, server) -> int:
-    from node.head_loop import train
-    return await train(args, run, worker, dht, p2p, metrics, stop, peer_id, server)
+async def run_trainer(args, run, server, p2p, stop) -> int:
+    from node.trainer_loop import train
+    return await train(args, run, server, p2p, stop)

@@ -6,7 +6,7 @@
 
 joining: DHT up, run config resolved, first stage chosen. loading: the stage is built on its
 device and its state comes from a live replica, our checkpoint, an export file or initialisation.
-serving: requests are answered (the head trains). draining: no new requests, the ones in flight
+serving: requests are answered (a trainer also trains). draining: no new requests, the ones in flight
 finish, the checkpoint is written. moving: the record points at the target stage, and the loop
 turns once more in the same process (same peer id, DHT and metrics port). Every transition is
 logged ("state a -> b") and published in the node's stage record, so `resbm-node status` shows it.
@@ -82,7 +82,7 @@ class Node:
             while stage is not None:
                 await self._load(stage)
                 if stage == 0:
-                    code, move_to = await self._serve_head(), None
+                    code, move_to = await self._serve_trainer(), None
                 else:
                     move_to = await self._serve()
                 await self._drain()
@@ -151,7 +151,8 @@ class Node:
         self.metrics.info.info({"version": str(PROTOCOL_VERSION), "stage": str(stage), "peer_id": self.peer_id,
                                 "fingerprint": run.fingerprint, "run_id": run.run_id})
         averager = self._averager(stage, worker)
-        t = self.turn = Turn(stage, worker, make_server(worker, self.metrics, self.peer_id, averager), averager,
+        server = make_server(worker, self.metrics, self.peer_id, averager, self.dht, self.p2p)
+        t = self.turn = Turn(stage, worker, server, averager,
                              checkpoint_path(a.checkpoint_dir, run.run_id, stage, self.peer_id))
         # While loading (a download can take long), the record says so and keeps any throughput carried over.
         placeholder = SimpleNamespace(throughput=self.carried_throughput, inflight=0, worker=worker)
@@ -167,7 +168,7 @@ class Node:
         from node.averaging import ReplicaAverager
         from swarm.robust import default_tau
         run = self.run_cfg
-        if stage == 0 or not run.train.average_every:
+        if not run.train.average_every:
             return None
 
         async def count_replicas():
@@ -198,18 +199,17 @@ class Node:
             task.cancel()
         return None if waits[0] in done else waits[1].result()
 
-    async def _serve_head(self) -> int:
+    async def _serve_trainer(self) -> int:
         from node.announce import watch_swarm
-        from node.join import run_head, start_serving
+        from node.join import run_trainer, start_serving
         from node.state_sync import periodic_checkpoints
         t = self.turn
-        await start_serving(self.p2p, t.server, measure=False)  # `info` and `state` (export, status)
+        await start_serving(self.p2p, t.server, measure=False)  # step calls, state, ledgers
         self.enter(NodeState.SERVING, "training")
         t.tasks.append(asyncio.create_task(self.announcer.run(0, self.run_cfg.fingerprint, t.server)))
         t.tasks.append(asyncio.create_task(watch_swarm(self.dht, self.run_cfg, t.server)))
         t.tasks += periodic_checkpoints(t.worker, t.checkpoint, self.args.save_every_min, t.server.executor)
-        return await run_head(self.args, self.run_cfg, t.worker, self.dht, self.p2p, self.metrics, self.stop,
-                              self.peer_id, t.server)
+        return await run_trainer(self.args, self.run_cfg, t.server, self.p2p, self.stop)
 
     # --- draining, moving, stopping --------------------------------------------------------------
     async def _drain(self) -> None:

@@ -1,4 +1,4 @@
-"""`resbm-node local`: a whole swarm on this machine (bootstrap, head, S-1 stages x K replicas), each
+"""`resbm-node local`: a whole swarm on this machine (bootstrap, N trainers, S-1 stages x K replicas), each
 node its own process on loopback, trained on the embedded corpus, then shut down cleanly."""
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("local", help="run a whole swarm on this machine (the main job)",
                        description="Start a bootstrap and one process per node on loopback, train, write a "
                                    "checkpoint and a JSON summary, and shut everything down cleanly.")
-    add_run_args(p, n_stages=4, n_layers=4, steps=100)
-    p.add_argument("--replicas", type=int, default=1, help="replicas of every middle/last stage")
+    add_run_args(p, skip=("trainers",), n_stages=4, n_layers=4, steps=100)  # local makes its trainers' ids
+    p.add_argument("--replicas", type=int, default=1, help="replicas of every stage after stage 0")
+    p.add_argument("--trainers", type=int, default=1, help="trainers (stage 0 replicas), each feeding its share")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
     p.add_argument("--metrics-port", type=int, default=0,
-                   help="node i serves /metrics on 127.0.0.1:P+i (head is node 0); 0: off")
+                   help="node i serves /metrics on 127.0.0.1:P+i (trainers first); 0: off")
     p.add_argument("--json-out", default=None, help="write the run summary JSON here")
     p.add_argument("--run-dir", default=None, help="logs, configs and checkpoints (default runs/local-<time>)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
@@ -73,10 +74,12 @@ class Swarm:
     def start_stage(self, name: str, stage: int, peers: list[str], host: str = "127.0.0.1", extra=(), wrap=None):
         return self.start(name, self.join_argv(name, stage, peers, host, extra), wrap=wrap)
 
-    def start_head(self, peers: list[str], steps: int, json_out: Path, host: str = "127.0.0.1", extra=(),
-                   inherit_stderr: bool = False, wrap=None):
-        return self.start("head", self.join_argv("head", 0, peers, host,
-                                                 ["--steps", str(steps), "--json-out", str(json_out), *extra]),
+    def start_trainer(self, i: int, peers: list[str], steps: int, host: str = "127.0.0.1", extra=(),
+                      inherit_stderr: bool = False, wrap=None):
+        """Trainer i (stage 0), writing its summary to run_dir/trainer<i>.json."""
+        name = f"trainer{i}"
+        return self.start(name, self.join_argv(name, 0, peers, host, ["--steps", str(steps), "--json-out",
+                                                                      str(self.run_dir / f"{name}.json"), *extra]),
                           inherit_stderr=inherit_stderr, wrap=wrap)
 
     def wait_for_line(self, name: str, text: str, timeout: float) -> None:
@@ -139,36 +142,49 @@ def main(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     run = run_config_from_args(args, args.run_id)  # validates the config before anything starts
     if args.replicas < 1 and run.model.n_stages > 1:
-        raise SystemExit(f"error: --replicas {args.replicas} can never train: every stage after the head needs at "
+        raise SystemExit(f"error: --replicas {args.replicas} can never train: every stage after stage 0 needs at "
                          f"least one replica")
-    # Only our head may drive training: its identity exists before the run config is published.
-    run = replace(run, train=replace(run.train, trainers=(identity_peer_id(str(run_dir / "head.id")),)))
-    n_nodes = 1 + (run.model.n_stages - 1) * args.replicas
+    if args.trainers < 1:
+        raise SystemExit(f"error: --trainers {args.trainers} can never train: the swarm needs at least one trainer")
+    # Only our trainers may drive training: their identities exist before the run config is published.
+    ids = tuple(identity_peer_id(str(run_dir / f"trainer{i}.id")) for i in range(args.trainers))
+    run = replace(run, train=replace(run.train, trainers=ids))
+    n_nodes = args.trainers + (run.model.n_stages - 1) * args.replicas
     threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
     swarm = Swarm(run_dir, threads, run)
-    port = lambda i: ["--metrics-port", str(args.metrics_port + i)] if args.metrics_port else []  # noqa: E731
-    print(f"local swarm: {run.model.n_stages} stages x {args.replicas} replicas ({n_nodes} nodes + bootstrap), "
+    metrics_ports: dict[str, int] = {}
+
+    def port(i: int, name: str) -> list[str]:
+        if not args.metrics_port:
+            return []
+        metrics_ports[name] = args.metrics_port + i
+        return ["--metrics-port", str(args.metrics_port + i)]
+    print(f"local swarm: {args.trainers} trainer(s), {run.model.n_stages - 1} stages x {args.replicas} replicas "
+          f"({n_nodes} nodes + bootstrap), "
           f"boundary {run.model.boundary} b={run.model.code_width}, logs in {run_dir}", file=sys.stderr)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    head = None
+    trainers = []
     try:
         peers = swarm.start_bootstrap()
-        node = 1
+        node = args.trainers
         for stage in range(1, run.model.n_stages):
             for r in range(args.replicas):
-                swarm.start_stage(f"stage{stage}-{r}", stage, peers, extra=port(node))
+                swarm.start_stage(f"stage{stage}-{r}", stage, peers, extra=port(node, f"stage{stage}-{r}"))
                 node += 1
         for name, _, _ in swarm.procs[1:]:
             swarm.wait_for_line(name, "serving", 120)
-        head = swarm.start_head(peers, run.train.steps, run_dir / "head.json", inherit_stderr=True,
-                                extra=["--eval-every", str(args.eval_every),
-                                       *(["--data", args.data] if args.data else []), *port(0)])
-        code = _wait_head(head)
+        extra = ["--eval-every", str(args.eval_every), *(["--data", args.data] if args.data else [])]
+        # trainer 0 shows its progress line here; the others write logs
+        trainers = [swarm.start_trainer(i, peers, run.train.steps, inherit_stderr=i == 0, extra=extra + port(i, f"trainer{i}"))
+                    for i in range(args.trainers)]
+        code = max(_wait(p) for p in trainers)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the swarm", file=sys.stderr)
-        if head is not None and head.poll() is None:
-            head.send_signal(signal.SIGTERM)
-            _wait_head(head, timeout=60)
+        for p in trainers:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in trainers:
+            _wait(p, timeout=60)
         code = 130
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -177,34 +193,36 @@ def main(args) -> int:
         swarm.stop()
         for s, h in previous.items():
             signal.signal(s, h)
-    return _summarize(args, run_dir, swarm, code)
+    return _summarize(args, run_dir, swarm, code, metrics_ports)
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _wait_head(head: subprocess.Popen, timeout: float | None = None) -> int:
+def _wait(proc: subprocess.Popen, timeout: float | None = None) -> int:
     try:
-        return head.wait(timeout=timeout)
+        return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return 1
 
 
-def _summarize(args, run_dir: Path, swarm: Swarm, code: int) -> int:
-    head_json = run_dir / "head.json"
-    if not head_json.exists():
-        print(f"no summary: the head wrote none (exit code {code}); logs in {run_dir}", file=sys.stderr)
+def _summarize(args, run_dir: Path, swarm: Swarm, code: int, metrics_ports: dict) -> int:
+    """Trainer 0's summary, with every trainer's own figures beside it."""
+    found = [run_dir / f"trainer{i}.json" for i in range(args.trainers) if (run_dir / f"trainer{i}.json").exists()]
+    if not found:
+        print(f"no summary: no trainer wrote one (exit code {code}); logs in {run_dir}", file=sys.stderr)
         return code or 1
-    summary = json.loads(head_json.read_text())
-    summary["command"] = "local"
-    summary["replicas"] = args.replicas
+    summaries = [json.loads(f.read_text()) for f in found]
+    summary = summaries[0]
+    summary.update(command="local", replicas=args.replicas, trainers=[
+        {k: s.get(k) for k in ("peer_id", "steps_completed", "train_loss_last", "tokens_per_s", "skipped_microbatches",
+                               "unapplied_microbatches", "lost_microbatches", "coordinator")} for s in summaries])
     summary["run_dir"] = str(run_dir)
     summary["exit_codes"] = {name: proc.returncode for name, proc, _ in swarm.procs}
     summary["pids"] = {name: proc.pid for name, proc, _ in swarm.procs}  # each one leads its own session
-    if args.metrics_port:
-        for i, node in enumerate(summary["nodes"]):
-            node["metrics_port"] = args.metrics_port + i
+    if metrics_ports:
+        summary["metrics_ports"] = metrics_ports
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(summary, indent=1))

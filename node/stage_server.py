@@ -28,14 +28,15 @@ from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_field
 from protocol.errors import PayloadError
 from protocol.records import stage_key
 from node.admission import Admission
-from swarm.stage_worker import NeedInput, StageWorker, StaleRequest
+from node.route import NextHop, NoRoute
+from swarm.deadlines import Deadline
+from swarm.ledger import LedgerError, MicroKey, TrainerLedger, pack_plan, unpack_plan
+from swarm.stage_worker import StageWorker, StaleRequest
 
 log = logging.getLogger(__name__)
 STREAM_PART = 1 << 20  # bytes per part of a streamed reply
 MAX_STEPS_AHEAD = 64   # open swarms: how far past the swarm's step (from DHT records) a call may be
-# which boundary (relative to this stage) a training call's request and reply cross, and in which pass
-_BOUNDARIES = {"forward": ((-1, "forward"), (0, "forward")), "backward": ((0, "backward"), (-1, "backward")),
-               "loss": ((-1, "forward"), (-1, "backward"))}
+NOT_THE_PEERS_FAULT = ("busy", "deadline", "unavailable")  # refusals that earn the caller no strike
 
 class BadPeerTracker:
     """Refuse a peer for `ban_s` seconds after `limit` rejected requests within `window_s`."""
@@ -87,10 +88,15 @@ class StageServer(ServicerBase):
     """One stage's servicer. Register with `await server.add_p2p_handlers(p2p)` (in-process: no forked
     handler, no TaskPool merging microbatches, no recompute of forward on backward)."""
 
-    def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, methods=None):
+    def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, dht=None, p2p=None,
+                 coordinator=None):
         self.worker, self.metrics, self.peer_id = worker, metrics, peer_id
-        self.methods = methods  # None: all; the head serves only ("info", "state")
         self.run = worker.run
+        # a trainer (stage 0) takes no codes; it serves the step calls, its state and, as a possible
+        # step coordinator, the other trainers' ledgers
+        self.methods = ("prepare", "step", "state", "ledger") if worker.index == 0 else \
+            ("forward", "train", "prepare", "step", "state")
+        self.coordinator = coordinator
         self.cfg = worker.run.model
         self.index = worker.index
         self.uid = stage_key(self.run.run_id, self.index)  # also its DHT key
@@ -109,6 +115,9 @@ class StageServer(ServicerBase):
         self.admission = Admission(self.run.train.trainers, per_peer=2 * self.run.train.microbatches + 4)
         self.swarm_step: int | None = None  # highest step any replica announces (node/announce.watch_swarm)
         self.tokens_done = 0
+        # our next hop (stage index + 1) and the records that say who may call us (stage index - 1)
+        self.next_hop = NextHop(self.index + 1, self.run, dht, p2p, metrics, self.count_message) \
+            if dht is not None else None
         # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids and metadata.
         self.max_request = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
 
@@ -123,20 +132,21 @@ class StageServer(ServicerBase):
         self.metrics.frame_bytes.labels(direction).inc(n)
 
     def _account(self, name: str, fields: dict, tensors: dict, reply_tensors: dict, received: int, sent: int):
-        """A training call's two messages, whole, on the boundaries they crossed (relative to this stage)."""
-        if name not in _BOUNDARIES or fields.get("eval"):
+        """A training call's two messages, whole, on the boundary they crossed (the one before this stage)."""
+        if name != "train" or fields.get("eval"):
             return
-        shape = tensors["x" if "x" in tensors else "grad_out"]["shape"]
+        shape = tensors["x"]["shape"]
         tokens = shape[0] * shape[1]
         codes = (sum(payload_nbytes(t) for t in tensors.values()), sum(payload_nbytes(t) for t in reply_tensors.values()))
         self.payload["received"] += codes[0]
         self.payload["sent"] += codes[1]
-        for (offset, pass_), direction, n, code in zip(_BOUNDARIES[name], ("received", "sent"), (received, sent), codes):
-            self.metrics.count_boundary(n, code, self.index + offset, direction, pass_, tokens, self.cfg.d_model)
+        for pass_, direction, n, code in (("forward", "received", received, codes[0]),
+                                          ("backward", "sent", sent, codes[1])):
+            self.metrics.count_boundary(n, code, self.index - 1, direction, pass_, tokens, self.cfg.d_model)
 
     def rejected(self, err: PayloadError, peer) -> None:
         self.metrics.rejected.labels(err.reason).inc()
-        if err.reason == "busy":  # our capacity, not the peer's fault: no strike against it
+        if err.reason in NOT_THE_PEERS_FAULT:  # our capacity or our next hop: no strike against the caller
             return
         if self.bad_peers.record(str(peer)):
             self.metrics.peer_bans.inc()
@@ -157,7 +167,7 @@ class StageServer(ServicerBase):
         return await self._serve("forward", request, context)
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("backward", request, context)
+        return await self._serve("backward", request, context)  # refused: training goes through rpc_train
 
     async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                                  context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -169,8 +179,16 @@ class StageServer(ServicerBase):
         async for part in self._serve_stream("backward", requests, context):
             yield part
 
-    async def rpc_loss(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("loss", request, context)
+    async def rpc_train(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve("train", request, context)
+
+    async def rpc_train_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                               context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for part in self._serve_stream("train", requests, context):
+            yield part
+
+    async def rpc_ledger(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve("ledger", request, context)
 
     async def rpc_prepare(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return await self._serve("prepare", request, context)
@@ -195,11 +213,12 @@ class StageServer(ServicerBase):
             if self.bad_peers.is_banned(str(peer)):
                 self.metrics.rejected.labels("banned").inc()
                 return self._refuse("banned", "too many bad requests from your peer id; refused for a while", stock)
-            fields, tensors = self._parse(METHODS[name], request, stock)
-            self._authorize(METHODS[name], fields, peer)
+            method = self._method(name, stock)
+            fields, tensors = self._parse(method, request, stock)
+            await self._authorize(method, fields, peer)
             self._check_step(fields)
             with self.admission.slot(name, str(peer)):
-                reply_fields, reply_tensors = await getattr(self, f"_on_{name}")(fields, tensors)
+                reply_fields, reply_tensors = await getattr(self, f"_on_{name}")(fields, tensors, str(peer))
             protos, index = tensors_to_proto(reply_tensors, runtime_pb2)
             response = runtime_pb2.ExpertResponse(tensors=protos,
                                                   metadata=pack_meta({"ok": True, "tensors": index, **reply_fields}))
@@ -210,8 +229,6 @@ class StageServer(ServicerBase):
             return self._refuse(e.reason, e.detail, stock)
         except StaleRequest as e:
             return self._refuse("state", str(e), stock)
-        except NeedInput as e:
-            return self._refuse("resend", str(e), stock)
         except Exception as e:  # our bug, not the peer's: report it, keep serving
             log.exception("stage %d failed on %s", self.index, name)
             return self._refuse("internal", f"{type(e).__name__}: {e}", stock)
@@ -258,33 +275,59 @@ class StageServer(ServicerBase):
             return head, e
         return runtime_pb2.ExpertRequest(uid=first.uid, metadata=first.metadata, tensors=join_stream_parts(parts)), None
 
+    def _method(self, name: str, stock: bool):
+        if name not in METHODS:  # hivemind's rpc_backward: a stock client's training call
+            missing = "needs ExpertRequest.metadata and " if stock else ""
+            raise PayloadError("method" if not stock else "metadata",
+                               f"{name!r} is not served: training {missing}goes through rpc_train (one nested "
+                               f"forward-then-backward call; see protocol/contract.py), so that every gradient "
+                               f"belongs to a known microbatch of a known step")
+        return METHODS[name]
+
     def _parse(self, method, request, stock: bool) -> tuple[dict, dict]:
         if request.uid != self.uid:
             raise PayloadError("uid", f"this peer serves expert {self.uid!r}, not {request.uid!r}")
-        if self.methods is not None and method.name not in self.methods:
+        if method.name not in self.methods:
             raise PayloadError("method", f"this node (stage {self.index}) serves only {', '.join(self.methods)}")
         if stock:
             if method.name != "forward":
-                raise PayloadError("metadata", f"{method.name!r} needs ExpertRequest.metadata (msgpack: v, fp, step, "
-                                               f"micro, tensors; see protocol/contract.py); without it the call "
-                                               f"would be counted as some step's gradient, so it is refused")
-            return {"step": 0, "micro": 0, "eval": True, "catchup": False, "stock": True}, \
-                stock_tensors(request.tensors, ("x",))
+                raise PayloadError("metadata", f"{method.name!r} needs ExpertRequest.metadata (msgpack: v, fp, "
+                                               f"tensors and the call's fields; see protocol/contract.py)")
+            return {"stock": True}, stock_tensors(request.tensors, ("x",))
         meta = unpack_meta(request.metadata)
         check_envelope(meta, self.fingerprint)
         fields = check_fields(method.fields, meta)
         return fields, tensors_from_proto(request.tensors, meta.get("tensors", []), method.tensor_names())
 
-    def _authorize(self, method, fields: dict, peer) -> None:
+    async def _authorize(self, method, fields: dict, peer) -> None:
         trainers = self.run.train.trainers
-        if trainers and method.trainer_only and not fields.get("eval") and str(peer) not in trainers:
+        if trainers and method.trainer_only and str(peer) not in trainers:
             raise PayloadError("forbidden", f"only this run's trainers may call {method.name!r}; your peer id "
                                             f"{peer} is not among them")
+        if method.name == "train" and not fields["eval"]:
+            await self._authorize_train(fields, str(peer))
+
+    async def _authorize_train(self, f: dict, peer: str) -> None:
+        """A microbatch comes from its owner (stage 1) or from a replica of the previous stage, and
+        its owner must be one of the run's trainers when the run lists them."""
+        trainers = self.run.train.trainers
+        if trainers and f["owner"] not in trainers:
+            raise PayloadError("forbidden", f"microbatch owner {f['owner']} is not one of this run's trainers")
+        if self.index == 1:
+            if peer != f["owner"]:
+                raise PayloadError("forbidden", f"stage 1 takes a microbatch from its owner only, not from {peer}")
+            return
+        upstream = lambda: {r["peer_id"] for r in self.next_hop.records.get(self.index - 1, [])}  # noqa: E731
+        if peer not in upstream():
+            if time.monotonic() - self.next_hop.last_read > 2.0:  # a replica that joined since (strangers
+                await self.next_hop.refresh(force=True)          # cannot make us read the DHT per request)
+            if peer not in upstream():
+                raise PayloadError("forbidden", f"peer {peer} is not a replica of stage {self.index - 1} in the DHT")
 
     def _check_step(self, fields: dict) -> None:
         """Where the run lists no trainers, nobody may move this stage far ahead of the swarm: a step
         far past every replica's announced step (and ours) is refused, not adopted."""
-        if self.run.train.trainers or "step" not in fields or fields.get("eval"):
+        if self.run.train.trainers or "step" not in fields or fields.get("eval", True):
             return
         known = max(self.worker.applied_step, -1 if self.swarm_step is None else self.swarm_step)
         if fields["step"] > known + MAX_STEPS_AHEAD:
@@ -320,66 +363,75 @@ class StageServer(ServicerBase):
 
     async def _compute(self, fn, *args):
         result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        # the worker drops the gradients of a step the head abandoned; export that as a counter
-        fresh = self.worker.discarded_steps - self._discards_seen
+        # the worker drops gradients that no plan lists (a dead trainer's, an abandoned route's)
+        fresh = self.worker.discarded - self._discards_seen
         if fresh:
             self.metrics.dropped_grads.inc(fresh)
             self._discards_seen += fresh
         return result
 
     # --- methods -------------------------------------------------------------------------------
-    async def _on_forward(self, f: dict, tensors: dict):
+    async def _on_forward(self, f: dict, tensors: dict, peer: str):
+        """Eval forward of a stage before the last (stock hivemind clients use it)."""
         if self.worker.stage.is_last:
-            raise PayloadError("method", f"stage {self.index} is the last stage: call 'loss', not 'forward'")
-        train = not f["eval"]
-        if train:
-            self._check_micro(f)
+            raise PayloadError("method", f"stage {self.index} is the last stage: it needs targets, call 'train' "
+                                         f"with eval=true")
         x = self._code(tensors, "x", None if f.get("stock") else self.codec)
+        y = await self._compute(self.worker.evaluate, x, self._tokens(tensors, x.shape[:2]))
+        return {}, {"y": encode(y, self._reply_codec(f, self.codec))}
+
+    async def _on_train(self, f: dict, tensors: dict, peer: str):
+        """One microbatch from here to the tail and back: forward, the next hop's reply, backward."""
+        deadline = Deadline(f["timeout_s"])
+        key = MicroKey(f["owner"], f["step"], f["micro"])
+        x = self._code(tensors, "x", self.codec)
+        self._ints(tensors, "targets", x.shape[:2])  # checked here, decoded only by the tail
         tokens = self._tokens(tensors, x.shape[:2])
-        t0 = time.perf_counter()
-        y = await self._compute(self.worker.forward, f["step"], f["micro"], x, tokens, train)
-        out = encode(y, self._reply_codec(f, self.codec))
-        if train:
-            self._done(x, time.perf_counter() - t0)
-        return {}, {"y": out}
-
-
-    async def _on_backward(self, f: dict, tensors: dict):
+        if f["eval"]:
+            return await self._eval(f, tensors, x, tokens)
         self._check_micro(f)
-        grad = self._code(tensors, "grad_out", self.codec_bwd)
-        # x is re-sent only when this replica did not run the forward (a rerouted backward)
-        x = self._code(tensors, "x", self.codec, shape=grad.shape) if "x" in tensors else None
-        tokens = self._tokens(tensors, grad.shape[:2])
         t0 = time.perf_counter()
-        g = await self._compute(self.worker.backward, f["step"], f["micro"], x, grad, tokens, f["catchup"],
-                                f["session"])
-        out = encode(g, self.codec_bwd)
-        self.compute.add(time.perf_counter() - t0, 0)
-        return {}, {"grad_in": out}
+        if self.worker.stage.is_last:
+            targets = self._ints(tensors, "targets", x.shape[:2])
+            loss, g = await self._compute(self.worker.loss_and_hold, key, x, targets, tokens)
+            self.count_compute(x, time.perf_counter() - t0)
+            return {"loss": loss, "route": [self.peer_id]}, {"grad_in": encode(g, self.codec_bwd)}
+        handle, y = await self._compute(self.worker.begin, key, x, tokens)
+        forward_s = time.perf_counter() - t0
+        reply, route = await self._send_on(deadline, x, f, tensors, encode(y, self.codec), reserve_s=2 * forward_s)
+        t1 = time.perf_counter()
+        g = await self._compute(self.worker.finish, key, handle, decode(reply["grad_in"]).to(self.worker.device))
+        self.count_compute(x, forward_s + time.perf_counter() - t1)
+        return {"loss": reply["loss"], "route": route}, {"grad_in": encode(g, self.codec_bwd)}
+
+    async def _eval(self, f: dict, tensors: dict, x, tokens):
+        if self.worker.stage.is_last:
+            loss = await self._compute(self.worker.evaluate, x, tokens, self._ints(tensors, "targets", x.shape[:2]))
+            return {"loss": loss, "route": [self.peer_id]}, {}
+        y = await self._compute(self.worker.evaluate, x, tokens)
+        reply, route = await self._send_on(Deadline(f["timeout_s"]), x, f, tensors, encode(y, self.codec))
+        return {"loss": reply["loss"], "route": route}, {}
+
+    async def _send_on(self, deadline, x, f: dict, tensors: dict, code: dict, reserve_s: float = 0.0):
+        """The next stage's reply and the route from here to the tail; targets and token ids travel on
+        as they came (the tail decodes them)."""
+        passed = {n: tensors[n] for n in ("targets", "tokens") if n in tensors}
+        try:
+            reply, peer = await self.next_hop.call(deadline, x.shape[0] * x.shape[1], reserve_s, owner=f["owner"],
+                                                   step=f["step"], micro=f["micro"], eval=f["eval"], x=code, **passed)
+        except NoRoute as e:
+            raise PayloadError(e.reason, f"stage {self.index}: {e}") from e
+        route = list(reply["route"])
+        if len(route) != self.cfg.n_stages - self.index - 1 or route[0] != peer:
+            raise PayloadError("unavailable", f"stage {self.index + 1} replica {peer} returned a malformed route")
+        return reply, [self.peer_id] + route
 
     def _check_micro(self, f: dict) -> None:
-        if f["micro"] >= self.run.train.microbatches:  # bounds what a step accumulates per peer
+        if f["micro"] >= self.run.train.microbatches:  # bounds what a step accumulates per owner
             raise PayloadError("malformed", f"field 'micro' must be < {self.run.train.microbatches}, got {f['micro']}")
 
-    async def _on_loss(self, f: dict, tensors: dict):
-        if not self.worker.stage.is_last:
-            raise PayloadError("method", f"stage {self.index} is not the last stage: 'loss' is served by the tail")
-        train = not f["eval"]
-        if train:
-            self._check_micro(f)
-        x = self._code(tensors, "x", self.codec)
-        targets = self._ints(tensors, "targets", x.shape[:2])
-        tokens = self._tokens(tensors, x.shape[:2])
-        t0 = time.perf_counter()
-        loss, g = await self._compute(self.worker.loss, f["step"], f["micro"], x, targets, f["scale"], tokens, train,
-                                      f["catchup"], f["session"])
-        if not train:
-            return {"loss": loss}, {}
-        out = encode(g, self.codec_bwd)
-        self._done(x, time.perf_counter() - t0)
-        return {"loss": loss}, {"grad_in": out}
-
-    def _done(self, x, seconds):
+    def count_compute(self, x, seconds) -> None:
+        """Tokens of a microbatch this stage computed (forward + backward) in `seconds`."""
         n = x.shape[0] * x.shape[1]
         self.tokens_done += n
         self.compute.add(seconds, n)
@@ -387,21 +439,40 @@ class StageServer(ServicerBase):
         self.metrics.samples.inc(x.shape[0])
         self.metrics.compute_tokens_per_second.set(self.compute.rate())
 
-    async def _on_prepare(self, f: dict, tensors: dict):
-        if f["discard"]:
-            await self._compute(self.worker.discard, f["step"])
-        return {"held": self.worker.held(f["step"]), "applied_step": self.worker.applied_step}, {}
+    async def _on_prepare(self, f: dict, tensors: dict, peer: str):
+        plan = self.worker.plan
+        held = await self._compute(self.worker.held, f["step"])
+        reply = {"held": [k.to_wire() for k in held], "applied_step": self.worker.applied_step}
+        if plan is not None and plan.step == f["step"]:  # a coordinator taking over adopts the plan applied here
+            reply["plan"] = pack_plan(plan)
+        return reply, {}
 
-    async def _on_step(self, f: dict, tensors: dict):
-        result = await self._compute(self.worker.apply_step, f["step"], f["expect"], f["catchup"])
+    async def _on_step(self, f: dict, tensors: dict, peer: str):
+        try:
+            plan = unpack_plan(f["plan"], self.cfg.n_stages)
+        except LedgerError as e:
+            raise PayloadError("malformed", str(e)) from e
+        result = await self._compute(self.worker.apply_step, plan, self.peer_id)
         if result["applied"]:
             self.metrics.steps.inc()
         self.metrics.step.set(self.worker.applied_step)
         if self.averager is not None and not result["duplicate"]:
-            result["averaged"] = await self.averager.maybe_average(f["step"], f["group"])
+            result["averaged"] = await self.averager.maybe_average(plan.step, f["group"])
         return result, {}
 
-    async def _on_state(self, f: dict, tensors: dict):
+    async def _on_ledger(self, f: dict, tensors: dict, peer: str):
+        if self.coordinator is None:
+            raise PayloadError("method", "this node does not coordinate steps")
+        try:
+            ledger = TrainerLedger.from_wire(f["ledger"], self.cfg.n_stages)
+        except LedgerError as e:
+            raise PayloadError("malformed", str(e)) from e
+        if ledger.owner != peer or ledger.step != f["step"]:
+            raise PayloadError("forbidden", f"a ledger is sent by its owner for its step (owner {ledger.owner}, "
+                                            f"sender {peer}, step {ledger.step} vs {f['step']})")
+        return await self.coordinator.receive(ledger), {}
+
+    async def _on_state(self, f: dict, tensors: dict, peer: str):
         # the step label and the bytes come from one moment of the worker thread: they always agree
         step, blob = await self._compute(lambda: (self.worker.applied_step, self.worker.state_bytes()))
         offset = f["offset"]

@@ -42,6 +42,7 @@ class Field:
     default: object = None
     minimum: float | None = None
     maximum: float | None = None
+    items: type | None = int        # lists: the kind of every item (None: any; checked by the handler)
 
     def check(self, name: str, value):
         if value is None:
@@ -59,8 +60,9 @@ class Field:
             raise PayloadError("malformed", f"field {name!r} must be >= {self.minimum}, got {value}")
         if self.maximum is not None and value > self.maximum:
             raise PayloadError("malformed", f"field {name!r} must be <= {self.maximum}, got {value}")
-        if self.kind is list and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise PayloadError("malformed", f"field {name!r} must be a list of ints")
+        if self.kind is list and self.items is not None and \
+                not all(isinstance(v, self.items) and not isinstance(v, bool) for v in value):
+            raise PayloadError("malformed", f"field {name!r} must be a list of {self.items.__name__}s")
         return value
 
 
@@ -85,19 +87,25 @@ class Method:
         return tuple((n.rstrip("?"), n.endswith("?")) for n in (self.reply_tensors if reply else self.tensors))
 
 
-# session: which run of the trainer sends the step (a restarted trainer redoing a step gets a new one)
-_TRAIN = {"step": _int(), "micro": _int(), "eval": _flag(), "catchup": _flag(),
-          "session": Field(int, required=False, default=0, minimum=0)}
+# A microbatch is named by (owner trainer, step, global slot): swarm/ledger.py MicroKey.
+_KEY = {"owner": Field(str), "step": _int(), "micro": _int()}
 METHODS = {m.name: m for m in (
-    Method("forward", _TRAIN, ("x", "tokens?"), {}, ("y",), trainer_only=True),
-    Method("backward", _TRAIN, ("grad_out", "x?", "tokens?"), {}, ("grad_in",), trainer_only=True),
-    Method("loss", {**_TRAIN, "scale": Field(float, minimum=1e-12, maximum=1.0)}, ("x", "targets", "tokens?"),
-           {"loss": Field(float)}, ("grad_in?",), trainer_only=True),
-    Method("prepare", {"step": _int(), "discard": _flag()}, (),
-           {"held": Field(list), "applied_step": _int(-1)}, trainer_only=True),
-    Method("step", {"step": _int(), "expect": Field(list, required=False), "catchup": _flag(),
-                    "group": _int(1, required=False)}, (),
-           {"applied": Field(bool), "grad_norm": Field(float), "micro_count": _int()}, trainer_only=True),
+    # eval only: what a stock hivemind client (no metadata) and anyone else may run
+    Method("forward", {}, ("x", "tokens?"), {}, ("y",)),
+    # training: the nested forward-then-backward walk of one microbatch from this stage to the tail.
+    # The reply carries the gradient of x and the route taken (peer ids of this stage .. the tail).
+    Method("train", {**_KEY, "eval": _flag(), "timeout_s": Field(float, minimum=0.01, maximum=3600.0)},
+           ("x", "targets", "tokens?"), {"loss": Field(float), "route": Field(list, items=str)}, ("grad_in?",)),
+    # the step coordinator (a trainer): which keys of `step` a replica holds, then the apply plan
+    Method("prepare", {"step": _int()}, (), {"held": Field(list, items=list), "applied_step": _int(-1),
+                                           "plan": Field(bytes, required=False)}, trainer_only=True),
+    Method("step", {"plan": Field(bytes), "group": _int(1, required=False)}, (),
+           {"applied": Field(bool), "grad_norm": Field(float), "micro_count": _int(), "duplicate": Field(bool)},
+           trainer_only=True),
+    # trainers only: a trainer's ledger of `step` to the step coordinator; answered once the step is closed
+    Method("ledger", {"step": _int(), "ledger": Field(dict)}, (),
+           {"applied": Field(bool), "roster": Field(list, items=str), "digest": Field(str), "closed": _int(-1)},
+           trainer_only=True),
     Method("state", {"offset": _int()}, (), {"step": _int(-1), "total": _int(), "data": Field(bytes)}),
 )}
 # `info` is hivemind's own rpc_info (ExpertUID -> ExpertInfo): the stock schema plus our stage's figures.

@@ -6,7 +6,8 @@ class PayloadError(ValueError):
     """
 
     REASONS = ("malformed", "codec", "dtype", "shape", "size", "nonfinite", "token_range",
-               "version", "fingerprint", "method", "state", "forbidden", "uid", "metadata", "banned", "resend",
+               "version", "fingerprint", "method", "state", "forbidden", "uid", "metadata", "banned", "deadline",
+               "unavailable",
                "busy")
 
     def __init__(self, reason: str, message: str):

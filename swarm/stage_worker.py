@@ -1,18 +1,20 @@
 """The training logic of one served stage, free of networking (node/stage_server.py wraps it).
 
-Forward keeps the autograd graph of each (step, microbatch) so backward need not recompute it;
-a backward normally carries only the gradient; one whose forward ran elsewhere (rerouted after a
-failure) recomputes from the input the head re-sends. Gradients of one step accumulate until `apply_step(step)`, which is idempotent:
-an update is never applied twice, and a step's late requests are refused once it is applied.
+A microbatch crosses a stage in one nested call: `begin` runs the forward under autograd and hands
+back a handle that lives only in the caller's frame while the downstream hops work; `finish` runs
+the backward with the gradient they returned. The parameter gradients are kept per microbatch key
+(owner trainer, step, micro), never summed on arrival, so the step's apply plan decides exactly
+which keys this replica applies: a dead trainer's keys or an abandoned route's are dropped, nothing
+else. `apply_step` is idempotent: a step is applied once, and late requests for it are refused.
 """
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
 
 import torch
 
 from swarm.config import RunConfig
+from swarm.ledger import ApplyPlan, MicroKey, replica_verdict
 from swarm.model import build_stage, lm_loss
 from swarm.optim import StageOptimizer
 
@@ -23,11 +25,7 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
 
 
 class StaleRequest(ValueError):
-    """A request for a step that this stage has already applied (or abandoned)."""
-
-
-class NeedInput(ValueError):
-    """A backward without its input, for a microbatch whose forward is not cached here: resend x."""
+    """A request for a step that this stage has already applied."""
 
 
 class StageWorker:
@@ -41,13 +39,11 @@ class StageWorker:
         self.device = torch.device(device)
         self.stage = (stage or build_stage(run.model, index)).to(self.device)
         self.opt = StageOptimizer(self.stage, run.train)
-        self.cache: OrderedDict = OrderedDict()
-        self.cache_size = 2 * run.train.microbatches + 2
+        self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.applied_step = -1
-        self.grad_step: int | None = None
-        self.grad_session: int | None = None   # which run of the head (trainer) the held gradients belong to
-        self.grad_inputs: dict[int, torch.Tensor | None] = {}   # micro -> grad sent back (for duplicates)
-        self.discarded_steps = 0
+        self.grads: dict[MicroKey, list] = {}   # per microbatch key: its parameter gradients
+        self.plan: ApplyPlan | None = None      # the plan of the step applied last (a new coordinator adopts it)
+        self.discarded = 0                      # keys dropped (not in a plan, or stale)
 
     def _run(self, x, tokens):
         """The stage's forward; bf16 autocast on a GPU, codes leave in fp32 for the codec."""
@@ -55,105 +51,71 @@ class StageWorker:
             out = self.stage(x, tokens)
         return out.float()
 
-    # --- bookkeeping ---------------------------------------------------------------------------
-    def _open_step(self, step: int, catchup: bool = False, session: int = 0) -> None:
-        if catchup:
-            # Microbatches of the step just applied here, whose replica died before applying them:
-            # they are recomputed here and applied as one extra update (never lost, never twice).
-            if step != self.applied_step:
-                raise StaleRequest(f"catch-up is only for the step just applied ({self.applied_step}), not {step}")
-            if self.grad_step != step:
-                self.opt.zero_grad()
-                self.grad_inputs.clear()
-            self.grad_step = step
-            return
-        if step <= self.applied_step:
-            raise StaleRequest(f"step {step} is already applied here (last applied {self.applied_step})")
-        if self.grad_step is not None and (self.grad_step != step or self.grad_session != session):
-            # The head moved on without applying that step, or it restarted (a new session) and does
-            # that step again: drop the gradients nobody will apply, never refuse the new run's.
-            self.opt.zero_grad()
-            self.grad_inputs.clear()
-            self.discarded_steps += 1
-        self.grad_step, self.grad_session = step, session
+    def _check_open(self, key: MicroKey) -> None:
+        if key.step <= self.applied_step:
+            raise StaleRequest(f"step {key.step} is already applied here (last applied {self.applied_step})")
 
-    def _graph(self, step: int, micro: int, x: torch.Tensor, tokens):
-        cached = self.cache.get((step, micro))
-        if cached is not None and (x is None or torch.equal(cached[0].detach(), x)):
-            return self.cache.pop((step, micro))
-        if x is None:
-            raise NeedInput(f"the forward of step {step} microbatch {micro} is not cached here: resend x")
-        leaf = _leaf(x)
-        return leaf, self._run(leaf, tokens)
-
-    # --- requests ------------------------------------------------------------------------------
-    def forward(self, step: int, micro: int, x: torch.Tensor, tokens=None, train: bool = True) -> torch.Tensor:
-        if not train:
-            with torch.no_grad():
-                return self._run(x, tokens)
-        if step <= self.applied_step:
-            raise StaleRequest(f"step {step} is already applied here (last applied {self.applied_step})")
+    # --- one microbatch ------------------------------------------------------------------------
+    def begin(self, key: MicroKey, x: torch.Tensor, tokens=None):
+        """Forward under autograd: (handle for `finish`, detached output to send on)."""
+        self._check_open(key)
         leaf = _leaf(x)
         out = self._run(leaf, tokens)
-        self.cache[(step, micro)] = (leaf, out)
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
-        return out.detach()
+        return (leaf, out), out.detach()
 
-    def backward(self, step: int, micro: int, x: torch.Tensor | None, grad_out: torch.Tensor, tokens=None,
-                 catchup: bool = False, session: int = 0):
-        self._open_step(step, catchup, session)
-        if micro in self.grad_inputs:  # a retried call that already counted here: same answer, no re-count
-            self.cache.pop((step, micro), None)
-            return self.grad_inputs[micro]
-        leaf, out = self._graph(step, micro, x, tokens)
-        out.backward(grad_out)
-        self.grad_inputs[micro] = leaf.grad
-        return leaf.grad
+    def finish(self, key: MicroKey, handle, grad_out: torch.Tensor):
+        """Backward of `begin`'s graph: keeps the parameter gradients under `key` (a retried key
+        replaces its earlier attempt) and returns the input gradient (None for token ids)."""
+        self._check_open(key)
+        leaf, out = handle
+        return self._hold(key, leaf, [out], [grad_out])
 
-    def loss(self, step: int, micro: int, x: torch.Tensor, targets: torch.Tensor, scale: float, tokens=None,
-             train: bool = True, catchup: bool = False, session: int = 0):
-        """Last stage: (loss value, gradient w.r.t. x of scale*loss) or (loss, None) when not training."""
-        if not train:
-            with torch.no_grad():
-                return lm_loss(self._run(x, tokens), targets).item(), None
-        self._open_step(step, catchup, session)
-        if micro in self.grad_inputs:
-            raise StaleRequest(f"microbatch {micro} of step {step} was already counted here")
-        leaf = x.detach().requires_grad_(True)
+    def loss_and_hold(self, key: MicroKey, x: torch.Tensor, targets: torch.Tensor, tokens=None):
+        """Last stage: (loss, input gradient of loss / microbatches), parameter gradients kept under `key`."""
+        self._check_open(key)
+        leaf = _leaf(x)
         loss = lm_loss(self._run(leaf, tokens), targets)
-        (loss * scale).backward()
-        self.grad_inputs[micro] = leaf.grad
-        return loss.item(), leaf.grad
+        return loss.item(), self._hold(key, leaf, [loss / self.run.train.microbatches], None)
 
-    def held(self, step: int) -> list[int]:
-        """Microbatches whose gradients this stage holds for `step`."""
-        return sorted(self.grad_inputs) if self.grad_step == step else []
+    def _hold(self, key, leaf, outputs, grad_outputs):
+        wrt = ([leaf] if leaf.requires_grad else []) + self.params
+        grads = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True)
+        grad_in = grads[0] if leaf.requires_grad else None
+        self.grads[key] = [g.detach() if g is not None else None for g in grads[len(wrt) - len(self.params):]]
+        return grad_in
 
-    def discard(self, step: int) -> None:
-        """Forget the gradients of `step` (the head will have them recomputed elsewhere)."""
-        if self.grad_step == step:
-            self.opt.zero_grad()
-            self.grad_inputs.clear()
-            self.grad_step = None
+    @torch.no_grad()
+    def evaluate(self, x, tokens=None, targets=None):
+        """No graph, nothing held: the output, or the loss at the last stage (with `targets`)."""
+        out = self._run(x, tokens)
+        return lm_loss(out, targets).item() if targets is not None else out
 
-    def apply_step(self, step: int, expect: list[int] | None = None, catchup: bool = False) -> dict:
-        """Apply `step` once. With `expect`, apply only if exactly those microbatches were counted
-        here; otherwise drop the gradients (never apply a partial or double-counted update).
-        `catchup` applies the extra update of microbatches recomputed for the step just applied."""
-        if step < self.applied_step or (step == self.applied_step and not (catchup and self.grad_step == step)):
-            return {"applied": False, "grad_norm": 0.0, "micro_count": 0, "duplicate": True}
-        held = self.held(step)
-        mismatch = expect is not None and sorted(expect) != held
+    # --- the step ------------------------------------------------------------------------------
+    def held(self, step: int) -> list[MicroKey]:
+        return sorted(k for k in self.grads if k.step == step)
+
+    def apply_step(self, plan: ApplyPlan, peer_id: str) -> dict:
+        """Apply the plan's keys for this replica once: their gradients summed in key order, scaled so
+        a full step equals train-local's (loss / microbatches per key) and a step with fewer keys
+        is their mean; every other key of that step (and of earlier ones) is dropped."""
+        if plan.step <= self.applied_step:
+            return {"applied": False, "grad_norm": 0.0, "micro_count": 0, "duplicate": True, "missing": 0}
+        verdict = replica_verdict(plan, self.index, peer_id, self.held(plan.step))
         norm = 0.0
-        if held and not mismatch:
-            norm = self.opt.step(step)
+        if verdict.apply:
+            scale = self.run.train.microbatches / plan.n_total
+            for i, p in enumerate(self.params):
+                parts = [self.grads[k][i] for k in verdict.apply if self.grads[k][i] is not None]
+                p.grad = torch.stack(parts).sum(0) * scale if parts else None
+            norm = self.opt.step(plan.step)
         self.opt.zero_grad()
-        self.applied_step, self.grad_step = step, None
-        self.grad_inputs.clear()
-        self.cache.clear()
-        return {"applied": bool(held) and not mismatch, "grad_norm": norm, "micro_count": 0 if mismatch else len(held),
-                "duplicate": False, "mismatch": mismatch, "held": held}
+        stale = [k for k in self.grads if k.step <= plan.step]
+        self.discarded += len(stale) - len(verdict.apply)
+        for k in stale:
+            del self.grads[k]
+        self.applied_step, self.plan = plan.step, plan
+        return {"applied": bool(verdict.apply), "grad_norm": norm, "micro_count": len(verdict.apply),
+                "duplicate": False, "missing": len(verdict.missing)}
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -176,9 +138,11 @@ class StageWorker:
         self.stage.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.applied_step = state["step"]
+        self.grads.clear()
 
     def load_weights(self, model_state: dict, step: int) -> None:
         """Parameters without optimizer state (from an export file): moments start from zero."""
         self.stage.load_state_dict(model_state)
         self.opt.zero_grad()
         self.applied_step = step
+        self.grads.clear()

@@ -1,0 +1,153 @@
+"""The next hop of a microbatch's route: one place that picks a replica of the next stage, calls it,
+counts the bytes of every message, and reroutes when it fails (Petals' sequence manager, per hop).
+
+Every node that sends codes on -- a trainer to stage 1, stage k to stage k+1 -- owns one NextHop
+with its own Router, fed by DHT records and by its own latency observations. A failed replica is
+banned (growing bans) and the call moves to another replica of the same stage, with backoff, as long
+as the request's deadline leaves time for the rest of the route (swarm/deadlines.py); otherwise
+the hop gives up at once and says so upstream, where the next reroute happens.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from node.announce import read_stage_records
+from node.client import PeerUnavailable, RemoteError, StageClient
+from swarm.deadlines import Deadline, HopCosts, backoff_s
+from swarm.routing import Router
+
+log = logging.getLogger(__name__)
+
+# Reasons a replica gives that say "not me, try another" rather than "your request is wrong".
+RETRYABLE = {"internal", "busy", "deadline", "unavailable"}
+
+
+class NoRoute(RuntimeError):
+    """No replica of the next stage finished the call in time: `reason` is "deadline" or "unavailable"."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class NextHop:
+    def __init__(self, stage: int, run, dht, p2p, metrics, count=None, refresh_s: float = 5.0,
+                 transit_s: float = 0.2, poll_s: float = 1.0):
+        self.stage, self.run, self.dht, self.metrics = stage, run, dht, metrics
+        self.client = StageClient(p2p, run)
+        self.count = count or (lambda direction, n: None)   # the node's own byte counter
+        self.router = Router(run.model.n_stages)
+        self.records: dict[int, list[dict]] = {}             # every stage's records, as last read
+        self.refresh_s, self.transit_s, self.poll_s = refresh_s, transit_s, poll_s
+        self.bytes = {"fwd": 0, "bwd": 0}         # whole messages across our boundary (stage-1 .. stage)
+        self.codes = {"fwd": 0, "bwd": 0}         # of which codec bytes of codes, gradients and token ids
+        self.tokens = 0
+        self.retries = 0
+        self.last_read = 0.0
+        self._refreshing: asyncio.Task | None = None
+
+    # --- records -------------------------------------------------------------------------------
+    async def refresh(self, force: bool = False) -> None:
+        """Periodic refreshes run in the background (a slow DHT peer must not slow every call);
+        `force` (after a failure, while waiting) waits for fresh records."""
+        if force:
+            await self._read()
+        elif time.monotonic() - self.last_read >= self.refresh_s and \
+                (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self._read_quietly())
+
+    async def _read_quietly(self) -> None:
+        try:
+            await self._read()
+        except Exception as e:  # the next refresh tries again; a failing call forces one
+            log.warning("could not refresh the routes from the DHT: %s", e)
+
+    async def _read(self) -> None:
+        self.last_read = time.monotonic()
+        self.records = await read_stage_records(self.dht, self.run)
+        for k in range(self.run.model.n_stages):
+            self.router.update(k, self.records.get(k, []))
+            self.metrics.replicas.labels(str(k)).set(len(self.records.get(k, [])))
+
+    # --- one call ------------------------------------------------------------------------------
+    async def call(self, deadline: Deadline, tokens: int, reserve_s: float = 0.0, **fields) -> tuple[dict, str]:
+        """`train` on some replica of the next stage before `deadline`, keeping `reserve_s` (our own
+        backward) back. Returns (reply, peer id that answered); raises NoRoute, or RemoteError when
+        the replica says our request itself is wrong."""
+        costs = HopCosts(transit_s=self.transit_s, backward_s=reserve_s)
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            rep = await self._pick(tried, deadline, costs)
+            timeout = deadline.child_timeout(costs)
+            if timeout is None:
+                raise NoRoute("deadline", f"no time left for stage {self.stage}")
+            self.router.started(rep)
+            t0 = time.perf_counter()
+            try:
+                reply, sent, received = await self.client.call(rep.peer_id, self.stage, "train", timeout=timeout,
+                                                               timeout_s=timeout, **fields)
+            except (RemoteError, PeerUnavailable) as e:
+                if isinstance(e, RemoteError) and e.reason not in RETRYABLE:
+                    self.router.succeeded(rep, time.perf_counter() - t0)
+                    raise
+                attempt += 1
+                await self._failed(rep, e, tried)
+                wait = backoff_s(attempt) if attempt > 1 else 0.0
+                if not deadline.may_retry(wait, costs):
+                    raise NoRoute("deadline", f"stage {self.stage}: {e}") from e
+                await asyncio.sleep(wait)
+                continue
+            seconds = time.perf_counter() - t0
+            self.router.succeeded(rep, seconds)
+            self.metrics.call_seconds.labels(str(self.stage), "train").observe(seconds)
+            if not fields.get("eval"):
+                self._count(reply, sent, received, tokens)
+            return reply, rep.peer_id
+
+    async def _pick(self, tried: set, deadline: Deadline, costs: HopCosts):
+        while True:
+            await self.refresh()
+            rep = self.router.choose(self.stage, exclude=tried)
+            if rep is None and tried:
+                tried.clear()  # every replica failed once: start over with the ones not banned
+                rep = self.router.choose(self.stage)
+            if rep is not None:
+                return rep
+            wait = self.router.next_unban_in(self.stage)
+            pause = min(self.poll_s if wait is None else max(wait, 0.05), self.poll_s)
+            if not deadline.may_retry(pause, costs):
+                raise NoRoute("unavailable", f"no usable replica of stage {self.stage}")
+            await asyncio.sleep(pause)
+            await self.refresh(force=True)
+
+    async def _failed(self, rep, e: Exception, tried: set) -> None:
+        ban = self.router.failed(rep)
+        tried.add(rep.peer_id)
+        self.retries += 1
+        self.metrics.retries.labels(str(self.stage)).inc()
+        self.metrics.bans.labels(str(self.stage)).inc()
+        log.warning("stage %d replica %s failed (%s); banned %.0fs, rerouting", self.stage, rep.peer_id[-8:], e, ban)
+        try:
+            await self.refresh(force=True)
+        except Exception as err:
+            log.warning("could not refresh the routes from the DHT: %s", err)
+
+    def _count(self, reply: dict, sent: int, received: int, tokens: int) -> None:
+        """Our request crossed boundary stage-1 forward, its reply the same boundary backward: every
+        byte of both messages, counted once, by the caller."""
+        boundary = self.stage - 1
+        self.count("sent", sent)
+        self.count("received", received)
+        self.tokens += tokens
+        for n, codes, direction, pass_ in ((sent, reply["payload"][0], "sent", "forward"),
+                                           (received, reply["payload"][1], "received", "backward")):
+            key = "fwd" if pass_ == "forward" else "bwd"
+            self.bytes[key] += n
+            self.codes[key] += codes
+            self.metrics.count_boundary(n, codes, boundary, direction, pass_, tokens, self.run.model.d_model)
+
+    def replica_counts(self) -> dict[int, int]:
+        return {k: len(self.records.get(k, [])) for k in range(self.run.model.n_stages)}

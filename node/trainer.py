@@ -1,0 +1,202 @@
+"""A trainer: a stage-0 replica that feeds its own microbatches into the swarm.
+
+Each step, the roster (the trainers feeding it) deals the step's slots (swarm/shards.py); this
+trainer draws its slots' sequences, runs stage 0, and sends each code to a replica of stage 1
+(node/route.py), which walks it to the tail and brings the gradient back along the same replicas
+together with the route taken. The finished slots and their routes form the trainer's ledger,
+which goes to the step coordinator (node/coordinator.py: the lowest live trainer id, maybe this
+one); its answer says the step is applied everywhere and who feeds the next one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from protocol.codec import decode, encode, encode_ints
+from node.client import PeerUnavailable, RemoteError, StageClient
+from node.coordinator import StepCoordinator
+from node.route import NoRoute
+from swarm.coordination import coordinator
+from swarm.deadlines import Deadline, route_timeout
+from swarm.ledger import MicroKey, TrainerLedger
+from swarm.shards import slots_for
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(RuntimeError):
+    """A stop signal arrived while the trainer was paused waiting for replicas."""
+
+
+class Trainer:
+    def __init__(self, server, corpus, p2p, *, stop: asyncio.Event | None = None, status=None,
+                 min_route_timeout_s: float = 30.0, ledger_timeout_s: float = 180.0, barrier_s: float = 10.0,
+                 poll_min_s: float = 1.0, poll_max_s: float = 10.0):
+        self.server, self.corpus = server, corpus
+        self.worker, self.run, self.metrics = server.worker, server.run, server.metrics
+        self.cfg, self.peer_id = self.run.model, server.peer_id
+        self.hop = server.next_hop                    # to stage 1
+        self.client = StageClient(p2p, self.run)
+        self.stop = stop or asyncio.Event()
+        self.status = status or (lambda text: log.warning(text))
+        self.min_route_timeout_s, self.ledger_timeout_s = min_route_timeout_s, ledger_timeout_s
+        self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
+        self.roster: tuple | None = None              # who feeds the next step (the last outcome said so)
+        self.coordinator = server.coordinator = StepCoordinator(self, barrier_s=barrier_s)
+        self.skipped = 0                              # microbatches no route finished in time (dropped everywhere)
+        self.unapplied = 0                            # our finished microbatches a step did not apply
+        if self.metrics.train_loss is None:
+            self.metrics.enable_loss()
+
+    # --- the swarm as this trainer sees it ---------------------------------------------------------
+    def live_trainers(self) -> list[str]:
+        return sorted({r["peer_id"] for r in self.hop.records.get(0, [])} | {self.peer_id})
+
+    def roster_for(self, step: int) -> tuple:
+        return self.roster if self.roster is not None else tuple(self.live_trainers())
+
+    async def fresh_records(self) -> dict:
+        await self.hop.refresh(force=True)
+        return self.hop.records
+
+    async def reachable(self, peer: str) -> bool:
+        if peer == self.peer_id:
+            return True
+        try:
+            await self.client.info(peer, 0, timeout=2.0)
+            return True
+        except (PeerUnavailable, RemoteError):
+            return False
+
+    async def control_call(self, peer: str, stage: int, method: str, timeout: float, **fields) -> dict:
+        reply, sent, received = await self.client.call(peer, stage, method, timeout=timeout, **fields)
+        self.server.count_message("sent", sent)
+        self.server.count_message("received", received)
+        return reply
+
+    async def local_call(self, method: str, **fields) -> dict:
+        """A control call on our own stage-0 replica, through the same handler a remote one runs."""
+        reply, _ = await getattr(self.server, f"_on_{method}")({"group": 1, **fields}, {}, self.peer_id)
+        return reply
+
+    async def wait_for_stages(self, stall_timeout: float = float("inf")) -> None:
+        """Block until every later stage has a replica: pause with a status line, polling the DHT at
+        growing intervals; a stop signal ends the pause with `Stopped`."""
+        started, delay = time.monotonic(), self.poll_min_s
+        while True:
+            records = await self.fresh_records()
+            missing = [k for k in range(1, self.cfg.n_stages) if not records.get(k)]
+            if not missing:
+                return
+            waited = time.monotonic() - started
+            if waited > stall_timeout:
+                raise Stopped(f"no replica of stage(s) {missing} for {waited:.0f}s")
+            self.status(f"paused: waiting for a replica of stage(s) {', '.join(map(str, missing))} ({waited:.0f}s); "
+                        f"start one with `resbm-node join --stage {missing[0]} ...`")
+            try:
+                await asyncio.wait_for(self.stop.wait(), delay)
+                raise Stopped("stopped by a signal while paused")
+            except asyncio.TimeoutError:
+                delay = min(2 * delay, self.poll_max_s)
+
+    def route_timeout(self) -> float:
+        """Budget of one microbatch's walk: every later stage's advertised time for a step's worth of
+        microbatches, with slack for a reroute (swarm/deadlines.py), never below the floor."""
+        m = self.run.train.microbatches
+        hops = [m / max(min((r["throughput"] for r in self.hop.records.get(k, [])), default=1.0), 1e-3)
+                for k in range(1, self.cfg.n_stages)]
+        return max(self.min_route_timeout_s, route_timeout(hops))
+
+    # --- one microbatch ----------------------------------------------------------------------------
+    async def _local(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.server.executor, fn, *args)
+
+    async def microbatch(self, step: int, micro: int, split: str = "train"):
+        """(loss, route) of one slot, or None if no route finished it twice in a row. `split="val"`:
+        the loss alone, nothing held anywhere."""
+        train = split == "train"
+        t = self.run.train
+        x, y = self.corpus.batch(split, t.microbatch_size, self.cfg.seq_len, self.cfg.seed, step if train else 0, micro)
+        x, y = x.to(self.worker.device), y.to(self.worker.device)
+        key = MicroKey(self.peer_id, step, micro)
+        extra = {"tokens": encode_ints(x, self.cfg.vocab_size)} if self.cfg.boundary == "subspace" else {}
+        t0 = time.perf_counter()
+        if train:
+            handle, code = await self._local(self.worker.begin, key, x, None)
+        else:
+            code, handle = await self._local(self.worker.evaluate, x), None
+        forward_s = time.perf_counter() - t0
+        for attempt in (1, 2):
+            try:
+                reply, _ = await self.hop.call(Deadline(self.route_timeout()), x.numel(), 2 * forward_s,
+                                               owner=self.peer_id, step=step, micro=micro, eval=not train,
+                                               x=encode(code, self.cfg.wire_codec),
+                                               targets=encode_ints(y, self.cfg.vocab_size), **extra)
+                break
+            except (NoRoute, RemoteError) as e:
+                log.warning("step %d slot %d: attempt %d found no route (%s)", step, micro, attempt, e)
+                if isinstance(e, RemoteError) and e.reason == "state":
+                    break  # the stages are past this step: retrying cannot help
+        else:
+            reply = None
+        if reply is None:
+            return None
+        if not train:
+            return float(reply["loss"])
+        t1 = time.perf_counter()
+        await self._local(self.worker.finish, key, handle, decode(reply["grad_in"]).to(self.worker.device))
+        self.server.count_compute(x, forward_s + time.perf_counter() - t1)
+        return float(reply["loss"]), [self.peer_id] + list(reply["route"])
+
+    # --- one step ----------------------------------------------------------------------------------
+    async def train_step(self, step: int) -> dict:
+        """Feed our slots of `step`, hand the ledger to the coordinator, return once the step is applied."""
+        await self.wait_for_stages()
+        m = self.run.train.microbatches
+        slots = slots_for(self.peer_id, self.roster_for(step), m)
+        results = await asyncio.gather(*(self.microbatch(step, s) for s in slots))
+        ledger = TrainerLedger(self.peer_id, step, self.cfg.n_stages)
+        losses = []
+        for slot, result in zip(slots, results):
+            if result is None:
+                self.skipped += 1
+                continue
+            losses.append(result[0])
+            ledger.record(slot, result[1])
+        outcome = await self.hand_in(ledger)
+        if not outcome["applied"] and ledger.routes:
+            self.unapplied += len(ledger.routes)
+            log.warning("step %d: the coordinator did not apply our %d microbatch(es)", step, len(ledger.routes))
+        self.roster = tuple(outcome["roster"])
+        if self.peer_id not in self.roster:
+            log.warning("step %d: not in the next roster; reporting again to get back in", step)
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        if losses:
+            self.metrics.train_loss.set(loss)
+        return {"loss": loss, "slots": list(slots), "finished": len(losses), "next_step": max(step, outcome["closed"]) + 1,
+                "outcome": outcome}
+
+    async def hand_in(self, ledger: TrainerLedger) -> dict:
+        """Our ledger to the coordinator of the moment; one that does not answer is suspected, and the
+        next lowest id takes over (in the end ourselves)."""
+        suspected: set[str] = set()
+        while True:
+            boss = coordinator(self.live_trainers(), suspected) or self.peer_id
+            if boss == self.peer_id:
+                return await self.coordinator.receive(ledger)
+            try:
+                return await self.control_call(boss, 0, "ledger", timeout=self.ledger_timeout_s, step=ledger.step,
+                                               ledger=ledger.to_wire())
+            except (PeerUnavailable, RemoteError) as e:
+                log.warning("step coordinator %s did not close step %d (%s); the next trainer takes over", boss[-8:],
+                            ledger.step, e)
+                suspected.add(boss)
+                await self.fresh_records()
+
+    async def evaluate(self, batches: int = 8) -> float:
+        losses = [v for v in await asyncio.gather(*(self.microbatch(0, i, split="val") for i in range(batches)))
+                  if v is not None]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        self.metrics.val_loss.set(loss)
+        return loss
