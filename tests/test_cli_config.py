@@ -84,7 +84,7 @@ def test_join_help_is_grouped_for_a_volunteer():
                          text=True, timeout=60)
     groups = re.findall(r"^(\S[^:\n]*):$", res.stdout, flags=re.M)
     assert groups == ["options", "where to connect", "what to serve", "device", "monitoring", "advanced",
-                      "head only (--stage 0)"], groups
+                      "trainers only (--stage 0)"], groups
 
 
 def test_local_hands_its_nodes_the_config_file(tmp_path):
