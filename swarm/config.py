@@ -131,9 +131,9 @@ class TrainConfig:
     batch_size: int = opt(16, "sequences per optimizer step")
     microbatches: int = opt(4, "pieces a step is cut into (pipelined in the swarm)")
     average_every: int = opt(10, "replicas of a stage average parameters every N steps")
-    trainers: tuple = opt((), "peer id allowed to drive training (the head; see `resbm-node identity`); "
-                              "repeatable. Without it any peer may send training calls: fine on a private "
-                              "network only", flag="--trainer", item=str, metavar="PEER_ID")
+    trainers: tuple = opt((), "peer ids of the trainers (stage 0 replicas) allowed to feed microbatches and "
+                              "close steps (see `resbm-node identity`). Without it any peer may: fine on a "
+                              "private network only", flag="--trainer", item=str, metavar="PEER_ID")
     steps: int = opt(200, "optimizer steps to train (a local choice, not part of the fingerprint)")
 
     def __post_init__(self):
