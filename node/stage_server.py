@@ -28,6 +28,7 @@ from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_field
 from protocol.errors import PayloadError
 from protocol.records import stage_key
 from node.admission import Admission
+from node.client import RemoteError
 from node.route import NextHop, NoRoute
 from swarm.deadlines import Deadline
 from swarm.ledger import LedgerError, MicroKey, TrainerLedger, pack_plan, unpack_plan
@@ -421,6 +422,9 @@ class StageServer(ServicerBase):
                                                    step=f["step"], micro=f["micro"], eval=f["eval"], x=code, **passed)
         except NoRoute as e:
             raise PayloadError(e.reason, f"stage {self.index}: {e}") from e
+        except RemoteError as e:  # the next stage refused what we sent: not the caller's fault, except
+            reason = "state" if e.reason == "state" else "unavailable"  # a step it has already applied
+            raise PayloadError(reason, f"stage {self.index + 1} refused: {e}") from e
         route = list(reply["route"])
         if len(route) != self.cfg.n_stages - self.index - 1 or route[0] != peer:
             raise PayloadError("unavailable", f"stage {self.index + 1} replica {peer} returned a malformed route")
