@@ -2,7 +2,7 @@
 
 Everything a stranger can ask for is capped, per peer and globally (a ban costs an attacker only a
 fresh identity, so per-peer limits alone do not hold):
-- compute calls (forward, backward, loss): the run's trainers are never queued behind strangers;
+- compute calls (forward, train): the run's trainers are never queued behind strangers;
   others get at most `per_peer` calls in flight each and `strangers` in all. Beyond that the call
   is refused at once with reason `busy` (the caller retries later or elsewhere), so a flood never
   piles up requests in memory or in the compute queue;
@@ -17,7 +17,7 @@ import contextlib
 
 from protocol.errors import PayloadError
 
-COMPUTE = ("forward", "backward", "loss")
+COMPUTE = ("forward", "train")
 
 
 class Admission:
