@@ -61,19 +61,12 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
     finally:
         bar.close()
     val = await _final_eval(trainer) if losses and not error else None
-    summary = {
-        "command": "join", "role": "trainer", "peer_id": trainer.peer_id, "config": run.wire_dict(),
-        "fingerprint": run.fingerprint, "steps_completed": len(losses),
-        "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-        "val_loss": val, "tokens_per_s": tokens_per_step * len(step_times) / sum(step_times) if step_times else 0.0,
-        "wall_s": time.perf_counter() - started, **wire_stats(cfg, t.microbatch_size * cfg.seq_len),
-        "param_overhead": param_overhead(cfg), **_wire_figures(trainer.hop, cfg),
-        "retries": trainer.hop.retries, "skipped_microbatches": trainer.skipped,
-        "unapplied_microbatches": trainer.unapplied, "coordinator": dict(trainer.coordinator.stats),
-        "lost_microbatches": trainer.coordinator.stats["lost"],
-        "nodes": await node_info(trainer), "loss_curve": losses, "val_curve": val_curve, "step_times": step_times,
-        "stopped_by": stopped, "error": error,
-    }
+    summary = {"steps_completed": len(losses), "train_loss_first": losses[0] if losses else None,
+               "train_loss_last": losses[-1] if losses else None, "val_loss": val,
+               "tokens_per_s": tokens_per_step * len(step_times) / sum(step_times) if step_times else 0.0,
+               "wall_s": time.perf_counter() - started, **await _figures(trainer, run),
+               "loss_curve": losses, "val_curve": val_curve, "step_times": step_times,
+               "stopped_by": stopped, "error": error}
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(summary, indent=1))
@@ -83,6 +76,17 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
                  summary["tokens_per_s"], summary["measured_wire_bytes_per_token_fwd"],
                  summary["measured_compression_vs_bf16"])
     return 1 if error else (130 if stopped else 0)
+
+
+async def _figures(trainer: Trainer, run) -> dict:
+    """What the summary says besides the curves: config, wire figures, failures, every node."""
+    cfg = run.model
+    return {"command": "join", "role": "trainer", "peer_id": trainer.peer_id, "config": run.wire_dict(),
+            "fingerprint": run.fingerprint, **wire_stats(cfg, run.train.microbatch_size * cfg.seq_len),
+            "param_overhead": param_overhead(cfg), **_wire_figures(trainer.hop, cfg),
+            "retries": trainer.hop.retries, "skipped_microbatches": trainer.skipped,
+            "unapplied_microbatches": trainer.unapplied, "coordinator": dict(trainer.coordinator.stats),
+            "lost_microbatches": trainer.coordinator.stats["lost"], "nodes": await node_info(trainer)}
 
 
 async def _final_eval(trainer: Trainer) -> float | None:
