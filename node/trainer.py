@@ -21,6 +21,7 @@ from swarm.coordination import coordinator
 from swarm.deadlines import Deadline, route_timeout
 from swarm.ledger import MicroKey, TrainerLedger
 from swarm.shards import slots_for
+from swarm.stage_worker import StaleRequest
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,11 @@ class Trainer:
         extra = {"tokens": encode_ints(x, self.cfg.vocab_size)} if self.cfg.boundary == "subspace" else {}
         t0 = time.perf_counter()
         if train:
-            handle, code = await self._local(self.worker.begin, key, x, None)
+            try:
+                handle, code = await self._local(self.worker.begin, key, x, None)
+            except StaleRequest as e:  # our replica was stepped past `step` meanwhile: nothing to feed
+                log.warning("step %d slot %d: %s", step, micro, e)
+                return None
         else:
             code, handle = await self._local(self.worker.evaluate, x), None
         forward_s = time.perf_counter() - t0
