@@ -75,6 +75,18 @@ def stage_workers(sw: InprocSwarm, k: int) -> list:
     return [s.worker for s in sw.servers[k]]
 
 
+def kill(server) -> None:
+    """A node dies: its DHT process and the p2p daemon its handlers are served through go away, so
+    its open streams break and nobody can reach it again. Call it from any thread."""
+    server.next_hop.dht.shutdown()
+
+
+def outcome_counts(outcome: dict, stage: int) -> dict:
+    """peer id -> keys the coordinator's step applied on that replica of `stage` (failed: None)."""
+    return {r["peer_id"]: (None if r.get("failed") else r["micro_count"]) for r in outcome["results"]
+            if r["stage"] == stage}
+
+
 async def feed_all_slots(sw: InprocSwarm, step: int) -> list:
     """Every trainer feeds its slots of `step` (the roster deals them); (loss, route) per slot."""
     roster = sw.trainers[0].live_trainers()
@@ -123,7 +135,7 @@ def test_steps_follow_reference(corpus):
         assert_params_equal(stage, workers[k], f"stage {k}")
 
 
-def _snapshot_held_sums(workers, sums: dict) -> None:
+def snapshot_held_sums(workers, sums: dict) -> None:
     """Wrap each replica's apply_step: record what it holds (summed) just before the plan is applied."""
     for worker in workers:
         original = worker.apply_step
@@ -145,7 +157,7 @@ def test_two_trainers_sum_to_the_reference_step(corpus):
     async def go():
         async with InprocSwarm(run, corpus, trainers=2) as sw:
             sums = {}
-            _snapshot_held_sums([w for k in range(run.model.n_stages) for w in stage_workers(sw, k)], sums)
+            snapshot_held_sums([w for k in range(run.model.n_stages) for w in stage_workers(sw, k)], sums)
             results = await sw.train_step(0)
             boss = min(sw.trainers, key=lambda t: t.peer_id)
             return results, sums[0], boss.coordinator.closed[0], sw
@@ -159,9 +171,8 @@ def test_two_trainers_sum_to_the_reference_step(corpus):
         assert_grads_equal(stage, summed, f"stage {k}")
     for k in range(1, run.model.n_stages):
         assert_params_equal(ref_step.model.stages[k], stage_workers(sw, k)[0], f"stage {k}")
-    per_replica = {(r["stage"], r["peer_id"]): r["micro_count"] for r in outcome["results"]}
-    assert sorted(c for (k, _), c in per_replica.items() if k == 0) == [2, 2]  # each trainer its own keys
-    assert all(c == 4 for (k, _), c in per_replica.items() if k > 0)
+    assert sorted(outcome_counts(outcome, 0).values()) == [2, 2]  # each trainer applied its own keys
+    assert [list(outcome_counts(outcome, k).values()) for k in (1, 2)] == [[4], [4]]
     assert outcome["n_total"] == 4 and outcome["dropped"] == 0
 
 
