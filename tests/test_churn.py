@@ -1,7 +1,6 @@
 """Churn with real peers: a replica dies mid-step or in the step barrier, a newcomer takes over the
 live state. Every key is applied exactly once per stage, or dropped on every stage."""
 import asyncio
-import copy
 import threading
 
 import pytest
@@ -14,7 +13,7 @@ from swarm.data import ByteCorpus
 from swarm.stage_worker import StageWorker
 from swarm.trainer import LocalTrainer
 from node.inproc import InprocSwarm
-from test_swarm_parity import assert_params_equal, kill, outcome_counts, stage_workers, tiny_run
+from test_swarm_parity import assert_params_equal, kill, outcome_counts, params, stage_workers, tiny_run
 
 pytestmark = pytest.mark.swarm
 
@@ -58,7 +57,7 @@ def test_replica_killed_mid_backward_is_rerouted_and_every_key_applied_once(corp
             result = await trainer.train_step(0)
             outcome = trainer.coordinator.closed[0]
             survivor = next(s for s in sw.servers[1] if s is not died["victim"])
-            stepped = [copy.deepcopy(s.worker) for s in (sw.servers[0][0], survivor, sw.servers[2][0])]
+            stepped = [params(s.worker) for s in (sw.servers[0][0], survivor, sw.servers[2][0])]
             after = await trainer.train_step(1)   # training goes on with the survivor alone
             return result, outcome, died["victim"], survivor, trainer, stepped, after, sw
 
@@ -71,8 +70,8 @@ def test_replica_killed_mid_backward_is_rerouted_and_every_key_applied_once(corp
     for k in (0, 2):
         assert list(outcome_counts(outcome, k).values()) == [4]
     assert trainer.coordinator.stats["lost"] == 0 and trainer.coordinator.stats["dropped_keys"] == 0
-    for k, worker in enumerate(stepped):
-        assert_params_equal(ref.model.stages[k], worker, f"stage {k} after step 0")
+    for k, state in enumerate(stepped):
+        assert_params_equal(ref.model.stages[k], state, f"stage {k} after step 0")
     assert after["finished"] == 4 and torch.isfinite(torch.tensor(after["loss"]))
     assert survivor.worker.applied_step == 1
 
