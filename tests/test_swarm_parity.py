@@ -148,7 +148,7 @@ def snapshot_held_sums(workers, sums: dict) -> None:
         original = worker.apply_step
 
         def apply_step(plan, peer_id, worker=worker, original=original):
-            sums.setdefault(plan.step, {})[id(worker)] = (worker, held_sum([worker], plan.step))
+            sums.setdefault(plan.step, {})[id(worker)] = held_sum([worker], plan.step)
             return original(plan, peer_id)
         worker.apply_step = apply_step
 
@@ -173,7 +173,7 @@ def test_two_trainers_sum_to_the_reference_step(corpus):
     assert sorted(s for r in results for s in r["slots"]) == [0, 1, 2, 3]
     assert all(r["outcome"]["applied"] and r["finished"] == 2 for r in results)
     for k, stage in enumerate(ref.model.stages):
-        replicas = [held[id(w)][1] for w in stage_workers(sw, k)]
+        replicas = [held[id(w)] for w in stage_workers(sw, k)]
         summed = [sum(parts) for parts in zip(*replicas)]
         assert_grads_equal(stage, summed, f"stage {k}")
     for k in range(1, run.model.n_stages):
@@ -239,14 +239,14 @@ def test_only_the_runs_trainers_may_drive_training(corpus):
             client = trainer.client
             errors = {"train": await _refusal(client, server.peer_id, 1, "train",
                                               **_train_fields(run, trainer.peer_id, 0)),
-                      "step": await _refusal(client, server.peer_id, 1, "step", plan=b"", group=1),
-                      "slot": (await trainer.microbatch(0, 0),)}
+                      "step": await _refusal(client, server.peer_id, 1, "step", plan=b"", group=1)}
+            slot = await trainer.microbatch(0, 0)
             info = await client.info(server.peer_id, 1, timeout=10)
-            return errors, info, server.worker.applied_step, server.worker.held(0)
+            return errors, slot, info, server.worker.applied_step, server.worker.held(0)
 
-    errors, info, applied, held = asyncio.run(go())
+    errors, slot, info, applied, held = asyncio.run(go())
     assert errors["train"][0] == "forbidden" and "not one of this run's trainers" in errors["train"][1]
     assert errors["step"][0] == "forbidden" and "not among them" in errors["step"][1]
-    assert errors["slot"] == (None,)         # the trainer's own route gives up on a refusal
+    assert slot is None                      # the trainer's own route gives up on a refusal
     assert applied == -1 and held == []      # a stranger cannot push the step counter nor hold gradients
     assert info["stage"] == 1                # reading is open
