@@ -1,19 +1,19 @@
-"""Churn with real peers: a replica dies mid-backward, a newcomer takes over the live state."""
+"""Churn with real peers: a replica dies mid-step or in the step barrier, a newcomer takes over the
+live state. Every key is applied exactly once per stage, or dropped on every stage."""
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
 
 from node.dht import start_dht
 from node.state_sync import initial_state
-from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm.checkpoint import atomic_write_bytes
 from swarm.data import ByteCorpus
-from swarm.model import lm_loss
 from swarm.stage_worker import StageWorker
 from swarm.trainer import LocalTrainer
 from node.inproc import InprocSwarm
+from test_swarm_parity import assert_params_equal, kill, outcome_counts, params, stage_workers, tiny_run
 
 pytestmark = pytest.mark.swarm
 
@@ -23,63 +23,66 @@ def corpus():
     return ByteCorpus(max_bytes=1 << 20)
 
 
-def _run(run_id):
-    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, seq_len=32, n_stages=3, ratio=16)
-    return RunConfig(model=model, train=TrainConfig(batch_size=8, microbatches=4), run_id=run_id)
+def _die_on_first(servers, method: str, when=lambda *args: True) -> dict:
+    """Wrap `method` of these servers' workers: the first call that satisfies `when` kills its node
+    (DHT and p2p daemon gone, so the caller's stream breaks) and raises; every later call on the
+    dead node raises too. Returns {"victim": server} once it happened."""
+    died, lock = {}, threading.Lock()
+    for server in servers:
+        original = getattr(server.worker, method)
+
+        def dying(*args, server=server, original=original):
+            with lock:
+                if "victim" not in died and when(server, *args):
+                    died["victim"] = server
+                    kill(server)
+            if died.get("victim") is server:
+                raise RuntimeError("killed")
+            return original(*args)
+        setattr(server.worker, method, dying)
+    return died
 
 
-def test_replica_killed_mid_backward_step_completes_with_equal_gradients(corpus):
-    run = _run("kill")
+def test_replica_killed_mid_backward_is_rerouted_and_every_key_applied_once(corpus):
+    """The first stage-1 replica to run a backward dies inside it; its microbatches go to the other
+    replica, and the step applies each of the 4 keys exactly once on every stage: as train-local."""
+    run = tiny_run("kill")
     ref = LocalTrainer(run, corpus)
-    for micro in range(4):
-        x, y = ref.microbatch("train", 0, micro)
-        (lm_loss(ref.model(x), y) / 4).backward()
+    ref.train_step()
 
     async def go():
         async with InprocSwarm(run, corpus, replicas={1: 2}) as sw:
-            a, b = sw.servers[1]
-            dht_of = {s.peer_id: d for s, d in zip([a, b], sw.dhts[1:3])}
-            calls = {"n": 0}
-            victim = {}
+            died = _die_on_first(sw.servers[1], "finish")
+            trainer = sw.trainers[0]
+            result = await trainer.train_step(0)
+            outcome = trainer.coordinator.closed[0]
+            survivor = next(s for s in sw.servers[1] if s is not died["victim"])
+            stepped = [params(s.worker) for s in (sw.servers[0][0], survivor, sw.servers[2][0])]
+            after = await trainer.train_step(1)   # training goes on with the survivor alone
+            return result, outcome, died["victim"], survivor, trainer, stepped, after, sw
 
-            def dying(server):
-                original = server.worker.backward
-
-                def backward(*args):
-                    calls["n"] += 1
-                    if calls["n"] == 2:  # the second backward of the step, wherever it lands: kill that peer
-                        victim["peer"] = server.peer_id
-                        dht_of[server.peer_id].shutdown()  # its p2pd dies: the open stream breaks
-                        time.sleep(5)
-                        raise RuntimeError("killed")
-                    return original(*args)
-                return backward
-
-            for s in (a, b):
-                s.worker.backward = dying(s)
-            losses = await asyncio.gather(*(sw.head.microbatch(0, i) for i in range(4)))
-            await sw.head._settle(0)
-            survivor = b if victim["peer"] == a.peer_id else a
-            grads = {n: p.grad.clone() for n, p in survivor.worker.stage.named_parameters()}
-            held = survivor.worker.held(0)
-            result = await sw.head.train_step(1)  # training goes on with the survivor alone
-            return losses, grads, held, sw.head.retries, sw.head.lost, result
-
-    losses, grads, held, retries, lost, result = asyncio.run(go())
-    assert held == [0, 1, 2, 3]          # every microbatch counted exactly once, on the survivor
-    assert retries >= 1 and lost == 0
-    for n, p in ref.model.stages[1].named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-    assert torch.isfinite(torch.tensor(result["loss"]))
+    result, outcome, victim, survivor, trainer, stepped, after, sw = asyncio.run(go())
+    assert result["finished"] == 4 and result["outcome"]["applied"] and trainer.skipped == 0
+    assert trainer.hop.retries + sw.servers[0][0].next_hop.retries >= 1
+    assert outcome["n_total"] == 4 and outcome["dropped"] == 0
+    stage1 = outcome_counts(outcome, 1)
+    assert stage1.get(victim.peer_id) is None and stage1[survivor.peer_id] == 4
+    for k in (0, 2):
+        assert list(outcome_counts(outcome, k).values()) == [4]
+    assert trainer.coordinator.stats["lost"] == 0 and trainer.coordinator.stats["dropped_keys"] == 0
+    for k, state in enumerate(stepped):
+        assert_params_equal(ref.model.stages[k], state, f"stage {k} after step 0")
+    assert after["finished"] == 4 and torch.isfinite(torch.tensor(after["loss"]))
+    assert survivor.worker.applied_step == 1
 
 
 def test_joiner_downloads_live_state_before_serving(corpus):
-    run = _run("handoff")
+    run = tiny_run("handoff")
 
     async def go():
         async with InprocSwarm(run, corpus) as sw:
             for s in range(3):
-                await sw.head.train_step(s)
+                await sw.trainers[0].train_step(s)
             live = sw.servers[2][0].worker
             joiner = StageWorker(run, 2)
             return await sw.load_joiner(joiner), live, joiner
@@ -92,7 +95,7 @@ def test_joiner_downloads_live_state_before_serving(corpus):
 
 
 def test_no_replica_no_checkpoint_says_initialisation(corpus, tmp_path):
-    run = _run("lonely")
+    run = tiny_run("lonely")
 
     async def go():
         dht = start_dht(run.run_id)
@@ -101,7 +104,6 @@ def test_no_replica_no_checkpoint_says_initialisation(corpus, tmp_path):
             worker = StageWorker(run, 1)
             first = await initial_state(dht, p2p, worker, tmp_path / "none.pt", str(dht.peer_id))
             worker.applied_step = 7
-            from swarm.checkpoint import atomic_write_bytes
             atomic_write_bytes(worker.state_bytes(), tmp_path / "c.pt")
             again = StageWorker(run, 1)
             second = await initial_state(dht, p2p, again, tmp_path / "c.pt", str(dht.peer_id))
@@ -116,36 +118,30 @@ def test_no_replica_no_checkpoint_says_initialisation(corpus, tmp_path):
 
 
 def test_replica_dying_in_the_step_barrier_loses_no_microbatch(corpus):
-    run = _run("barrier")
+    """A stage-1 replica dies when the coordinator steps it: its keys die with it (counted as crashed,
+    not lost), every other replica applies its own keys, and the next step trains on."""
+    run = tiny_run("barrier")
 
     async def go():
         async with InprocSwarm(run, corpus, replicas={1: 2}) as sw:
-            a, b = sw.servers[1]
-            dht_of = {s.peer_id: d for s, d in zip([a, b], sw.dhts[1:3])}
-            await sw.head.train_step(0)
-            held = {}
+            trainer = sw.trainers[0]
+            await trainer.train_step(0)
+            died = _die_on_first(sw.servers[1], "apply_step",
+                                 when=lambda server, plan, peer: plan.step == 1 and plan.keys_for(1, peer))
+            result = await trainer.train_step(1)
+            outcome = trainer.coordinator.closed[1]
+            after = await trainer.train_step(2)
+            return died["victim"], result, outcome, after, trainer.coordinator.stats, sw
 
-            def dying(server):
-                original = server.worker.apply_step
-
-                def apply_step(step, expect=None, catchup=False):
-                    if step == 1 and not catchup and "victim" not in held and server.worker.held(step):
-                        held["victim"] = (server.peer_id, server.worker.held(step))
-                        dht_of[server.peer_id].shutdown()  # dies before applying anything
-                        time.sleep(3)
-                        raise RuntimeError("killed")
-                    return original(step, expect, catchup)
-                return apply_step
-
-            # the first replica stepped that holds microbatches of step 1 dies
-            for s in (a, b):
-                s.worker.apply_step = dying(s)
-            sw.head.router.rng.seed(1)
-            result = await sw.head.train_step(1)
-            survivor = b if held["victim"][0] == a.peer_id else a
-            return held["victim"][1], sw.head.lost, sw.head.recomputed, survivor.worker.applied_step, result
-
-    victim_micros, lost, recomputed, step, result = asyncio.run(go())
-    assert lost == 0
-    assert victim_micros and recomputed >= len(victim_micros)  # its microbatches were applied elsewhere
-    assert step == 1 and torch.isfinite(torch.tensor(result["loss"]))
+    victim, result, outcome, after, stats, sw = asyncio.run(go())
+    survivor = next(s for s in sw.servers[1] if s is not victim)
+    listed = {r["peer_id"]: r["listed"] for r in outcome["results"] if r["stage"] == 1}
+    stage1 = outcome_counts(outcome, 1)
+    assert listed[victim.peer_id] > 0 and stage1[victim.peer_id] is None
+    assert stage1[survivor.peer_id] == listed[survivor.peer_id] == 4 - listed[victim.peer_id]
+    assert stats["crashed"] == listed[victim.peer_id] and stats["lost"] == 0
+    for k in (0, 2):                                   # no microbatch lost on the other stages
+        assert list(outcome_counts(outcome, k).values()) == [4]
+    assert [w.applied_step for k in (0, 2) for w in stage_workers(sw, k)] == [2, 2]
+    assert survivor.worker.applied_step == 2 and result["outcome"]["applied"]
+    assert after["finished"] == 4 and torch.isfinite(torch.tensor(after["loss"]))
