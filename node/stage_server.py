@@ -322,6 +322,9 @@ class StageServer(ServicerBase):
         if peer not in upstream():
             if time.monotonic() - self.next_hop.last_read > 2.0:  # a replica that joined since (strangers
                 await self.next_hop.refresh(force=True)          # cannot make us read the DHT per request)
+            if not upstream():  # our DHT read found nobody at all (a slow get): we cannot tell, try again
+                raise PayloadError("unavailable", f"stage {self.index} cannot read stage {self.index - 1}'s records "
+                                                  f"right now")
             if peer not in upstream():
                 raise PayloadError("forbidden", f"peer {peer} is not a replica of stage {self.index - 1} in the DHT")
 
