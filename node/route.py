@@ -89,6 +89,7 @@ class NextHop:
             try:
                 reply, sent, received = await self.client.call(rep.peer_id, self.stage, "train", timeout=timeout,
                                                                timeout_s=timeout, **fields)
+                self._check_route(reply, rep.peer_id)
             except (RemoteError, PeerUnavailable) as e:
                 if isinstance(e, RemoteError) and e.reason not in RETRYABLE:
                     self.router.succeeded(rep, time.perf_counter() - t0)
@@ -106,6 +107,13 @@ class NextHop:
             if not fields.get("eval"):
                 self._count(reply, sent, received, tokens)
             return reply, rep.peer_id
+
+    def _check_route(self, reply: dict, peer: str) -> None:
+        """A reply's route names one peer per stage from the one that answered to the tail; a replica
+        that lies about it is a bad replica like any other (banned, the call rerouted)."""
+        route = reply["route"]
+        if len(route) != self.run.model.n_stages - self.stage or route[0] != peer or not all(route):
+            raise RemoteError("internal", f"bad reply to train: route {route!r} does not lead from {peer} to the tail")
 
     async def _pick(self, tried: set, deadline: Deadline, costs: HopCosts):
         while True:
