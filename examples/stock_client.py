@@ -5,16 +5,19 @@
 1. Discover the stage's replicas with one DHT get of "<run_id>.<stage>" (records are owner-signed,
    so the DHT needs RSASignatureValidator to read them).
 2. Run an eval forward of a random (batch, seq_len, b) code through a stock `RemoteExpert`.
-3. A stock backward through that RemoteExpert carries no step/microbatch metadata: the stage
-   refuses it with a clear error instead of counting it as some step's gradient.
-4. With --train: a training forward + backward through the servicer stub, with the metadata the
-   stage needs (protocol version, run fingerprint, step, microbatch; see protocol/contract.py).
-   Only works where the run lists no trainers or lists this peer.
+3. A stock backward through that RemoteExpert carries no metadata: the stage refuses it with a clear
+   error (training goes through rpc_train) instead of counting it as some step's gradient.
+4. With --train: one `rpc_train` call through the servicer stub (stage 1 only), with the metadata
+   the stage needs (protocol version, run fingerprint, owner = this peer, step, microbatch, timeout;
+   see protocol/contract.py) and the targets: the stage walks the code to the tail and back, and
+   the reply holds the gradient of x and the route taken. Stage 1 takes a microbatch from its owner
+   only, and only where the run lists no trainers or lists this peer.
 5. With --hostile: NaN, inf, width b+1, int64, batch 10^5 and zero-length inputs; prints each refusal.
 
 Prints one JSON object with what happened.
 """
 import argparse
+import asyncio
 import json
 import sys
 
@@ -85,7 +88,7 @@ def main() -> int:
 
         stub = get_server_stub(p2p, peer)
         if args.train:
-            out["train"] = train_call(stub, out["uid"], info, x)
+            out["train"] = train_call(p2p, peer, out["uid"], info, x)
         if args.hostile:
             out["hostile"] = hostile_calls(expert, stub, out["uid"], b, seq)
         print(json.dumps(out))
@@ -98,24 +101,24 @@ def _meta(info: dict, **fields) -> bytes:
     return msgpack.packb({"v": info["version"], "fp": info["fingerprint"], **fields})
 
 
-def train_call(stub, uid: str, info: dict, x: torch.Tensor) -> dict:
-    """A training forward, then its backward (same step and microbatch), through the servicer stub."""
-    # the stage's next step (a step far ahead of the swarm is refused in an open swarm); the trainers'
-    # own run of that step has another session, so the stage drops this gradient when they send theirs
+def train_call(p2p, peer: PeerID, uid: str, info: dict, x: torch.Tensor) -> dict:
+    """One microbatch from the stage to the tail and back: a single rpc_train call with metadata.
+    ConnectionHandler's stub has no rpc_train, so the call goes by handler name through hivemind's
+    P2P (the stage registers it under the same ConnectionHandler prefix)."""
+    # the stage's next step (a step far ahead of the swarm is refused in an open swarm); the step's
+    # apply plan lists only the trainers' microbatches, so the stages drop this one's gradients
     step = info["step"] + 1
-    codec = info["codec"]
-    fwd = runtime_pb2.ExpertRequest(uid=uid, tensors=[plain(x.to(torch.bfloat16))],
-                                    metadata=_meta(info, step=step, micro=0, tensors=[["x", codec, False]]))
-    reply = RemoteExpertWorker.run_coroutine(stub.rpc_forward(fwd))
+    targets = torch.zeros(x.shape[:2], dtype=torch.int32)  # token ids: i32 holds any vocabulary
+    req = runtime_pb2.ExpertRequest(uid=uid, tensors=[plain(x.to(torch.bfloat16)), plain(targets)], metadata=_meta(
+        info, owner=str(p2p.peer_id), step=step, micro=0, timeout_s=60.0,
+        tensors=[["x", info["codec"], False], ["targets", "i32", False]]))
+    reply = RemoteExpertWorker.run_coroutine(asyncio.wait_for(p2p.call_protobuf_handler(
+        peer, "ConnectionHandler.rpc_train", req, runtime_pb2.ExpertResponse), 90))
     meta = msgpack.unpackb(reply.metadata)
     if not meta.get("ok"):
         return {"refused": meta}
-    grad = torch.randn_like(x).to(torch.bfloat16)
-    bwd = runtime_pb2.ExpertRequest(uid=uid, tensors=[plain(grad)], metadata=_meta(
-        info, step=step, micro=0, tensors=[["grad_out", info["codec_bwd"], False]]))
-    back = RemoteExpertWorker.run_coroutine(stub.rpc_backward(bwd))
-    return {"forward_shape": list(reply.tensors[0].size), "backward": msgpack.unpackb(back.metadata),
-            "grad_shape": list(back.tensors[0].size) if back.tensors else None}
+    return {"loss": meta["loss"], "route": meta["route"], "grad_shape": list(reply.tensors[0].size),
+            "grad_codec": meta["tensors"][0][1]}
 
 
 def hostile_calls(expert, stub, uid: str, b: int, seq: int) -> dict:

@@ -1,5 +1,6 @@
-"""`resbm-node status`: what the DHT says about a swarm: stages x replicas, throughput, queue,
-record age and version; stages with no replica are flagged. `--watch` refreshes, `--json` is for
+"""`resbm-node status`: what the DHT says about a swarm: stages x replicas (stage 0's replicas are
+the trainers, the lowest id the step coordinator), throughput, queue, record age and version;
+stages with no replica, stage 0 included, are flagged. `--watch` refreshes, `--json` is for
 scripts (one JSON document; with --watch, one per line)."""
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def add_parser(sub) -> None:
 
 
 # --- reading the DHT ---------------------------------------------------------------------------
+def stage_role(k: int, n_stages: int) -> str:
+    return "trainer" if k == 0 else ("last" if k == n_stages - 1 else "middle")
+
+
 def _classify(subkey, value, now: float, fingerprint: str | None, version: int | None) -> tuple[dict | None, str]:
     """(record dict or None, "" if it is a live replica else why it is ignored)."""
     from node.announce import MAX_CLOCK_SKEW_S, MAX_RECORD_AGE_S, owned_by_its_peer
@@ -105,15 +110,17 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     stages = []
     for k in range(n_stages):
         reps = sorted((r for r in live.values() if r["stage"] == k), key=lambda r: r["peer_id"])
+        role = stage_role(k, n_stages)
         stages.append({
-            "stage": k, "role": "head" if k == 0 else ("last" if k == n_stages - 1 else "middle"),
-            "missing": k > 0 and not reps,
+            "stage": k, "role": role, "missing": not reps,
             "replicas": [{
-                "peer_id": r["peer_id"], "throughput": r["throughput"],
+                # the step coordinator is the lowest live trainer id (swarm/coordination.py)
+                "peer_id": r["peer_id"], "role": "coordinator" if k == 0 and i == 0 else role,
+                "throughput": r["throughput"],
                 "tokens_per_s": r["throughput"] * tokens_per_microbatch if tokens_per_microbatch else None,
                 "queue": r["queue"], "age_s": r["age_s"], "version": r["version"], "step": r["step"], "state": r["state"],
                 "fingerprint": r["fingerprint"], "uptime_s": round(max(0.0, now - r["started"]), 1),
-            } for r in reps],
+            } for i, r in enumerate(reps)],
         })
     missing = [s["stage"] for s in stages if s["missing"]]
     return {"run_id": run_id, "fingerprint": fingerprint, "version": version, "n_stages": n_stages,
@@ -134,18 +141,18 @@ def render_table(snap: dict) -> str:
     lines.append(f"run {snap['run_id']}  fingerprint {snap['fingerprint'] or '?'}  protocol {snap['version'] or '?'}  "
                  f"{snap['n_stages']} stages  {snap['replicas_total']} nodes  "
                  f"at {time.strftime('%H:%M:%S', time.localtime(snap['dht_time']))}")
-    header = (f"{'STAGE':<6}{'ROLE':<8}{'PEER':<17}{'STATE':<9}{'TOKENS/S':>10}{'MICRO/S':>8}{'QUEUE':>7}{'STEP':>7}"
+    header = (f"{'STAGE':<6}{'ROLE':<12}{'PEER':<17}{'STATE':<9}{'TOKENS/S':>10}{'MICRO/S':>8}{'QUEUE':>7}{'STEP':>7}"
               f"{'AGE':>7}{'VER':>5}")
     lines.append(header)
     for s in snap["stages"]:
         if not s["replicas"]:
-            note = "(no head record: the head may be down or not started)" if s["stage"] == 0 else "!! NO REPLICA: start one with " \
-                                                                     f"`resbm-node join --stage {s['stage']} ...`"
-            lines.append(f"{s['stage']:<6}{s['role']:<8}{note}")
+            what = "TRAINER" if s["stage"] == 0 else "REPLICA"
+            lines.append(f"{s['stage']:<6}{s['role']:<12}!! NO {what}: start one with "
+                         f"`resbm-node join --stage {s['stage']} ...`")
             continue
         for r in s["replicas"]:
             tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "?"
-            lines.append(f"{s['stage']:<6}{s['role']:<8}{_short(r['peer_id']):<17}{r['state']:<9}{tps:>10}"
+            lines.append(f"{s['stage']:<6}{r['role']:<12}{_short(r['peer_id']):<17}{r['state']:<9}{tps:>10}"
                          f"{r['throughput']:>8.1f}{r['queue']:>7}{r['step']:>7}{r['age_s']:>6.0f}s{r['version']:>5}")
     if snap["missing_stages"]:
         lines.append(f"MISSING: stage(s) {', '.join(map(str, snap['missing_stages']))} have no replica; "

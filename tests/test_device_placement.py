@@ -51,11 +51,11 @@ async def _trained_states(run):
     """Stage 2 of a real swarm after two steps: (its state, every stage's model state)."""
     async with InprocSwarm(run, ByteCorpus(max_bytes=1 << 20)) as sw:
         for step in range(2):
-            await sw.head.train_step(step)
+            await sw.train_step(step)
         live = sw.servers[2][0].worker
         joiner = build_worker(run, 2, META)
         message = await sw.load_joiner(joiner)
-        models = {0: sw.head.worker.stage.state_dict(), 1: sw.servers[1][0].worker.stage.state_dict(),
+        models = {0: sw.trainers[0].worker.stage.state_dict(), 1: sw.servers[1][0].worker.stage.state_dict(),
                   2: live.stage.state_dict()}
         return message, joiner, live.state_bytes(), models
 

@@ -23,7 +23,7 @@ def test_export_from_checkpoints_matches_swarm_and_generates(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     swarm = json.loads((tmp_path / "s.json").read_text())
     ckpts = list((tmp_path / "run" / "checkpoints").glob("*.pt"))
-    assert len(ckpts) == 3  # head + two stages, written on clean exit
+    assert len(ckpts) == 3  # the trainer + two stages, written on clean exit
     res = cli("export", "--checkpoints", str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "m.st"))
     assert res.returncode == 0, res.stderr
     res = cli("train-local", "--init-from", str(tmp_path / "m.st"), "--steps", "0", "--checkpoint", "",

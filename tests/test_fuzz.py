@@ -54,7 +54,7 @@ def request(method: str, *, meta=None, protos=None, uid=None, stage=None, **fiel
     built, index = tensors_to_proto(tensors, runtime_pb2)
     if meta is None:
         meta = {"v": PROTOCOL_VERSION, "fp": FP, "tensors": index, **plain}
-    stage = stage or (2 if method == "loss" else 1)
+    stage = 1 if stage is None else stage
     req = runtime_pb2.ExpertRequest(uid=uid if uid is not None else f"{RUN.run_id}.{stage}",
                                     tensors=built if protos is None else protos,
                                     metadata=meta if isinstance(meta, bytes) else pack_meta(meta))
@@ -62,16 +62,24 @@ def request(method: str, *, meta=None, protos=None, uid=None, stage=None, **fiel
 
 
 def fwd(**kw):
-    return request("forward", **{"step": 1, "micro": 0, "x": code(2, 32, B), **kw})
+    return request("forward", **{"x": code(2, 32, B), **kw})
 
 
-def bwd(**kw):
-    return request("backward", **{"step": 1, "micro": 0, "x": code(2, 32, B), "grad_out": code(2, 32, B), **kw})
+def targets(*shape, value=0):
+    return encode_ints(torch.full(shape, value, dtype=torch.long), 256)
 
 
-def loss(**kw):
-    return request("loss", **{"step": 1, "micro": 0, "x": code(2, 32, B), "scale": 0.5,
-                              "targets": encode_ints(torch.zeros(2, 32, dtype=torch.long), 256), **kw})
+def train(owner: str | None, **kw):
+    """A training call of `owner`'s microbatch (stage 1 takes it from its owner only)."""
+    return request("train", **{"owner": owner, "step": 1, "micro": 0, "timeout_s": 10.0, "x": code(2, 32, B),
+                               "targets": targets(2, 32), **kw})
+
+
+def ledger(owner: str, stage: int = 0, **kw):
+    """A trainer's ledger of step 1 (one microbatch) to a step coordinator (a trainer: stage 0)."""
+    wire = {"owner": owner, "step": 1, "routes": [[0, [owner, "QmStage1", "QmStage2"]]], **kw}
+    return request("ledger", stage=stage, meta={"v": PROTOCOL_VERSION, "fp": FP, "tensors": [], "step": 1,
+                                                "ledger": wire})
 
 
 def stock(*protos, method="forward"):
@@ -85,60 +93,93 @@ def plain(t: torch.Tensor) -> runtime_pb2.Tensor:
 
 GOOD_INDEX = [["x", "bf16", False]]
 X = tensors_to_proto({"x": code(2, 32, B)}, runtime_pb2)[0]
-# (name, request, expected reason)
-MALFORMED = [
-    ("wrong codec (dtype)", fwd(x=code(2, 32, B, codec="fp32")), "codec"),
-    ("unknown codec", fwd(x=code(2, 32, B, codec="float64", data=b"\0" * 2 * 32 * B * 8)), "codec"),
-    ("full-width tensor", fwd(x=code(2, 32, 64)), "shape"),
-    ("2-d tensor", fwd(x=code(64, B)), "shape"),
-    ("5-d tensor", fwd(x=code(1, 1, 2, 32, B)), "shape"),
-    ("sequence too long", fwd(x=code(2, 33, B)), "shape"),
-    ("batch over the limit", fwd(x=code(9, 32, B)), "size"),
-    ("empty batch", fwd(x=code(0, 32, B, data=b"")), "shape"),
-    ("NaN values", fwd(x=code(2, 32, B, data=bf16_bits(0x7FC0, 2 * 32 * B))), "nonfinite"),
-    ("inf values", fwd(x=code(2, 32, B, data=bf16_bits(0x7F80, 2 * 32 * B))), "nonfinite"),
-    ("-inf grad", bwd(grad_out=code(2, 32, B, data=bf16_bits(0xFF80, 2 * 32 * B))), "nonfinite"),
-    ("data shorter than shape", fwd(x=code(2, 32, B, data=b"\0" * 10)), "size"),
-    ("data longer than shape", fwd(x=code(2, 32, B, data=b"\0" * (2 * 32 * B * 2 + 2))), "size"),
-    ("huge declared shape", fwd(x=code(10**6, 32, B, data=b"")), "size"),
-    ("shape whose product overflows int64", fwd(x=code(2**32 - 1, 2**32 - 1, B, data=b"")), "size"),
-    ("tensors index not a list", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "step": 1, "micro": 0,
-                                           "tensors": "x"}, protos=X), "malformed"),
-    ("tensors entry malformed", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "step": 1, "micro": 0,
-                                          "tensors": [["x", 5]]}, protos=X), "malformed"),
-    ("unexpected tensor name", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "step": 1, "micro": 0,
-                                         "tensors": [["weights", "bf16", False]]}, protos=X), "malformed"),
-    ("tensor announced, not sent", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "step": 1, "micro": 0,
-                                             "tensors": GOOD_INDEX}, protos=[]), "malformed"),
-    ("tensor sent, not announced", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "step": 1, "micro": 0,
-                                             "tensors": []}, protos=X), "malformed"),
-    ("missing x", request("forward", step=1, micro=0), "malformed"),
-    ("grad shape differs from x", bwd(grad_out=code(1, 32, B)), "shape"),
-    ("step is a string", fwd(step="1"), "malformed"),
-    ("negative micro", fwd(micro=-1), "malformed"),
-    ("micro beyond the step's microbatches", bwd(micro=10**6), "malformed"),
-    ("eval not a bool", fwd(eval="yes"), "malformed"),
-    ("loss on a middle stage", loss(stage=1), "method"),
-    ("forward on the last stage", fwd(stage=2), "method"),
-    ("another stage's uid", fwd(uid=f"{RUN.run_id}.2"), "uid"),
-    ("other run fingerprint", fwd(fp="0" * 16), "fingerprint"),
-    ("other protocol version", fwd(v=PROTOCOL_VERSION + 7), "version"),
-    ("metadata of random bytes", fwd(meta=os.urandom(256) + b"\xc1"), "malformed"),
-    ("metadata is a msgpack list", fwd(meta=msgpack.packb([1, 2, 3])), "malformed"),
-    ("metadata with int keys", fwd(meta=msgpack.packb({1: 2})), "malformed"),
-    ("metadata over 64 KiB", fwd(meta=msgpack.packb({"pad": b"\0" * 70000})), "size"),
-    ("token id beyond vocab", loss(targets={"codec": "u16", "shape": [2, 32],
-                                            "data": np.full(64, 300, np.uint16).tobytes()}), "token_range"),
-    ("negative token id", loss(targets={"codec": "i32", "shape": [2, 32],
-                                        "data": np.full(64, -1, np.int32).tobytes()}), "token_range"),
-    ("targets shape differs", loss(targets=encode_ints(torch.zeros(2, 31, dtype=torch.long), 256)), "shape"),
-    ("scale out of range", loss(scale=2.0), "malformed"),
-    ("scale NaN", loss(scale=float("nan")), "malformed"),
-    ("stock request without tensors", stock(), "malformed"),
-    ("stock int64 tensor", stock(plain(torch.zeros(2, 32, B, dtype=torch.int64))), "codec"),
-    ("stock backward without metadata", stock(plain(torch.zeros(2, 32, B)), plain(torch.zeros(2, 32, B)),
-                                              method="backward"), "metadata"),
-]
+NAN = bf16_bits(0x7FC0, 2 * 32 * B)
+
+
+def malformed_cases(me: str) -> list[tuple[str, tuple, str]]:
+    """(name, request, expected reason) of malformed requests sent by the peer `me`."""
+    return [
+        ("wrong codec (dtype)", fwd(x=code(2, 32, B, codec="fp32")), "codec"),
+        ("unknown codec", fwd(x=code(2, 32, B, codec="float64", data=b"\0" * 2 * 32 * B * 8)), "codec"),
+        ("full-width tensor", fwd(x=code(2, 32, 64)), "shape"),
+        ("2-d tensor", fwd(x=code(64, B)), "shape"),
+        ("5-d tensor", fwd(x=code(1, 1, 2, 32, B)), "shape"),
+        ("sequence too long", fwd(x=code(2, 33, B)), "shape"),
+        ("batch over the limit", fwd(x=code(9, 32, B)), "size"),
+        ("empty batch", fwd(x=code(0, 32, B, data=b"")), "shape"),
+        ("NaN values", fwd(x=code(2, 32, B, data=NAN)), "nonfinite"),
+        ("inf values", fwd(x=code(2, 32, B, data=bf16_bits(0x7F80, 2 * 32 * B))), "nonfinite"),
+        ("-inf code to train", train(me, x=code(2, 32, B, data=bf16_bits(0xFF80, 2 * 32 * B))), "nonfinite"),
+        ("data shorter than shape", fwd(x=code(2, 32, B, data=b"\0" * 10)), "size"),
+        ("data longer than shape", fwd(x=code(2, 32, B, data=b"\0" * (2 * 32 * B * 2 + 2))), "size"),
+        ("huge declared shape", fwd(x=code(10**6, 32, B, data=b"")), "size"),
+        ("shape whose product overflows int64", fwd(x=code(2**32 - 1, 2**32 - 1, B, data=b"")), "size"),
+        ("tensors index not a list", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "tensors": "x"}, protos=X),
+         "malformed"),
+        ("tensors entry malformed", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "tensors": [["x", 5]]}, protos=X),
+         "malformed"),
+        ("unexpected tensor name", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP,
+                                             "tensors": [["weights", "bf16", False]]}, protos=X), "malformed"),
+        ("tensor announced, not sent", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "tensors": GOOD_INDEX}, protos=[]),
+         "malformed"),
+        ("tensor sent, not announced", fwd(meta={"v": PROTOCOL_VERSION, "fp": FP, "tensors": []}, protos=X),
+         "malformed"),
+        ("missing x", request("forward"), "malformed"),
+        ("forward on the last stage", fwd(stage=2), "method"),
+        ("another stage's uid", fwd(uid=f"{RUN.run_id}.2"), "uid"),
+        ("other run fingerprint", fwd(fp="0" * 16), "fingerprint"),
+        ("other protocol version", fwd(v=PROTOCOL_VERSION + 7), "version"),
+        ("metadata of random bytes", fwd(meta=os.urandom(256) + b"\xc1"), "malformed"),
+        ("metadata is a msgpack list", fwd(meta=msgpack.packb([1, 2, 3])), "malformed"),
+        ("metadata with int keys", fwd(meta=msgpack.packb({1: 2})), "malformed"),
+        ("metadata over 64 KiB", fwd(meta=msgpack.packb({"pad": b"\0" * 70000})), "size"),
+        # train: the nested walk of one microbatch, refused before any compute or next hop
+        ("train of another owner's microbatch", train("QmSomeoneElse"), "forbidden"),
+        ("train without owner", train(None), "malformed"),
+        ("timeout_s zero", train(me, timeout_s=0.0), "malformed"),
+        ("timeout_s over an hour", train(me, timeout_s=1e9), "malformed"),
+        ("timeout_s NaN", train(me, timeout_s=float("nan")), "malformed"),
+        ("timeout_s a string", train(me, timeout_s="10"), "malformed"),
+        ("train without targets", train(me, targets=None), "malformed"),
+        ("targets shape differs from x", train(me, targets=targets(2, 31)), "shape"),
+        ("train code of the wrong width", train(me, x=code(2, 32, B + 1)), "shape"),
+        ("step is a string", train(me, step="1"), "malformed"),
+        ("negative micro", train(me, micro=-1), "malformed"),
+        ("micro beyond the step's microbatches", train(me, micro=10**6), "malformed"),
+        ("eval not a bool", train(me, eval="yes"), "malformed"),
+        ("token id beyond vocab", train(me, targets={"codec": "u16", "shape": [2, 32],
+                                                     "data": np.full(64, 300, np.uint16).tobytes()}), "token_range"),
+        ("negative token id", train(me, targets={"codec": "i32", "shape": [2, 32],
+                                                 "data": np.full(64, -1, np.int32).tobytes()}), "token_range"),
+        ("backward with metadata", request("backward", x=code(2, 32, B)), "method"),
+        # the step calls and a coordinator's ledgers
+        ("step with a plan of random bytes", request("step", plan=os.urandom(64) + b"\xc1"), "malformed"),
+        ("step with a plan of another shape", request("step", plan=msgpack.packb({"step": 1, "keys": [[1]]})),
+         "malformed"),
+        ("step with a plan that is no bytes", request("step", plan="plan"), "malformed"),
+        ("prepare of a negative step", request("prepare", step=-1), "malformed"),
+        ("ledger to a stage that closes no step", ledger(me, stage=1), "method"),
+        ("ledger that is not a map", request("ledger", stage=0, step=1, ledger=[me, 1]), "malformed"),
+        ("ledger without routes", ledger(me, routes=None), "malformed"),
+        ("ledger with a short route", ledger(me, routes=[[0, [me, "QmStage1"]]]), "malformed"),
+        ("ledger route not from its owner", ledger(me, routes=[[0, ["QmX", "QmStage1", "QmStage2"]]]),
+         "malformed"),
+        ("ledger with a micro twice", ledger(me, routes=[[0, [me, "a", "b"]], [0, [me, "a", "b"]]]), "malformed"),
+        ("ledger of another owner", ledger("QmSomeoneElse"), "forbidden"),
+        ("ledger of another step", ledger(me, step=2), "forbidden"),
+        ("stock request without tensors", stock(), "malformed"),
+        ("stock int64 tensor", stock(plain(torch.zeros(2, 32, B, dtype=torch.int64))), "codec"),
+        ("stock backward without metadata", stock(plain(torch.zeros(2, 32, B)), plain(torch.zeros(2, 32, B)),
+                                                  method="backward"), "metadata"),
+    ]
+
+
+class Unreached:
+    """A step coordinator that must never see a malformed ledger (its call would answer 'internal')."""
+
+    async def receive(self, ledger):
+        raise AssertionError(f"a malformed ledger reached the coordinator: {ledger}")
+
 
 class Harness:
     def __init__(self):
@@ -146,10 +187,11 @@ class Harness:
         self.dhts, self.p2ps, self.servers = [], [], {}
 
     async def start(self):
-        for stage in (1, 2):
+        for stage in (0, 1, 2):
             dht = start_dht(RUN.run_id, self.dhts and visible_maddrs(self.dhts[0]))
             p2p = await dht.replicate_p2p()
-            server = StageServer(StageWorker(RUN, stage), NodeMetrics(), str(dht.peer_id))
+            server = StageServer(StageWorker(RUN, stage), NodeMetrics(), str(dht.peer_id),
+                                 coordinator=Unreached() if stage == 0 else None)
             await server.add_p2p_handlers(p2p)
             self.dhts.append(dht)
             self.p2ps.append(p2p)
@@ -190,14 +232,13 @@ class Harness:
         return self.servers[stage].peer_id
 
     async def valid(self, p2p) -> dict:
-        reply, _, _ = await StageClient(p2p, RUN).call(self.peer(1), 1, "forward", step=1, micro=0, eval=True,
-                                                       x=code(2, 32, B), timeout=10)
+        reply, _, _ = await StageClient(p2p, RUN).call(self.peer(1), 1, "forward", x=code(2, 32, B), timeout=10)
         return reply
 
 
 def reason_of(reply) -> tuple[str, str]:
     if isinstance(reply, str):  # stock: "PayloadError: <reason>: <message>" inside the handler error
-        for reason in ("metadata", "codec", "malformed", "shape", "size", "banned"):
+        for reason in ("metadata", "codec", "malformed", "shape", "size", "banned", "method"):
             if f"{reason}:" in reply:
                 return reason, reply
         return "?", reply
@@ -211,7 +252,8 @@ def test_malformed_payloads_are_refused_counted_and_banned():
         try:
             for server in h.servers.values():  # first: every case individually, no ban in the way
                 server.bad_peers = BadPeerTracker(limit=10**9)
-            reasons = {name: reason_of(await h.send(h.attacker, case)) for name, case, _ in MALFORMED}
+            cases = malformed_cases(str(h.attacker.peer_id))
+            reasons = {name: reason_of(await h.send(h.attacker, case)) for name, case, _ in cases}
             ok = await h.valid(h.honest)
             still = await h.valid(h.attacker)  # not banned with the lenient tracker: still served
 
@@ -219,22 +261,26 @@ def test_malformed_payloads_are_refused_counted_and_banned():
             h.servers[1].bad_peers = BadPeerTracker()
             for _ in range(20):
                 await h.send(h.attacker, fwd(x=code(2, 32, 64)))
-            banned = reason_of(await h.send(h.attacker, fwd(eval=True)))
+            banned = reason_of(await h.send(h.attacker, fwd()))
             honest_after = await h.valid(h.honest)
             metrics = h.servers[1].metrics
             samples = {s.labels.get("reason"): s.value for m in metrics.rejected.collect() for s in m.samples
                        if s.name.endswith("_total")}
             bans = metrics.peer_bans._value.get()
-            return reasons, ok, still, banned, honest_after, samples, bans
+            samples0 = {s.labels.get("reason"): s.value for m in h.servers[0].metrics.rejected.collect()
+                        for s in m.samples if s.name.endswith("_total")}
+            return cases, reasons, ok, still, banned, honest_after, samples, samples0, bans
         finally:
             await h.stop()
 
-    reasons, ok, still, banned, honest_after, samples, bans = asyncio.run(go())
-    wrong = {name: reasons[name] for name, _, expected in MALFORMED if reasons[name][0] != expected}
+    cases, reasons, ok, still, banned, honest_after, samples, samples0, bans = asyncio.run(go())
+    wrong = {name: reasons[name] for name, _, expected in cases if reasons[name][0] != expected}
     assert not wrong, wrong
     for name, (reason, text) in reasons.items():
         assert len(text) > len(reason) + 10, (name, text)  # says what was wrong, not just a code
-    assert "needs ExpertRequest.metadata" in reasons["stock backward without metadata"][1]
+    assert "needs ExpertRequest.metadata and goes through rpc_train" in reasons["stock backward without metadata"][1]
+    assert "goes through rpc_train" in reasons["backward with metadata"][1]
+    assert "from its owner only" in reasons["train of another owner's microbatch"][1]
     assert ok["y"]["shape"] == [2, 32, B]
     assert still["y"]["shape"] == [2, 32, B]
     assert banned[0] == "banned" and "too many bad requests" in banned[1]
@@ -242,8 +288,9 @@ def test_malformed_payloads_are_refused_counted_and_banned():
     assert bans == 1
     assert samples.get("banned", 0) >= 1
     for reason in ("codec", "shape", "nonfinite", "size", "malformed", "method", "fingerprint", "version", "uid",
-                   "metadata"):
+                   "metadata", "forbidden", "token_range"):
         assert samples.get(reason, 0) > 0, (reason, samples)
+    assert samples0.get("malformed", 0) >= 5 and samples0.get("forbidden", 0) >= 2, samples0  # the ledgers
 
 
 def test_memory_stays_bounded_under_500_bad_requests():
@@ -252,7 +299,7 @@ def test_memory_stays_bounded_under_500_bad_requests():
         try:
             h.servers[1].bad_peers = BadPeerTracker(limit=10**9)  # every request reaches full validation
             big = fwd(x=code(2, 32, B, data=os.urandom(3 << 20)))  # near the 4 MiB message limit
-            cases = [case for _, case, _ in MALFORMED if case[1] == 1]
+            cases = [case for _, case, _ in malformed_cases(str(h.attacker.peer_id)) if case[1] == 1]
             for _ in range(20):  # warm up allocator, caches, the stream machinery
                 await h.send(h.attacker, cases[0])
                 await h.send(h.attacker, big)
@@ -276,36 +323,45 @@ def test_memory_stays_bounded_under_500_bad_requests():
 
 def test_request_limit_follows_the_stage_schema():
     server = StageServer(StageWorker(RUN, 1), NodeMetrics())
-    biggest_valid = bwd(x=code(8, 32, B, codec="bf16"), grad_out=code(8, 32, B, codec="bf16"))[2].ByteSize()
+    biggest_valid = train("QmOwner", x=code(8, 32, B, codec="bf16"), targets=targets(8, 32))[2].ByteSize()
     assert biggest_valid < server.max_request < 4 << 20  # a few MiB at most
 
 
-def test_head_refuses_bad_replies_and_retries_on_an_honest_replica():
-    """A replica that answers with NaN codes or wrong shapes is treated like a failed one: the head
-    bans it and the step completes on the honest replica, with a finite loss."""
+def test_trainer_refuses_bad_replies_and_reroutes_to_an_honest_replica():
+    """A stage-1 replica that answers `train` with NaN gradients, gradients of the wrong shape or a
+    route that does not reach the tail is treated like a failed one: the trainer's NextHop bans it
+    and sends the microbatch to the honest replica, and every step finishes with a finite loss."""
     from node.inproc import InprocSwarm
     from swarm.data import ByteCorpus
 
     run = RunConfig(model=RUN.model, train=TrainConfig(batch_size=8, microbatches=4), run_id="badreply")
+    lies = []
 
     async def go():
         async with InprocSwarm(run, ByteCorpus(max_bytes=1 << 20), replicas={1: 2}) as sw:
-            bad = sw.servers[1][0]
+            liar, honest = sw.servers[1]
 
-            async def nan_forward(fields, tensors):
+            async def lying_train(fields, tensors, peer):
                 shape = tensors["x"]["shape"]
-                return {}, {"y": code(*shape, data=bf16_bits(0x7FC0, int(np.prod(shape))))}
+                kind = ("nan", "short", "route")[len(lies) % 3]
+                lies.append(kind)
+                grad = {"nan": code(*shape, data=bf16_bits(0x7FC0, int(np.prod(shape)))),
+                        "short": code(1, *shape[1:])}.get(kind, code(*shape))
+                route = [liar.peer_id] if kind == "route" else [liar.peer_id, sw.servers[2][0].peer_id]
+                return {"loss": 1.0, "route": route}, {"grad_in": grad}
 
-            async def short_backward(fields, tensors):
-                return {}, {"grad_in": code(1, 32, B)}
+            liar._on_train = lying_train
+            trainer = sw.trainers[0]
+            results = []
+            for step in range(3):
+                trainer.hop.router.stages[1][liar.peer_id].banned_until = 0.0  # lie again, in the next way
+                results.append(await trainer.train_step(step))
+            return results, trainer.hop.retries, trainer.skipped, honest.tokens_done
 
-            bad._on_forward, bad._on_backward = nan_forward, short_backward
-            results = [await sw.head.train_step(s) for s in range(2)]
-            return results, sw.head.retries, sw.servers[1][1].tokens_done
-
-    results, retries, honest_tokens = asyncio.run(go())
-    assert all(np.isfinite(r["loss"]) for r in results)
-    assert retries > 0 and honest_tokens > 0
+    results, retries, skipped, honest_tokens = asyncio.run(go())
+    assert all(np.isfinite(r["loss"]) and r["finished"] == 4 for r in results), results
+    assert set(lies) == {"nan", "short", "route"} and retries >= len(lies) and skipped == 0
+    assert honest_tokens > 0
 
 
 def test_streamed_requests_are_served_and_bounded():
@@ -329,7 +385,7 @@ def test_streamed_requests_are_served_and_bounded():
     async def go():
         h = await Harness().start()
         try:
-            ok = await stream(h, fwd(eval=True)[2], 100)
+            ok = await stream(h, fwd()[2], 100)
             too_big = await stream(h, fwd(x=code(2, 32, B, data=os.urandom(h.servers[1].max_request)))[2], 1 << 20)
             return ok, too_big
         finally:

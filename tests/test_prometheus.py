@@ -1,5 +1,6 @@
-"""A real Prometheus server scrapes a running `resbm-node local` swarm; its HTTP API then shows
-non-zero throughput and wire-byte series for every node.
+"""A real Prometheus server scrapes a running `resbm-node local` swarm of two trainers and two stages;
+its HTTP API then shows non-zero throughput and wire-byte series for every node, each boundary's
+bytes counted by the node on either side of it, and the trainers' loss.
 
 Needs the `prometheus` binary (Debian package `prometheus`; .ci/run installs it). Without it the
 test is skipped and says why. Everything runs on 127.0.0.1 with free ports and temp dirs, and every
@@ -23,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = Path(ROOT) / "deploy"
 TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
         "--batch-size", "4", "--microbatches", "2"]
-STAGES = 3  # head + 2 served stages = 3 nodes with /metrics
+STAGES = 3      # stage 0 (the trainers) + 2 served stages
+TRAINERS = 2    # metrics ports P+0, P+1; the stages P+2 (stage 1), P+3 (stage 2)
 
 
 def prometheus_binary():
@@ -100,6 +102,20 @@ def stop_group(proc: subprocess.Popen, grace: float) -> None:
         pass
 
 
+def assert_boundary_sides(series: list[dict], trainers: set, stage1: set, stage2: set) -> None:
+    """Boundary k's messages are counted by the caller (stage k's node: a trainer for k = 0) and by
+    the server (stage k+1's node), each message once on each side: codes sent forward and the
+    gradient received back by the caller, the reverse by the server."""
+    seen: dict[tuple, set] = {}
+    for r in series:
+        m = r["metric"]
+        seen.setdefault((m["boundary"], m["direction"], m["pass"]), set()).add(m["instance"])
+    for k, caller, server in (("0", trainers, stage1), ("1", stage1, stage2)):
+        assert seen.get((k, "sent", "forward")) == caller and seen.get((k, "received", "backward")) == caller, seen
+        assert seen.get((k, "received", "forward")) == server and seen.get((k, "sent", "backward")) == server, seen
+    assert {key[0] for key in seen} == {"0", "1"}, seen
+
+
 def test_real_prometheus_scrapes_every_node(tmp_path):
     prom_bin = prometheus_binary()
     if prom_bin is None:
@@ -108,7 +124,7 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
         print(f"\nSKIP: {reason}", file=sys.__stderr__, flush=True)
         pytest.skip(reason)
 
-    n_nodes = STAGES  # node 0 is the head, nodes 1.. the stage replicas (one each)
+    n_nodes = TRAINERS + STAGES - 1
     base = free_port_block(n_nodes)
     prom_port = free_port_block(1)
     while base <= prom_port < base + n_nodes:
@@ -126,8 +142,9 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
 
     swarm_log = open(tmp_path / "local.log", "w")
     swarm = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "local", "--stages", str(STAGES), "--steps", "100000", "--eval-every", "0",
-         *TINY, "--metrics-port", str(base), "--run-dir", str(tmp_path / "run"), "--run-id", "prom-test"],
+        [sys.executable, "-m", "node.cli", "local", "--stages", str(STAGES), "--trainers", str(TRAINERS), "--steps",
+         "100000", "--eval-every", "0", *TINY, "--metrics-port", str(base), "--run-dir", str(tmp_path / "run"),
+         "--run-id", "prom-test", "--json-out", str(tmp_path / "local.json")],
         cwd=ROOT, stdout=swarm_log, stderr=subprocess.STDOUT, start_new_session=True)
     prom_log = open(tmp_path / "prometheus.log", "w")
     prom = subprocess.Popen(
@@ -161,6 +178,7 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
         bwd_codes = by_instance(query(url, "sum by (instance) (resbm_code_bytes_total{pass='backward'}) "
                                            "/ sum by (instance) (resbm_full_width_bytes_total{pass='backward'})"))
         losses = query(url, "resbm_train_loss")
+        sides = query(url, "sum by (instance, boundary, direction, pass) (resbm_wire_bytes_total) > 0")
         jobs = {r["metric"]["job"] for r in query(url, "up")}
         dashboard = {}
         for expr in dashboard_exprs():  # every query of the Grafana dashboard is valid PromQL here
@@ -188,14 +206,18 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
     measured = [float(r["value"][1]) for r in compression]
     assert measured and all(8.0 < v < 16.0 for v in measured), compression
     assert {r["metric"]["code_width"] for r in nominal} == {"4"} and {float(r["value"][1]) for r in nominal} == {16.0}
-    assert [r["metric"]["instance"] for r in losses] == [targets[0]], losses  # only the head has a loss
-    assert sorted(int(r["metric"]["stage"]) for r in info) == list(range(STAGES))
+    trainers, stage1, stage2 = set(targets[:TRAINERS]), {targets[TRAINERS]}, {targets[TRAINERS + 1]}
+    assert {r["metric"]["instance"] for r in losses} == trainers, losses  # only the trainers compute a loss
+    assert_boundary_sides(sides, trainers, stage1, stage2)
+    assert sorted(int(r["metric"]["stage"]) for r in info) == [0] * TRAINERS + list(range(1, STAGES))
     assert {r["metric"]["fingerprint"] for r in info} and all(r["metric"]["peer_id"] for r in info)
     assert jobs == {"resbm-local"}
     for key in ("Training throughput", "Compression vs bf16 at width d", "Replicas per stage", "Train loss"):
         expr = next(iter(dashboard_exprs(key)))
         assert dashboard[expr], f"dashboard panel {key!r} shows nothing: {expr}"
     assert swarm.returncode == 130, f"`local` should stop on SIGTERM with 130, got {swarm.returncode}:\n{log_tail}"
+    ports = json.loads((tmp_path / "local.json").read_text())["metrics_ports"]
+    assert ports == {"trainer0": base, "trainer1": base + 1, "stage1-0": base + 2, "stage2-0": base + 3}, ports
     for pid in [swarm.pid, prom.pid, *nodes]:
         assert not group_alive(pid), f"process group {pid} survived"
 
@@ -224,7 +246,7 @@ def test_deploy_files_are_consistent(tmp_path):
             cmd = shlex.split(line)
         args = parser.parse_args(cmd)
         nodes[name] = args
-    assert sorted(nodes) == ["bootstrap", "head", "stage1a", "stage1b", "stage2"]
+    assert sorted(nodes) == ["bootstrap", "stage1a", "stage1b", "stage2", "trainer0"]
     assert {a.stage for n, a in nodes.items() if n != "bootstrap"} == {0, 1, 2}
     targets = json.loads((DEPLOY / "compose" / "targets.json").read_text())[0]["targets"]
     for t in targets:

@@ -1,5 +1,6 @@
 """`resbm-node status` against a real DHT holding good, stale, foreign-version, unsigned and
-not-serving stage records; and the record filtering the head relies on (signed, fresh, one per peer)."""
+not-serving stage records, with two trainers (stage 0); and the record filtering the trainers and
+stages rely on (signed, fresh, one per peer)."""
 import asyncio
 import json
 import os
@@ -16,6 +17,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from node.announce import Announcer, owner_subkey, publish_config, read_stage_records
 from node.dht import start_dht, visible_maddrs
 from node.runtime import SocketJanitor
+from protocol import PROTOCOL_VERSION
 from protocol.records import stage_key, stage_record
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 
@@ -33,10 +35,12 @@ def swarm_dht():
     now = get_dht_time()
 
     async def setup():
-        assert await publish_config(dht, RUN.run_id, RUN.wire_dict(), RUN.fingerprint, validator)
-        for peer, tput, queue in (("QmReplicaA", 12.5, 1), ("QmReplicaB", 20.0, 0)):
+        # nobody refreshes these records: they must outlive the module on a loaded machine (minutes)
+        assert await publish_config(dht, RUN.run_id, RUN.wire_dict(), RUN.fingerprint, validator, ttl=600)
+        for peer, stage, tput, queue in (("QmReplicaA", 1, 12.5, 1), ("QmReplicaB", 1, 20.0, 0),
+                                         ("QmTrainerZ", 0, 0.0, 0), ("QmTrainerB", 0, 0.0, 0)):
             ann = Announcer(dht, RUN.run_id, peer, validator)
-            assert await ann.publish(1, RUN.fingerprint, tput, queue, 41, ttl=300)
+            assert await ann.publish(stage, RUN.fingerprint, tput, queue, 41, ttl=300)
         assert await Announcer(dht, RUN.run_id, "QmLeaving", validator).publish(1, RUN.fingerprint, 5.0, 0, 41,
                                                                                 serving=False, ttl=300)
         key = stage_key(RUN.run_id, 1)
@@ -62,7 +66,7 @@ def swarm_dht():
         schema_refused = not await dht.store(key, {"stage": "one", "peer_id": 5}, now + 300,
                                              subkey=owner_subkey("QmBadSchema", validator), return_future=True)
         local = RunConfig(model=RUN.model, train=RUN.train, run_id="resbm-local")  # `local`'s default run id
-        assert await publish_config(dht, local.run_id, local.wire_dict(), local.fingerprint, validator)
+        assert await publish_config(dht, local.run_id, local.wire_dict(), local.fingerprint, validator, ttl=600)
         return refused, schema_refused, await read_stage_records(dht, RUN)
 
     refused, schema_refused, records = asyncio.run(setup())
@@ -76,11 +80,12 @@ def status(dht, *extra, timeout=90):
                            "--run-id", RUN.run_id, *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_head_sees_only_signed_fresh_serving_records(swarm_dht):
+def test_nodes_see_only_signed_fresh_serving_records(swarm_dht):
     _, refused, schema_refused, records = swarm_dht
     assert refused, "the DHT accepted a record signed by someone else than its owner"
     assert schema_refused, "the DHT accepted a record that breaks the schema"
     assert sorted(r["peer_id"] for r in records.get(1, [])) == ["QmReplicaA", "QmReplicaB"]
+    assert sorted(r["peer_id"] for r in records.get(0, [])) == ["QmTrainerB", "QmTrainerZ"]
     assert 2 not in records  # the unsigned stage-2 record is not a replica
     assert all(r["throughput"] < 1e6 for r in records[1])
 
@@ -96,11 +101,16 @@ def test_status_json_lists_stages_replicas_and_flags_missing(swarm_dht):
     reps = {r["peer_id"]: r for r in stages[1]["replicas"]}
     assert sorted(reps) == ["QmReplicaA", "QmReplicaB"]
     a = reps["QmReplicaA"]
-    assert a["throughput"] == 12.5 and a["queue"] == 1 and a["version"] == 1 and a["step"] == 41
+    assert a["throughput"] == 12.5 and a["queue"] == 1 and a["version"] == PROTOCOL_VERSION and a["step"] == 41
     assert a["tokens_per_s"] == 12.5 * 4 * 32  # microbatch of 4 sequences x 32 tokens
     assert 0 <= a["age_s"] < 120
     assert stages[2]["missing"] is True and stages[2]["replicas"] == []
     assert stages[1]["missing"] is False and stages[0]["missing"] is False
+    assert [s["role"] for s in doc["stages"]] == ["trainer", "middle", "last"]
+    # trainers are listed like any stage's replicas; the lowest peer id closes the steps
+    assert [(r["peer_id"], r["role"]) for r in stages[0]["replicas"]] == [("QmTrainerB", "coordinator"),
+                                                                           ("QmTrainerZ", "trainer")]
+    assert {r["role"] for r in stages[1]["replicas"]} == {"middle"}
     assert doc["missing_stages"] == [2] and doc["ok"] is False and doc["error"] is None
     why = {r["peer_id"]: r["reason"] for r in doc["ignored_records"]}
     assert why["QmStale"] == "stale"
@@ -115,7 +125,9 @@ def test_status_table_and_unknown_run(swarm_dht):
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     assert "STAGE" in out and "QUEUE" in out and "AGE" in out
-    assert "NO REPLICA" in out and "MISSING: stage(s) 2" in out
+    assert "NO REPLICA" in out and "MISSING: stage(s) 2" in out and "NO TRAINER" not in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("0 ")]
+    assert [(r[1], r[2]) for r in rows] == [("coordinator", "QmTrainerB"), ("trainer", "QmTrainerZ")], out
     assert "ignored records:" in out and "1 stale" in out
     missing = status(dht, "--run-id", "no-such-run", "--json", "--timeout", "1")
     assert missing.returncode == 1
@@ -144,7 +156,7 @@ def test_status_watch_refreshes_until_stopped(swarm_dht):
             pass
     assert len(docs) == 3, proc.stderr.read()[-2000:]
     assert docs[-1]["dht_time"] > docs[0]["dht_time"]
-    assert all(d["missing_stages"] == [2] for d in docs)
+    assert all(d["missing_stages"] == [2] for d in docs), [d["missing_stages"] for d in docs]
     assert proc.returncode == 0
 
 
@@ -154,4 +166,12 @@ def test_status_finds_the_default_run_ids_without_run_id(swarm_dht):
                          cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout)
-    assert doc["run_id"] == "resbm-local" and doc["n_stages"] == 3 and doc["missing_stages"] == [1, 2]
+    assert doc["run_id"] == "resbm-local" and doc["n_stages"] == 3 and doc["missing_stages"] == [0, 1, 2]
+
+
+def test_status_flags_a_swarm_without_trainers(swarm_dht):
+    """Stage 0 is a stage like the others: no trainer is a missing stage, with the command that fixes it."""
+    res = status(swarm_dht[0], "--run-id", "resbm-local")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "!! NO TRAINER: start one with `resbm-node join --stage 0 ...`" in res.stdout
+    assert "MISSING: stage(s) 0, 1, 2" in res.stdout

@@ -25,7 +25,7 @@ def stock_client(peers, *flags, identity=None):
 
 
 def test_stock_hivemind_client_discovers_calls_and_is_refused_clearly(tmp_path):
-    swarm = Swarm(tmp_path, 1, tiny_run("stock"))  # an open swarm: no --trainer list, so a stranger may train
+    swarm = Swarm(tmp_path, 1, tiny_run("stock"))  # an open swarm: no trainer list, so a stranger may train
     try:
         peers = swarm.start_bootstrap()
         for stage in (1, 2):
@@ -36,19 +36,26 @@ def test_stock_hivemind_client_discovers_calls_and_is_refused_clearly(tmp_path):
         first = stock_client(peers, "--train")
         assert len(first["replicas"]) == 1 and first["code_width"] == 4
         assert first["eval_forward_shape"] == [2, 32, 4]
-        assert "needs ExpertRequest.metadata" in first["stock_backward"]
-        assert first["train"]["forward_shape"] == [2, 32, 4]
-        assert first["train"]["backward"]["ok"] is True and first["train"]["grad_shape"] == [2, 32, 4]
+        assert "'backward' is not served" in first["stock_backward"]
+        assert "needs ExpertRequest.metadata and goes through rpc_train" in first["stock_backward"]
+        # one rpc_train call walked stage 1 -> the tail and back: x's gradient and the route taken
+        train = first["train"]
+        assert "refused" not in train, train
+        assert train["grad_shape"] == [2, 32, 4] and train["loss"] > 0
+        assert len(train["route"]) == 2 and train["route"][0] == first["replicas"][0]
 
-        swarm.start("head", swarm.join_argv("head", 0, peers, extra=["--steps", "100000", "--eval-every", "0"]))
+        swarm.start_trainer(0, peers, 100000, extra=["--eval-every", "0"])
+        log = tmp_path / "trainer0.log"
         deadline = time.time() + 120
-        while head_steps(tmp_path / "head.log") < 2 and time.time() < deadline:
+        while head_steps(log) < 2 and time.time() < deadline:
             time.sleep(1)
-        before = head_steps(tmp_path / "head.log")
-        assert before >= 2, (tmp_path / "head.log").read_text()[-2000:]
+        before = head_steps(log)
+        assert before >= 2, log.read_text()[-2000:]
         second = stock_client(peers, "--hostile")
-        time.sleep(3)
-        after = head_steps(tmp_path / "head.log")
+        deadline = time.time() + 60  # the trainer goes on: its next step, however loaded the machine
+        while head_steps(log) <= before and time.time() < deadline:
+            time.sleep(1)
+        after = head_steps(log)
     finally:
         swarm.stop()
     hostile = second["hostile"]
