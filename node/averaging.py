@@ -1,7 +1,7 @@
 """Replicas of one stage train one model: every `average_every` steps they average parameters
 through hivemind's DecentralizedAverager (butterfly all-reduce among the replicas found in the DHT).
 
-Averaging runs inside the step barrier (the head waits for every replica's step reply), so no
+Averaging runs inside the step barrier (the step coordinator waits for every replica's step reply), so no
 forward or backward uses parameters while they are being replaced.
 
 Robustness: hivemind 1.1.12 has no CenteredClip, so `RobustAverager` swaps the plain weighted
@@ -178,7 +178,7 @@ class ReplicaAverager:
 
     async def maybe_average(self, step: int, group: int | None = None) -> bool | None:
         """Average after step `step` when it is due and another replica exists; None if not due.
-        `group`: how many replicas of this stage the head is stepping now (fresher than the DHT)."""
+        `group`: how many replicas of this stage the step coordinator is stepping now (fresher than the DHT)."""
         if not self.every or (step + 1) % self.every:
             return None
         n = group if group is not None else await self.count_replicas()
@@ -198,7 +198,7 @@ class ReplicaAverager:
             return False
         control = self._control = None
         try:
-            # the timeout bounds group *finding*: the head said who is stepping, so a partner that died
+            # the timeout bounds group *finding*: the coordinator said who is stepping, so a partner that died
             # meanwhile is given up on quickly (transfers have their own allreduce timeouts); the wait
             # for the result is bounded too, so a shutdown mid-round cannot leave this thread (and the
             # process's exit) waiting forever on a helper that is gone

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parsers(sub)
     ident = sub.add_parser("identity", help="print the peer id of an identity file (created if missing)",
                            description="Create or read a libp2p identity file and print its peer id, e.g. to "
-                                       "pass the head's id to `bootstrap --trainer`.")
+                                       "pass each trainer's id to `bootstrap --trainer`.")
     ident.add_argument("path")
     ident.set_defaults(func=lambda a: print(identity_peer_id(a.path)))
     return p

@@ -1,12 +1,12 @@
 """Prometheus metrics of one node, on its own registry (several nodes may share a process in tests).
 
-Every node (head = stage 0, and every stage replica) serves them on `--metrics-port` (0: off).
+Every node (trainers = stage 0, and every stage replica) serves them on `--metrics-port` (0: off).
 Names follow Prometheus conventions: base units in the name (`_seconds`, `_bytes`), `_total` for
 counters, no unit for ratios. Which role updates what:
 
     resbm_node_info                         both   version, stage, peer id, fingerprint, run id
     resbm_tokens_total, resbm_samples_total both   tokens / sequences that went through this stage
-    resbm_train_tokens_per_second           head   tokens trained per second of wall-clock time (last 10 steps)
+    resbm_train_tokens_per_second           trainer tokens trained per second of wall-clock time (last 10 steps)
     resbm_compute_tokens_per_second         stage  tokens per second of this stage's own compute (its capacity)
     resbm_wire_bytes_total{boundary,direction,pass}        both   whole RPC messages that crossed a boundary
                                                                   (tensors, metadata, protobuf framing)
@@ -16,11 +16,11 @@ counters, no unit for ratios. Which role updates what:
     resbm_nominal_compression_ratio{codec,code_width}  both  what the run config promises: 2d / codec bytes per token
     resbm_frame_bytes_total{direction}      both   every RPC message byte, training or not
     resbm_rpc_duration_seconds{method}      stage  server-side latency of forward / backward / loss / step
-    resbm_call_duration_seconds{stage,method}  head   client-side latency of calls to each stage
+    resbm_call_duration_seconds{stage,method}  caller client-side latency of train calls to its next stage
     resbm_queue_depth                       stage  requests waiting for or in compute
-    resbm_train_loss, resbm_val_loss        head   (only nodes that compute a loss export one)
-    resbm_replicas{stage}                   head   replicas per stage seen in the DHT
-    resbm_retries_total{stage}, resbm_bans_total{stage}   head   calls retried / replicas banned after failures
+    resbm_train_loss, resbm_val_loss        trainer (only nodes that compute a loss export one)
+    resbm_replicas{stage}                   all    replicas per stage seen in the DHT
+    resbm_retries_total{stage}, resbm_bans_total{stage}   caller calls retried / replicas banned after failures
     resbm_rejected_payloads_total{reason}   stage  bad requests refused, by reason ("banned": from a banned peer)
     resbm_peer_bans_total                   stage  peers refused for a while after repeated bad requests
     resbm_averaging_rounds_total, resbm_averaging_failures_total, resbm_averaging_group_size,

@@ -1,8 +1,8 @@
 """Choosing a replica per stage for each microbatch (SWARM's balancer, Petals' bans).
 
 The expected finish time of a new task on a replica is
-    (tasks this head has in flight there + its advertised queue + 1) * expected seconds per task,
-where seconds per task is an EMA of what this head observed, or 1/throughput advertised in the
+    (tasks this node has in flight there + its advertised queue + 1) * expected seconds per task,
+where seconds per task is an EMA of what this node observed, or 1/throughput advertised in the
 replica's DHT record before the first observation. Ties are broken at random. A failed replica is
 banned for base * 2^(failures-1) seconds, capped at ban_max_s (the exponent is capped too, so the
 arithmetic cannot overflow however often a replica fails). A banned replica is never chosen: when
@@ -27,7 +27,7 @@ class Replica:
     throughput: float = 1.0       # advertised microbatches per second
     queue: int = 0                # advertised queue length
     step: int = -1
-    inflight: int = 0             # tasks this head has sent and not yet seen answered
+    inflight: int = 0             # tasks this node has sent and not yet seen answered
     ema_seconds: float | None = None
     failures: int = 0
     banned_until: float = 0.0
