@@ -114,7 +114,9 @@ def p2p_options(reachability: str, relays: list[str]) -> tuple[dict, dict]:
     if reachability == "private":
         if not relays:
             raise AddressError("a node that cannot be dialled needs a relay: give --initial-peers or --relay")
-        return (dict(nat_port_map=False, auto_nat=True, use_relay=True, use_auto_relay=True,
+        # client_mode: others must not put an undialable peer in their DHT routing tables (their stores
+        # and gets would wait on it); our own stage handlers are still reached through the relay.
+        return (dict(nat_port_map=False, auto_nat=True, use_relay=True, use_auto_relay=True, client_mode=True,
                      force_reachability="private", trusted_relays=list(relays)),
                 dict(relayService=False))
     raise ValueError(f"reachability must be one of {REACHABILITY}, not {reachability!r}")
