@@ -2,14 +2,19 @@
 
 Topology (on top of bench/netns.py's NetnsLab)::
 
-    public hosts h0..h{n-1}: 10.77.0.{i+1}/24 on the lab bridge (optionally shaped)
-    router  h{n}:   eth0 10.77.0.{n+1}/24 on the bridge, eth1 192.168.77.1/24 to home,
+    public hosts h0..h{n-1}: 11.77.0.{i+1}/24 on the lab bridge (optionally shaped)
+    router  h{n}:   eth0 11.77.0.{n+1}/24 on the bridge, eth1 192.168.77.1/24 to home,
                     MASQUERADE out of eth0, inbound connections that home did not open dropped
     home    h{n+1}: eth0 192.168.77.2/24, default route via the router
 
 Public hosts have no route to 192.168.77.0/24 either, as on the internet: nobody can dial home,
 home can dial everybody. The router and home are named like lab hosts, so NetnsLab's cleanup and
 cleanup_stale remove them too.
+
+The public side uses globally routable addresses (11.77.0.0/24) inside the isolated namespaces:
+a libp2p relay puts only public addresses of its own into a reservation (manet.IsPublicAddr), and a
+reservation without addresses gives the home node no /p2p-circuit address (seen with 10.77.0.0/24:
+"skipping node that we recently failed to obtain a reservation with").
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from node.local import Swarm
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 
 HOME_NET = "192.168.77"
+PUBLIC_NET = "11.77.0.0/24"  # see the module doc: relays announce only public addresses
 
 
 class NatLab(NetnsLab):
@@ -34,6 +40,7 @@ class NatLab(NetnsLab):
     `lab.router` and `lab.home` are host indices for popen()."""
 
     def __init__(self, n_public: int, rate_mbit: float | None = None, **kw):
+        kw.setdefault("subnet", PUBLIC_NET)
         super().__init__(n_public + 1, rate_mbit=rate_mbit, **kw)
         base = self.hosts[0].name.rsplit("-", 1)[0]
         self.router, self.home = n_public, n_public + 1

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.nat import NatLab, require_nat_lab
+from bench.nat import HOME_PORT, TRAINER, NatLab, require_nat_lab, start_swarm, start_trainer
 from node.local import Swarm
 from tests.swarm_helpers import tiny_run
 
 REASON = require_nat_lab()
 pytestmark = [pytest.mark.swarm, pytest.mark.skipif(REASON is not None, reason=f"NAT lab unavailable: {REASON}")]
 REPO = Path(__file__).resolve().parents[1]
-HOME_PORT = 31338
 STEPS = 6
 
 # Run in a public namespace: dial `peer` at exactly `addr` (no relay, no DHT lookup); print ok or the error.
@@ -63,21 +62,12 @@ def test_home_stage_trains_through_a_relay(tmp_path):
     run = tiny_run("nat")
     with NatLab(3) as lab:
         swarm = Swarm(tmp_path, threads=1, run=run)
-        wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731
-        ip = lambda i: lab.hosts[i].ip  # noqa: E731
         try:
-            peers = swarm.start_bootstrap(host=ip(0), wrap=wrap(0))
-            swarm.start_stage("stage2", 2, peers, host=ip(2), wrap=wrap(2))
-            swarm.start_stage("stage1", 1, peers, host=ip(lab.home), extra=["--port", str(HOME_PORT)],
-                              wrap=wrap(lab.home))
-            swarm.wait_for_line("stage1", "relayed: reachable through", 400)
+            peers = start_swarm(lab, swarm, relayed=True)
             home = peer_id_of(tmp_path / "stage1.id")
-            refused = dial_directly(lab, 1, home, f"/ip4/{ip(lab.home)}/tcp/{HOME_PORT}")
+            refused = dial_directly(lab, TRAINER, home, f"/ip4/{lab.hosts[lab.home].ip}/tcp/{HOME_PORT}")
             assert refused.startswith("failed:"), refused  # the NAT really blocks inbound dials
-            swarm.wait_for_line("stage1", "serving", 120)
-            swarm.wait_for_line("stage2", "serving", 120)
-            trainer = swarm.start_trainer(0, peers, STEPS, host=ip(1), wrap=wrap(1),
-                                          extra=["--eval-every", "0", "--checkpoint-dir", ""])
+            trainer = start_trainer(lab, swarm, peers, STEPS)
             assert wait_exit(trainer, 600) == 0, (tmp_path / "trainer0.log").read_text()[-3000:]
         finally:
             swarm.stop()
