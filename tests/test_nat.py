@@ -48,7 +48,7 @@ def peer_id_of(identity: Path) -> str:
 def dial_directly(lab: NatLab, host: int, peer: str, addr: str) -> str:
     out = subprocess.run(lab.exec_argv(host, [sys.executable, "-c", DIAL, peer, addr]), capture_output=True,
                          text=True, timeout=60, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    return (out.stdout.strip().splitlines() or [out.stderr[-300:]])[-1]
+    return out.stdout.strip() or out.stderr[-300:]
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
