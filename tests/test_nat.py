@@ -58,6 +58,8 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
         raise AssertionError(f"still running after {timeout:.0f}s") from None
 
 
+@pytest.mark.xfail(strict=True, reason="issue 13 open: in the lab the public stage 2 logs 'DHT refused our stage "
+                                      "record' and the trainer waits for stage 2 (see docs/nat.md, Status)")
 def test_home_stage_trains_through_a_relay(tmp_path):
     run = tiny_run("nat")
     with NatLab(3) as lab:
