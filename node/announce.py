@@ -30,8 +30,11 @@ def owner_subkey(peer_id: str, validator: RSASignatureValidator) -> bytes:
 
 
 class Announcer:
-    def __init__(self, dht: DHT, run_id: str, peer_id: str, validator: RSASignatureValidator, period_s: float = 5.0):
+    def __init__(self, dht: DHT, run_id: str, peer_id: str, validator: RSASignatureValidator, period_s: float = 5.0,
+                 relayed: bool | None = None):
         self.dht, self.run_id, self.peer_id, self.period_s = dht, run_id, peer_id, period_s
+        # Behind NAT, others reach us through a relay (node/dht.py set dht.reachability): routers penalise that.
+        self.relayed = relayed if relayed is not None else getattr(dht, "reachability", None) == "private"
         self.subkey = owner_subkey(peer_id, validator)
         self.started = get_dht_time()
         self.expires: dict[int, float] = {}  # per stage key, of our last record: the DHT keeps the latest-expiring
@@ -41,7 +44,8 @@ class Announcer:
                       serving: bool = True, ttl: float | None = None, state: str | None = None) -> bool:
         value = stage_record(stage=stage, peer_id=self.peer_id, throughput=float(throughput), queue=int(queue),
                              fingerprint=fingerprint, step=int(step), serving=serving, started=float(self.started),
-                             updated=float(get_dht_time()), state=state or ("serving" if serving else "draining"))
+                             updated=float(get_dht_time()), state=state or ("serving" if serving else "draining"),
+                             relayed=self.relayed)
         ttl = ttl if ttl is not None else 3 * self.period_s
         # A newer record with an earlier expiration would be ignored: never expire before the last one.
         expires = self.expires[stage] = max(get_dht_time() + ttl, self.expires.get(stage, 0.0) + 1e-3)

@@ -55,7 +55,7 @@ async def _main(args, run) -> int:
     dht = refresher = None
     try:
         dht = start_dht(run.run_id, args.initial_peers, host=args.host, port=args.port, identity=args.identity,
-                        announce=args.announce, public=args.public)
+                        announce=args.announce, reachability=args.reachability, relays=args.relay)
         if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator):
             raise SystemExit("error: the DHT refused the run config record")
         if args.save_config:

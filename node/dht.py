@@ -2,11 +2,15 @@
 signed and schema-checked records, and a clear error instead of a hang."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import subprocess
 import sys
+import time
 
 from hivemind import DHT
+from hivemind.p2p import P2P
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.utils.crypto import RSAPrivateKey
@@ -21,11 +25,26 @@ class AddressError(ValueError):
 
 
 class OwnedDHT(DHT):
-    """hivemind's DHT whose process (and its p2pd) exits when the node's main process dies."""
+    """hivemind's DHT whose process (and its p2pd) exits when the node's main process dies. `p2pd_flags`
+    are extra p2pd command-line flags that hivemind.P2P.create has no parameter for (relay service caps)."""
+
+    def __init__(self, *args, p2pd_flags: dict | None = None, **kwargs):
+        self._p2pd_flags = dict(p2pd_flags or {})
+        super().__init__(*args, **kwargs)
 
     def run(self) -> None:
         watch_parent(self._parent_pid)
+        if self._p2pd_flags:
+            _add_p2pd_flags(self._p2pd_flags)  # in this (the DHT's) process only, before it starts p2pd
         super().run()
+
+
+def _add_p2pd_flags(extra: dict) -> None:
+    make_args = P2P._make_process_args
+
+    def with_extra(*args, **kwargs):
+        return make_args(*args, **{**kwargs, **extra})
+    P2P._make_process_args = staticmethod(with_extra)
 
 
 def parse_initial_peers(addrs) -> list[str]:
@@ -67,21 +86,95 @@ def check_port_free(host: str, port: int) -> None:
                                f"or node running with --port {port}? Stop it or choose another port") from None
 
 
+REACHABILITY = ("auto", "public", "private", "off")
+
+# Relay service caps (p2pd -relay* flags) of public nodes. A relayed stage moves a few KB of codes per
+# microbatch, so a relay needs few, small buffers; reservations are cheap (one per home node).
+RELAY_MAX_RESERVATIONS = 64        # home nodes one relay accepts (p2pd default 128)
+RELAY_MAX_CIRCUITS = 16            # relayed connections per peer at once (p2pd default 16)
+RELAY_BUFFER_BYTES = 1 << 20       # per relayed connection and direction (p2pd default 16 MiB)
+RELAY_DATA_LIMIT_BYTES = 1 << 32   # per relayed connection before the relay resets it (p2pd default)
+RELAY_TIME_LIMIT = "24h"           # per relayed connection (p2pd default 30m would cut a long run)
+
+
+def p2p_options(reachability: str, relays: list[str]) -> tuple[dict, dict]:
+    """(hivemind DHT/P2P kwargs, extra p2pd flags) for a reachability mode.
+    public: dialable; serves as a relay (capped) and as an AutoNAT server, never uses one.
+    private: cannot be dialled; reserves a slot on `relays` and announces the /p2p-circuit address.
+    off: loopback/tests: no relay, no AutoNAT, as hivemind's defaults would otherwise probe.
+    UPnP/NAT-PMP port mapping stays off in every mode: it would reconfigure the volunteer's router."""
+    if reachability == "off":
+        return dict(nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False), {}
+    if reachability == "public":
+        return (dict(nat_port_map=False, auto_nat=True, use_relay=True, use_auto_relay=False,
+                     force_reachability="public"),
+                dict(relayService=True, relayMaxReservations=RELAY_MAX_RESERVATIONS,
+                     relayMaxCircuits=RELAY_MAX_CIRCUITS, relayBufferSize=RELAY_BUFFER_BYTES,
+                     relayDataLimit=RELAY_DATA_LIMIT_BYTES, relayTimeLimit=RELAY_TIME_LIMIT))
+    if reachability == "private":
+        if not relays:
+            raise AddressError("a node that cannot be dialled needs a relay: give --initial-peers or --relay")
+        # client_mode: others must not put an undialable peer in their DHT routing tables (their stores
+        # and gets would wait on it); our own stage handlers are still reached through the relay.
+        return (dict(nat_port_map=False, auto_nat=True, use_relay=True, use_auto_relay=True, client_mode=True,
+                     force_reachability="private", trusted_relays=list(relays)),
+                dict(relayService=False))
+    raise ValueError(f"reachability must be one of {REACHABILITY}, not {reachability!r}")
+
+
+def _source_ip(peer_ip: str) -> str:
+    """The local address this host would send from towards `peer_ip` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET6 if ":" in peer_ip else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer_ip, 9))
+        return s.getsockname()[0]
+
+
+def _via_gateway(peer_ip: str) -> bool:
+    """Whether packets to `peer_ip` leave through a router (not on our own link). Unknown: True."""
+    try:
+        out = subprocess.run(["ip", "route", "get", peer_ip], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return " via " in out or not out
+
+
+def guess_reachability(host: str, peers: list[str], announce) -> str:
+    """The "auto" decision. off: listening on loopback (nobody else could dial us anyway). public: a
+    bootstrap (no peers), an operator-given --announce address, or a peer reached from a global address
+    or on our own link. private: we send from a private address through a router to the peers; private
+    addresses are not routed between networks, so a NAT rewrites ours and nobody can dial it back."""
+    if ipaddress.ip_address(host if host not in ("0.0.0.0", "::") else "0.0.0.0").is_loopback:
+        return "off"
+    if not peers or announce:
+        return "public"
+    peer_ip = Multiaddr(peers[0]).value_for_protocol(Multiaddr(peers[0]).protocols()[0].code)
+    try:
+        source = ipaddress.ip_address(_source_ip(peer_ip) if host in ("0.0.0.0", "::") else host)
+    except (OSError, ValueError):
+        return "public"
+    return "private" if source.is_private and _via_gateway(peer_ip) else "public"
+
+
 def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
-              announce: list[str] | None = None, public: bool = False, rsa_key: RSAPrivateKey | None = None,
-              startup_timeout: float = 20.0) -> DHT:
-    """A DHT peer for run `run_id`. `public=True` enables hivemind's NAT traversal helpers (AutoNAT,
-    port mapping, relays) for volunteers behind NAT; off by default, and always off in tests."""
+              announce: list[str] | None = None, public: bool = False, reachability: str | None = None,
+              relays=(), rsa_key: RSAPrivateKey | None = None, startup_timeout: float = 20.0) -> DHT:
+    """A DHT peer for run `run_id`. `reachability` (REACHABILITY; `public=True` is the old spelling of
+    "public"): "auto" probes whether peers can dial this node and picks "public" or "private" (relayed
+    through `relays`, by default the initial peers); "off" (the default for library callers and tests)
+    keeps every NAT helper off. The chosen mode is `dht.reachability`."""
     peers = parse_initial_peers(initial_peers)
     check_port_free(host, port)
     if identity:
         os.makedirs(os.path.dirname(os.path.abspath(identity)), exist_ok=True)
     validators = [RSASignatureValidator(rsa_key), SchemaValidator(make_schema(run_id), allow_extra_keys=True)]
+    mode = reachability or ("public" if public else "off")
+    if mode == "auto":
+        mode = guess_reachability(host, peers, announce)
+    kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [])
     try:
         dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators,
-                  host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,
-                     nat_port_map=public, auto_nat=public, use_relay=public, use_auto_relay=public,
-                        startup_timeout=startup_timeout, await_ready=True)
+                       host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,
+                       p2pd_flags=flags, startup_timeout=startup_timeout, await_ready=True, **kwargs)
     except Exception as e:
         where = f" (initial peers: {', '.join(peers)})" if peers else ""
         raise ConnectionError(f"could not start the DHT peer{where}: {type(e).__name__}: {e}") from e
@@ -89,7 +182,32 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
         dht.shutdown()
         raise ConnectionError(f"none of the initial peers answered: {', '.join(peers)}. Is the bootstrap running "
                               f"and reachable from here (address, port, firewall)?")
+    dht.reachability = mode
+    if mode == "private":
+        wait_for_relay(dht)
     return dht
+
+
+def relay_wait_s() -> float:
+    """How long a private node waits for its relay reservation (RESBM_RELAY_WAIT_S, default 300 s):
+    p2pd's autorelay reserves only after its boot delay, measured at 1.5-3 min."""
+    return float(os.environ.get("RESBM_RELAY_WAIT_S", "300"))
+
+
+def wait_for_relay(dht: DHT, poll_s: float = 1.0) -> list[str]:
+    """Block until p2pd announces a relayed (/p2p-circuit) address; return those addresses (none if the
+    wait ran out: the node still starts, but only peers it dialled itself can reach it)."""
+    deadline = time.monotonic() + relay_wait_s()
+    print("behind NAT (reachability private): waiting for a relay reservation...", file=sys.stderr, flush=True)
+    while time.monotonic() < deadline:
+        relayed = [a for a in visible_maddrs(dht, latest=True) if "/p2p-circuit" in a]
+        if relayed:
+            print(f"relayed: reachable through {relayed[0]}", file=sys.stderr, flush=True)
+            return relayed
+        time.sleep(poll_s)
+    print(f"no relay reservation after {relay_wait_s():.0f}s: peers cannot dial this node", file=sys.stderr,
+          flush=True)
+    return []
 
 
 async def _count_peers(_dht, node) -> int:
@@ -100,8 +218,13 @@ def _reached_any(dht: DHT) -> bool:
     return dht.run_coroutine(_count_peers) > 0
 
 
-def visible_maddrs(dht: DHT) -> list[str]:
-    return [str(a) for a in dht.get_visible_maddrs()]
+async def _latest_maddrs(_dht, node) -> list[str]:
+    return [str(a) for a in await node.p2p.get_visible_maddrs(latest=True)]
+
+
+def visible_maddrs(dht: DHT, latest: bool = False) -> list[str]:
+    """This node's addresses; `latest` asks p2pd again (a relayed address appears after start-up)."""
+    return dht.run_coroutine(_latest_maddrs) if latest else [str(a) for a in dht.get_visible_maddrs()]
 
 
 def print_own_addrs(dht: DHT, role: str) -> list[str]:

@@ -119,7 +119,7 @@ class Node:
         run_id = chosen_run_id(a.run_id, load_config_file(a.config) if a.config else None)
         # hivemind forks its helper processes: start them before any CUDA work.
         self.dht = start_dht(run_id, a.initial_peers, host=a.host, port=a.port, identity=a.identity,
-                             announce=a.announce, public=a.public)
+                             announce=a.announce, reachability=a.reachability, relays=a.relay)
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.dht.peer_id)
         self.run_cfg = await resolve_run_config(self.dht, run_id, a.config)

@@ -58,10 +58,10 @@ class Swarm:
         self.procs.append((name, proc, log))
         return proc
 
-    def start_bootstrap(self, host: str = "127.0.0.1", wrap=None, timeout: float = 60) -> list[str]:
+    def start_bootstrap(self, host: str = "127.0.0.1", wrap=None, timeout: float = 60, extra=()) -> list[str]:
         addr_file = self.run_dir / "bootstrap.addr"
         self.start("bootstrap", ["bootstrap", "--config", str(self.config_file), "--host", host,
-                                 "--addr-file", str(addr_file)], wrap=wrap)
+                                 "--addr-file", str(addr_file), *extra], wrap=wrap)
         self.wait_for_line("bootstrap", "is up", timeout)
         return addr_file.read_text().split()
 

@@ -48,6 +48,7 @@ class StageRecord(pydantic.BaseModel):
     state: pydantic.constr(strict=True, regex="^(" + "|".join(NODE_STATES) + ")$") = "serving"  # NODE_STATES
     started: StrictFloat                                 # DHT time the node started
     updated: StrictFloat                                 # DHT time of this record
+    relayed: StrictBool = False                          # reachable only through a relay (behind NAT)
 
     class Config:
         extra = "forbid"
@@ -75,4 +76,7 @@ def make_schema(run_id: str):
 def stage_record(**fields) -> dict:
     """A validated StageRecord as a plain dict (what goes into the DHT)."""
     fields.setdefault("version", PROTOCOL_VERSION)
-    return StageRecord(**fields).dict()
+    record = StageRecord(**fields).dict()
+    if not record["relayed"]:
+        del record["relayed"]  # a direct node's record stays readable by nodes that predate the field
+    return record

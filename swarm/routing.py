@@ -3,7 +3,9 @@
 The expected finish time of a new task on a replica is
     (tasks this node has in flight there + its advertised queue + 1) * expected seconds per task,
 where seconds per task is an EMA of what this node observed, or 1/throughput advertised in the
-replica's DHT record before the first observation. Ties are broken at random. A failed replica is
+replica's DHT record before the first observation, times RELAY_PENALTY for a replica that is only
+reachable through a relay (its record says relayed: true; Petals likewise scales a relayed server's
+network throughput by 0.2), so direct replicas are preferred while they are not much busier. Ties are broken at random. A failed replica is
 banned for base * 2^(failures-1) seconds, capped at ban_max_s (the exponent is capped too, so the
 arithmetic cannot overflow however often a replica fails). A banned replica is never chosen: when
 every replica of a stage is banned, `choose` returns None and `next_unban_in` says how long the
@@ -18,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 MAX_BAN_EXPONENT = 30  # 2**30 s is far beyond any sane ban_max_s; keeps 2**n a small float
+RELAY_PENALTY = 2.0    # a relayed replica's expected seconds per task are multiplied by this
 
 
 @dataclass
@@ -32,11 +35,11 @@ class Replica:
     failures: int = 0
     banned_until: float = 0.0
     started: float | None = None  # when the replica's process started (from its record)
+    relayed: bool = False         # reachable only through a relay: every hop crosses it twice
 
     def expected_seconds(self) -> float:
-        if self.ema_seconds is not None:
-            return self.ema_seconds
-        return 1.0 / max(self.throughput, 1e-3)
+        seconds = self.ema_seconds if self.ema_seconds is not None else 1.0 / max(self.throughput, 1e-3)
+        return seconds * RELAY_PENALTY if self.relayed else seconds
 
     def finish_time(self) -> float:
         return (self.inflight + self.queue + 1) * self.expected_seconds()
@@ -61,6 +64,7 @@ class Router:
                 rep.failures, rep.banned_until = 0, 0.0  # restarted (same identity): a new process, no ban
             rep.started = rec.get("started", rep.started)
             rep.throughput, rep.queue, rep.step = rec.get("throughput", 1.0), rec.get("queue", 0), rec.get("step", -1)
+            rep.relayed = bool(rec.get("relayed", False))
             fresh[rep.peer_id] = rep
         for peer, rep in old.items():  # keep in-flight bookkeeping of replicas that vanished mid-call
             if peer not in fresh and rep.inflight:

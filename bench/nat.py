@@ -1,0 +1,178 @@
+"""NAT lab and bench: a "home" namespace behind a "router" namespace doing source NAT.
+
+Topology (on top of bench/netns.py's NetnsLab)::
+
+    public hosts h0..h{n-1}: 11.77.0.{i+1}/24 on the lab bridge (optionally shaped)
+    router  h{n}:   eth0 11.77.0.{n+1}/24 on the bridge, eth1 192.168.77.1/24 to home,
+                    MASQUERADE out of eth0, inbound connections that home did not open dropped
+    home    h{n+1}: eth0 192.168.77.2/24, default route via the router
+
+Public hosts have no route to 192.168.77.0/24 either, as on the internet: nobody can dial home,
+home can dial everybody. The router and home are named like lab hosts, so NetnsLab's cleanup and
+cleanup_stale remove them too.
+
+The public side uses globally routable addresses (11.77.0.0/24) inside the isolated namespaces:
+a libp2p relay puts only public addresses of its own into a reservation (manet.IsPublicAddr), and a
+reservation without addresses gives the home node no /p2p-circuit address (seen with 10.77.0.0/24:
+"skipping node that we recently failed to obtain a reservation with").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.netns import Host, NetnsLab, require_root_netns
+from node.local import Swarm
+from swarm.config import ModelConfig, RunConfig, TrainConfig
+
+HOME_NET = "192.168.77"
+PUBLIC_NET = "11.77.0.0/24"  # see the module doc: relays announce only public addresses
+
+
+class NatLab(NetnsLab):
+    """NetnsLab with `n_public` bridged hosts plus a router and a home host behind it.
+    `lab.router` and `lab.home` are host indices for popen()."""
+
+    def __init__(self, n_public: int, rate_mbit: float | None = None, **kw):
+        kw.setdefault("subnet", PUBLIC_NET)
+        super().__init__(n_public + 1, rate_mbit=rate_mbit, **kw)
+        base = self.hosts[0].name.rsplit("-", 1)[0]
+        self.router, self.home = n_public, n_public + 1
+        self.hosts.append(Host(f"{base}-h{self.home}", f"{HOME_NET}.2"))
+
+    def _build(self) -> None:
+        home = self.hosts.pop()  # not on the bridge: behind the router
+        try:
+            super()._build()
+        finally:
+            self.hosts.append(home)
+        router = self.hosts[self.router].name
+        self._add_netns(home.name)
+        self._ip(router, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", home.name)
+        self._ip(router, "addr", "add", f"{HOME_NET}.1/24", "dev", "eth1")
+        self._ip(router, "link", "set", "eth1", "up")
+        self._ip(home.name, "addr", "add", f"{home.ip}/24", "dev", "eth0")
+        self._ip(home.name, "link", "set", "eth0", "up")
+        self._ip(home.name, "route", "add", "default", "via", f"{HOME_NET}.1")
+        self._router_nat(router)
+
+    def _router_nat(self, router: str) -> None:
+        def ns(*argv):
+            subprocess.run(["ip", "netns", "exec", router, *argv], check=True, capture_output=True, timeout=15)
+        ns("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ns("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE")
+        ns("iptables", "-A", "FORWARD", "-i", "eth0", "-o", "eth1", "-m", "conntrack",
+           "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        ns("iptables", "-A", "FORWARD", "-i", "eth0", "-o", "eth1", "-j", "DROP")
+
+
+def require_nat_lab() -> str | None:
+    """None if a NAT lab can be built here; else why not."""
+    reason = require_root_netns()
+    if reason is None and shutil.which("iptables") is None:
+        reason = "'iptables' not found (Debian package iptables)"
+    if reason is None:
+        try:
+            with NatLab(1):
+                pass
+        except (subprocess.SubprocessError, OSError) as e:
+            reason = f"cannot build a NAT lab: {(getattr(e, 'stderr', None) or str(e)).strip()}"
+    return reason
+
+
+# ------------------------------------------------------------------ swarm in the NAT lab
+BOOT, TRAINER, STAGE2, DIRECT = 0, 1, 2, 3  # public hosts of NatLab(4) (the test needs only the first 3)
+HOME_PORT = 31338
+
+
+def start_swarm(lab: NatLab, swarm, relayed: bool, relay_wait_s: float = 400) -> list[str]:
+    """Bootstrap (the relay) on h0, stage 2 on h2, stage 1's only replica at home behind the NAT
+    (`relayed`) or on public host h3; the bootstrap relays (`--reachability public`), stage 1 decides
+    by itself (`--reachability auto`), stage 2 keeps the default (off). Returns the
+    bootstrap's addresses once stages 1 and 2 serve."""
+    wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731
+    where = lab.home if relayed else DIRECT
+    peers = swarm.start_bootstrap(host=lab.hosts[BOOT].ip, wrap=wrap(BOOT), extra=["--reachability", "public"])
+    swarm.start_stage("stage2", 2, peers, host=lab.hosts[STAGE2].ip, wrap=wrap(STAGE2))
+    swarm.start_stage("stage1", 1, peers, host=lab.hosts[where].ip, extra=["--port", str(HOME_PORT), "--reachability", "auto"],
+                      wrap=wrap(where))
+    if relayed:
+        swarm.wait_for_line("stage1", "relayed: reachable through", relay_wait_s)
+    for name in ("stage1", "stage2"):
+        swarm.wait_for_line(name, "serving", 180)
+    return peers
+
+
+def start_trainer(lab: NatLab, swarm, peers: list[str], steps: int):
+    return swarm.start_trainer(0, peers, steps, host=lab.hosts[TRAINER].ip,
+                               wrap=lambda cmd: lab.exec_argv(TRAINER, cmd),
+                               extra=["--eval-every", "0", "--checkpoint-dir", ""])
+
+
+def iface_bytes(lab: NatLab, host: int, dev: str = "eth0") -> int:
+    """Bytes received + sent on a host's interface (the relay's whole traffic when host = BOOT)."""
+    stats = "/sys/class/net/{}/statistics/{}_bytes"
+    out = subprocess.run(lab.exec_argv(host, ["cat", stats.format(dev, "rx"), stats.format(dev, "tx")]),
+                         capture_output=True, text=True, check=True, timeout=15).stdout.split()
+    return sum(int(x) for x in out)
+
+
+def tiny_run(run_id: str) -> RunConfig:
+    """3 stages of a d=64 model, 8 x 64 tokens a microbatch: cheap on 2 cores, yet codes worth counting."""
+    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, ratio=16, seq_len=64, n_stages=3)
+    return RunConfig(model=model, train=TrainConfig(batch_size=8, microbatches=2), run_id=run_id)
+
+
+def one_run(relayed: bool, rate: float, steps: int, workdir) -> dict:
+    """tokens/s of a trainer through stage 1 at home (relayed) or on a public host (direct), and the
+    relay's (bootstrap's) bytes per token while the trainer ran."""
+    run = tiny_run("natbench")
+    run_dir = Path(workdir) / ("relayed" if relayed else "direct")
+    run_dir.mkdir(parents=True)
+    with NatLab(4, rate_mbit=rate) as lab:
+        swarm = Swarm(run_dir, threads=1, run=run)
+        try:
+            peers = start_swarm(lab, swarm, relayed)
+            before = iface_bytes(lab, BOOT)
+            trainer = start_trainer(lab, swarm, peers, steps)
+            t0 = time.monotonic()
+            code = trainer.wait(timeout=1200)
+            relay_bytes = iface_bytes(lab, BOOT) - before
+        finally:
+            swarm.stop()
+    summary = json.loads((run_dir / "trainer0.json").read_text())
+    tokens = summary["steps_completed"] * run.train.batch_size * run.model.seq_len
+    return {"relayed": relayed, "rate_mbit": rate, "exit_code": code, "wall_s": round(time.monotonic() - t0, 1),
+            "steps": summary["steps_completed"], "tokens_per_s": summary["tokens_per_s"],
+            "loss_first": summary["train_loss_first"], "loss_last": summary["train_loss_last"],
+            "relay_bytes": relay_bytes, "relay_bytes_per_token": relay_bytes / max(tokens, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="tokens/s through a relayed stage-1 replica vs a direct one")
+    p.add_argument("--rate", type=float, default=10.0, help="link rate in Mbit/s (every host's link)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--json-out", default="bench/results/nat.json")
+    args = p.parse_args(argv)
+    reason = require_nat_lab()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="natbench-") as tmp:
+        rows = [one_run(relayed, args.rate, args.steps, tmp) for relayed in (False, True)]
+    for r in rows:
+        print(f"{'relayed' if r['relayed'] else 'direct ':8} {r['rate_mbit']:g} Mbit/s: {r['tokens_per_s']:.0f} tok/s, "
+              f"loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}, relay {r['relay_bytes_per_token']:.0f} B/token")
+    with open(args.json_out, "w") as f:
+        json.dump({"rows": rows, "command": " ".join(["python -m bench.nat", *(argv or sys.argv[1:])])}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

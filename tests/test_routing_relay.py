@@ -1,0 +1,47 @@
+"""A relayed replica (behind NAT, reached through a relay) is penalised: direct replicas win ties."""
+import random
+
+from protocol.records import StageRecord, stage_record
+from swarm.routing import RELAY_PENALTY, Router
+
+
+def record(peer: str, relayed: bool | None = None, throughput: float = 2.0) -> dict:
+    extra = {} if relayed is None else {"relayed": relayed}
+    return stage_record(stage=1, peer_id=peer, throughput=throughput, queue=0, fingerprint="f", step=0,
+                        serving=True, started=1.0, updated=2.0, **extra)
+
+
+def test_direct_replica_preferred_over_relayed_of_equal_speed():
+    router = Router(3, rng=random.Random(0))
+    router.update(1, [record("home", relayed=True), record("direct")])
+    assert {router.choose(1).peer_id for _ in range(50)} == {"direct"}
+
+
+def test_penalty_scales_expected_time_observed_or_advertised():
+    router = Router(3)
+    router.update(1, [record("home", relayed=True), record("direct")])
+    home, direct = router.stages[1]["home"], router.stages[1]["direct"]
+    assert home.expected_seconds() == RELAY_PENALTY * direct.expected_seconds() == RELAY_PENALTY * 0.5
+    router.succeeded(home, 0.1)
+    assert home.expected_seconds() == 0.1 * RELAY_PENALTY
+
+
+def test_relayed_replica_used_when_direct_one_is_busy_or_banned():
+    router = Router(3, rng=random.Random(0))
+    router.update(1, [record("home", relayed=True), record("direct")])
+    direct = router.stages[1]["direct"]
+    direct.inflight = int(RELAY_PENALTY)  # (inflight + 1) * 0.5 > 1 * 0.5 * penalty
+    assert router.choose(1).peer_id == "home"
+    direct.inflight = 0
+    router.failed(direct)
+    assert router.choose(1).peer_id == "home"
+
+
+def test_relayed_field_is_optional_and_direct_records_keep_the_old_format():
+    direct = record("direct")
+    assert "relayed" not in direct  # readable by nodes that predate the field (extra = forbid)
+    assert StageRecord(**direct).relayed is False
+    assert record("home", relayed=True)["relayed"] is True
+    router = Router(3)
+    router.update(1, [direct])
+    assert router.stages[1]["direct"].relayed is False
