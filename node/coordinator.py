@@ -33,6 +33,7 @@ class Pending:
     ledgers: dict = field(default_factory=dict)      # owner -> TrainerLedger
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future | None = None
+    task: asyncio.Task | None = None                 # held: the loop keeps only a weak reference to tasks
 
 
 class StepCoordinator:
@@ -54,7 +55,7 @@ class StepCoordinator:
         p = self.pending.get(ledger.step)
         if p is None:
             p = self.pending[ledger.step] = Pending(done=asyncio.get_running_loop().create_future())
-            asyncio.create_task(self._close_guarded(ledger.step, p))
+            p.task = asyncio.create_task(self._close_guarded(ledger.step, p))
         p.ledgers[ledger.owner] = ledger
         p.changed.set()
         return self._reply(await asyncio.shield(p.done), ledger.owner)
