@@ -153,6 +153,8 @@ class Trainer:
     async def train_step(self, step: int) -> dict:
         """Feed our slots of `step`, hand the ledger to the coordinator, return once the step is applied."""
         await self.wait_for_stages()
+        # a live coordinator steps our replica too: a trainer that just joined may already be past `step`
+        step = max(step, self.worker.applied_step + 1)
         m = self.run.train.microbatches
         slots = slots_for(self.peer_id, self.roster_for(step), m)
         results = await asyncio.gather(*(self.microbatch(step, s) for s in slots))
