@@ -151,7 +151,7 @@ class ChurnSwarm:
             except OSError:
                 continue
             steps += [float(v) for v in _STEP.findall(text)]
-            losses += [float(v) for v in _LOSS.findall(text) if v not in ("nan", "NaN")]
+            losses += [v for v in map(float, _LOSS.findall(text)) if v > 0]  # 0: no step yet; nan: none finished
         return int(max(steps, default=-1)), losses
 
     def stop_trainers(self, timeout: float = 90) -> None:
