@@ -126,15 +126,8 @@ class ChurnSwarm:
         return "tail" if stage == self.stages - 1 else "middle"
 
     def crash(self, name: str) -> dict:
-        """kill -9 of the node's main pid only; then its helpers must exit by themselves."""
-        proc = self.nodes[name]["proc"]
-        helpers = descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return {"helpers": len(helpers), **wait_gone(helpers)}
-
-    def crash_bootstrap(self) -> dict:
-        _, proc, _ = self.swarm.procs[0]
+        """kill -9 of the node's main pid only; then its helpers (DHT process, p2pd) must exit by themselves."""
+        proc = self.swarm.procs[0][1] if name == "bootstrap" else self.nodes[name]["proc"]
         helpers = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -234,7 +227,7 @@ class Timeline:
         step = self.step_now()
         kill = {"phase": phase, "node": name, "role": self.cs.role(name) if name != "bootstrap" else "bootstrap",
                 "t": round(self.now(), 2), "step": step}
-        kill.update(self.cs.crash_bootstrap() if name == "bootstrap" else self.cs.crash(name))
+        kill.update(self.cs.crash(name))
         self.kills.append(kill)
         if restart_after is not None:
             self.due.append((self.now() + restart_after, name, peers))
