@@ -127,6 +127,7 @@ class Trainer:
         else:
             code, handle = await self._local(self.worker.evaluate, x), None
         forward_s = time.perf_counter() - t0
+        reply = None
         for attempt in (1, 2):
             try:
                 reply, _ = await self.hop.call(Deadline(self.route_timeout()), x.numel(), 2 * forward_s,
@@ -138,8 +139,6 @@ class Trainer:
                 log.warning("step %d slot %d: attempt %d found no route (%s)", step, micro, attempt, e)
                 if isinstance(e, RemoteError) and e.reason == "state":
                     break  # the stages are past this step: retrying cannot help
-        else:
-            reply = None
         if reply is None:
             return None
         if not train:
