@@ -202,6 +202,8 @@ class Timeline:
         self.samples: list[tuple[float, int, float | None]] = []   # (t, step, mean trainer loss)
         self.kills: list[dict] = []
         self.due: list[tuple[float, str, list | None]] = []         # (t, node, new initial peers)
+        self.down: set[str] = set()                                 # killed and not restarted yet
+        self.exits: list[dict] = []                                 # nodes that died without a kill
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -212,7 +214,17 @@ class Timeline:
         for due in [d for d in self.due if d[0] <= self.now()]:
             self.due.remove(due)
             self.restart(due[1], due[2])
+        self.restart_exited()
         return step
+
+    def restart_exited(self) -> None:
+        """A node that exited without being killed is a failure to report; it is restarted like a crashed one."""
+        for name, node in self.cs.nodes.items():
+            if name not in self.down and not self.cs.alive(name):
+                self.exits.append({"t": round(self.now(), 2), "node": name, "code": node["proc"].returncode,
+                                   "log": str(node["log"])})
+                print(f"  t={self.now():.0f}s {name} exited by itself (code {node['proc'].returncode})", file=sys.stderr)
+                self.restart(name)
 
     def sleep(self, seconds: float) -> None:
         end = self.now() + seconds
@@ -229,6 +241,7 @@ class Timeline:
                 "t": round(self.now(), 2), "step": step}
         kill.update(self.cs.crash(name))
         self.kills.append(kill)
+        self.down.add(name)
         if restart_after is not None:
             self.due.append((self.now() + restart_after, name, peers))
         print(f"  t={kill['t']:.0f}s kill -9 {name} ({kill['role']}) at step {step}", file=sys.stderr)
@@ -236,6 +249,7 @@ class Timeline:
 
     def restart(self, name: str, peers=None) -> None:
         self.cs.restart(name, peers)
+        self.down.discard(name)
         for k in reversed(self.kills):
             if k["node"] == name and "restarted_t" not in k:
                 k["restarted_t"] = round(self.now(), 2)
@@ -357,7 +371,7 @@ def one_run(size: dict, workdir: Path, duration: float, churn: bool, kill_every:
             phases["bootstrap"] = run_phase(tl, lambda: bootstrap_phase(tl, kill_every, restart_after))
         cs.stop_trainers()
         tl.pauses()
-        out = {"phases": phases, "samples": tl.samples, "kills": tl.kills, "rate": tl.rate(*window),
+        out = {"phases": phases, "samples": tl.samples, "kills": tl.kills, "exits": tl.exits, "rate": tl.rate(*window),
                "evidence": evidence(cs) if churn else {}}
     finally:
         cs.swarm.stop()
@@ -406,10 +420,11 @@ def report(runs: dict, steady_rate: float) -> tuple[str, str, list[str]]:
     for label, r in runs.items():
         curve = [loss for _, loss in loss_by_step(r["samples"])]
         run_rows.append([label, f"{r['rate']:.3f}", f"{r['rate'] / steady_rate:.2f}" if steady_rate else "-",
-                         r["lost"], r["crashed"], r["dropped_keys"], r["skipped"], r["takeovers"],
+                         r["lost"], r["crashed"], r["dropped_keys"], r["skipped"], r["unapplied"], r["takeovers"],
+                         len(r["exits"]),
                          f"{mean(curve[:5]):.3f}", f"{mean(curve[-5:]):.3f}"])
     runs_md = markdown_table(["run", "steps/s", "vs no churn", "lost", "crashed", "dropped keys", "skipped",
-                              "takeovers", "first-5 loss", "last-5 loss"], run_rows)
+                              "unapplied", "takeovers", "exited unkilled", "first-5 loss", "last-5 loss"], run_rows)
     return runs_md, kills, verdict(churned, steady_rate)
 
 
@@ -424,7 +439,8 @@ def verdict(churned: dict, steady_rate: float) -> list[str]:
             f"- loss falls under churn: {'yes' if mean(curve[-5:]) < mean(curve[:5]) else 'NO'} "
             f"({mean(curve[:5]):.3f} -> {mean(curve[-5:]):.3f})",
             f"- kills: {len(churned['kills'])}, roles {sorted(roles)}; coordinator and trainer killed: "
-            f"{'yes' if {'coordinator', 'trainer'} <= roles else 'NO'}; orphaned helpers: {orphans}",
+            f"{'yes' if {'coordinator', 'trainer'} <= roles else 'NO'}; orphaned helpers: {orphans}; "
+            f"nodes that exited by themselves: {len(churned['exits'])}",
             f"- logs: {ev.get('paused_for_last_stage', 0)} 'paused: waiting for a replica' and "
             f"{ev.get('no_replica_of_last_stage', 0)} 'no usable replica' lines for the last stage; "
             f"trainers (re)started at steps {ev.get('trainers_resumed_from_steps')}; "
