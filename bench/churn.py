@@ -304,8 +304,16 @@ def random_phase(tl: Timeline, duration: float, kill_every: float, restart_after
     return start, tl.now()
 
 
-def last_of_group(tl: Timeline, phase: str, names: list[str], hold: float, settle: float) -> None:
+def settle(tl: Timeline, timeout: float = 240) -> None:
+    """Until every restart is done and every node serves again: each scenario starts from a whole swarm."""
+    end = tl.now() + timeout
+    while tl.now() < end and (tl.due or not all(up(tl.cs, n) for n in tl.cs.nodes)):
+        tl.sleep(1)
+
+
+def last_of_group(tl: Timeline, phase: str, names: list[str], hold: float, settle_s: float) -> None:
     """Kill every node of one group (the last one last), keep them down `hold` s, restart all."""
+    settle(tl)
     for name in names:
         tl.kill(name, phase)
         tl.sleep(2)
@@ -313,12 +321,13 @@ def last_of_group(tl: Timeline, phase: str, names: list[str], hold: float, settl
     for name in reversed(names):
         tl.restart(name)
     tl.wait_moves(tl.kills[-1]["step"], 240)
-    tl.sleep(settle)
+    tl.sleep(settle_s)
 
 
 def bootstrap_phase(tl: Timeline, kill_every: float, restart_after: float) -> None:
     """The bootstrap dies for good; later a replica dies and rejoins through the live peers."""
     cs = tl.cs
+    settle(tl)
     tl.kill("bootstrap", "bootstrap")
     tl.sleep(kill_every)
     name = "stage1-0"
