@@ -1,108 +1,492 @@
-"""Training through churn: replicas crash (SIGKILL of their whole process group) and newcomers join.
+"""Training through churn: nodes crash (kill -9 of their main process) and come back.
 
     python -m bench.churn [--quick | --scale] [--duration S] [--kill-every S] [--restart-after S]
+                          [--scenario random,last-replica,last-trainer,bootstrap]
 
-A local swarm with 2 replicas of every served stage trains for a fixed wall time twice: once
-undisturbed, once while every `kill-every` seconds a random live replica is killed and a fresh one
-(new identity: it must fetch the live state) starts `restart-after` seconds later. Reports completed
-optimizer steps of both runs, lost microbatches (must be 0), recomputed microbatches, retries, the
-longest stall (longest step), and the loss curves (PNG + JSON).
+A local swarm (bootstrap, 2 trainers, 2 replicas of every later stage, each node its own process)
+trains twice: once undisturbed for `duration` seconds, once under churn. The churn run is a sequence
+of phases in one swarm:
+  random        for `duration` seconds, every `kill-every` s a random node (trainers and the step
+                coordinator, the lowest live trainer id, among them at least once) is killed and
+                restarted with the same command `restart-after` s later; its step rate is compared
+                with the undisturbed run's;
+  last-replica  both replicas of the last stage die: training pauses (the trainers say "paused:
+                waiting for a replica") until one comes back;
+  last-trainer  both trainers die: the stages idle until a trainer rejoins and resumes the steps;
+  bootstrap     the bootstrap dies for good: the swarm keeps training, and a replica killed after it
+                rejoins through other peers.
+Only the main pid is killed: its hivemind helpers and p2pd must die by themselves (node/lifeline.py);
+every kill checks that none is left. For each kill: role, time, and the pause (seconds until the
+swarm's step counter, the highest resbm_optimizer_step of the live nodes, moves again).
+Reports lost microbatches (goal 0) with crashed / dropped keys / skipped beside them, and the loss
+(sampled from the trainers' resbm_train_loss). Prints a table, writes JSON and a PNG.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 from bench.plotting import line_plot, machine_info, markdown_table, smooth, write_json
-from node.args import parse_run_config
+from node.args import identity_peer_id, parse_run_config
+from node.lifeline import descendants
 from node.local import Swarm
 
 SIZES = {
     "quick": dict(argv=["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
                         "--batch-size", "8", "--microbatches", "4", "--stages", "3"],
-                  duration=45, kill_every=12, restart_after=6),
+                  duration=40, kill_every=10, restart_after=4),
     "default": dict(argv=["--d-model", "128", "--layers", "3", "--heads", "4", "--ratio", "32", "--seq-len", "64",
                           "--batch-size", "16", "--microbatches", "4", "--stages", "3"],
-                    duration=240, kill_every=20, restart_after=10),
+                    duration=150, kill_every=20, restart_after=8),
     "scale": dict(argv=["--d-model", "1024", "--layers", "8", "--heads", "16", "--ratio", "128", "--seq-len", "256",
                         "--batch-size", "32", "--microbatches", "8", "--stages", "5"],
                   duration=900, kill_every=20, restart_after=10),
 }
+SCENARIOS = ("random", "last-replica", "last-trainer", "bootstrap")
+REPLICAS, TRAINERS = 2, 2
+_STEP = re.compile(r"^resbm_optimizer_step (\S+)$", re.M)
+_LOSS = re.compile(r"^resbm_train_loss (\S+)$", re.M)
 
 
-def one_run(size: dict, duration: float, churn: bool, kill_every: float, restart_after: float, seed: int,
-            workdir: Path, replicas: int = 2) -> dict:
-    run = parse_run_config([*size["argv"], "--average-every", "5"], run_id="churn" if churn else "steady")
-    stages = run.model.n_stages
-    run_dir = workdir / ("churn" if churn else "steady")
-    run_dir.mkdir(parents=True)
-    swarm = Swarm(run_dir, threads=1, run=run)
-    rng = random.Random(seed)
-    events = []
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ChurnSwarm:
+    """A Swarm whose nodes can be crashed and restarted with their own command (same identity, ports
+    and initial peers), each life logging to its own file (name.log, name.2.log, ...)."""
+
+    def __init__(self, size: dict, workdir: Path, run_id: str):
+        run = parse_run_config([*size["argv"], "--average-every", "5"], run_id=run_id)
+        workdir.mkdir(parents=True)
+        ids = tuple(identity_peer_id(str(workdir / f"trainer{i}.id")) for i in range(TRAINERS))
+        self.run = replace(run, train=replace(run.train, trainers=ids))
+        self.swarm = Swarm(workdir, threads=1, run=self.run)
+        self.dir, self.stages = workdir, self.run.model.n_stages
+        self.nodes: dict[str, dict] = {}          # name -> stage, argv, peer_id, metrics port, lives, proc
+
+    def start_all(self) -> None:
+        self.peers = self.swarm.start_bootstrap()
+        for stage in range(1, self.stages):
+            for r in range(REPLICAS):
+                self.add(f"stage{stage}-{r}", stage)
+        for name in list(self.nodes):
+            self.swarm.wait_for_line(name, "serving", 180)
+        for i in range(TRAINERS):
+            self.add(f"trainer{i}", 0, ["--steps", str(10 ** 9), "--eval-every", "0",
+                                        "--json-out", str(self.dir / f"trainer{i}.json")])
+        for i in range(TRAINERS):
+            self.swarm.wait_for_line(f"trainer{i}", "serving", 180)
+
+    def add(self, name: str, stage: int, extra=()) -> None:
+        port, metrics = free_port(), free_port()
+        pid = identity_peer_id(str(self.dir / f"{name}.id"))
+        self.nodes[name] = dict(stage=stage, peer_id=pid, metrics=metrics, lives=0, proc=None, peers=self.peers,
+                                extra=["--port", str(port), "--metrics-port", str(metrics), *extra],
+                                maddr=f"/ip4/127.0.0.1/tcp/{port}/p2p/{pid}")
+        self.restart(name)
+
+    def restart(self, name: str, peers: list[str] | None = None) -> None:
+        """The node's own command again; `peers`: other initial peers (the bootstrap is gone)."""
+        node = self.nodes[name]
+        node["peers"] = peers or node["peers"]
+        node["lives"] += 1
+        label = name if node["lives"] == 1 else f"{name}.{node['lives']}"
+        node["log"] = self.dir / f"{label}.log"
+        node["proc"] = self.swarm.start(label, self.swarm.join_argv(name, node["stage"], node["peers"],
+                                                                    extra=node["extra"]))
+
+    def logs(self, name: str) -> str:
+        """Every life's log of a node."""
+        return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob(f"{name}*.log")))
+
+    def alive(self, name: str) -> bool:
+        proc = self.nodes[name]["proc"]
+        return proc is not None and proc.poll() is None
+
+    def role(self, name: str) -> str:
+        stage = self.nodes[name]["stage"]
+        if stage == 0:
+            live = [n["peer_id"] for k, n in self.nodes.items() if n["stage"] == 0 and self.alive(k)]
+            return "coordinator" if self.nodes[name]["peer_id"] == min(live) else "trainer"
+        return "tail" if stage == self.stages - 1 else "middle"
+
+    def crash(self, name: str) -> dict:
+        """kill -9 of the node's main pid only; then its helpers (DHT process, p2pd) must exit by themselves."""
+        proc = self.swarm.procs[0][1] if name == "bootstrap" else self.nodes[name]["proc"]
+        helpers = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return {"helpers": len(helpers), **wait_gone(helpers)}
+
+    def step(self) -> tuple[int, list[float]]:
+        """The swarm's step counter (highest applied step of the live nodes) and the trainers' last losses."""
+        steps, losses = [], []
+        for name, node in self.nodes.items():
+            if not self.alive(name):
+                continue
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{node['metrics']}/metrics", timeout=2).read().decode()
+            except OSError:
+                continue
+            steps += [float(v) for v in _STEP.findall(text)]
+            losses += [v for v in map(float, _LOSS.findall(text)) if v > 0]  # 0: no step yet; nan: none finished
+        return int(max(steps, default=-1)), losses
+
+    def stop_trainers(self, timeout: float = 90) -> None:
+        """SIGTERM the live trainers: each finishes its step and writes its summary. (Not SIGINT: a node
+        started from a background job inherits SIGINT ignored.)"""
+        live = [n["proc"] for k, n in self.nodes.items() if n["stage"] == 0 and self.alive(k)]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # the swarm's stop ends it
+                pass
+
+
+def wait_gone(pids: list[int], timeout: float = 20.0) -> dict:
+    """Seconds until every pid is gone; the leftovers (e.g. an orphan p2pd) are named and then killed."""
+    t0 = time.monotonic()
+    left = pids
+    while time.monotonic() - t0 < timeout:
+        left = [p for p in pids if _running(p)]
+        if not left:
+            return {"helpers_gone_s": round(time.monotonic() - t0, 2), "orphans": []}
+        time.sleep(0.1)
+    orphans = [_cmdline(p) for p in left]
+    for p in left:  # ours: started by this benchmark
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return {"helpers_gone_s": None, "orphans": orphans}
+
+
+def _running(pid: int) -> bool:
     try:
-        peers = swarm.start_bootstrap()
-        live = []
-        for stage in range(1, stages):
-            for r in range(replicas):
-                name = f"stage{stage}-r{r}"
-                swarm.start_stage(name, stage, peers, extra=["--checkpoint-dir", ""])
-                live.append((name, stage))
-        for name, _ in live:
-            swarm.wait_for_line(name, "serving", 180)
-        head = swarm.start_head(peers, 10 ** 9, run_dir / "head.json", extra=["--eval-every", "0"])
-        swarm.wait_for_line("head", "training", 120)
-        t0 = time.monotonic()
-        next_kill, pending, spawned = t0 + kill_every, [], 0
-        while time.monotonic() - t0 < duration:
-            now = time.monotonic()
-            if churn and now >= next_kill and live:
-                name, stage = live.pop(rng.randrange(len(live)))
-                swarm.kill(name)
-                events.append({"t": round(now - t0, 1), "event": "kill", "node": name, "stage": stage})
-                pending.append((now + restart_after, stage))
-                next_kill += kill_every
-            for due, stage in [p for p in pending if p[0] <= now]:
-                pending.remove((due, stage))
-                spawned += 1
-                name = f"stage{stage}-n{spawned}"
-                swarm.start_stage(name, stage, peers, extra=["--checkpoint-dir", ""])
-                live.append((name, stage))
-                events.append({"t": round(now - t0, 1), "event": "start", "node": name, "stage": stage})
-            if head.poll() is not None:
-                raise RuntimeError(f"the head exited early:\n{(run_dir / 'head.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        head.send_signal(signal.SIGINT)  # the head finishes its step and writes its summary
-        head.wait(timeout=180)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")[:120]
+    except OSError:
+        return str(pid)
+
+
+class Timeline:
+    """Samples the swarm's step counter and loss; crashes nodes on schedule and restarts them when due."""
+
+    def __init__(self, cs: ChurnSwarm):
+        self.cs, self.t0 = cs, time.monotonic()
+        self.samples: list[tuple[float, int, float | None]] = []   # (t, step, mean trainer loss)
+        self.kills: list[dict] = []
+        self.due: list[tuple[float, str, list | None]] = []         # (t, node, new initial peers)
+        self.down: set[str] = set()                                 # killed and not restarted yet
+        self.exits: list[dict] = []                                 # nodes that died without a kill
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def tick(self) -> int:
+        step, losses = self.cs.step()
+        self.samples.append((round(self.now(), 2), step, sum(losses) / len(losses) if losses else None))
+        for due in [d for d in self.due if d[0] <= self.now()]:
+            self.due.remove(due)
+            self.restart(due[1], due[2])
+        self.restart_exited()
+        return step
+
+    def restart_exited(self) -> None:
+        """A node that exited without being killed is a failure to report; it is restarted like a crashed one."""
+        for name, node in self.cs.nodes.items():
+            if name not in self.down and not self.cs.alive(name):
+                self.exits.append({"t": round(self.now(), 2), "node": name, "code": node["proc"].returncode,
+                                   "log": str(node["log"])})
+                print(f"  t={self.now():.0f}s {name} exited by itself (code {node['proc'].returncode})", file=sys.stderr)
+                self.restart(name)
+
+    def sleep(self, seconds: float) -> None:
+        end = self.now() + seconds
+        while self.now() < end:
+            self.tick()
+            time.sleep(0.4)
+
+    def step_now(self) -> int:
+        return max([s for _, s, _ in self.samples[-3:]] + [self.tick()])
+
+    def kill(self, name: str, phase: str, restart_after: float | None = None, peers=None) -> dict:
+        step = self.step_now()
+        kill = {"phase": phase, "node": name, "role": self.cs.role(name) if name != "bootstrap" else "bootstrap",
+                "t": round(self.now(), 2), "step": step}
+        kill.update(self.cs.crash(name))
+        self.kills.append(kill)
+        self.down.add(name)
+        if restart_after is not None:
+            self.due.append((self.now() + restart_after, name, peers))
+        print(f"  t={kill['t']:.0f}s kill -9 {name} ({kill['role']}) at step {step}", file=sys.stderr)
+        return kill
+
+    def restart(self, name: str, peers=None) -> None:
+        self.cs.restart(name, peers)
+        self.down.discard(name)
+        for k in reversed(self.kills):
+            if k["node"] == name and "restarted_t" not in k:
+                k["restarted_t"] = round(self.now(), 2)
+                break
+
+    def wait_moves(self, beyond: int, timeout: float) -> bool:
+        end = self.now() + timeout
+        while self.now() < end:
+            if self.tick() > beyond:
+                return True
+            time.sleep(0.4)
+        return False
+
+    def pauses(self) -> None:
+        """Seconds from each kill until the step counter passes the step it showed at the kill."""
+        for k in self.kills:
+            moved = next((t for t, s, _ in self.samples if t > k["t"] and s > k["step"]), None)
+            k["pause_s"] = round(moved - k["t"], 2) if moved is not None else None
+            if moved is not None and k.get("restarted_t", moved) < moved:  # the pause lasted until it was back
+                k["after_restart_s"] = round(moved - k["restarted_t"], 2)
+
+    def rate(self, start: float, end: float) -> float:
+        """Steps per second between two times of this timeline."""
+        inside = [(t, s) for t, s, _ in self.samples if start <= t <= end]
+        return (inside[-1][1] - inside[0][1]) / max(1e-9, inside[-1][0] - inside[0][0]) if len(inside) > 1 else 0.0
+
+
+def up(cs: ChurnSwarm, name: str) -> bool:
+    return cs.alive(name) and "serving" in cs.nodes[name]["log"].read_text(errors="replace")
+
+
+def pick_victim(cs: ChurnSwarm, rng: random.Random, wanted: list[str]) -> str | None:
+    """A node whose stage keeps another replica up; the coordinator and a plain trainer come first."""
+    safe = [n for n in cs.nodes if up(cs, n) and any(up(cs, m) for m in cs.nodes
+                                                       if m != n and cs.nodes[m]["stage"] == cs.nodes[n]["stage"])]
+    for role in wanted:
+        match = [n for n in safe if cs.role(n) == role]
+        if match:
+            wanted.remove(role)
+            return match[0]
+    return rng.choice(safe) if safe else None
+
+
+def random_phase(tl: Timeline, duration: float, kill_every: float, restart_after: float, rng) -> tuple[float, float]:
+    start, wanted = tl.now(), ["coordinator", "trainer"]
+    while tl.now() - start < duration:
+        tl.sleep(min(kill_every, duration - (tl.now() - start)))
+        if tl.now() - start < duration - restart_after:
+            victim = pick_victim(tl.cs, rng, wanted)
+            if victim:
+                tl.kill(victim, "random", restart_after)
+    return start, tl.now()
+
+
+def settle(tl: Timeline, timeout: float = 240) -> None:
+    """Until every restart is done and every node serves again: each scenario starts from a whole swarm."""
+    end = tl.now() + timeout
+    while tl.now() < end and (tl.due or not all(up(tl.cs, n) for n in tl.cs.nodes)):
+        tl.sleep(1)
+
+
+def last_of_group(tl: Timeline, phase: str, names: list[str], hold: float, settle_s: float) -> None:
+    """Kill every node of one group (the last one last), keep them down `hold` s, restart all."""
+    settle(tl)
+    for name in names:
+        tl.kill(name, phase)
+        tl.sleep(2)
+    tl.sleep(hold)
+    for name in reversed(names):
+        tl.restart(name)
+    tl.wait_moves(tl.kills[-1]["step"], 240)
+    tl.sleep(settle_s)
+
+
+def bootstrap_phase(tl: Timeline, kill_every: float, restart_after: float) -> None:
+    """The bootstrap dies for good; later a replica dies and rejoins through the live peers."""
+    cs = tl.cs
+    settle(tl)
+    tl.kill("bootstrap", "bootstrap")
+    tl.sleep(kill_every)
+    name = "stage1-0"
+    peers = [n["maddr"] for k, n in cs.nodes.items() if k != name and cs.alive(k)]
+    tl.kill(name, "bootstrap", restart_after, peers)
+    tl.sleep(restart_after + 1)
+    deadline = tl.now() + 180
+    while tl.now() < deadline and not up(cs, name):
+        tl.sleep(1)
+    tl.sleep(kill_every)
+
+
+def evidence(cs: ChurnSwarm) -> dict:
+    """What the nodes' own logs say about the pauses and resumptions."""
+    last = cs.stages - 1
+    trainer_logs = "".join(cs.logs(f"trainer{i}") for i in range(TRAINERS))
+    resumed = re.findall(r"training \d+ steps from step (\d+)", trainer_logs)
+    # the trainers pause once the dead replicas' DHT records expire; before that their routes fail there
+    return {"paused_for_last_stage": len(re.findall(rf"paused: waiting for a replica of stage\(s\) {last}\b",
+                                                    trainer_logs)),
+            "no_replica_of_last_stage": trainer_logs.count(f"no usable replica of stage {last}"),
+            "trainers_resumed_from_steps": [int(s) for s in resumed],
+            "takeover_lines": trainer_logs.count("the next trainer takes over"),
+            "replica_step_failures_logged": trainer_logs.count("did not apply step"),
+            "rejoined_without_bootstrap": "serving" in cs.nodes["stage1-0"]["log"].read_text(errors="replace")}
+
+
+def one_run(size: dict, workdir: Path, duration: float, churn: bool, kill_every: float, restart_after: float,
+            scenarios: list[str], seed: int) -> dict:
+    cs = ChurnSwarm(size, workdir / ("churn" if churn else "steady"), "churn" if churn else "steady")
+    try:
+        cs.start_all()
+        tl = Timeline(cs)
+        tl.wait_moves(0, 240)                      # the first step closed: timing starts here
+        window, phases = (tl.now(), tl.now() + duration), {}
+        if not churn or "random" not in scenarios:
+            tl.sleep(duration)
+        else:
+            window = random_phase(tl, duration, kill_every, restart_after, random.Random(seed))
+        phases["random" if churn else "steady"] = window
+        if churn and "last-replica" in scenarios:
+            last = cs.stages - 1
+            phases["last-replica"] = run_phase(tl, lambda: last_of_group(
+                tl, "last-replica", [f"stage{last}-{r}" for r in range(REPLICAS)], 2 * restart_after, kill_every))
+        if churn and "last-trainer" in scenarios:
+            order = sorted((f"trainer{i}" for i in range(TRAINERS)), key=lambda n: cs.role(n) == "coordinator")
+            phases["last-trainer"] = run_phase(tl, lambda: last_of_group(tl, "last-trainer", order, 2 * restart_after,
+                                                                         kill_every))
+        if churn and "bootstrap" in scenarios:
+            phases["bootstrap"] = run_phase(tl, lambda: bootstrap_phase(tl, kill_every, restart_after))
+        cs.stop_trainers()
+        tl.pauses()
+        out = {"phases": phases, "samples": tl.samples, "kills": tl.kills, "exits": tl.exits, "rate": tl.rate(*window),
+               "evidence": evidence(cs) if churn else {}}
     finally:
-        swarm.stop()
-    summary = json.loads((run_dir / "head.json").read_text())
-    summary["events"] = events
-    for e in events:  # did the newcomers load the live state?
-        if e["event"] == "start":
-            log = (run_dir / f"{e['node']}.log").read_text(errors="replace")
-            e["state"] = "live replica" if "from live replica" in log else "init" if "initialisation" in log else "?"
-    return summary
+        cs.swarm.stop()
+    return {**out, **totals(cs)}
+
+
+def run_phase(tl: Timeline, body) -> tuple[float, float]:
+    start = tl.now()
+    body()
+    return start, tl.now()
+
+
+def totals(cs: ChurnSwarm) -> dict:
+    """Sums over the trainers' summaries (their last lives: a killed life writes none)."""
+    found = [json.loads(p.read_text()) for p in sorted(cs.dir.glob("trainer*.json"))]
+    coord = {k: sum(s["coordinator"][k] for s in found) for k in ("lost", "crashed", "dropped_keys", "steps_closed",
+                                                                   "takeovers")}
+    return {"summaries": found, **coord,
+            "skipped": sum(s["skipped_microbatches"] for s in found),
+            "unapplied": sum(s["unapplied_microbatches"] for s in found)}
+
+
+def loss_by_step(samples) -> list[tuple[int, float]]:
+    seen: dict[int, float] = {}
+    for _, step, loss in samples:
+        if loss is not None and step >= 0:
+            seen[step] = loss
+    return sorted(seen.items())
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def report(runs: dict, steady_rate: float) -> tuple[str, str, list[str]]:
+    churned = runs["churn"]
+    kill_rows = [[i + 1, k["phase"], k["node"], k["role"], f"{k['t']:.0f}", k["step"],
+                  "-" if k.get("pause_s") is None else f"{k['pause_s']:.1f}",
+                  "-" if k.get("after_restart_s") is None else f"{k['after_restart_s']:.1f}",
+                  "-" if k["helpers_gone_s"] is None else f"{k['helpers_gone_s']:.1f}", len(k["orphans"])]
+                 for i, k in enumerate(churned["kills"])]
+    kills = markdown_table(["#", "phase", "node", "role", "t s", "step", "pause s", "after restart s",
+                            "helpers gone s", "orphans"], kill_rows)
+    run_rows = []
+    for label, r in runs.items():
+        curve = [loss for _, loss in loss_by_step(r["samples"])]
+        run_rows.append([label, f"{r['rate']:.3f}", f"{r['rate'] / steady_rate:.2f}" if steady_rate else "-",
+                         r["lost"], r["crashed"], r["dropped_keys"], r["skipped"], r["unapplied"], r["takeovers"],
+                         len(r["exits"]),
+                         f"{mean(curve[:5]):.3f}", f"{mean(curve[-5:]):.3f}"])
+    runs_md = markdown_table(["run", "steps/s", "vs no churn", "lost", "crashed", "dropped keys", "skipped",
+                              "unapplied", "takeovers", "exited unkilled", "first-5 loss", "last-5 loss"], run_rows)
+    return runs_md, kills, verdict(churned, steady_rate)
+
+
+def verdict(churned: dict, steady_rate: float) -> list[str]:
+    ratio = churned["rate"] / steady_rate if steady_rate else 0.0
+    curve = [loss for _, loss in loss_by_step(churned["samples"])]
+    roles = {k["role"] for k in churned["kills"]}
+    orphans = sum(len(k["orphans"]) for k in churned["kills"])
+    ev = churned["evidence"]
+    return [f"- step rate under random churn vs none: {ratio:.0%} (goal >= 80%): {'met' if ratio >= 0.8 else 'MISSED'}",
+            f"- lost microbatches: {churned['lost']} (goal 0): {'met' if churned['lost'] == 0 else 'MISSED'}",
+            f"- loss falls under churn: {'yes' if mean(curve[-5:]) < mean(curve[:5]) else 'NO'} "
+            f"({mean(curve[:5]):.3f} -> {mean(curve[-5:]):.3f})",
+            f"- kills: {len(churned['kills'])}, roles {sorted(roles)}; coordinator and trainer killed: "
+            f"{'yes' if {'coordinator', 'trainer'} <= roles else 'NO'}; orphaned helpers: {orphans}; "
+            f"nodes that exited by themselves: {len(churned['exits'])}",
+            f"- logs: {ev.get('paused_for_last_stage', 0)} 'paused: waiting for a replica' and "
+            f"{ev.get('no_replica_of_last_stage', 0)} 'no usable replica' lines for the last stage; "
+            f"trainers (re)started at steps {ev.get('trainers_resumed_from_steps')}; "
+            f"{ev.get('takeover_lines', 0)} coordinator takeovers; rejoined without the bootstrap: "
+            f"{ev.get('rejoined_without_bootstrap')}"]
+
+
+def plot(path: str, runs: dict, title: str) -> None:
+    panels = [{"title": "training loss (5-sample mean)", "xlabel": "optimizer step", "ylabel": "loss",
+               "series": [{"label": label, "x": [s for s, _ in loss_by_step(r["samples"])],
+                           "y": smooth([v for _, v in loss_by_step(r["samples"])], 5)} for label, r in runs.items()]},
+              {"title": "swarm step counter (x: kills)", "xlabel": "seconds", "ylabel": "step",
+               "series": [{"label": label, "x": [t for t, _, _ in r["samples"]], "y": [s for _, s, _ in r["samples"]]}
+                          for label, r in runs.items()]
+               + [{"label": "kill", "x": [k["t"] for k in runs["churn"]["kills"]],
+                   "y": [k["step"] for k in runs["churn"]["kills"]],
+                   "style": {"marker": "x", "linestyle": "none", "color": "red"}}]}]
+    line_plot(path, panels, title=title)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="tiny and short (CI)")
-    g.add_argument("--scale", action="store_true", help="GPU-sized model, 15 minutes per run")
-    p.add_argument("--duration", type=float, default=None, help="seconds of training per run")
+    g.add_argument("--scale", action="store_true", help="GPU-sized model, 15 minutes of random churn")
+    p.add_argument("--duration", type=float, default=None, help="seconds of the steady run and of random churn")
     p.add_argument("--kill-every", type=float, default=None)
     p.add_argument("--restart-after", type=float, default=None)
+    p.add_argument("--scenario", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default=None, help="keep the runs' logs in this folder")
     p.add_argument("--json-out", default="bench/results/churn.json")
     p.add_argument("--png-out", default="bench/results/churn.png")
     args = p.parse_args(argv)
+    scenarios = [s for s in args.scenario.split(",") if s]
+    if set(scenarios) - set(SCENARIOS):
+        p.error(f"unknown scenario(s) {sorted(set(scenarios) - set(SCENARIOS))}")
     name = "quick" if args.quick else "scale" if args.scale else "default"
     size = SIZES[name]
     duration = args.duration or size["duration"]
@@ -110,45 +494,24 @@ def main(argv=None) -> int:
     restart_after = args.restart_after or size["restart_after"]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = args.keep or tmp
+        work = Path(args.keep or tmp)
         for churn in (False, True):
             label = "churn" if churn else "no churn"
-            print(f"[{label}] {duration:.0f}s of training" + (f", kill every {kill_every:.0f}s, restart after "
-                                                              f"{restart_after:.0f}s" if churn else ""), file=sys.stderr)
-            runs[label] = one_run(size, duration, churn, kill_every, restart_after, args.seed, Path(tmp))
-    steady, churned = runs["no churn"], runs["churn"]
-    ratio = churned["steps_completed"] / max(1, steady["steps_completed"])
-    rows = []
-    for label, r in runs.items():
-        times = r["step_times"]
-        rows.append([label, r["steps_completed"], f"{r['steps_completed'] / max(1, steady['steps_completed']):.2f}",
-                     r["lost_microbatches"], r["recomputed_microbatches"], r["crashed_unaveraged_microbatches"],
-                     r["retries"],
-                     f"{max(times):.1f}" if times else "-", f"{r['loss_curve'][0]:.3f}",
-                     f"{sum(r['loss_curve'][-10:]) / len(r['loss_curve'][-10:]):.3f}"])
-    table = markdown_table(["run", "steps", "vs no churn", "lost microbatches", "recomputed",
-                            "updates lost with crashed replicas", "retries",
-                            "longest step s", "first loss", "last-10 loss"], rows)
-    kills = sum(e["event"] == "kill" for e in churned["events"])
-    handoffs = sum(e.get("state") == "live replica" for e in churned["events"])
-    starts = sum(e["event"] == "start" for e in churned["events"])
-    falling = sum(churned["loss_curve"][-10:]) / 10 < sum(churned["loss_curve"][:10]) / 10
-    verdict = [f"- steps with churn vs without: {ratio:.0%} (goal >= 80%): {'met' if ratio >= 0.8 else 'MISSED'}",
-               f"- lost microbatches: {churned['lost_microbatches']} (goal 0): "
-               f"{'met' if churned['lost_microbatches'] == 0 else 'MISSED'}",
-               f"- loss keeps falling under churn: {'yes' if falling else 'NO'}",
-               f"- {kills} replicas killed, {starts} started; {handoffs} newcomers loaded the live state"]
-    print(f"\n{duration:.0f}s per run, 2 replicas per served stage, {name} size\n")
-    print(table + "\n\n" + "\n".join(verdict))
+            print(f"[{label}] {duration:.0f}s" + (f", scenarios {scenarios}" if churn else ""), file=sys.stderr)
+            runs[label] = one_run(size, work, duration, churn, kill_every, restart_after, scenarios, args.seed)
+    steady_rate = runs["no churn"]["rate"]
+    runs_md, kills_md, lines = report(runs, steady_rate)
+    print(f"\n{TRAINERS} trainers, {REPLICAS} replicas of every later stage, {name} size, random churn "
+          f"{duration:.0f}s (kill every {kill_every:.0f}s, restart after {restart_after:.0f}s)\n")
+    print(runs_md + "\n\n" + kills_md + "\n\n" + "\n".join(lines))
     write_json(args.json_out, {"size": name, "duration_s": duration, "kill_every_s": kill_every,
-                               "restart_after_s": restart_after, "machine": machine_info(), "runs": runs,
-                               "steps_ratio": ratio, "table": table, "verdict": verdict,
+                               "restart_after_s": restart_after, "scenarios": scenarios, "machine": machine_info(),
+                               "runs": runs, "kills": runs["churn"]["kills"],
+                               "rate_ratio": runs["churn"]["rate"] / steady_rate if steady_rate else 0.0,
+                               "tables": {"runs": runs_md, "kills": kills_md}, "verdict": lines,
                                "command": " ".join(["python -m bench.churn", *(argv or sys.argv[1:])])})
-    series = [{"label": label, "x": list(range(1, len(r["loss_curve"]) + 1)), "y": smooth(r["loss_curve"], 5)}
-              for label, r in runs.items()]
-    line_plot(args.png_out, [{"title": "training loss (5-step mean)", "xlabel": "optimizer step",
-                              "ylabel": "loss (nats/byte)", "series": series}],
-              title=f"churn: kill a replica every {kill_every:.0f}s, restart after {restart_after:.0f}s")
+    plot(args.png_out, runs, f"churn: {TRAINERS} trainers, {REPLICAS} replicas/stage; kill -9 every "
+                             f"{kill_every:.0f}s, restart after {restart_after:.0f}s; then {', '.join(scenarios[1:])}")
     print(f"\nwrote {args.json_out} and {args.png_out}", file=sys.stderr)
     return 0
 

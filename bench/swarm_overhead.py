@@ -6,8 +6,10 @@
    loopback, 1 replica each) for the same model, steady state (the first steps are warm-up);
 2. the per-hop RPC overhead: round-trip time of an `info` call, and a stage `forward` over
    libp2p minus the same forward computed locally;
-3. bytes: codec bytes and whole messages per token per hop as the head counts them, and the
-   kernel's count of the head's TCP sockets (TLS, yamux, p2p daemon framing, DHT traffic included).
+3. bytes on boundary 0 (the trainer is stage 0; its only data hop is trainer -> stage 1, one nested
+   `train` call per microbatch carrying the code out and its gradient back): codec bytes and whole
+   messages per token as the trainer counts them, and the kernel's count of the trainer's p2pd TCP
+   sockets (TLS, yamux, p2p daemon framing, DHT traffic and the step's control calls included).
 Writes a markdown table, JSON and a PNG (tokens/s per step, both runs).
 """
 from __future__ import annotations
@@ -71,13 +73,13 @@ def local_swarm(size: dict, stages: int, steps: int, device: str) -> dict:
                 "--seq-len", str(size["seq_len"]), "--batch-size", str(size["batch"]),
                 "--microbatches", str(size["micro"]), "--eval-every", "0", "--run-dir", str(Path(tmp) / "run"),
                 "--json-out", str(out)]
-        identity = str(Path(tmp) / "run" / "head.id")
-        head_p2pd = lambda: [p for p in find_pids(identity) if _is_p2pd(p)]  # noqa: E731
-        with SocketCounter(head_p2pd) as kernel:
+        identity = str(Path(tmp) / "run" / "trainer0.id")
+        trainer_p2pd = lambda: [p for p in find_pids(identity) if _is_p2pd(p)]  # noqa: E731
+        with SocketCounter(trainer_p2pd) as kernel:
             res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"local swarm failed:\n{res.stderr[-3000:]}")
-        return {**json.loads(out.read_text()), "head_kernel_bytes": kernel.sent + kernel.received}
+        return {**json.loads(out.read_text()), "trainer_kernel_bytes": kernel.sent + kernel.received}
 
 
 def _is_p2pd(pid: int) -> bool:
@@ -88,18 +90,18 @@ def _is_p2pd(pid: int) -> bool:
 
 
 def wire_table(swarm: dict) -> tuple[str, dict]:
-    head = swarm["nodes"][0]
-    ours = head["bytes_sent"] + head["bytes_received"]
+    trainer = next(n for n in swarm["nodes"] if n["peer_id"] == swarm["peer_id"])
+    ours = trainer["bytes_sent"] + trainer["bytes_received"]
     figures = {"code_fwd": swarm["measured_code_bytes_per_token_fwd"], "code_bwd": swarm["measured_code_bytes_per_token_bwd"],
                "wire_fwd": swarm["measured_wire_bytes_per_token_fwd"], "wire_bwd": swarm["measured_wire_bytes_per_token_bwd"],
-               "head_message_bytes": ours, "head_kernel_bytes": swarm["head_kernel_bytes"],
-               "kernel_over_messages": swarm["head_kernel_bytes"] / ours if ours else 0.0,
+               "trainer_message_bytes": ours, "trainer_kernel_bytes": swarm["trainer_kernel_bytes"],
+               "kernel_over_messages": swarm["trainer_kernel_bytes"] / ours if ours else 0.0,
                "compression_vs_bf16": swarm["measured_compression_vs_bf16"]}
-    table = markdown_table(["bytes (head side)", "value"], [
+    table = markdown_table(["bytes (trainer side, boundary 0)", "value"], [
         ["codec bytes per token per hop, fwd / bwd", f"{figures['code_fwd']:.2f} / {figures['code_bwd']:.2f}"],
         ["whole messages per token per hop, fwd / bwd", f"{figures['wire_fwd']:.2f} / {figures['wire_bwd']:.2f}"],
         ["measured compression vs bf16 at width d (messages)", f"{figures['compression_vs_bf16']:.0f}x"],
-        ["head's TCP bytes (kernel) / its message bytes", f"{figures['kernel_over_messages']:.2f}"],
+        ["trainer's TCP bytes (kernel) / its message bytes", f"{figures['kernel_over_messages']:.2f}"],
     ])
     return table, figures
 
@@ -108,7 +110,7 @@ async def hop_overhead(run: RunConfig, corpus, repeats: int) -> dict:
     """RTT of `info`, and forward-over-libp2p minus local forward, on a middle stage."""
     async with InprocSwarm(run, corpus) as sw:
         server = sw.servers[1][0]
-        client, peer = StageClient(sw.head.p2p, run), server.peer_id
+        client, peer = sw.trainers[0].client, server.peer_id
         info_rtt = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -120,10 +122,10 @@ async def hop_overhead(run: RunConfig, corpus, repeats: int) -> dict:
         remote, local = [], []
         for i in range(repeats):
             t0 = time.perf_counter()
-            await client.call(peer, 1, "forward", step=0, micro=i, x=msg, eval=True, timeout=60)
+            await client.call(peer, 1, "forward", x=msg, timeout=60)
             remote.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            server.worker.forward(0, i, x, None, False)
+            server.worker.evaluate(x)
             local.append(time.perf_counter() - t0)
     med = statistics.median
     return {"info_rtt_ms": 1e3 * med(info_rtt), "forward_remote_ms": 1e3 * med(remote),
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
 
     ref_tps = steady_tokens_per_s(ref_times, size["warmup"], tokens_per_step)
     swarm_tps = steady_tokens_per_s(swarm["step_times"], size["warmup"], tokens_per_step)
-    hops_per_step = 2 * (args.stages - 1) * size["micro"]  # forward + backward per boundary per microbatch
+    hops_per_step = (args.stages - 1) * size["micro"]  # one nested `train` call (code out, gradient back) per boundary
     rows = [["train-local (1 process)", f"{ref_tps:.0f}", "1.00", f"{statistics.median(ref_times[size['warmup']:] or ref_times):.3f}"],
             [f"local swarm ({args.stages} processes)", f"{swarm_tps:.0f}", f"{swarm_tps / ref_tps:.2f}",
              f"{statistics.median(swarm['step_times'][size['warmup']:] or swarm['step_times']):.3f}"]]

@@ -1,0 +1,32 @@
+"""bench.churn --quick: a real local swarm (2 trainers, 2 replicas of each later stage) loses nodes to
+kill -9 of their main pid and keeps training; every scenario's pause ends, no helper is orphaned."""
+import json
+
+from bench import churn
+
+
+def test_quick_churn_benchmark(tmp_path, capsys):
+    json_out, png_out = tmp_path / "churn.json", tmp_path / "churn.png"
+    assert churn.main(["--quick", "--keep", str(tmp_path / "runs"), "--json-out", str(json_out),
+                       "--png-out", str(png_out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(json_out.read_text())
+    kills, churned = res["kills"], res["runs"]["churn"]
+
+    assert {"coordinator", "trainer", "bootstrap"} <= {k["role"] for k in kills}
+    assert {k["phase"] for k in kills} == set(churn.SCENARIOS)
+    for k in kills:
+        assert k["orphans"] == [] and k["helpers"] > 0, k   # p2pd and helpers died with the main pid
+        assert k["pause_s"] is not None, f"training never moved again after killing {k['node']}"
+    # the last replica of the tail stage: the trainers said they had none (routes failing there, or paused)
+    ev = churned["evidence"]
+    assert ev["paused_for_last_stage"] + ev["no_replica_of_last_stage"] > 0
+    # both trainers died and came back: they resumed at the swarm's step, not from 0
+    assert any(s > 0 for s in churned["evidence"]["trainers_resumed_from_steps"])
+    assert churned["evidence"]["rejoined_without_bootstrap"]
+    assert churned["lost"] == 0
+    curve = [loss for _, loss in churn.loss_by_step(churned["samples"])]
+    assert curve[-1] < curve[0]
+    assert churned["exits"] == [], "a node exited without being killed"
+    assert "| churn" in printed and "| last-trainer" in printed
+    assert png_out.read_bytes()[:4] == b"\x89PNG"
