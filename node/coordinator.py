@@ -63,7 +63,7 @@ class StepCoordinator:
     @staticmethod
     def _reply(outcome: dict, owner: str) -> dict:
         return {"applied": owner in outcome["owners"], "roster": list(outcome["roster"]), "digest": outcome["digest"],
-                "closed": outcome["step"]}
+                "closed": outcome["step"] - 1 if outcome.get("empty") else outcome["step"]}
 
     async def _close_guarded(self, step: int, p: Pending) -> None:
         try:
@@ -72,7 +72,8 @@ class StepCoordinator:
             log.exception("closing step %d failed", step)
             outcome = {"step": step, "owners": set(), "roster": tuple(sorted(p.ledgers)), "digest": "",
                        "error": str(e)}
-        self.closed[step] = outcome
+        if not outcome.get("empty"):  # an empty step is tried again: its next ledgers start a new barrier
+            self.closed[step] = outcome
         while len(self.closed) > KEEP_OUTCOMES:
             self.closed.popitem(last=False)
         self.pending.pop(step, None)
@@ -92,6 +93,10 @@ class StepCoordinator:
             plan = adopted
         else:
             plan = self._without_lost(plan, prepared)
+        if not plan.keys:  # no microbatch got through: nothing to apply, and the step is not over
+            log.warning("step %d: no microbatch finished; nothing applied, the step is tried again", step)
+            return {"step": step, "empty": True, "owners": set(), "digest": "",
+                    "roster": next_roster(self.trainer.live_trainers(), reported, absent)}
         group = {}
         for (stage, _), reply in prepared.items():
             if reply is not None:

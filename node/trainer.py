@@ -26,6 +26,9 @@ from swarm.stage_worker import StaleRequest
 log = logging.getLogger(__name__)
 
 
+SUSPECT_S = 30.0   # a coordinator that failed us is skipped this long (2x a DHT record's lifetime)
+
+
 class Stopped(RuntimeError):
     """A stop signal arrived while the trainer was paused waiting for replicas."""
 
@@ -45,6 +48,7 @@ class Trainer:
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self.roster: tuple | None = None              # who feeds the next step (the last outcome said so)
         self.coordinator = server.coordinator = StepCoordinator(self, barrier_s=barrier_s)
+        self.suspects: dict[str, float] = {}          # coordinators that did not answer -> until when
         self.skipped = 0                              # microbatches no route finished in time (dropped everywhere)
         self.unapplied = 0                            # our finished microbatches a step did not apply
         if self.metrics.train_loss is None:
@@ -174,6 +178,9 @@ class Trainer:
                 continue
             losses.append(result[0])
             ledger.record(slot, result[1])
+        if slots and not ledger.routes:
+            self.status(f"paused: no microbatch of step {step} got through (a stage's replicas do not answer); "
+                        f"trying again")
         outcome = await self.hand_in(ledger)
         if not outcome["applied"] and ledger.routes:
             self.unapplied += len(ledger.routes)
@@ -184,14 +191,15 @@ class Trainer:
         loss = sum(losses) / len(losses) if losses else float("nan")
         if losses:
             self.metrics.train_loss.set(loss)
-        return {"loss": loss, "slots": list(slots), "finished": len(losses), "next_step": max(step, outcome["closed"]) + 1,
+        return {"loss": loss, "slots": list(slots), "finished": len(losses), "next_step": max(step, outcome["closed"] + 1),
                 "outcome": outcome}
 
     async def hand_in(self, ledger: TrainerLedger) -> dict:
         """Our ledger to the coordinator of the moment; one that does not answer is suspected, and the
         next lowest id takes over (in the end ourselves)."""
-        suspected: set[str] = set()
         while True:
+            now = time.monotonic()
+            suspected = {p for p, until in self.suspects.items() if until > now}
             boss = coordinator(self.live_trainers(), suspected) or self.peer_id
             if boss == self.peer_id:
                 return await self.coordinator.receive(ledger)
@@ -201,7 +209,8 @@ class Trainer:
             except (PeerUnavailable, RemoteError) as e:
                 log.warning("step coordinator %s did not close step %d (%s); the next trainer takes over", boss[-8:],
                             ledger.step, e)
-                suspected.add(boss)
+                # not asked again until its DHT record has surely expired (or it answers our `info` again)
+                self.suspects[boss] = time.monotonic() + SUSPECT_S
                 await self.fresh_records()
 
     async def evaluate(self, batches: int = 8) -> float:

@@ -39,7 +39,7 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
                 break
             t0 = time.perf_counter()
             moved_before = server.bytes["sent"] + server.bytes["received"]
-            result = await trainer.train_step(step)
+            result = await _until_stopped(trainer.train_step(step), stop)
             dt = time.perf_counter() - t0
             step_times.append(dt)
             losses.append(result["loss"])
@@ -60,7 +60,7 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
         error = None if stop.is_set() else str(e)
     finally:
         bar.close()
-    val = await _final_eval(trainer) if losses and not error else None
+    val = await _final_eval(trainer) if losses and not (error or stopped) else None
     summary = {"steps_completed": len(losses), "train_loss_first": losses[0] if losses else None,
                "train_loss_last": losses[-1] if losses else None, "val_loss": val,
                "tokens_per_s": tokens_per_step * len(step_times) / sum(step_times) if step_times else 0.0,
@@ -76,6 +76,18 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
                  summary["tokens_per_s"], summary["measured_wire_bytes_per_token_fwd"],
                  summary["measured_compression_vs_bf16"])
     return 1 if error else (130 if stopped else 0)
+
+
+async def _until_stopped(coro, stop: asyncio.Event):
+    """The coroutine's result, unless a stop signal comes first: then it is cancelled (its microbatches'
+    keys are applied nowhere) and Stopped is raised."""
+    work, signal = asyncio.ensure_future(coro), asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({work, signal}, return_when=asyncio.FIRST_COMPLETED)
+    if work not in done:
+        work.cancel()
+        raise Stopped("stopped by a signal mid-step")
+    signal.cancel()
+    return work.result()
 
 
 async def _figures(trainer: Trainer, run) -> dict:

@@ -76,7 +76,5 @@ def make_schema(run_id: str):
 def stage_record(**fields) -> dict:
     """A validated StageRecord as a plain dict (what goes into the DHT)."""
     fields.setdefault("version", PROTOCOL_VERSION)
-    record = StageRecord(**fields).dict()
-    if not record["relayed"]:
-        del record["relayed"]  # a direct node's record stays readable by nodes that predate the field
-    return record
+    # every field, defaults included: hivemind's SchemaValidator refuses a value that parsing would change
+    return StageRecord(**fields).dict()
