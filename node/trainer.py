@@ -84,9 +84,10 @@ class Trainer:
         """Block until every later stage has a replica: pause with a status line, polling the DHT at
         growing intervals; a stop signal ends the pause with `Stopped`."""
         started, delay = time.monotonic(), self.poll_min_s
-        while True:
-            records = await self.fresh_records()
-            missing = [k for k in range(1, self.cfg.n_stages) if not records.get(k)]
+        await self.hop.refresh()  # periodic, in the background: a slow DHT peer must not slow every step
+        while self.missing_stages():
+            await self.fresh_records()  # looks missing: make sure
+            missing = self.missing_stages()
             if not missing:
                 return
             waited = time.monotonic() - started
@@ -99,6 +100,9 @@ class Trainer:
                 raise Stopped("stopped by a signal while paused")
             except asyncio.TimeoutError:
                 delay = min(2 * delay, self.poll_max_s)
+
+    def missing_stages(self) -> list[int]:
+        return [k for k in range(1, self.cfg.n_stages) if not self.hop.records.get(k)]
 
     def route_timeout(self) -> float:
         """Budget of one microbatch's walk: every later stage's advertised time for a step's worth of
