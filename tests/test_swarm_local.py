@@ -23,12 +23,27 @@ TINY = ["--d-model", "64", "--layers", "4", "--heads", "2", "--ratio", "16", "--
         "--batch-size", "4", "--microbatches", "2"]
 
 
+def held_socket_paths() -> set[str]:
+    """Paths of the unix sockets bound by live processes, in every network namespace on this machine."""
+    namespaces, held = set(), set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/net")
+            if ns not in namespaces:
+                with open(f"/proc/{pid}/net/unix") as f:
+                    held |= {line.split()[-1] for line in f.readlines()[1:] if len(line.split()) >= 8}
+                namespaces.add(ns)
+        except OSError:
+            continue
+    return held
+
+
 def stale_sockets(before: set) -> list[str]:
     """hivemind socket files created since `before` that no live process holds any more (other people's
-    nodes on this machine create and hold theirs meanwhile)."""
-    with open("/proc/net/unix") as f:
-        held = {line.split()[-1] for line in f.readlines()[1:] if len(line.split()) >= 8}
-    return [p for p in set(glob.glob("/tmp/hivemind-*.sock")) - before if os.path.exists(p) and p not in held]
+    nodes on this machine create and hold theirs meanwhile, some in network namespaces of their own)."""
+    new = set(glob.glob("/tmp/hivemind-*.sock")) - before
+    held = held_socket_paths()
+    return [p for p in new if os.path.exists(p) and p not in held]
 
 
 def cli(*argv, **kw):
