@@ -43,6 +43,9 @@ class StepCoordinator:
         self.pending: dict[int, Pending] = {}
         self.closed: OrderedDict[int, dict] = OrderedDict()
         self.stats = {"steps_closed": 0, "takeovers": 0, "dropped_keys": 0, "lost": 0, "crashed": 0}
+        # the loop holds tasks weakly, and so does hivemind its DHT futures: an unreferenced closing task
+        # waiting on a DHT read is garbage-collected mid-step ("Task was destroyed but it is pending")
+        self._closing: set[asyncio.Task] = set()
 
     async def receive(self, ledger) -> dict:
         """A trainer's ledger of its step; answered once that step is closed."""
@@ -54,7 +57,9 @@ class StepCoordinator:
         p = self.pending.get(ledger.step)
         if p is None:
             p = self.pending[ledger.step] = Pending(done=asyncio.get_running_loop().create_future())
-            asyncio.create_task(self._close_guarded(ledger.step, p))
+            task = asyncio.create_task(self._close_guarded(ledger.step, p))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         p.ledgers[ledger.owner] = ledger
         p.changed.set()
         return self._reply(await asyncio.shield(p.done), ledger.owner)
