@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
         "--batch-size", "4", "--microbatches", "2"]
 STEP_LINE = re.compile(r"\] (\d+)/\d+ loss")
+SAVED = re.compile(r"checkpoint written: (\S+) \(step [1-9]\d*\)")  # of a step trained, not the initial -1
 FROM_STEP = re.compile(r"training \d+ steps from step (\d+)")
 
 
@@ -277,7 +278,7 @@ def stage_steps(peers: list[str]) -> dict[int, int]:
 
 def test_last_trainer_killed_stages_wait_and_a_restart_resumes_from_their_step(nodes):
     peers = training_swarm(nodes, "--save-every-min", "0.05")  # a trainer checkpoint every 3 s
-    wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 240, "a periodic trainer checkpoint")
+    wait_until(lambda: SAVED.search(nodes.log("trainer")), 240, "a periodic trainer checkpoint of a trained step")
     helpers = nodes.kill9("trainer")  # mid-step, most likely: the stages hold its gradients
     # Nobody trains now: the stages keep serving and stay at the step they applied.
     paused = stage_steps(peers)
@@ -430,8 +431,9 @@ def test_live_export_of_a_training_swarm_takes_every_stage_at_one_step(nodes):
     peers = training_swarm(nodes, "--save-every-min", "0.05")
     wait_until(lambda: trained_steps(nodes.log("trainer")) >= 3, 180, "3 training steps")
     # the trainer checkpoints periodically too (not only on exit), atomically, labelled with its weights' step
-    ckpt = wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 60, "a trainer checkpoint")
-    state = torch.load(ckpt[0], weights_only=True)
+    ckpt = wait_until(lambda: SAVED.search(nodes.log("trainer")), 60, "a trainer checkpoint").group(1)
+    assert "fail-stage0-" in ckpt
+    state = torch.load(ckpt, weights_only=True)
     assert state["stage"] == 0 and state["step"] >= 1
     assert nodes.procs["trainer"].poll() is None
     res = subprocess.run([sys.executable, "-m", "node.cli", "export", "--initial-peers", *peers, "--run-id", "fail",
