@@ -1,6 +1,7 @@
-"""Ordinary failures on real processes (issue 10): kill -9 of a node's MAIN pid (never its group, as
-the OOM killer does), a dead bootstrap, a port already taken, configs that can never train, and
-exports of stages at different steps."""
+"""Ordinary failures on real processes (issue 10, trainers of issue 15): kill -9 of a node's MAIN pid
+(never its group, as the OOM killer does), of a stage's only replica, of the step coordinator and of
+the last trainer; a dead bootstrap, a port already taken, configs that can never train, and exports of
+stages at different steps."""
 import ast
 import asyncio
 import json
@@ -15,17 +16,22 @@ import time
 import pytest
 import torch
 
+from node.args import identity_peer_id
 from node.lifeline import descendants
 from node.local import stop_processes
 from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm.coordination import coordinator
 from swarm.export import MixedSteps, check_one_step, common_step
 from swarm.stage_worker import StageWorker
+from swarm_helpers import session_members
 
 pytestmark = pytest.mark.swarm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
         "--batch-size", "4", "--microbatches", "2"]
 STEP_LINE = re.compile(r"\] (\d+)/\d+ loss")
+SAVED = re.compile(r"checkpoint written: (\S+) \(step [1-9]\d*\)")  # of a step trained, not the initial -1
+FROM_STEP = re.compile(r"training \d+ steps from step (\d+)")
 
 
 def free_port() -> int:
@@ -59,6 +65,7 @@ class Nodes:
         self.dir, self.env = tmp_path, dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.procs: dict[str, subprocess.Popen] = {}
         self.argv: dict[str, list[str]] = {}
+        self.killed: list[int] = []  # main pids killed -9: their sessions must empty by themselves
 
     def start(self, name: str, *argv: str) -> subprocess.Popen:
         self.argv[name] = list(argv)
@@ -90,7 +97,12 @@ class Nodes:
         helpers = descendants(proc.pid)
         proc.kill()
         proc.wait()
+        self.killed.append(proc.pid)
         return helpers
+
+    def orphans(self) -> list[str]:
+        """What is left in the sessions of the nodes killed -9 (their p2pd, DHT or averager processes)."""
+        return session_members(self.killed)
 
     def stop_all(self) -> None:
         stop_processes(list(self.procs.values()), grace=30.0)
@@ -100,7 +112,9 @@ class Nodes:
 def nodes(tmp_path):
     n = Nodes(tmp_path)
     yield n
+    orphans = n.orphans()  # before stop_all, which would SIGKILL them by group
     n.stop_all()
+    assert orphans == [], f"helpers of nodes killed -9 outlived them: {orphans}"
 
 
 def bootstrap(nodes: Nodes, *extra: str) -> list[str]:
@@ -116,69 +130,90 @@ def join_argv(nodes: Nodes, name: str, stage: int, peers: list[str], *extra: str
             "--threads", "1", *extra]
 
 
-def training_swarm(nodes: Nodes, *head_extra: str, last_extra=()) -> list[str]:
-    """bootstrap, one replica each of stages 1 and 2, and a head training until stopped."""
+def start_trainer(nodes: Nodes, name: str, peers: list[str], *extra: str) -> None:
+    """A trainer (`join --stage 0`) training until stopped, its summary in <name>.json."""
+    nodes.start(name, *join_argv(nodes, name, 0, peers, "--steps", "100000", "--eval-every", "0",
+                                 "--json-out", str(nodes.dir / f"{name}.json"), *extra))
+
+
+def training_swarm(nodes: Nodes, *trainer_extra: str, last_extra=(), trainers=("trainer",)) -> list[str]:
+    """bootstrap, one replica each of stages 1 and 2, and trainers training until stopped."""
     peers = bootstrap(nodes, "--stages", "3")
     nodes.start("s1", *join_argv(nodes, "s1", 1, peers))
     nodes.start("s2", *join_argv(nodes, "s2", 2, peers, *last_extra))
     nodes.wait_for("s1", "serving")
     nodes.wait_for("s2", "serving")
-    nodes.start("head", *join_argv(nodes, "head", 0, peers, "--steps", "100000", "--eval-every", "0", *head_extra))
+    for name in trainers:
+        start_trainer(nodes, name, peers, *trainer_extra)
     return peers
 
 
-def head_tokens_per_s(peers: list[str]) -> float:
+def swarm_status(peers: list[str]) -> dict:
+    res = subprocess.run([sys.executable, "-m", "node.cli", "status", "--initial-peers", *peers, "--run-id",
+                          "fail", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    return json.loads(res.stdout) if res.returncode in (0, 1) and res.stdout else {}
+
+
+def replicas_of(status: dict, stage: int) -> list[dict]:
+    return next((s["replicas"] for s in status.get("stages", []) if s["stage"] == stage), [])
+
+
+def trainer_tokens_per_s(peers: list[str]) -> float:
     def rate():
-        res = subprocess.run([sys.executable, "-m", "node.cli", "status", "--initial-peers", *peers, "--run-id",
-                              "fail", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=90)
-        heads = json.loads(res.stdout)["stages"][0]["replicas"] if res.returncode in (0, 1) and res.stdout else []
-        return heads and heads[0]["tokens_per_s"]
-    return wait_until(rate, 60, "the head's record to show its tokens/s", step=3)
+        trainers = replicas_of(swarm_status(peers), 0)
+        return trainers and trainers[0]["tokens_per_s"]
+    return wait_until(rate, 60, "the trainer's record to show its tokens/s", step=3)
 
 
 def trained_steps(text: str) -> int:
     return max((int(m) for m in STEP_LINE.findall(text)), default=0)
 
 
+def stop_trainer(nodes: Nodes, name: str) -> dict:
+    """SIGTERM a trainer; its run summary."""
+    nodes.procs[name].send_signal(signal.SIGTERM)
+    assert nodes.procs[name].wait(timeout=90) == 130, nodes.log(name)[-3000:]
+    return json.loads((nodes.dir / f"{name}.json").read_text())
+
+
 # --- the last replica of a stage ---------------------------------------------------------------------
 
 
-def test_only_replica_of_last_stage_killed_head_pauses_restart_resumes(nodes):
+def test_only_replica_of_last_stage_killed_trainer_pauses_restart_resumes(nodes):
     peers = training_swarm(nodes, last_extra=("--port", str(free_port()), "--metrics-port", str(free_port())))
-    wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
-    assert head_tokens_per_s(peers) > 0  # the head advertises the rate it trains at
+    wait_until(lambda: trained_steps(nodes.log("trainer")) >= 3, 180, "3 training steps")
+    assert trainer_tokens_per_s(peers) > 0  # the trainer advertises the rate it trains at
 
     helpers = nodes.kill9("s2")
     assert len(helpers) >= 2, helpers  # its DHT process and p2pd at least
-    killed_at, head_mark = time.monotonic(), len(nodes.log("head"))
+    killed_at, trainer_mark, s1_mark = time.monotonic(), len(nodes.log("trainer")), len(nodes.log("s1"))
     wait_until(lambda: not any(alive(p) for p in helpers), 10, f"the helpers {helpers} of the killed node to exit")
 
-    nodes.wait_for("head", "paused: waiting for", 60, since=head_mark)
+    nodes.wait_for("trainer", "paused: waiting for a replica of stage(s) 2", 90, since=trainer_mark)
     paused_after = time.monotonic() - killed_at
     time.sleep(max(0.0, 20 - (time.monotonic() - killed_at)))
-    outage = nodes.log("head")[head_mark:]
-    calls = outage.count("stage 2 replica")  # one warning per failed call
-    assert nodes.procs["head"].poll() is None, outage[-3000:]
-    assert "Traceback" not in outage and "OverflowError" not in outage, outage[-3000:]
-    assert 1 <= calls < 50, f"{calls} calls to the dead replica in 20 s:\n{outage[-3000:]}"
+    outage = nodes.log("trainer")[trainer_mark:]
+    calls = nodes.log("s1")[s1_mark:].count("stage 2 replica")  # stage 1 calls stage 2: one warning per failure
+    assert nodes.procs["trainer"].poll() is None and nodes.procs["s1"].poll() is None, outage[-3000:]
+    assert "Traceback" not in outage + nodes.log("s1")[s1_mark:] and "OverflowError" not in outage, outage[-3000:]
+    assert 1 <= calls < 50, f"{calls} calls to the dead replica in 20 s:\n{nodes.log('s1')[-3000:]}"
 
     s2_mark = len(nodes.log("s2"))
-    stopped_at = trained_steps(nodes.log("head"))
+    stopped_at = trained_steps(nodes.log("trainer"))
     restarted_at = time.monotonic()
     nodes.restart("s2")  # same identity, port and metrics port, right away
     nodes.wait_for("s2", "serving", 120, since=s2_mark)
     serving_after = time.monotonic() - restarted_at
-    wait_until(lambda: trained_steps(nodes.log("head")) > stopped_at, 180, "training to resume")
+    wait_until(lambda: trained_steps(nodes.log("trainer")) > stopped_at, 180, "training to resume")
     print(f"\nlast replica killed: paused after {paused_after:.1f}s, {calls} calls to it in 20 s; restarted "
           f"replica serving after {serving_after:.1f}s, training resumed after {time.monotonic() - restarted_at:.1f}s")
-    wait_until(lambda: trained_steps(nodes.log("head")) > stopped_at + 2, 180, "training to go on")
+    wait_until(lambda: trained_steps(nodes.log("trainer")) > stopped_at + 2, 180, "training to go on")
 
-    # Paused again, the head still honours SIGTERM.
+    # Paused again, the trainer still honours SIGTERM.
     helpers = nodes.kill9("s2")
-    head_mark = len(nodes.log("head"))
-    nodes.wait_for("head", "paused: waiting for", 90, since=head_mark)
-    nodes.procs["head"].send_signal(signal.SIGTERM)
-    assert nodes.procs["head"].wait(timeout=60) == 130, nodes.log("head")[-3000:]
+    trainer_mark = len(nodes.log("trainer"))
+    nodes.wait_for("trainer", "paused: waiting for", 90, since=trainer_mark)
+    assert stop_trainer(nodes, "trainer")["stopped_by"] == "signal"
     wait_until(lambda: not any(alive(p) for p in helpers), 10, "the helpers of the killed node to exit")
 
 
@@ -224,21 +259,65 @@ def test_same_command_restart_right_after_kill9(nodes):
     assert not any(alive(p) for p in helpers), helpers
 
 
-def test_head_killed_and_restarted_resumes_near_the_stages(nodes):
-    training_swarm(nodes, "--save-every-min", "0.05")  # a head checkpoint every 3 s
-    wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 240, "a periodic head checkpoint")
-    helpers = nodes.kill9("head")  # mid-step, most likely: the last stage holds its gradients
-    mark = len(nodes.log("head"))
+# --- trainers ------------------------------------------------------------------------------------------
+
+
+def stage_steps(peers: list[str]) -> dict[int, int]:
+    """Steps the replicas of stages 1 and 2 advertise, once two reads a few seconds apart agree (the
+    records are refreshed every few seconds)."""
+    def read():
+        status = swarm_status(peers)
+        return {k: max((r["step"] for r in replicas_of(status, k)), default=None) for k in (1, 2)}
+
+    def settled():
+        first = read()
+        time.sleep(3)
+        return first if None not in first.values() and read() == first else None
+    return wait_until(settled, 90, "the stages' advertised steps to settle", step=1)
+
+
+def test_last_trainer_killed_stages_wait_and_a_restart_resumes_from_their_step(nodes):
+    peers = training_swarm(nodes, "--save-every-min", "0.05")  # a trainer checkpoint every 3 s
+    wait_until(lambda: SAVED.search(nodes.log("trainer")), 240, "a periodic trainer checkpoint of a trained step")
+    helpers = nodes.kill9("trainer")  # mid-step, most likely: the stages hold its gradients
+    # Nobody trains now: the stages keep serving and stay at the step they applied.
+    paused = stage_steps(peers)
+    time.sleep(5)
+    assert stage_steps(peers) == paused and max(paused.values()) >= 1, paused
+    assert nodes.procs["s1"].poll() is None and nodes.procs["s2"].poll() is None
+    mark = len(nodes.log("trainer"))
     restarted_at = time.monotonic()
-    nodes.restart("head")
-    nodes.wait_for("head", "resumed from checkpoint", 60, since=mark)
-    wait_until(lambda: trained_steps(nodes.log("head")[mark:]) > 0, 120, "the restarted head to train")
-    print(f"\nrestarted head training again after {time.monotonic() - restarted_at:.1f}s")
+    nodes.restart("trainer")  # the same command
+    nodes.wait_for("trainer", "resumed from checkpoint", 60, since=mark)
+    wait_until(lambda: trained_steps(nodes.log("trainer")[mark:]) > 0, 120, "the restarted trainer to train")
+    print(f"\nrestarted trainer training again after {time.monotonic() - restarted_at:.1f}s, stages at {paused}")
     assert not any(alive(p) for p in helpers), helpers
-    wait_until(lambda: trained_steps(nodes.log("head")[mark:]) >= 5, 120, "5 more steps")
-    log = nodes.log("head")[mark:]
+    wait_until(lambda: trained_steps(nodes.log("trainer")[mark:]) >= 5, 120, "5 more steps")
+    log = nodes.log("trainer")[mark:]
     resumed = int(re.search(r"resumed from checkpoint \S+ at step (\d+)", log).group(1))
-    assert resumed >= 1 and "already counted" not in log and "failed loss" not in log, log[-3000:]
+    assert 1 <= resumed <= max(paused.values()), (resumed, paused)
+    assert int(FROM_STEP.search(log).group(1)) == max(paused.values()) + 1, (paused, log[-3000:])
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_step_coordinator_killed_the_other_trainer_takes_over(nodes):
+    names = ("t0", "t1")
+    ids = {name: identity_peer_id(str(nodes.dir / f"{name}.id")) for name in names}
+    boss = next(n for n in names if ids[n] == coordinator(ids.values()))  # the lowest peer id
+    other = next(n for n in names if n != boss)
+    training_swarm(nodes, trainers=names)
+    wait_until(lambda: min(trained_steps(nodes.log(n)) for n in names) >= 3, 240, "both trainers to train 3 steps")
+    mark = len(nodes.log(other))
+    before = trained_steps(nodes.log(other))
+    nodes.kill9(boss)
+    wait_until(lambda: trained_steps(nodes.log(other)) >= before + 5, 180,
+               f"{other} to train 5 more steps without the coordinator:\n{nodes.log(other)[-3000:]}")
+    summary = stop_trainer(nodes, other)
+    log = nodes.log(other)[mark:]
+    assert "the next trainer takes over" in log or summary["coordinator"]["steps_closed"] > 0, log[-3000:]
+    assert summary["coordinator"]["steps_closed"] >= 4, summary["coordinator"]  # it closed its own steps since
+    assert "Traceback" not in log, log[-3000:]
+    wait_until(lambda: not nodes.orphans(), 30, f"the killed coordinator's helpers to exit: {nodes.orphans()}")
 
 
 # --- a dead bootstrap ----------------------------------------------------------------------------------
@@ -282,6 +361,9 @@ def test_local_with_zero_replicas_is_refused(tmp_path):
     res = subprocess.run([sys.executable, "-m", "node.cli", "local", "--stages", "3", "--replicas", "0", *TINY,
                           "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "--replicas 0 can never train" in res.stderr, res.stderr
+    res = subprocess.run([sys.executable, "-m", "node.cli", "local", "--stages", "3", "--trainers", "0", *TINY,
+                          "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "--trainers 0 can never train" in res.stderr, res.stderr
 
 
 def test_nodes_of_local_exit_when_local_is_killed(tmp_path):
@@ -294,7 +376,7 @@ def test_nodes_of_local_exit_when_local_is_killed(tmp_path):
         wait_until(lambda: trained_steps((tmp_path / "local.log").read_text(errors="replace")) >= 3, 240,
                    "the local swarm to train and average")
         tree = descendants(proc.pid)
-        assert len(tree) >= 10, tree  # bootstrap, 2 stages, head, their DHT processes, p2pds and averagers
+        assert len(tree) >= 10, tree  # bootstrap, 2 stage-1 replicas, the trainer, their DHT processes, p2pds, averagers
         proc.kill()  # the main pid only
         proc.wait()
         wait_until(lambda: not any(alive(p) for p in tree), 60, f"every process of the killed `local` to exit")
@@ -347,12 +429,13 @@ def test_export_refuses_mixed_steps_unless_allowed(tmp_path):
 
 def test_live_export_of_a_training_swarm_takes_every_stage_at_one_step(nodes):
     peers = training_swarm(nodes, "--save-every-min", "0.05")
-    wait_until(lambda: trained_steps(nodes.log("head")) >= 3, 180, "3 training steps")
-    # the head checkpoints periodically too (not only on exit), atomically, labelled with its weights' step
-    head_ckpt = wait_until(lambda: list((nodes.dir / "ckpt").glob("fail-stage0-*.pt")), 60, "a head checkpoint")
-    state = torch.load(head_ckpt[0], weights_only=True)
+    wait_until(lambda: trained_steps(nodes.log("trainer")) >= 3, 180, "3 training steps")
+    # the trainer checkpoints periodically too (not only on exit), atomically, labelled with its weights' step
+    ckpt = wait_until(lambda: SAVED.search(nodes.log("trainer")), 60, "a trainer checkpoint").group(1)
+    assert "fail-stage0-" in ckpt
+    state = torch.load(ckpt, weights_only=True)
     assert state["stage"] == 0 and state["step"] >= 1
-    assert nodes.procs["head"].poll() is None
+    assert nodes.procs["trainer"].poll() is None
     res = subprocess.run([sys.executable, "-m", "node.cli", "export", "--initial-peers", *peers, "--run-id", "fail",
                           "--out", str(nodes.dir / "m.st")], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -15,6 +15,7 @@ from protocol.codec import bytes_per_token
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from node.inproc import InprocSwarm
+from swarm_helpers import session_members
 
 pytestmark = pytest.mark.swarm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,59 +23,88 @@ TINY = ["--d-model", "64", "--layers", "4", "--heads", "2", "--ratio", "16", "--
         "--batch-size", "4", "--microbatches", "2"]
 
 
-def session_members(leaders) -> list[str]:
-    """Processes (p2pd, hivemind helpers, ...) still alive in the sessions of the given node pids."""
-    leaders = {int(p) for p in leaders}
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[3]) in leaders and fields[0] != "Z":  # field 6 of stat: session id
-                found.append(stat.split(")")[0])
-    return found
+def held_socket_paths() -> set[str]:
+    """Paths of the unix sockets bound by live processes, in every network namespace on this machine."""
+    namespaces, held = set(), set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/net")
+            if ns not in namespaces:
+                with open(f"/proc/{pid}/net/unix") as f:
+                    held |= {line.split()[-1] for line in f.readlines()[1:] if len(line.split()) >= 8}
+                namespaces.add(ns)
+        except OSError:
+            continue
+    return held
+
+
+def stale_sockets(before: set) -> list[str]:
+    """hivemind socket files created since `before` that no live process holds any more (other people's
+    nodes on this machine create and hold theirs meanwhile, some in network namespaces of their own)."""
+    new = set(glob.glob("/tmp/hivemind-*.sock")) - before
+    held = held_socket_paths()
+    return [p for p in new if os.path.exists(p) and p not in held]
 
 
 def cli(*argv, **kw):
     return subprocess.run([sys.executable, "-m", "node.cli", *argv], cwd=ROOT, capture_output=True, text=True, **kw)
 
 
-def test_local_swarm_trains_sends_only_codes_and_cleans_up(tmp_path):
+def local_run(tmp_path, *argv, timeout=600) -> dict:
+    """`resbm-node local` to the end; its summary, after checking every node exited cleanly and left
+    nothing behind."""
     before_sockets = set(glob.glob("/tmp/hivemind-*.sock"))
     out = tmp_path / "run.json"
-    res = cli("local", "--stages", "4", "--steps", "30", "--eval-every", "0", "--lr", "0.01", *TINY,
-              "--json-out", str(out), "--run-dir", str(tmp_path / "run"), timeout=400)
+    res = cli("local", "--eval-every", "0", "--lr", "0.01", *TINY, *argv, "--json-out", str(out),
+              "--run-dir", str(tmp_path / "run"), timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.loads(out.read_text())
-    assert s["steps_completed"] == 30
-    assert sum(s["loss_curve"][-5:]) / 5 < s["loss_curve"][0] - 1.0
-    # Codec bytes per token per hop are exactly the codec's: b=4 values in bf16 = 8 bytes, both ways;
-    # the head relays codes, so 4 stages make 5 forward messages per microbatch (to and from each middle
-    # stage, then to the tail), and the one to the tail also carries the targets (1 byte per token).
-    expected = bytes_per_token("bf16", 64 // 16)
-    assert s["wire_bytes_per_token_fwd"] == expected
-    assert s["measured_code_bytes_per_token_fwd"] == pytest.approx(expected + 1 / 5)
-    assert s["measured_code_bytes_per_token_bwd"] == expected
-    # Whole messages add metadata and framing: bounded per message (64 tokens per microbatch here).
-    for pass_ in ("fwd", "bwd"):
-        overhead = s[f"measured_wire_bytes_per_token_{pass_}"] - s[f"measured_code_bytes_per_token_{pass_}"]
-        assert 0 < overhead * 64 < 160, (pass_, overhead)
-    assert 8.0 < s["measured_compression_vs_bf16"] < 16.0
-    stages = [n for n in s["nodes"] if n["role"] == "stage"]
-    assert sorted(n["stage"] for n in stages) == [1, 2, 3]
-    tokens = 30 * 4 * 32
-    for n in stages:
-        assert n["tokens"] == tokens and n["bytes_sent"] > 0 and n["bytes_received"] > 0
-        # every payload a stage received or sent had width b: nothing of width d crossed
-        hops = 2 if n["stage"] < 3 else 1  # a middle stage gets x and grad_out; the tail x and the targets
-        assert n["payload_received"] == hops * tokens * expected + (tokens if n["stage"] == 3 else 0)
-        assert n["payload_sent"] == hops * tokens * expected
     assert set(s["exit_codes"].values()) == {0}, s["exit_codes"]
     assert session_members(s["pids"].values()) == []
-    assert set(glob.glob("/tmp/hivemind-*.sock")) <= before_sockets
+    assert stale_sockets(before_sockets) == []
+    assert sum(s["loss_curve"][-5:]) / 5 < s["loss_curve"][0] - 1.0
+    return s
+
+
+def test_local_swarm_trains_sends_only_codes_and_cleans_up(tmp_path):
+    s = local_run(tmp_path, "--stages", "4", "--steps", "30")
+    assert s["steps_completed"] == 30
+    # Codec bytes per token per hop are exactly the codec's: b=4 values in bf16 = 8 bytes, both ways;
+    # every hop's request also carries the targets (1 byte per token) on to the tail.
+    expected = bytes_per_token("bf16", 64 // 16)
+    assert s["wire_bytes_per_token_fwd"] == expected
+    assert s["measured_code_bytes_per_token_fwd"] == pytest.approx(expected + 1)
+    assert s["measured_code_bytes_per_token_bwd"] == expected
+    # Whole messages add metadata and framing: bounded per message (64 tokens per microbatch here). A
+    # request also names its owner, a reply its route (the 3 replicas after the trainer): ~50 bytes a peer id.
+    for pass_, bound in (("fwd", 160 + 55), ("bwd", 160 + 3 * 55)):
+        overhead = s[f"measured_wire_bytes_per_token_{pass_}"] - s[f"measured_code_bytes_per_token_{pass_}"]
+        assert 0 < overhead * 64 < bound, (pass_, overhead * 64)
+    assert 8.0 < s["measured_compression_vs_bf16"] < 16.0
+    assert [n["role"] for n in s["nodes"]] == ["coordinator", "middle", "middle", "tail"], s["nodes"]
+    tokens = 30 * 4 * 32
+    for n in s["nodes"]:
+        assert n["tokens"] == tokens and n["bytes_sent"] > 0 and n["bytes_received"] > 0, n
+        if n["stage"]:  # every payload a stage received or sent had width b: nothing of width d crossed
+            assert n["payload_received"] == tokens * (expected + 1), n  # x and the targets
+            assert n["payload_sent"] == tokens * expected, n            # the gradient
+    trainer = s["trainers"][0]
+    assert trainer["coordinator"]["steps_closed"] == 30 and trainer["coordinator"]["takeovers"] == 0
+
+
+def test_local_swarm_with_two_trainers(tmp_path):
+    s = local_run(tmp_path, "--stages", "3", "--trainers", "2", "--steps", "20")
+    assert [t["steps_completed"] for t in s["trainers"]] == [20, 20], s["trainers"]
+    assert sum(t["coordinator"]["steps_closed"] for t in s["trainers"]) >= 20, s["trainers"]
+    trainers = [n for n in s["nodes"] if n["stage"] == 0]
+    assert sorted(n["role"] for n in trainers) == ["coordinator", "trainer"], s["nodes"]
+    assert {n["peer_id"] for n in trainers} == {t["peer_id"] for t in s["trainers"]}
+    assert all(n["tokens"] > 0 for n in s["nodes"]), s["nodes"]
+    # a trainer sends codes across one boundary; a middle stage receives and sends on: per token, a
+    # trainer moves no more bytes than a middle stage, control calls (ledgers, prepare, step) included
+    per_token = lambda n: (n["bytes_sent"] + n["bytes_received"]) / n["tokens"]  # noqa: E731
+    middle = next(n for n in s["nodes"] if n["role"] == "middle")
+    assert max(per_token(n) for n in trainers) <= per_token(middle), [(n["role"], per_token(n)) for n in s["nodes"]]
 
 
 def test_sigterm_to_local_stops_every_node(tmp_path):
@@ -134,28 +164,29 @@ def test_two_replicas_share_traffic_and_agree_after_averaging():
 
     async def go():
         async with InprocSwarm(run, corpus, replicas={1: 2}, averaging=True) as sw:
-            replies = [await sw.head.train_step(s) for s in range(4)]
+            for step in range(4):
+                await sw.train_step(step)
             reps = sw.servers[1]
-            return replies, [r.tokens_done for r in reps], [r.worker.stage.state_dict() for r in reps]
+            rounds = [r.averager.metrics.registry.get_sample_value("resbm_averaging_rounds_total") for r in reps]
+            return rounds, [r.tokens_done for r in reps], [r.worker.stage.state_dict() for r in reps]
 
-    replies, tokens, (a, b) = asyncio.run(go())
+    rounds, tokens, (a, b) = asyncio.run(go())
     assert all(t > 0 for t in tokens), tokens  # both replicas got microbatches
-    averaged = [r.get("averaged") for step in replies for r in step["replies"] if r.get("stage") == 1]
-    assert averaged.count(True) == 4, averaged  # steps 1 and 3, both replicas
+    assert rounds == [2, 2], rounds  # after steps 1 and 3, both replicas
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6, msg=n)
 
 
-def test_wire_figure_matches_the_kernels_count_of_the_heads_sockets(tmp_path):
-    """The head's own count of message bytes, against the kernel's TCP counters of its p2p daemon's
-    sockets (sampled with `ss` while it runs): the difference is libp2p (TLS, yamux), DHT and
-    protobuf framing overhead, which must stay bounded."""
+def test_wire_figure_matches_the_kernels_count_of_the_trainers_sockets(tmp_path):
+    """The trainer's own count of message bytes (boundary 0 and the step's control calls), against the
+    kernel's TCP counters of its p2p daemon's sockets (sampled with `ss` while it runs): the difference
+    is libp2p (TLS, yamux), DHT and protobuf framing overhead, which must stay bounded."""
     import shutil
     from bench.wirecount import SocketCounter, find_pids
     if shutil.which("ss") is None:
         pytest.skip("`ss` (iproute2) is not installed")
     run_dir = tmp_path / "run"
-    identity = str(run_dir / "head.id")
+    identity = str(run_dir / "trainer0.id")
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "local", "--stages", "3", "--steps", "40",
                              "--eval-every", "0", *TINY, "--run-dir", str(run_dir), "--json-out",
                              str(tmp_path / "s.json")], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -168,8 +199,9 @@ def test_wire_figure_matches_the_kernels_count_of_the_heads_sockets(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     s = json.loads((tmp_path / "s.json").read_text())
-    head = s["nodes"][0]
-    ours = head["bytes_sent"] + head["bytes_received"]
+    trainer = next(n for n in s["nodes"] if n["peer_id"] == s["peer_id"])
+    assert trainer["role"] == "coordinator"
+    ours = trainer["bytes_sent"] + trainer["bytes_received"]
     outside = counter.sent + counter.received
     assert s["steps_completed"] == 40 and ours > 0
     # The kernel saw everything we counted, plus overhead: TLS records, yamux frames, the p2p daemons'

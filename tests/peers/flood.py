@@ -18,7 +18,7 @@ from swarm.config import RunConfig
 async def burst(client: StageClient, peer: str, run) -> dict:
     x = encode(torch.randn(2, run.model.seq_len, run.model.code_width), run.model.wire_codec)
     calls = [client.call(peer, 1, "state", offset=0, timeout=60) for _ in range(100)] + \
-            [client.call(peer, 1, "forward", step=0, micro=0, eval=True, x=x, timeout=60) for _ in range(200)]
+            [client.call(peer, 1, "forward", x=x, timeout=60) for _ in range(200)]
     outcomes: dict[str, int] = {}
     for result in await asyncio.gather(*calls, return_exceptions=True):
         key = "ok" if not isinstance(result, Exception) else \
