@@ -61,14 +61,14 @@ async def _main(args, run) -> int:
         if args.save_config:
             save_config_file(run, args.save_config)
         addrs = visible_maddrs(dht)
+        if args.addr_file:  # before the "is up" line: whoever waits for that line reads this file next
+            tmp = Path(args.addr_file + ".tmp")
+            tmp.write_text("\n".join(addrs) + "\n")
+            tmp.replace(args.addr_file)
         print(f"bootstrap of run {run.run_id!r} (fingerprint {run.fingerprint}) is up. Others join with:",
               file=sys.stderr)
         for a in addrs:
             print(f"  --initial-peers {a}", file=sys.stderr)
-        if args.addr_file:
-            tmp = Path(args.addr_file + ".tmp")
-            tmp.write_text("\n".join(addrs) + "\n")
-            tmp.replace(args.addr_file)
         sys.stderr.flush()
         refresher = asyncio.create_task(keep_config_alive(dht, run, validator))
         await stop.wait()
