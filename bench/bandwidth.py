@@ -144,6 +144,17 @@ def steady(summary: dict, warmup: int, tokens_per_step: int) -> float:
     return tokens_per_step * len(times) / sum(times) if times else 0.0
 
 
+def parse_bench_args(p: argparse.ArgumentParser, argv, sizes: dict):
+    """(args, size name, size); size None (after saying why) when no shaped lab can be built here."""
+    args = p.parse_args(argv)
+    reason = prepare()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return args, None, None
+    name = "quick" if args.quick else "scale" if args.scale else "default"
+    return args, name, sizes[name]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
@@ -156,13 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/bandwidth.json")
     p.add_argument("--png-out", default="bench/results/bandwidth.png")
-    args = p.parse_args(argv)
-    reason = prepare()
-    if reason:
-        print(f"cannot run: {reason}", file=sys.stderr)
+    args, name, size = parse_bench_args(p, argv, SIZES)
+    if size is None:
         return 2
-    name = "quick" if args.quick else "scale" if args.scale else "default"
-    size = SIZES[name]
     rates = args.rates or size["rates"]
     variants = args.variants or size["variants"]
     corpus = ByteCorpus()

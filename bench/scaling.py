@@ -25,8 +25,7 @@ import tempfile
 from pathlib import Path
 from statistics import mean
 
-from bench.bandwidth import compute_bound, steady, swarm_in_lab
-from bench.netns import prepare
+from bench.bandwidth import compute_bound, parse_bench_args, steady, swarm_in_lab
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
@@ -169,13 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/scaling.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
-    args = p.parse_args(argv)
-    reason = prepare()
-    if reason:
-        print(f"cannot run: {reason}", file=sys.stderr)
+    args, name, size = parse_bench_args(p, argv, SIZES)
+    if size is None:
         return 2
-    name = "quick" if args.quick else "scale" if args.scale else "default"
-    size = SIZES[name]
     limit = compute_bound(run_config(size, 100), ByteCorpus(), steps=3, warmup=1)
     runs, overhead = [], None
     with tempfile.TemporaryDirectory() as tmp:
