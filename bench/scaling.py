@@ -60,13 +60,18 @@ def predicted_link_bound(cfg: ModelConfig, rate_mbit: float, per_stage: int) -> 
     return link_bound_tokens_per_s(rate_mbit * 1e6 / 8 * TCP_GOODPUT, per_node, per_stage)
 
 
-def node_figures(summary: dict, iface: dict) -> list[dict]:
-    """Per node: role, message and interface bytes per handled token (nodes that answered `info`)."""
+def node_figures(summaries: list[dict], iface: dict) -> list[dict]:
+    """Per node: role, message and interface bytes per handled token (nodes that answered `info`).
+    Every trainer's summary is read: a trainer that finished first has left the DHT before the
+    others list the nodes, but its own summary has its figures (the latest reading of a node wins)."""
+    moved = lambda n: n["bytes_sent"] + n["bytes_received"]  # noqa: E731
+    latest = {}
+    for n in (n for s in summaries for n in s["nodes"] if not n.get("error") and n.get("tokens")):
+        if n["peer_id"] not in latest or moved(n) > moved(latest[n["peer_id"]]):
+            latest[n["peer_id"]] = n
     out = []
-    for n in summary["nodes"]:
-        if n.get("error") or not n.get("tokens"):
-            continue
-        msg = n["bytes_sent"] + n["bytes_received"]
+    for n in latest.values():
+        msg = moved(n)
         out.append({"stage": n["stage"], "role": n["role"], "peer_id": n["peer_id"], "tokens": n["tokens"],
                     "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0)})
     return out
@@ -105,7 +110,7 @@ def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float,
     if "error" in res or res["summaries"][0].get("error"):
         return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
     summary = res["summaries"][0]
-    nodes = node_figures(summary, res["iface"])
+    nodes = node_figures(res["summaries"], res["iface"])
     measured_overhead = framing_overhead(nodes)
     row.update(steps=summary["steps_completed"], tokens_per_s=steady(summary, size["warmup"],
                                                                      size["batch"] * size["seq"]),
