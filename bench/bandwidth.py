@@ -2,11 +2,12 @@
 
     python -m bench.bandwidth [--quick | --scale] [--rates 1 10 100 0] [--variants ...]
 
-Every node (bootstrap, head, each stage) runs in its own network namespace, joined through veth
-pairs to a bridge; every link is shaped with `tc tbf` to R Mbit/s in both directions (0 = unshaped).
-netem is not available on these machines, so latency is NOT emulated: links are rate-limited
-only, with sub-millisecond delay. Traffic is head-centric (every code goes head -> stage -> head),
-so the head's link carries all of it and is the bottleneck. Needs root.
+Every node (bootstrap, the trainer = stage 0, each later stage) runs in its own network namespace,
+joined through veth pairs to a bridge; every link is shaped with `tc tbf` to R Mbit/s in both
+directions (0 = unshaped). netem is not available on these machines, so latency is NOT emulated:
+links are rate-limited only, with sub-millisecond delay. Codes walk the route neighbour to
+neighbour (trainer -> stage 1 -> ... -> tail, gradients back the same way), so a middle stage's
+link carries the most: codes and gradients both ways. Needs root.
 
 For each variant and rate it measures steady-state tokens/s (the first steps are warm-up), the
 wire bytes per token, and the compute-bound limit (the same staged model in one process, no
@@ -18,16 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.netns import NetnsLab, measure_throughput_mbit, prepare
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
-from node.local import Swarm
+from node.args import identity_peer_id
+from node.local import Swarm, tail
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.trainer import LocalTrainer, wire_stats
@@ -74,43 +78,81 @@ def compute_bound(run: RunConfig, corpus, steps: int, warmup: int) -> float:
     return best
 
 
-def swarm_in_lab(run: RunConfig, rate: float, size: dict, workdir: Path) -> dict:
-    """One swarm, one node per namespace; trains until `steps` or the time budget; returns the head summary."""
-    n_hosts = run.model.n_stages + 1  # bootstrap, stages 1.., head
-    with NetnsLab(n_hosts, rate_mbit=rate or None) as lab:
-        run_dir = workdir / f"{run.run_id}-{rate:g}"
-        run_dir.mkdir(parents=True)
+def lab_hosts(n_stages: int, per_stage: int) -> list[tuple[str, int]]:
+    """(node name, stage) for every namespace after the bootstrap's (host 0): trainers, then stages."""
+    return [(f"trainer{r}", 0) for r in range(per_stage)] + \
+        [(f"stage{k}-{r}", k) for k in range(1, n_stages) for r in range(per_stage)]
+
+
+def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget: float, per_stage: int = 1) -> dict:
+    """One swarm on the route, every node (bootstrap, `per_stage` trainers, `per_stage` replicas of every
+    later stage) in its own namespace; trains `steps` steps or until the time budget. Returns the trainers'
+    summaries, each node's peer id and its link's bytes while training (`iface`), or `error`."""
+    hosts = lab_hosts(run.model.n_stages, per_stage)
+    run_dir = workdir / f"{run.run_id}-{rate:g}-{per_stage}"
+    run_dir.mkdir(parents=True)
+    ids = {name: identity_peer_id(str(run_dir / f"{name}.id")) for name, _ in hosts}
+    run = replace(run, train=replace(run.train, trainers=tuple(ids[f"trainer{r}"] for r in range(per_stage))))
+    with NetnsLab(len(hosts) + 1, rate_mbit=rate or None) as lab:
         swarm = Swarm(run_dir, threads=1, run=run)
         wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731
-        host = lambda i: lab.hosts[i].ip  # noqa: E731
         try:
-            peers = swarm.start_bootstrap(host=host(0), wrap=wrap(0))
-            for k in range(1, run.model.n_stages):
-                swarm.start_stage(f"stage{k}", k, peers, host=host(k), extra=["--checkpoint-dir", ""], wrap=wrap(k))
-            for k in range(1, run.model.n_stages):
-                swarm.wait_for_line(f"stage{k}", "serving", 180)
-            h = run.model.n_stages
-            head = swarm.start_head(peers, size["steps"], run_dir / "head.json", host=host(h), wrap=wrap(h),
-                                    extra=["--eval-every", "0", "--checkpoint-dir", ""])
-            swarm.wait_for_line("head", "training", 120)
-            deadline = time.monotonic() + size["budget"]
-            while head.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.5)
-            if head.poll() is None:
-                head.send_signal(signal.SIGINT)  # finish the current step, write the summary
-                head.wait(timeout=600)
+            peers = swarm.start_bootstrap(host=lab.hosts[0].ip, wrap=wrap(0))
+            for i, (name, stage) in enumerate(hosts, 1):
+                if stage:
+                    swarm.start_stage(name, stage, peers, host=lab.hosts[i].ip, wrap=wrap(i),
+                                      extra=["--checkpoint-dir", ""])
+            for name, stage in hosts:
+                if stage:
+                    swarm.wait_for_line(name, "serving", 180)
+            trainers = [swarm.start_trainer(r, peers, steps, host=lab.hosts[r + 1].ip, wrap=wrap(r + 1),
+                                            extra=["--eval-every", "0", "--checkpoint-dir", ""])
+                        for r in range(per_stage)]
+            for r in range(per_stage):
+                swarm.wait_for_line(f"trainer{r}", "training", 180)
+            before = [lab.link_bytes(i) for i in range(len(hosts) + 1)]
+            _train_until(trainers, budget)
+            after = [lab.link_bytes(i) for i in range(len(hosts) + 1)]
         except RuntimeError as e:  # a node failed to start: report it, go on with the next run
             return {"error": str(e)[-2000:]}
         finally:
             swarm.stop()
-        if not (run_dir / "head.json").exists():
-            return {"error": "the head wrote no summary:\n" + (run_dir / "head.log").read_text(errors="replace")[-2000:]}
-        return json.loads((run_dir / "head.json").read_text())
+    summaries = [json.loads(f.read_text()) for r in range(per_stage) if (f := run_dir / f"trainer{r}.json").exists()]
+    if not summaries:
+        return {"error": "no trainer wrote a summary:\n" + tail(run_dir / "trainer0.log")}
+    iface = {ids[name]: after[i] - before[i] for i, (name, _) in enumerate(hosts, 1)}
+    return {"summaries": summaries, "names": {v: k for k, v in ids.items()}, "iface": iface}
+
+
+def _train_until(trainers: list, budget: float) -> None:
+    """Wait for the trainers to finish; past the budget, SIGINT them (finish the step, write the summary)."""
+    deadline = time.monotonic() + budget
+    while any(p.poll() is None for p in trainers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for p in trainers:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in trainers:
+        try:
+            p.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def steady(summary: dict, warmup: int, tokens_per_step: int) -> float:
     times = summary["step_times"][warmup:] or summary["step_times"]
     return tokens_per_step * len(times) / sum(times) if times else 0.0
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv, sizes: dict):
+    """(args, size name, size); size None (after saying why) when no shaped lab can be built here."""
+    args = p.parse_args(argv)
+    reason = prepare()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return args, None, None
+    name = "quick" if args.quick else "scale" if args.scale else "default"
+    return args, name, sizes[name]
 
 
 def main(argv=None) -> int:
@@ -125,13 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/bandwidth.json")
     p.add_argument("--png-out", default="bench/results/bandwidth.png")
-    args = p.parse_args(argv)
-    reason = prepare()
-    if reason:
-        print(f"cannot run: {reason}", file=sys.stderr)
+    args, name, size = parse_bench_args(p, argv, SIZES)
+    if size is None:
         return 2
-    name = "quick" if args.quick else "scale" if args.scale else "default"
-    size = SIZES[name]
     rates = args.rates or size["rates"]
     variants = args.variants or size["variants"]
     corpus = ByteCorpus()
@@ -149,7 +187,8 @@ def main(argv=None) -> int:
             for rate in rates:
                 label = f"{rate:g} Mbit/s" if rate else "unshaped"
                 print(f"[{variant} @ {label}]", file=sys.stderr, flush=True)
-                summary = swarm_in_lab(run, rate, size, Path(args.keep or tmp))
+                res = swarm_in_lab(run, rate, Path(args.keep or tmp), size["steps"], size["budget"])
+                summary = res["summaries"][0] if "summaries" in res else res
                 ws = wire_stats(run.model)
                 if summary.get("error"):
                     print(f"  FAILED: {summary['error']}", file=sys.stderr)

@@ -201,6 +201,13 @@ class NetnsLab:
             if not live:
                 break
 
+    def link_bytes(self, i: int) -> int:
+        """Bytes host ``i``'s link carried so far, both ways: eth0's tx + rx counters inside its
+        namespace (``ip netns exec`` mounts that namespace's /sys), i.e. every frame it shaped."""
+        stats = "/sys/class/net/eth0/statistics"
+        out = _run(self.exec_argv(i, ["cat", f"{stats}/tx_bytes", f"{stats}/rx_bytes"])).stdout.split()
+        return sum(int(v) for v in out)
+
     # --------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
         """Kill tracked processes, delete every namespace we created.

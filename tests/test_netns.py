@@ -40,6 +40,16 @@ def test_shaped_rate_is_accurate():
     assert got == pytest.approx(10, rel=0.2), got
 
 
+def test_link_bytes_count_the_traffic_of_each_host():
+    with NetnsLab(3, rate_mbit=10) as lab:
+        before = [lab.link_bytes(i) for i in range(3)]
+        got = measure_throughput_mbit(lab, 0, 1, seconds=1.0)
+        moved = [lab.link_bytes(i) - b for i, b in zip(range(3), before)]
+    payload = got * 1e6 / 8 * 1.0  # at least what the sink counted, on both ends' links
+    assert moved[0] >= payload and moved[1] >= payload, (moved, payload)
+    assert moved[2] < 0.01 * payload  # a bystander's link saw next to nothing (a bridge floods only unknowns)
+
+
 def test_cleanup_removes_namespaces_and_processes():
     with NetnsLab(2, rate_mbit=10) as lab:
         names = lab_names(lab)

@@ -1,0 +1,204 @@
+"""Does the swarm get faster with more volunteers? Throughput and per-link bytes at 1, 2 (and 3)
+volunteers on EVERY stage, trainers included, on rate-limited links.
+
+    python -m bench.scaling [--quick | --scale] --json-out F
+
+Every node (bootstrap, trainers = stage-0 replicas, the replicas of every later stage) runs in its own
+network namespace on its own `tc tbf` link of R Mbit/s each way (bench/netns.py; needs root). The model
+and R are chosen with swarm/wire_budget.py so that the links, not this machine's 2 cores, bound the
+throughput (docs/route-design.md section 12); the compute-bound figure (the same model in one process,
+no network) is printed beside every row. n volunteers per stage = n trainers + n replicas of every later
+stage; each replica handles about 1/n of the tokens, so the links allow about n times the tokens/s,
+less what replica averaging (every `average_every` steps) costs.
+
+Bytes per token of a node = (bytes sent + received) / the tokens it handled, from the nodes' own
+message counters (the trainer summary's `nodes`); the namespace's interface counters (eth0 tx+rx, every
+frame on its shaped link) are reported beside them as a check. Averaging bytes are not counted by the
+nodes, so they are measured as what the interface carried beyond the messages, less the framing and
+DHT overhead that the 1-per-stage run (which never averages) shows as a fraction of its message bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from statistics import mean
+
+from bench.bandwidth import compute_bound, parse_bench_args, steady, swarm_in_lab
+from bench.plotting import line_plot, machine_info, markdown_table, write_json
+from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm.data import ByteCorpus
+from swarm.trainer import token_id_bytes, wire_stats
+from swarm.wire_budget import code_bytes, link_bound_tokens_per_s
+
+TCP_GOODPUT = 1448 / 1514  # what of a tbf rate TCP payload gets (bench/netns.py)
+# runs: (volunteers per stage, average_every); the headline rows average rarely, one row at the default 10
+SIZES = {
+    "quick": dict(d=64, layers=3, heads=2, stages=3, ratio=8, seq=64, batch=16, micro=4, rate=0.5, steps=5,
+                  warmup=2, budget=150, runs=[(1, 100), (2, 4)]),
+    "default": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=23,
+                    warmup=3, budget=240, runs=[(1, 100), (2, 100), (2, 10)]),
+    "scale": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=23,
+                  warmup=3, budget=240, runs=[(1, 100), (2, 100), (3, 100), (2, 10), (3, 10)]),
+}
+
+
+def run_config(size: dict, average_every: int) -> RunConfig:
+    model = ModelConfig(d_model=size["d"], n_layers=size["layers"], n_heads=size["heads"], seq_len=size["seq"],
+                        n_stages=size["stages"], ratio=size["ratio"])
+    train = TrainConfig(batch_size=size["batch"], microbatches=size["micro"], average_every=average_every)
+    return RunConfig(model=model, train=train, run_id=f"scale-{average_every}")
+
+
+def predicted_link_bound(cfg: ModelConfig, rate_mbit: float, per_stage: int) -> float:
+    """Tokens/s the links allow for codes, gradients and targets alone (wire_budget; no framing, no averaging)."""
+    ws = wire_stats(cfg)
+    per_node = {role: code_bytes(role, ws["wire_bytes_per_token_fwd"], ws["wire_bytes_per_token_bwd"],
+                                     token_id_bytes(cfg))
+                for role in ("trainer", "middle", "tail")}
+    return link_bound_tokens_per_s(rate_mbit * 1e6 / 8 * TCP_GOODPUT, per_node, per_stage)
+
+
+def node_figures(summaries: list[dict], iface: dict) -> list[dict]:
+    """Per node: role, message and interface bytes per handled token (nodes that answered `info`).
+    Every trainer's summary is read: a trainer that finished first has left the DHT before the
+    others list the nodes, but its own summary has its figures (the latest reading of a node wins)."""
+    moved = lambda n: n["bytes_sent"] + n["bytes_received"]  # noqa: E731
+    latest = {}
+    for n in (n for s in summaries for n in s["nodes"] if not n.get("error") and n.get("tokens")):
+        if n["peer_id"] not in latest or moved(n) > moved(latest[n["peer_id"]]):
+            latest[n["peer_id"]] = n
+    out = []
+    for n in latest.values():
+        msg = moved(n)
+        out.append({"stage": n["stage"], "role": n["role"], "peer_id": n["peer_id"], "tokens": n["tokens"],
+                    "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0)})
+    return out
+
+
+def row_figures(nodes: list[dict], overhead: float) -> dict:
+    """The row's bytes per handled token: busiest node, middle stage (mean of its replicas), trainer
+    (the busier one), and averaging (interface bytes beyond messages x (1 + overhead), mean per replica)."""
+    per = lambda n, key: n[key] / n["tokens"]  # noqa: E731
+    busiest = max(nodes, key=lambda n: per(n, "message_bytes"))
+    middle = [n for n in nodes if n["role"] == "middle"]
+    trainers = [n for n in nodes if n["stage"] == 0]
+    averaging = [max(0.0, n["iface_bytes"] - n["message_bytes"] * (1 + overhead)) / n["tokens"] for n in nodes]
+    return {"busiest_node_bytes_per_token": per(busiest, "message_bytes"), "busiest_node_role": busiest["role"],
+            "busiest_node_iface_bytes_per_token": per(busiest, "iface_bytes"),
+            "middle_stage_bytes_per_token": mean(per(n, "message_bytes") for n in middle) if middle else 0.0,
+            "middle_stage_iface_bytes_per_token": mean(per(n, "iface_bytes") for n in middle) if middle else 0.0,
+            "trainer_bytes_per_token": max(per(n, "message_bytes") for n in trainers) if trainers else 0.0,
+            "trainer_iface_bytes_per_token": max(per(n, "iface_bytes") for n in trainers) if trainers else 0.0,
+            "averaging_bytes_per_token": mean(averaging) if averaging else 0.0}
+
+
+def framing_overhead(nodes: list[dict]) -> float:
+    """Interface bytes beyond message bytes, as a fraction of them, in a run without averaging."""
+    msg = sum(n["message_bytes"] for n in nodes)
+    return max(0.0, sum(n["iface_bytes"] for n in nodes) / msg - 1) if msg else 0.0
+
+
+def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float, overhead: float | None) -> dict:
+    """One row: train in the lab, then turn the summary and the interface counters into figures."""
+    run = run_config(size, every)
+    row = {"per_stage": per_stage, "average_every": every, "link_mbit": size["rate"], "compute_bound_tokens_per_s":
+           limit, "predicted_link_bound_tokens_per_s": predicted_link_bound(run.model, size["rate"], per_stage)}
+    row["bound"] = "compute" if row["predicted_link_bound_tokens_per_s"] > limit else "link"
+    res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage)
+    if "error" in res or res["summaries"][0].get("error"):
+        return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
+    summary = res["summaries"][0]
+    nodes = node_figures(res["summaries"], res["iface"])
+    measured_overhead = framing_overhead(nodes)
+    row.update(steps=summary["steps_completed"], tokens_per_s=steady(summary, size["warmup"],
+                                                                     size["batch"] * size["seq"]),
+               lost_microbatches=sum(s["lost_microbatches"] for s in res["summaries"]),
+               skipped_microbatches=sum(s["skipped_microbatches"] for s in res["summaries"]),
+               framing_overhead=measured_overhead, nodes=nodes,
+               **row_figures(nodes, measured_overhead if overhead is None else overhead))
+    return row
+
+
+def table(runs: list[dict]) -> str:
+    f = lambda r, k, spec=".0f": format(r.get(k, 0.0), spec)  # noqa: E731
+    rows = [[r["per_stage"], r["average_every"], f"{r['link_mbit']:g}", f(r, "tokens_per_s"),
+             f(r, "compute_bound_tokens_per_s"), f(r, "predicted_link_bound_tokens_per_s"),
+             f"{f(r, 'busiest_node_bytes_per_token', '.1f')} ({r.get('busiest_node_role', '-')})",
+             f(r, "middle_stage_bytes_per_token", ".1f"), f(r, "trainer_bytes_per_token", ".1f"),
+             f"{f(r, 'middle_stage_iface_bytes_per_token', '.1f')} / {f(r, 'trainer_iface_bytes_per_token', '.1f')}",
+             f(r, "averaging_bytes_per_token", ".1f"), r.get("steps", 0), r.get("error", "")[:60]] for r in runs]
+    return markdown_table(["per stage", "avg every", "link Mbit/s", "tokens/s", "compute-bound", "link bound (codes)",
+                           "busiest B/tok", "middle B/tok", "trainer B/tok", "iface middle / trainer B/tok",
+                           "averaging B/tok", "steps", "error"], rows)
+
+
+def verdicts(runs: list[dict]) -> tuple[float | None, list[str]]:
+    head = {}  # per_stage -> its first (headline) row
+    for r in runs:
+        head.setdefault(r["per_stage"], r)
+    out, speedup = [], None
+    if 1 in head and 2 in head and head[1]["tokens_per_s"]:
+        speedup = head[2]["tokens_per_s"] / head[1]["tokens_per_s"]
+        out.append(f"- 2 volunteers per stage vs 1 (average_every {head[2]['average_every']}): {speedup:.2f}x "
+                   f"(goal >= 1.8x): {'met' if speedup >= 1.8 else 'MISSED'}")
+    for r in runs:
+        if r.get("middle_stage_bytes_per_token"):
+            ok = r["trainer_bytes_per_token"] <= r["middle_stage_bytes_per_token"]
+            out.append(f"- {r['per_stage']}/stage, average_every {r['average_every']}: trainer link "
+                       f"{r['trainer_bytes_per_token']:.1f} B/token vs middle stage {r['middle_stage_bytes_per_token']:.1f}"
+                       f" (goal: trainer <= middle): {'met' if ok else 'MISSED'}")
+    return speedup, out
+
+
+def plot(path: str, runs: list[dict]) -> None:
+    series = []
+    for every in sorted({r["average_every"] for r in runs}):
+        rs = sorted((r for r in runs if r["average_every"] == every), key=lambda r: r["per_stage"])
+        series.append({"label": f"measured, average_every {every}", "x": [r["per_stage"] for r in rs],
+                       "y": [r["tokens_per_s"] for r in rs], "style": {"marker": "o"}})
+    xs = sorted({r["per_stage"] for r in runs})
+    series.append({"label": "link bound (codes only)", "x": xs,
+                   "y": [runs[0]["predicted_link_bound_tokens_per_s"] * n for n in xs], "style": {"ls": "--"}})
+    series.append({"label": "compute-bound (1 process)", "x": [xs[0], xs[-1]],
+                   "y": [runs[0]["compute_bound_tokens_per_s"]] * 2, "style": {"ls": ":"}})
+    line_plot(path, [{"title": f"tokens/s vs volunteers per stage ({runs[0]['link_mbit']:g} Mbit/s links)",
+                      "xlabel": "volunteers on every stage", "ylabel": "tokens/s", "series": series}])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="1 and 2 per stage, a few steps (~3 minutes)")
+    g.add_argument("--scale", action="store_true", help="adds 3 per stage (10 namespaces; for more cores)")
+    p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
+    p.add_argument("--json-out", default="bench/results/scaling.json")
+    p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
+    args, name, size = parse_bench_args(p, argv, SIZES)
+    if size is None:
+        return 2
+    limit = compute_bound(run_config(size, 100), ByteCorpus(), steps=3, warmup=1)
+    runs, overhead = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for per_stage, every in size["runs"]:
+            print(f"[{per_stage} per stage, average_every {every}, {size['rate']:g} Mbit/s]", file=sys.stderr, flush=True)
+            runs.append(measure(size, per_stage, every, Path(args.keep or tmp), limit, overhead))
+            if per_stage == 1 and "framing_overhead" in runs[-1]:
+                overhead = runs[-1]["framing_overhead"]  # no averaging with one replica: the baseline
+    speedup, verdict = verdicts(runs)
+    text = table(runs)
+    print(f"\n{name}: d={size['d']}, {size['layers']} layers, {size['stages']} stages, ratio {size['ratio']}, "
+          f"batch {size['batch']}x{size['seq']} in {size['micro']} microbatches; tbf both ways, no latency "
+          f"emulation; B/tok = bytes sent + received per token the node handled\n\n{text}\n\n" + "\n".join(verdict))
+    png = args.png_out or str(Path(args.json_out).with_suffix(".png"))
+    write_json(args.json_out, {"size": name, "config": size, "runs": runs, "speedup_2": speedup, "verdict": verdict,
+                               "table": text, "machine": machine_info(), "latency_emulated": False,
+                               "command": " ".join(["python -m bench.scaling", *(argv or sys.argv[1:])])})
+    plot(png, runs)
+    print(f"\nwrote {args.json_out} and {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""bench.scaling --quick really trains 1 and 2 volunteers per stage on shaped links, and its JSON is
+complete and consistent (no speed assertion: this machine's cores are shared). Root only."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.netns import PREFIX, require_root_netns
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.swarm
+FIELDS = ("per_stage", "link_mbit", "tokens_per_s", "compute_bound_tokens_per_s", "busiest_node_bytes_per_token",
+          "middle_stage_bytes_per_token", "trainer_bytes_per_token", "averaging_bytes_per_token")
+
+
+def _our_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)}
+
+
+def test_quick_scaling_json_is_complete_and_consistent(tmp_path):
+    reason = require_root_netns()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    before = _our_namespaces()
+    res = subprocess.run([sys.executable, "-m", "bench.scaling", "--quick", "--json-out", str(tmp_path / "s.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "s.json").read_text())
+    runs = out["runs"]
+    assert sorted(r["per_stage"] for r in runs) == [1, 2]
+    for r in runs:
+        assert not r.get("error"), r["error"]
+        assert all(k in r for k in FIELDS), set(FIELDS) - set(r)
+        assert r["tokens_per_s"] > 0 and r["compute_bound_tokens_per_s"] > 0 and r["steps"] >= 3
+        assert r["busiest_node_bytes_per_token"] > 0 and r["middle_stage_bytes_per_token"] > 0
+        assert r["trainer_bytes_per_token"] > 0 and r["averaging_bytes_per_token"] >= 0
+        assert r["trainer_bytes_per_token"] <= r["middle_stage_bytes_per_token"]
+        assert r["busiest_node_bytes_per_token"] >= r["middle_stage_bytes_per_token"]
+        assert r["lost_microbatches"] == 0
+        # every node of every stage answered, and its link (interface counters) carried at least its messages
+        assert sorted(n["stage"] for n in r["nodes"]) == sorted(list(range(3)) * r["per_stage"])
+        assert all(n["iface_bytes"] >= n["message_bytes"] > 0 for n in r["nodes"])
+    by = {r["per_stage"]: r for r in runs}
+    assert by[2]["averaging_bytes_per_token"] > 0  # the 2-per-stage quick row averages every 4 steps
+    assert out["speedup_2"] == pytest.approx(by[2]["tokens_per_s"] / by[1]["tokens_per_s"])
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert _our_namespaces() <= before  # nothing left behind
