@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from node.local import Swarm
-from swarm_helpers import head_steps, tiny_run
+from swarm_helpers import trainer_steps, tiny_run
 
 pytestmark = pytest.mark.swarm
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,15 +47,15 @@ def test_stock_hivemind_client_discovers_calls_and_is_refused_clearly(tmp_path):
         swarm.start_trainer(0, peers, 100000, extra=["--eval-every", "0"])
         log = tmp_path / "trainer0.log"
         deadline = time.time() + 120
-        while head_steps(log) < 2 and time.time() < deadline:
+        while trainer_steps(log) < 2 and time.time() < deadline:
             time.sleep(1)
-        before = head_steps(log)
+        before = trainer_steps(log)
         assert before >= 2, log.read_text()[-2000:]
         second = stock_client(peers, "--hostile")
         deadline = time.time() + 60  # the trainer goes on: its next step, however loaded the machine
-        while head_steps(log) <= before and time.time() < deadline:
+        while trainer_steps(log) <= before and time.time() < deadline:
             time.sleep(1)
-        after = head_steps(log)
+        after = trainer_steps(log)
     finally:
         swarm.stop()
     hostile = second["hostile"]
