@@ -131,7 +131,11 @@ class StepCoordinator:
     async def _prepare(self, step: int, plan: ApplyPlan) -> dict:
         """Every live replica of every stage (and every one the plan names): what it holds of `step`,
         or None if it did not answer."""
-        records = await self.trainer.fresh_records()
+        # the routes' records (refreshed in the background every few seconds): a forced DHT read per
+        # step cost a tiny model's trainer more bytes than its codes; a replica that joined since the
+        # last refresh is stepped from the next step on (it holds no key of this one)
+        await self.trainer.hop.refresh()
+        records = self.trainer.hop.records
         targets = sorted({(k, r["peer_id"]) for k, recs in records.items() for r in recs} | set(plan.apply)
                          | {(0, self.trainer.peer_id)})
         replies = await asyncio.gather(*(self._call(stage, peer, "prepare", step=step) for stage, peer in targets))

@@ -110,6 +110,7 @@ class StageServer(ServicerBase):
         self.compute = RateMeter()
         self._discards_seen = 0
         self.bytes = {"sent": 0, "received": 0}
+        self.state_bytes = {"sent": 0, "received": 0}
         self.payload = {"sent": 0, "received": 0}
         self.requests = 0
         self.bad_peers = BadPeerTracker()
@@ -128,8 +129,10 @@ class StageServer(ServicerBase):
         return f"{namespace}::{name}" if namespace is not None else name
 
     # --- accounting ----------------------------------------------------------------------------
-    def count_message(self, direction: str, n: int) -> None:
-        self.bytes[direction] += n
+    def count_message(self, direction: str, n: int, method: str = "") -> None:
+        """Every message this node sends or receives, as server or caller. State downloads served to
+        joiners are a one-off join cost, counted apart (like averaging), not in the route's bytes."""
+        (self.state_bytes if method == "state" else self.bytes)[direction] += n
         self.metrics.frame_bytes.labels(direction).inc(n)
 
     def _account(self, name: str, fields: dict, tensors: dict, reply_tensors: dict, received: int, sent: int):
@@ -203,7 +206,7 @@ class StageServer(ServicerBase):
     # --- dispatch ------------------------------------------------------------------------------
     async def _serve(self, name: str, request, context: P2PContext, error: PayloadError | None = None):
         peer = context.remote_id
-        self.count_message("received", request.ByteSize())
+        self.count_message("received", request.ByteSize(), name)
         stock = not request.metadata
         started = time.perf_counter()
         self.inflight += 1
@@ -237,7 +240,7 @@ class StageServer(ServicerBase):
             self.inflight -= 1
             self.metrics.queue.set(self.inflight)
             self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - started)
-        self.count_message("sent", response.ByteSize())
+        self.count_message("sent", response.ByteSize(), name)
         return response
 
     def _refuse(self, reason: str, message: str, stock: bool):
@@ -493,6 +496,8 @@ class StageServer(ServicerBase):
                           "codec": self.codec, "codec_bwd": self.codec_bwd, "code_width": width,
                           "throughput": self.throughput, "queue": self.inflight,
                           "bytes_sent": self.bytes["sent"], "bytes_received": self.bytes["received"],
+                          "state_bytes_sent": self.state_bytes["sent"],
+                          "state_bytes_received": self.state_bytes["received"],
                           "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
                           "tokens": self.tokens_done, "requests": self.requests}}
 

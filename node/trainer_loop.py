@@ -141,5 +141,6 @@ async def node_info(trainer: Trainer) -> list[dict]:
         role = ("coordinator" if peer_id == boss else "trainer") if stage == 0 else \
             ("tail" if stage == trainer.cfg.n_stages - 1 else "middle")
         return {"stage": stage, "peer_id": peer_id, "role": role, **{k: info.get(k) for k in (
-            "bytes_sent", "bytes_received", "payload_sent", "payload_received", "tokens", "step")}}
+            "bytes_sent", "bytes_received", "state_bytes_sent", "state_bytes_received", "payload_sent", "payload_received",
+            "tokens", "step")}}
     return list(await asyncio.gather(*(one(k, p) for k, p in peers)))
