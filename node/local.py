@@ -215,6 +215,10 @@ def _summarize(args, run_dir: Path, swarm: Swarm, code: int, metrics_ports: dict
         return code or 1
     summaries = [json.loads(f.read_text()) for f in found]
     summary = summaries[0]
+    # a trainer that finished first may have left before trainer 0 asked it: its own entry is exact
+    own = {t["peer_id"]: next((n for n in t["nodes"] if n["peer_id"] == t["peer_id"]), None) for t in summaries}
+    summary["nodes"] = [{**n, **own[n["peer_id"]], "role": n["role"]} if own.get(n["peer_id"]) else n
+                        for n in summary["nodes"]]
     summary.update(command="local", replicas=args.replicas, trainers=[
         {k: s.get(k) for k in ("peer_id", "steps_completed", "train_loss_last", "tokens_per_s", "skipped_microbatches",
                                "unapplied_microbatches", "lost_microbatches", "coordinator")} for s in summaries])

@@ -132,15 +132,17 @@ async def node_info(trainer: Trainer) -> list[dict]:
     peers = sorted({(k, r["peer_id"]) for k, recs in records.items() for r in recs} | {(0, trainer.peer_id)})
     boss = min(p for k, p in peers if k == 0)
 
+    def role(stage, peer_id):
+        return ("coordinator" if peer_id == boss else "trainer") if stage == 0 else \
+            ("tail" if stage == trainer.cfg.n_stages - 1 else "middle")
+
     async def one(stage, peer_id):
         try:
             info = trainer.server.info()["resbm"] if peer_id == trainer.peer_id else \
                 await trainer.client.info(peer_id, stage, timeout=10.0)
         except (PeerUnavailable, RemoteError) as e:
-            return {"stage": stage, "peer_id": peer_id, "error": str(e)}
-        role = ("coordinator" if peer_id == boss else "trainer") if stage == 0 else \
-            ("tail" if stage == trainer.cfg.n_stages - 1 else "middle")
-        return {"stage": stage, "peer_id": peer_id, "role": role, **{k: info.get(k) for k in (
+            return {"stage": stage, "peer_id": peer_id, "role": role(stage, peer_id), "error": str(e)}
+        return {"stage": stage, "peer_id": peer_id, "role": role(stage, peer_id), **{k: info.get(k) for k in (
             "bytes_sent", "bytes_received", "state_bytes_sent", "state_bytes_received", "payload_sent", "payload_received",
             "tokens", "step")}}
     return list(await asyncio.gather(*(one(k, p) for k, p in peers)))
