@@ -42,13 +42,16 @@ class StepCoordinator:
         self.run, self.n_stages = trainer.run, trainer.run.model.n_stages
         self.barrier_s, self.call_timeout_s, self.probe_s = barrier_s, call_timeout_s, probe_s
         self.pending: dict[int, Pending] = {}
+        self.joiners: set[str] = set()   # trainers whose ledger came after their step closed
         self.closed: OrderedDict[int, dict] = OrderedDict()
         self.stats = {"steps_closed": 0, "takeovers": 0, "dropped_keys": 0, "lost": 0, "crashed": 0}
 
     async def receive(self, ledger) -> dict:
         """A trainer's ledger of its step; answered once that step is closed."""
-        if ledger.step in self.closed:
-            return self._reply(self.closed[ledger.step], ledger.owner)
+        if ledger.step in self.closed:  # late: it feeds (and is waited for) from the next step on
+            self.joiners.add(ledger.owner)
+            return {**self._reply(self.closed[ledger.step], ledger.owner), "roster": sorted(
+                set(self.closed[ledger.step]["roster"]) | {ledger.owner})}
         if self.closed and ledger.step < min(self.closed):
             last = self.closed[next(reversed(self.closed))]
             return {**self._reply(last, ledger.owner), "applied": False}
@@ -112,7 +115,8 @@ class StepCoordinator:
 
     async def _barrier(self, step: int, p: Pending) -> tuple[tuple, tuple]:
         """Wait for the roster's ledgers; members that do not answer `info` are given up at once."""
-        roster = tuple(sorted(set(self.trainer.roster_for(step)) | {self.trainer.peer_id}))
+        roster = tuple(sorted(set(self.trainer.roster_for(step)) | {self.trainer.peer_id} | self.joiners))
+        self.joiners.clear()
         deadline = time.monotonic() + self.barrier_s
         gone: set[str] = set()
         while True:
