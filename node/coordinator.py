@@ -96,10 +96,10 @@ class StepCoordinator:
             plan = adopted
         else:
             plan = self._without_lost(plan, prepared)
+        roster = next_roster(self.trainer.live_trainers(), reported, absent)
         if not plan.keys:  # no microbatch got through: nothing to apply, and the step is not over
             log.warning("step %d: no microbatch finished; nothing applied, the step is tried again", step)
-            return {"step": step, "empty": True, "owners": set(), "digest": "",
-                    "roster": next_roster(self.trainer.live_trainers(), reported, absent)}
+            return {"step": step, "empty": True, "owners": set(), "digest": "", "roster": roster}
         group = {}
         for (stage, _), reply in prepared.items():
             if reply is not None:
@@ -107,10 +107,9 @@ class StepCoordinator:
         results = await asyncio.gather(*(self._step_one(stage, peer, plan, group.get(stage, 1))
                                          for (stage, peer), reply in prepared.items() if reply is not None))
         self._count_failures(plan, results)
-        live = self.trainer.live_trainers()
         self.stats["steps_closed"] += 1
         return {"step": step, "owners": {k.owner for k in plan.keys}, "digest": plan.digest(),
-                "roster": next_roster(live, reported, absent), "n_total": plan.n_total, "dropped": len(plan.dropped),
+                "roster": roster, "n_total": plan.n_total, "dropped": len(plan.dropped),
                 "results": results}
 
     async def _barrier(self, step: int, p: Pending) -> tuple[tuple, tuple]:

@@ -392,14 +392,13 @@ class StageServer(ServicerBase):
         deadline = Deadline(f["timeout_s"])
         key = MicroKey(f["owner"], f["step"], f["micro"])
         x = self._code(tensors, "x", self.codec)
-        self._ints(tensors, "targets", x.shape[:2])  # checked here, decoded only by the tail
+        targets = self._ints(tensors, "targets", x.shape[:2])  # checked at every hop; only the tail uses them
         tokens = self._tokens(tensors, x.shape[:2])
         if f["eval"]:
-            return await self._eval(f, tensors, x, tokens)
+            return await self._eval(deadline, f, tensors, x, targets, tokens)
         self._check_micro(f)
         t0 = time.perf_counter()
         if self.worker.stage.is_last:
-            targets = self._ints(tensors, "targets", x.shape[:2])
             loss, g = await self._compute(self.worker.loss_and_hold, key, x, targets, tokens)
             self.count_compute(x, time.perf_counter() - t0)
             return {"loss": loss, "route": [self.peer_id]}, {"grad_in": encode(g, self.codec_bwd)}
@@ -411,12 +410,12 @@ class StageServer(ServicerBase):
         self.count_compute(x, forward_s + time.perf_counter() - t1)
         return {"loss": reply["loss"], "route": route}, {"grad_in": encode(g, self.codec_bwd)}
 
-    async def _eval(self, f: dict, tensors: dict, x, tokens):
+    async def _eval(self, deadline, f: dict, tensors: dict, x, targets, tokens):
         if self.worker.stage.is_last:
-            loss = await self._compute(self.worker.evaluate, x, tokens, self._ints(tensors, "targets", x.shape[:2]))
+            loss = await self._compute(self.worker.evaluate, x, tokens, targets)
             return {"loss": loss, "route": [self.peer_id]}, {}
         y = await self._compute(self.worker.evaluate, x, tokens)
-        reply, route = await self._send_on(Deadline(f["timeout_s"]), x, f, tensors, encode(y, self.codec))
+        reply, route = await self._send_on(deadline, x, f, tensors, encode(y, self.codec))
         return {"loss": reply["loss"], "route": route}, {}
 
     async def _send_on(self, deadline, x, f: dict, tensors: dict, code: dict, reserve_s: float = 0.0):
