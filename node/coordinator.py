@@ -37,10 +37,12 @@ class Pending:
 
 
 class StepCoordinator:
-    def __init__(self, trainer, barrier_s: float = 10.0, call_timeout_s: float = 30.0, probe_s: float = 1.0):
+    def __init__(self, trainer, barrier_s: float = 10.0, call_timeout_s: float = 30.0, probe_s: float = 1.0,
+                 probe_timeout_s: float = 2.0):
         self.trainer = trainer
         self.run, self.n_stages = trainer.run, trainer.run.model.n_stages
         self.barrier_s, self.call_timeout_s, self.probe_s = barrier_s, call_timeout_s, probe_s
+        self.probe_timeout_s = probe_timeout_s
         self.pending: dict[int, Pending] = {}
         self.joiners: set[str] = set()   # trainers whose ledger came after their step closed
         self.closed: OrderedDict[int, dict] = OrderedDict()
@@ -66,7 +68,7 @@ class StepCoordinator:
     @staticmethod
     def _reply(outcome: dict, owner: str) -> dict:
         return {"applied": owner in outcome["owners"], "roster": list(outcome["roster"]), "digest": outcome["digest"],
-                "closed": outcome["step"] - 1 if outcome.get("empty") else outcome["step"]}
+                "closed": outcome.get("closed", outcome["step"])}
 
     async def _close_guarded(self, step: int, p: Pending) -> None:
         try:
@@ -98,8 +100,12 @@ class StepCoordinator:
             plan = self._without_lost(plan, prepared)
         roster = next_roster(self.trainer.live_trainers(), reported, absent)
         if not plan.keys:  # no microbatch got through: nothing to apply, and the step is not over
-            log.warning("step %d: no microbatch finished; nothing applied, the step is tried again", step)
-            return {"step": step, "empty": True, "owners": set(), "digest": "", "roster": roster}
+            # unless replicas are past it (another coordinator that had not seen us stepped them):
+            # the trainers then go on after the furthest step applied
+            applied = max([step - 1] + [r["applied_step"] for r in prepared.values() if r is not None])
+            log.warning("step %d: no microbatch finished; nothing applied, %s", step,
+                        "the step is tried again" if applied < step else f"the replicas are at step {applied}")
+            return {"step": step, "empty": True, "owners": set(), "digest": "", "roster": roster, "closed": applied}
         group = {}
         for (stage, _), reply in prepared.items():
             if reply is not None:
@@ -113,7 +119,10 @@ class StepCoordinator:
                 "results": results}
 
     async def _barrier(self, step: int, p: Pending) -> tuple[tuple, tuple]:
-        """Wait for the roster's ledgers; members that do not answer `info` are given up at once."""
+        """Wait for the roster's ledgers. An absent member is probed with `prepare`, which also tells a
+        trainer that has not seen us in the DHT yet that we exist (it then hands its ledgers to us):
+        one that does not answer is given up at once, and so is one already past this step (another
+        coordinator stepped it)."""
         roster = tuple(sorted(set(self.trainer.roster_for(step)) | {self.trainer.peer_id} | self.joiners))
         self.joiners.clear()
         deadline = time.monotonic() + self.barrier_s
@@ -124,8 +133,9 @@ class StepCoordinator:
             if go:
                 return tuple(sorted(p.ledgers)), tuple(sorted(set(absent) | gone))
             p.changed.clear()
-            probes = await asyncio.gather(*(self.trainer.reachable(m) for m in absent))
-            gone |= {m for m, ok in zip(absent, probes) if not ok}
+            probes = await asyncio.gather(*(self._call(0, m, "prepare", timeout=self.probe_timeout_s, step=step)
+                                            for m in absent))
+            gone |= {m for m, r in zip(absent, probes) if r is None or r["applied_step"] >= step}
             try:
                 await asyncio.wait_for(p.changed.wait(), self.probe_s)
             except asyncio.TimeoutError:
@@ -175,13 +185,15 @@ class StepCoordinator:
             elif r.get("failed"):
                 self.stats["crashed"] += r["listed"]
 
-    async def _call(self, stage: int, peer: str, method: str, errors: bool = False, **fields):
+    async def _call(self, stage: int, peer: str, method: str, errors: bool = False, timeout: float | None = None,
+                    **fields):
         """A control call; our own replica is called in-process. None (or the error, with `errors`)
         when the replica did not answer."""
         try:
             if stage == 0 and peer == self.trainer.peer_id:
                 return await self.trainer.local_call(method, **fields)
-            return await self.trainer.control_call(peer, stage, method, timeout=self.call_timeout_s, **fields)
+            return await self.trainer.control_call(peer, stage, method, timeout=timeout or self.call_timeout_s,
+                                                   **fields)
         except (PeerUnavailable, RemoteError) as e:
             log.info("%s on stage %d replica %s failed: %s", method, stage, peer[-8:], e)
             return e if errors else None

@@ -14,6 +14,7 @@ from pathlib import Path
 from node.args import add_run_args, identity_peer_id, run_config_from_args, save_config_file
 from node.lifeline import parent_death_preexec
 from swarm.config import LOCAL_RUN_ID
+from swarm.coordination import mark_coordinator
 
 
 def add_parser(sub) -> None:
@@ -217,8 +218,9 @@ def _summarize(args, run_dir: Path, swarm: Swarm, code: int, metrics_ports: dict
     summary = summaries[0]
     # a trainer that finished first may have left before trainer 0 asked it: its own entry is exact
     own = {t["peer_id"]: next((n for n in t["nodes"] if n["peer_id"] == t["peer_id"]), None) for t in summaries}
-    summary["nodes"] = [{**n, **own[n["peer_id"]], "role": n["role"]} if own.get(n["peer_id"]) else n
-                        for n in summary["nodes"]]
+    listed = {n["peer_id"] for n in summary["nodes"]}
+    summary["nodes"] = mark_coordinator([{**n, **own[n["peer_id"]]} if own.get(n["peer_id"]) else n
+                                         for n in summary["nodes"]] + [n for p, n in own.items() if n and p not in listed])
     summary.update(command="local", replicas=args.replicas, trainers=[
         {k: s.get(k) for k in ("peer_id", "steps_completed", "train_loss_last", "tokens_per_s", "skipped_microbatches",
                                "unapplied_microbatches", "lost_microbatches", "coordinator")} for s in summaries])

@@ -35,6 +35,10 @@ from swarm.ledger import LedgerError, MicroKey, TrainerLedger, pack_plan, unpack
 from swarm.stage_worker import StageWorker, StaleRequest
 
 log = logging.getLogger(__name__)
+# only trainers call these on a stage-0 replica (coordinators: prepare, step; everyone: ledger), so a
+# trainer learns of another from its calls as well as from the DHT, where a trainer that started a
+# moment after our last read is not yet
+TRAINER_CALLS = ("prepare", "step", "ledger")
 STREAM_PART = 1 << 20  # bytes per part of a streamed reply
 MAX_STEPS_AHEAD = 64   # open swarms: how far past the swarm's step (from DHT records) a call may be
 NOT_THE_PEERS_FAULT = ("busy", "deadline", "unavailable")  # refusals that earn the caller no strike
@@ -98,6 +102,7 @@ class StageServer(ServicerBase):
         self.methods = ("prepare", "step", "state", "ledger") if worker.index == 0 else \
             ("forward", "train", "prepare", "step", "state")
         self.coordinator = coordinator
+        self.heard_trainer = None  # a trainer's callback: another trainer called us (node/trainer.py)
         self.cfg = worker.run.model
         self.index = worker.index
         self.uid = stage_key(self.run.run_id, self.index)  # also its DHT key
@@ -221,6 +226,8 @@ class StageServer(ServicerBase):
             fields, tensors = self._parse(method, request, stock)
             await self._authorize(method, fields, peer)
             self._check_step(fields)
+            if name in TRAINER_CALLS and self.heard_trainer is not None:
+                self.heard_trainer(str(peer))
             with self.admission.slot(name, str(peer)):
                 reply_fields, reply_tensors = await getattr(self, f"_on_{name}")(fields, tensors, str(peer))
             protos, index = tensors_to_proto(reply_tensors, runtime_pb2)
@@ -498,7 +505,8 @@ class StageServer(ServicerBase):
                           "state_bytes_sent": self.state_bytes["sent"],
                           "state_bytes_received": self.state_bytes["received"],
                           "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
-                          "tokens": self.tokens_done, "requests": self.requests}}
+                          "tokens": self.tokens_done, "requests": self.requests,
+                          **({"steps_closed": self.coordinator.stats["steps_closed"]} if self.coordinator else {})}}
 
 
 def measure_throughput(server: StageServer, repeats: int = 5) -> None:

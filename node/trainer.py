@@ -17,6 +17,7 @@ from protocol.codec import decode, encode, encode_ints
 from node.client import PeerUnavailable, RemoteError, StageClient
 from node.coordinator import StepCoordinator
 from node.route import NoRoute
+from node.state_sync import download_state
 from swarm.coordination import coordinator
 from swarm.deadlines import Deadline, route_timeout
 from swarm.ledger import MicroKey, TrainerLedger
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 SUSPECT_S = 30.0   # a coordinator that failed us is skipped this long (2x a DHT record's lifetime)
+HEARD_S = 30.0     # a trainer that called us counts as live this long, DHT record or not
 
 
 class Stopped(RuntimeError):
@@ -41,7 +43,7 @@ class Trainer:
         self.worker, self.run, self.metrics = server.worker, server.run, server.metrics
         self.cfg, self.peer_id = self.run.model, server.peer_id
         self.hop = server.next_hop                    # to stage 1
-        self.client = StageClient(p2p, self.run)
+        self.p2p, self.client = p2p, StageClient(p2p, self.run)
         self.stop = stop or asyncio.Event()
         self.status = status or (lambda text: log.warning(text))
         self.min_route_timeout_s, self.ledger_timeout_s = min_route_timeout_s, ledger_timeout_s
@@ -49,6 +51,8 @@ class Trainer:
         self.roster: tuple | None = None              # who feeds the next step (the last outcome said so)
         self.coordinator = server.coordinator = StepCoordinator(self, barrier_s=barrier_s)
         self.suspects: dict[str, float] = {}          # coordinators that did not answer -> until when
+        self.heard: dict[str, float] = {}             # trainers that called us -> until when
+        server.heard_trainer = self.heard_from
         self.skipped = 0                              # microbatches no route finished in time (dropped everywhere)
         self.unapplied = 0                            # our finished microbatches a step did not apply
         if self.metrics.train_loss is None:
@@ -56,7 +60,15 @@ class Trainer:
 
     # --- the swarm as this trainer sees it ---------------------------------------------------------
     def live_trainers(self) -> list[str]:
-        return sorted({r["peer_id"] for r in self.hop.records.get(0, [])} | {self.peer_id})
+        """Trainers in our DHT read, those that called us lately (they may not be in our read yet:
+        two trainers that start together must still agree on the coordinator), and ourselves."""
+        now = time.monotonic()
+        heard = {p for p, until in self.heard.items() if until > now}
+        return sorted({r["peer_id"] for r in self.hop.records.get(0, [])} | heard | {self.peer_id})
+
+    def heard_from(self, peer: str) -> None:
+        if peer != self.peer_id:
+            self.heard[peer] = time.monotonic() + HEARD_S
 
     def roster_for(self, step: int) -> tuple:
         return self.roster if self.roster is not None else tuple(self.live_trainers())
@@ -64,15 +76,6 @@ class Trainer:
     async def fresh_records(self) -> dict:
         await self.hop.refresh(force=True)
         return self.hop.records
-
-    async def reachable(self, peer: str) -> bool:
-        if peer == self.peer_id:
-            return True
-        try:
-            await self.client.info(peer, 0, timeout=2.0)
-            return True
-        except (PeerUnavailable, RemoteError):
-            return False
 
     async def control_call(self, peer: str, stage: int, method: str, timeout: float, **fields) -> dict:
         reply, sent, received = await self.client.call(peer, stage, method, timeout=timeout, **fields)
@@ -186,13 +189,36 @@ class Trainer:
             self.unapplied += len(ledger.routes)
             log.warning("step %d: the coordinator did not apply our %d microbatch(es)", step, len(ledger.routes))
         self.roster = tuple(outcome["roster"])
+        await self.catch_up(outcome["closed"])
         if self.peer_id not in self.roster:
             log.warning("step %d: not in the next roster; reporting again to get back in", step)
         loss = sum(losses) / len(losses) if losses else float("nan")
         if losses:
             self.metrics.train_loss.set(loss)
-        return {"loss": loss, "slots": list(slots), "finished": len(losses), "next_step": max(step, outcome["closed"] + 1),
-                "outcome": outcome}
+        return {"loss": loss, "slots": list(slots), "finished": len(losses), "closed": outcome["closed"] >= step,
+                "next_step": max(step, outcome["closed"] + 1), "outcome": outcome}
+
+    async def catch_up(self, closed: int) -> None:
+        """Our stage-0 replica missed steps up to `closed` (a coordinator that did not know us yet
+        stepped the others): reload it from a trainer that applied them, as a joiner does."""
+        if self.worker.applied_step >= closed:
+            return
+        steps = {r["peer_id"]: r["step"] for r in self.hop.records.get(0, [])}
+        others = sorted((p for p in self.live_trainers() if p != self.peer_id),  # heard-only ones called us: ahead
+                        key=lambda p: -steps.get(p, float("inf")))
+        for peer in others:
+            try:
+                state = await download_state(self.p2p, self.run, 0, peer)
+            except (PeerUnavailable, RemoteError, ValueError, RuntimeError) as e:
+                log.warning("could not fetch stage 0 from trainer %s: %s", peer[-8:], e)
+                continue
+            if state["step"] > self.worker.applied_step:
+                missed = self.worker.applied_step
+                await self._local(self.worker.load_state_dict, state)
+                log.warning("our stage-0 replica missed steps %d..%d: reloaded from trainer %s at step %d",
+                            missed + 1, closed, peer[-8:], self.worker.applied_step)
+                return
+        log.warning("our stage-0 replica missed steps up to %d and no trainer handed us a newer state", closed)
 
     async def hand_in(self, ledger: TrainerLedger) -> dict:
         """Our ledger to the coordinator of the moment; one that does not answer is suspected, and the

@@ -10,6 +10,7 @@ from pathlib import Path
 from node.client import PeerUnavailable, RemoteError
 from node.progress import Progress, human_bytes
 from node.trainer import Stopped, Trainer
+from swarm.coordination import mark_coordinator
 from swarm.data import ByteCorpus
 from swarm.trainer import param_overhead, wire_stats
 
@@ -41,9 +42,11 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
             moved_before = server.bytes["sent"] + server.bytes["received"]
             result = await _until_stopped(trainer.train_step(step), stop)
             dt = time.perf_counter() - t0
+            step = result["next_step"]
+            if not result["closed"]:  # nothing applied (the status line says why): not a step done
+                continue
             step_times.append(dt)
             losses.append(result["loss"])
-            step = result["next_step"]
             if args.eval_every and step % args.eval_every == 0:
                 val_curve.append((step, await trainer.evaluate()))
             recent = step_times[-10:]
@@ -130,19 +133,17 @@ async def node_info(trainer: Trainer) -> list[dict]:
     it handled), trainers included, for the run summary."""
     records = await trainer.fresh_records()
     peers = sorted({(k, r["peer_id"]) for k, recs in records.items() for r in recs} | {(0, trainer.peer_id)})
-    boss = min(p for k, p in peers if k == 0)
-
-    def role(stage, peer_id):
-        return ("coordinator" if peer_id == boss else "trainer") if stage == 0 else \
-            ("tail" if stage == trainer.cfg.n_stages - 1 else "middle")
+    last = trainer.cfg.n_stages - 1
 
     async def one(stage, peer_id):
+        entry = {"stage": stage, "peer_id": peer_id, "role": "trainer" if stage == 0 else
+                 ("tail" if stage == last else "middle")}
         try:
             info = trainer.server.info()["resbm"] if peer_id == trainer.peer_id else \
                 await trainer.client.info(peer_id, stage, timeout=10.0)
         except (PeerUnavailable, RemoteError) as e:
-            return {"stage": stage, "peer_id": peer_id, "role": role(stage, peer_id), "error": str(e)}
-        return {"stage": stage, "peer_id": peer_id, "role": role(stage, peer_id), **{k: info.get(k) for k in (
+            return {**entry, "error": str(e)}
+        return {**entry, **{k: info.get(k) for k in (
             "bytes_sent", "bytes_received", "state_bytes_sent", "state_bytes_received", "payload_sent", "payload_received",
-            "tokens", "step")}}
-    return list(await asyncio.gather(*(one(k, p) for k, p in peers)))
+            "tokens", "step", "steps_closed") if k in info}}
+    return mark_coordinator(list(await asyncio.gather(*(one(k, p) for k, p in peers))))

@@ -65,3 +65,13 @@ def takeover_due(waited_s: float, barrier_s: float, plan_grace_s: float) -> bool
     """A trainer that sent its ledger suspects the coordinator once it waited the barrier deadline
     plus a grace for stepping the replicas, with no plan."""
     return waited_s >= barrier_s + plan_grace_s
+
+
+def mark_coordinator(nodes: list[dict]) -> list[dict]:
+    """The trainer that closed the most steps is the run's coordinator (takeovers may make several)."""
+    closed = [n.get("steps_closed", 0) for n in nodes if n["stage"] == 0]
+    most = max(closed, default=0)
+    for n in nodes:
+        if n["stage"] == 0:
+            n["role"] = "coordinator" if most and n.get("steps_closed", 0) == most else "trainer"
+    return nodes

@@ -117,3 +117,52 @@ def test_trainer_that_stops_before_its_ledger_has_its_keys_discarded(corpus):
         assert_params_equal(ref.model.stages[k], state, f"stage {k}")
     assert after["slots"] == list(range(m)) and after["finished"] == m and after["outcome"]["applied"]
     assert [w.applied_step for k in (1, 2) for w in stage_workers(sw, k)] == [1, 1]
+
+
+async def _hide_from(trainer, peer_id: str) -> None:
+    """`trainer`'s DHT reads never show `peer_id`'s record (it read before that one was stored)."""
+    if trainer.hop._refreshing is not None:
+        await trainer.hop._refreshing  # a read in flight would bring the record back
+    original = trainer.hop._read
+
+    async def read():
+        await original()
+        trainer.hop.records[0] = [r for r in trainer.hop.records.get(0, []) if r["peer_id"] != peer_id]
+    trainer.hop._read = read
+    trainer.hop.records[0] = [r for r in trainer.hop.records.get(0, []) if r["peer_id"] != peer_id]
+
+
+async def _closed_steps(trainer, n: int) -> list[int]:
+    """Train until `n` steps this trainer took part in are closed; the steps it fed."""
+    step, fed = 0, []
+    while len(fed) < n:
+        result = await trainer.train_step(step)
+        if result["closed"]:
+            fed.append(step)
+        step = result["next_step"]
+    return fed
+
+
+def test_a_trainer_that_misses_another_in_the_dht_hears_of_it_and_one_coordinator_closes_the_steps(corpus):
+    """Two trainers start together and the higher id's DHT read misses the lower one. The lower one
+    (the rightful coordinator) waits for it and probes it with `prepare`; from that call the higher
+    one learns of it and hands its ledgers over. A step the higher one closed alone meanwhile left
+    the lower one's stage-0 replica behind: it reloads from the other trainer. After that, one
+    coordinator closes every step and every replica stands at the same step."""
+    run = tiny_run("unseen")
+
+    async def go():
+        async with InprocSwarm(run, corpus, trainers=2, barrier_s=30) as sw:
+            early, late = sorted(sw.trainers, key=lambda t: t.peer_id)
+            await _hide_from(late, early.peer_id)
+            assert late.live_trainers() == [late.peer_id]
+            fed = await asyncio.wait_for(asyncio.gather(_closed_steps(early, 4), _closed_steps(late, 4)), 240)
+            steps = [w.applied_step for w in [early.worker, late.worker] + stage_workers(sw, 1) + stage_workers(sw, 2)]
+            return fed, steps, early, late
+
+    (fed_early, fed_late), steps, early, late = asyncio.run(go())
+    assert early.peer_id in late.live_trainers()                      # heard, though still not in its DHT read
+    assert late.coordinator.stats["steps_closed"] <= 1                # at most the step before it heard
+    assert early.coordinator.stats["steps_closed"] >= 3
+    assert fed_late[-3:] == fed_early[-3:]                            # the same steps, closed together
+    assert len(set(steps)) == 1 and steps[0] == max(fed_late), steps  # nobody left behind
