@@ -156,10 +156,9 @@ def guess_reachability(host: str, peers: list[str], announce) -> str:
 
 
 def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
-              announce: list[str] | None = None, public: bool = False, reachability: str | None = None,
+              announce: list[str] | None = None, reachability: str = "off",
               relays=(), rsa_key: RSAPrivateKey | None = None, startup_timeout: float = 20.0) -> DHT:
-    """A DHT peer for run `run_id`. `reachability` (REACHABILITY; `public=True` is the old spelling of
-    "public"): "auto" probes whether peers can dial this node and picks "public" or "private" (relayed
+    """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" probes whether peers can dial this node and picks "public" or "private" (relayed
     through `relays`, by default the initial peers); "off" (the default for library callers and tests)
     keeps every NAT helper off. The chosen mode is `dht.reachability`."""
     peers = parse_initial_peers(initial_peers)
@@ -167,7 +166,7 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
     if identity:
         os.makedirs(os.path.dirname(os.path.abspath(identity)), exist_ok=True)
     validators = [RSASignatureValidator(rsa_key), SchemaValidator(make_schema(run_id), allow_extra_keys=True)]
-    mode = reachability or ("public" if public else "off")
+    mode = reachability
     if mode == "auto":
         mode = guess_reachability(host, peers, announce)
     kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [])

@@ -32,7 +32,6 @@ def add_parser(sub) -> None:
     p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until interrupted")
     p.add_argument("--host", default="127.0.0.1", help="address this short-lived peer listens on")
-    p.add_argument("--public", action="store_true", help="enable hivemind NAT traversal (behind NAT)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the run config record")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=main)
@@ -40,7 +39,7 @@ def add_parser(sub) -> None:
 
 # --- reading the DHT ---------------------------------------------------------------------------
 def stage_role(k: int, n_stages: int) -> str:
-    return "trainer" if k == 0 else ("last" if k == n_stages - 1 else "middle")
+    return "trainer" if k == 0 else ("tail" if k == n_stages - 1 else "middle")  # as in run summaries
 
 
 def _classify(subkey, value, now: float, fingerprint: str | None, version: int | None) -> tuple[dict | None, str]:
@@ -120,6 +119,7 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
                 "tokens_per_s": r["throughput"] * tokens_per_microbatch if tokens_per_microbatch else None,
                 "queue": r["queue"], "age_s": r["age_s"], "version": r["version"], "step": r["step"], "state": r["state"],
                 "fingerprint": r["fingerprint"], "uptime_s": round(max(0.0, now - r["started"]), 1),
+                "relayed": r["relayed"],
             } for i, r in enumerate(reps)],
         })
     missing = [s["stage"] for s in stages if s["missing"]]
@@ -142,7 +142,7 @@ def render_table(snap: dict) -> str:
                  f"{snap['n_stages']} stages  {snap['replicas_total']} nodes  "
                  f"at {time.strftime('%H:%M:%S', time.localtime(snap['dht_time']))}")
     header = (f"{'STAGE':<6}{'ROLE':<12}{'PEER':<17}{'STATE':<9}{'TOKENS/S':>10}{'MICRO/S':>8}{'QUEUE':>7}{'STEP':>7}"
-              f"{'AGE':>7}{'VER':>5}")
+              f"{'AGE':>7}{'VER':>5}  VIA")
     lines.append(header)
     for s in snap["stages"]:
         if not s["replicas"]:
@@ -153,7 +153,8 @@ def render_table(snap: dict) -> str:
         for r in s["replicas"]:
             tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "?"
             lines.append(f"{s['stage']:<6}{r['role']:<12}{_short(r['peer_id']):<17}{r['state']:<9}{tps:>10}"
-                         f"{r['throughput']:>8.1f}{r['queue']:>7}{r['step']:>7}{r['age_s']:>6.0f}s{r['version']:>5}")
+                         f"{r['throughput']:>8.1f}{r['queue']:>7}{r['step']:>7}{r['age_s']:>6.0f}s{r['version']:>5}  "
+                         f"{'relay' if r['relayed'] else 'direct'}")
     if snap["missing_stages"]:
         lines.append(f"MISSING: stage(s) {', '.join(map(str, snap['missing_stages']))} have no replica; "
                      f"training is paused until each has one")
@@ -203,7 +204,7 @@ async def _main(args) -> int:
     stop = stop_event_on_signals(asyncio.get_running_loop())
     dht = None
     try:
-        dht = start_dht(args.run_id or DEFAULT_RUN_IDS[0], args.initial_peers, host=args.host, public=args.public)
+        dht = start_dht(args.run_id or DEFAULT_RUN_IDS[0], args.initial_peers, host=args.host)  # dials out only: no NAT helpers
         run_id = await resolve_run_id(dht, args.run_id, args.timeout)
         first = True
         while True:

@@ -39,7 +39,7 @@ def swarm_dht():
         assert await publish_config(dht, RUN.run_id, RUN.wire_dict(), RUN.fingerprint, validator, ttl=600)
         for peer, stage, tput, queue in (("QmReplicaA", 1, 12.5, 1), ("QmReplicaB", 1, 20.0, 0),
                                          ("QmTrainerZ", 0, 0.0, 0), ("QmTrainerB", 0, 0.0, 0)):
-            ann = Announcer(dht, RUN.run_id, peer, validator)
+            ann = Announcer(dht, RUN.run_id, peer, validator, relayed=peer == "QmReplicaB")  # behind NAT
             assert await ann.publish(stage, RUN.fingerprint, tput, queue, 41, ttl=300)
         assert await Announcer(dht, RUN.run_id, "QmLeaving", validator).publish(1, RUN.fingerprint, 5.0, 0, 41,
                                                                                 serving=False, ttl=300)
@@ -104,9 +104,10 @@ def test_status_json_lists_stages_replicas_and_flags_missing(swarm_dht):
     assert a["throughput"] == 12.5 and a["queue"] == 1 and a["version"] == PROTOCOL_VERSION and a["step"] == 41
     assert a["tokens_per_s"] == 12.5 * 4 * 32  # microbatch of 4 sequences x 32 tokens
     assert 0 <= a["age_s"] < 120
+    assert (a["relayed"], reps["QmReplicaB"]["relayed"]) == (False, True)
     assert stages[2]["missing"] is True and stages[2]["replicas"] == []
     assert stages[1]["missing"] is False and stages[0]["missing"] is False
-    assert [s["role"] for s in doc["stages"]] == ["trainer", "middle", "last"]
+    assert [s["role"] for s in doc["stages"]] == ["trainer", "middle", "tail"]
     # trainers are listed like any stage's replicas; the lowest peer id closes the steps
     assert [(r["peer_id"], r["role"]) for r in stages[0]["replicas"]] == [("QmTrainerB", "coordinator"),
                                                                            ("QmTrainerZ", "trainer")]
@@ -128,6 +129,8 @@ def test_status_table_and_unknown_run(swarm_dht):
     assert "NO REPLICA" in out and "MISSING: stage(s) 2" in out and "NO TRAINER" not in out
     rows = [line.split() for line in out.splitlines() if line.startswith("0 ")]
     assert [(r[1], r[2]) for r in rows] == [("coordinator", "QmTrainerB"), ("trainer", "QmTrainerZ")], out
+    via = {r[2]: r[-1] for r in (line.split() for line in out.splitlines() if line.startswith("1 "))}
+    assert via == {"QmReplicaA": "direct", "QmReplicaB": "relay"}, out
     assert "ignored records:" in out and "1 stale" in out
     missing = status(dht, "--run-id", "no-such-run", "--json", "--timeout", "1")
     assert missing.returncode == 1
