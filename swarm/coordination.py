@@ -1,12 +1,13 @@
 """Who closes a step, without a fixed head: the step coordinator is the lowest live trainer peer id.
 
 Trainers are stage 0 replicas and announce themselves like every stage (records under
-"<run_id>.0"). At the end of step s every trainer sends its ledger to the coordinator of the
-moment; the coordinator waits for the step's roster (the trainers expected to feed it) or its
-barrier deadline, merges the ledgers (swarm/ledger.py), hands the plan to every trainer first and
-only then steps the replicas. A trainer that sees no plan in time suspects the coordinator and
-sends its ledger to the next lowest id; a new coordinator first asks the trainers for a plan of
-that step and adopts it if one exists, so no step is ever applied under two different plans.
+"<run_id>.0"); a trainer also counts as live the trainers that called it lately (node/trainer.py),
+since two that start together may miss each other in their first DHT reads. At the end of step s
+every trainer sends its ledger to the coordinator of the moment; the coordinator waits for the
+step's roster (the trainers expected to feed it) or its barrier deadline, merges the ledgers
+(swarm/ledger.py) and steps every replica with the plan. Replicas keep the plan they applied: a
+trainer whose coordinator did not answer sends its ledger to the next lowest id, which adopts a
+plan some replica already applied, so no step is ever applied under two different plans.
 Pure rules: the node layer feeds records, clocks and replies.
 """
 from __future__ import annotations
@@ -14,12 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from swarm.ledger import ApplyPlan
-
-
-def live_trainers(records, now: float, max_age_s: float) -> list[str]:
-    """Peer ids of serving stage-0 records refreshed within `max_age_s` (DHT time), sorted."""
-    return sorted({r["peer_id"] for r in records
-                   if r.get("serving", True) and r.get("stage", 0) == 0 and now - r["updated"] <= max_age_s})
 
 
 def coordinator(live, suspected=()) -> str | None:
@@ -59,12 +54,6 @@ def next_roster(live, reported, absent) -> tuple:
     their records may outlive them by a TTL, and waiting for them again would stall every step.
     A trainer dropped by mistake reports an empty ledger next step and is back a step later."""
     return tuple(sorted((set(live) | set(reported)) - set(absent)))
-
-
-def takeover_due(waited_s: float, barrier_s: float, plan_grace_s: float) -> bool:
-    """A trainer that sent its ledger suspects the coordinator once it waited the barrier deadline
-    plus a grace for stepping the replicas, with no plan."""
-    return waited_s >= barrier_s + plan_grace_s
 
 
 def mark_coordinator(nodes: list[dict]) -> list[dict]:

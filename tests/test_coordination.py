@@ -1,16 +1,6 @@
 """Step coordination rules: who coordinates, when the barrier goes, how a takeover adopts a plan."""
-from swarm.coordination import Barrier, adopt_plan, coordinator, live_trainers, next_roster, takeover_due
+from swarm.coordination import Barrier, adopt_plan, coordinator, mark_coordinator, next_roster
 from swarm.ledger import TrainerLedger, merge_ledgers
-
-
-def rec(peer, updated, serving=True, stage=0):
-    return {"peer_id": peer, "updated": updated, "serving": serving, "stage": stage}
-
-
-def test_live_trainers_are_fresh_serving_stage0_records():
-    records = [rec("Qc", 100.0), rec("Qa", 99.0), rec("Qb", 50.0), rec("Qd", 100.0, serving=False),
-               rec("Qe", 100.0, stage=1), rec("Qa", 98.0)]
-    assert live_trainers(records, now=101.0, max_age_s=15.0) == ["Qa", "Qc"]
 
 
 def test_coordinator_is_lowest_live_id_and_the_next_one_takes_over():
@@ -51,6 +41,8 @@ def test_next_roster_drops_the_absent_and_takes_in_joiners():
     assert next_roster(live=["A", "E"], reported={"A"}, absent=()) == ("A", "E")
 
 
-def test_takeover_due_after_barrier_and_grace():
-    assert not takeover_due(9.9, barrier_s=5.0, plan_grace_s=5.0)
-    assert takeover_due(10.0, barrier_s=5.0, plan_grace_s=5.0)
+def test_the_trainer_that_closed_the_most_steps_is_marked_coordinator():
+    nodes = [{"stage": 0, "steps_closed": 3}, {"stage": 0, "steps_closed": 17}, {"stage": 0},
+             {"stage": 1, "role": "middle"}]
+    assert [n["role"] for n in mark_coordinator(nodes)] == ["trainer", "coordinator", "trainer", "middle"]
+    assert [n["role"] for n in mark_coordinator([{"stage": 0}, {"stage": 0, "steps_closed": 0}])] == ["trainer"] * 2
