@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.netns import Host, NetnsLab, require_root_netns
+from bench.plotting import fmt, line_plot, machine_info, markdown_table, write_json
 from node.local import Swarm
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 
@@ -123,16 +124,24 @@ def iface_bytes(lab: NatLab, host: int, dev: str = "eth0") -> int:
     return sum(int(x) for x in out)
 
 
-def tiny_run(run_id: str) -> RunConfig:
-    """3 stages of a d=64 model, 8 x 64 tokens a microbatch: cheap on 2 cores, yet codes worth counting."""
-    model = ModelConfig(d_model=64, n_layers=3, n_heads=2, ratio=16, seq_len=64, n_stages=3)
-    return RunConfig(model=model, train=TrainConfig(batch_size=8, microbatches=2), run_id=run_id)
+SIZES = {  # every size fits the 2-core machine's namespaces; --scale is for a machine with more cores
+    "default": dict(d=64, layers=3, heads=2, seq=64, batch=8),
+    "scale": dict(d=256, layers=6, heads=4, seq=128, batch=16),
+}
 
 
-def one_run(relayed: bool, rate: float, steps: int, workdir) -> dict:
+def lab_run(run_id: str, size: dict | None = None) -> RunConfig:
+    """3 stages, 2 microbatches a step; the default size is cheap on 2 cores, yet codes worth counting."""
+    size = size or SIZES["default"]
+    model = ModelConfig(d_model=size["d"], n_layers=size["layers"], n_heads=size["heads"], ratio=16,
+                        seq_len=size["seq"], n_stages=3)
+    return RunConfig(model=model, train=TrainConfig(batch_size=size["batch"], microbatches=2), run_id=run_id)
+
+
+def one_run(relayed: bool, rate: float, steps: int, workdir, size: dict) -> dict:
     """tokens/s of a trainer through stage 1 at home (relayed) or on a public host (direct), and the
     relay's (bootstrap's) bytes per token while the trainer ran."""
-    run = tiny_run("natbench")
+    run = lab_run("natbench", size)
     run_dir = Path(workdir) / ("relayed" if relayed else "direct")
     run_dir.mkdir(parents=True)
     with NatLab(4, rate_mbit=rate) as lab:
@@ -154,24 +163,47 @@ def one_run(relayed: bool, rate: float, steps: int, workdir) -> dict:
             "relay_bytes": relay_bytes, "relay_bytes_per_token": relay_bytes / max(tokens, 1)}
 
 
+def report(rows: list[dict], png: str) -> str:
+    table = markdown_table(
+        ["stage 1 replica", "link Mbit/s", "steps", "tokens/s", "loss first -> last", "relay B/token"],
+        [["relayed (home, NAT)" if r["relayed"] else "direct (public)", fmt(r["rate_mbit"], "g"), r["steps"],
+          fmt(r["tokens_per_s"], ".0f"), f"{fmt(r['loss_first'], '.2f')} -> {fmt(r['loss_last'], '.2f')}",
+          fmt(r["relay_bytes_per_token"], ".1f")] for r in rows])
+    xs = [0, 1]
+    names = ["direct" if not r["relayed"] else "relayed" for r in rows]
+    line_plot(png, [
+        {"title": "tokens/s, stage 1 direct vs relayed", "xlabel": "stage 1 replica", "ylabel": "tokens/s",
+         "xticks": xs, "xticklabels": names,
+         "series": [{"x": xs, "y": [r["tokens_per_s"] for r in rows], "style": {"marker": "o"}}]},
+        {"title": "relay (bootstrap) bytes per token", "xlabel": "stage 1 replica", "ylabel": "bytes/token",
+         "xticks": xs, "xticklabels": names,
+         "series": [{"x": xs, "y": [r["relay_bytes_per_token"] for r in rows], "style": {"marker": "o"}}]}])
+    return table
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="tokens/s through a relayed stage-1 replica vs a direct one")
     p.add_argument("--rate", type=float, default=10.0, help="link rate in Mbit/s (every host's link)")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--scale", action="store_true", help="a d=256, 6-layer model (for a machine with more cores)")
     p.add_argument("--json-out", default="bench/results/nat.json")
+    p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
     args = p.parse_args(argv)
     reason = require_nat_lab()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
+    size = SIZES["scale" if args.scale else "default"]
     with tempfile.TemporaryDirectory(prefix="natbench-") as tmp:
-        rows = [one_run(relayed, args.rate, args.steps, tmp) for relayed in (False, True)]
-    for r in rows:
-        print(f"{'relayed' if r['relayed'] else 'direct ':8} {r['rate_mbit']:g} Mbit/s: {r['tokens_per_s']:.0f} tok/s, "
-              f"loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}, relay {r['relay_bytes_per_token']:.0f} B/token")
-    with open(args.json_out, "w") as f:
-        json.dump({"rows": rows, "command": " ".join(["python -m bench.nat", *(argv or sys.argv[1:])])}, f, indent=1)
-    return 0
+        rows = [one_run(relayed, args.rate, args.steps, tmp, size) for relayed in (False, True)]
+    png = args.png_out or str(Path(args.json_out).with_suffix(".png"))
+    print(report(rows, png))
+    failed = [r for r in rows if r["exit_code"] != 0]
+    for r in failed:
+        print(f"{'relayed' if r['relayed'] else 'direct'} run: trainer exit code {r['exit_code']}", file=sys.stderr)
+    write_json(args.json_out, {"rows": rows, "size": size, "machine": machine_info(),
+                               "command": " ".join(["python -m bench.nat", *(argv if argv is not None else sys.argv[1:])])})
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
