@@ -89,20 +89,34 @@ def require_nat_lab() -> str | None:
 
 # ------------------------------------------------------------------ swarm in the NAT lab
 BOOT, TRAINER, STAGE2, DIRECT = 0, 1, 2, 3  # public hosts of NatLab(4) (the test needs only the first 3)
-HOME_PORT = 31338
+HOME_PORT, STAGE2_PORT = 31338, 31339
 
 
-def start_swarm(lab: NatLab, swarm, relayed: bool, relay_wait_s: float = 400) -> list[str]:
+def peer_id_of(identity: Path) -> str:
+    from hivemind.p2p import PeerID
+    return PeerID.from_identity(identity.read_bytes()).to_base58()
+
+
+def stage2_addr(lab: NatLab, swarm) -> str:
+    return f"/ip4/{lab.hosts[STAGE2].ip}/tcp/{STAGE2_PORT}/p2p/{peer_id_of(swarm.run_dir / 'stage2.id')}"
+
+
+def start_swarm(lab: NatLab, swarm, relayed: bool, relay_wait_s: float = 400, second_relay: bool = False) -> list[str]:
     """Bootstrap (the relay) on h0, stage 2 on h2, stage 1's only replica at home behind the NAT
     (`relayed`) or on public host h3; the bootstrap relays (`--reachability public`), stage 1 decides
-    by itself (`--reachability auto`), stage 2 keeps the default (off). Returns the
-    bootstrap's addresses once stages 1 and 2 serve."""
+    by itself (`--reachability auto`). Stage 2 keeps the default (off), or with `second_relay` is
+    public too and stage 1 reserves on both relays. Returns the bootstrap's addresses once stages 1
+    and 2 serve."""
     wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731
     where = lab.home if relayed else DIRECT
     peers = swarm.start_bootstrap(host=lab.hosts[BOOT].ip, wrap=wrap(BOOT), extra=["--reachability", "public"])
-    swarm.start_stage("stage2", 2, peers, host=lab.hosts[STAGE2].ip, wrap=wrap(STAGE2))
-    swarm.start_stage("stage1", 1, peers, host=lab.hosts[where].ip, extra=["--port", str(HOME_PORT), "--reachability", "auto"],
-                      wrap=wrap(where))
+    swarm.start_stage("stage2", 2, peers, host=lab.hosts[STAGE2].ip, wrap=wrap(STAGE2),
+                      extra=["--port", str(STAGE2_PORT), "--reachability", "public"] if second_relay else [])
+    home = ["--port", str(HOME_PORT), "--reachability", "auto"]
+    if second_relay:
+        swarm.wait_for_line("stage2", "serving", 180)
+        home += ["--relay", *peers, stage2_addr(lab, swarm)]
+    swarm.start_stage("stage1", 1, peers, host=lab.hosts[where].ip, extra=home, wrap=wrap(where))
     if relayed:
         swarm.wait_for_line("stage1", "relayed: reachable through", relay_wait_s)
     for name in ("stage1", "stage2"):
@@ -110,8 +124,8 @@ def start_swarm(lab: NatLab, swarm, relayed: bool, relay_wait_s: float = 400) ->
     return peers
 
 
-def start_trainer(lab: NatLab, swarm, peers: list[str], steps: int):
-    return swarm.start_trainer(0, peers, steps, host=lab.hosts[TRAINER].ip,
+def start_trainer(lab: NatLab, swarm, peers: list[str], steps: int, i: int = 0):
+    return swarm.start_trainer(i, peers, steps, host=lab.hosts[TRAINER].ip,
                                wrap=lambda cmd: lab.exec_argv(TRAINER, cmd),
                                extra=["--eval-every", "0", "--checkpoint-dir", ""])
 
