@@ -104,7 +104,7 @@ def stage2_addr(lab: NatLab, swarm) -> str:
 def start_swarm(lab: NatLab, swarm, relayed: bool, relay_wait_s: float = 400, second_relay: bool = False) -> list[str]:
     """Bootstrap (the relay) on h0, stage 2 on h2, stage 1's only replica at home behind the NAT
     (`relayed`) or on public host h3; the bootstrap relays (`--reachability public`), stage 1 decides
-    by itself (`--reachability auto`). Stage 2 keeps the default (off), or with `second_relay` is
+    by itself (`--reachability auto`). Stage 2 keeps NAT helpers off (Swarm's default), or with `second_relay` is
     public too and stage 1 reserves on both relays. Returns the bootstrap's addresses once stages 1
     and 2 serve."""
     wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731

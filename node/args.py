@@ -142,10 +142,12 @@ def add_connect_args(p) -> None:
     g.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")
     g.add_argument("--announce", nargs="*", default=None, metavar="MULTIADDR",
                    help="addresses others should dial (e.g. your public IP) if not the listen address")
-    g.add_argument("--reachability", choices=("off", "auto", "public", "private"), default="off",
-                   help="can others dial this node? off (default): no NAT helpers at all; public: yes, and it "
-                        "relays for nodes behind NAT; private: no (home NAT), reach it through a relay; auto: "
-                        "decided at start. Relaying is experimental (issue 13; see docs/nat.md)")
+    g.add_argument("--reachability", choices=("off", "auto", "public", "private"), default="auto",
+                   help="can others dial this node? auto (default): decided at start (off on loopback; public "
+                        "for a bootstrap or with --announce; private when this host sends from a private "
+                        "address through a router); public: yes, and it relays for nodes behind NAT (capped); "
+                        "private: no (home NAT): reserve a slot on a relay and serve through it; off: no NAT "
+                        "helpers at all (see docs/nat.md)")
     g.add_argument("--public", dest="reachability", action="store_const", const="public",
                    help="same as --reachability public (kept for old scripts)")
     g.add_argument("--relay", nargs="+", default=[], metavar="MULTIADDR",

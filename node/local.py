@@ -35,6 +35,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=main)
 
 
+# Nodes started here (local swarms, benchmark labs) keep NAT helpers off unless the caller's `extra`
+# says otherwise (the last flag wins): AutoNAT probes and relay service would add traffic that
+# measurements count, and a lab's private addresses would look like home NAT to `auto`.
+PINNED = ("--reachability", "off")
+
+
 class Swarm:
     """The processes of a swarm on this machine; every one in its own process group, ended by group id.
     Every node reads the run config from one file, run_dir/config.json (the file `bootstrap
@@ -62,7 +68,7 @@ class Swarm:
     def start_bootstrap(self, host: str = "127.0.0.1", wrap=None, timeout: float = 60, extra=()) -> list[str]:
         addr_file = self.run_dir / "bootstrap.addr"
         self.start("bootstrap", ["bootstrap", "--config", str(self.config_file), "--host", host,
-                                 "--addr-file", str(addr_file), *extra], wrap=wrap)
+                                 "--addr-file", str(addr_file), *PINNED, *extra], wrap=wrap)
         self.wait_for_line("bootstrap", "is up", timeout)
         return addr_file.read_text().split()
 
@@ -70,7 +76,7 @@ class Swarm:
         return ["join", "--stage", str(stage), "--initial-peers", *peers, "--config", str(self.config_file),
                 "--host", host,
                 "--identity", str(self.run_dir / f"{name}.id"), "--checkpoint-dir", str(self.run_dir / "checkpoints"),
-                *extra]
+                *PINNED, *extra]
 
     def start_stage(self, name: str, stage: int, peers: list[str], host: str = "127.0.0.1", extra=(), wrap=None):
         return self.start(name, self.join_argv(name, stage, peers, host, extra), wrap=wrap)
