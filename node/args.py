@@ -152,6 +152,12 @@ def add_connect_args(p) -> None:
                    help="same as --reachability public (kept for old scripts)")
     g.add_argument("--relay", nargs="+", default=[], metavar="MULTIADDR",
                    help="relays a private node reserves a slot on (default: the --initial-peers)")
+    g.add_argument("--relay-max-reservations", type=int, default=64, metavar="N",
+                   help="public nodes relay for at most N nodes behind NAT (0: relay for nobody)")
+    g.add_argument("--relay-max-circuits", type=int, default=16, metavar="N",
+                   help="relayed connections per node behind NAT at once")
+    g.add_argument("--relay-buffer-kib", type=int, default=1024, metavar="KIB",
+                   help="relay buffer per relayed connection and direction")
 
 
 def add_monitoring_args(p) -> None:

@@ -47,15 +47,14 @@ def main(args) -> int:
 async def _main(args, run) -> int:
     from hivemind.dht.crypto import RSASignatureValidator
     from node.announce import keep_config_alive, publish_config
-    from node.dht import start_dht, visible_maddrs
+    from node.dht import start_dht_from_args, visible_maddrs
     from node.runtime import SocketJanitor, close_hivemind, stop_event_on_signals
     validator = RSASignatureValidator()
     janitor = SocketJanitor()
     stop = stop_event_on_signals(asyncio.get_running_loop())
     dht = refresher = None
     try:
-        dht = start_dht(run.run_id, args.initial_peers, host=args.host, port=args.port, identity=args.identity,
-                        announce=args.announce, reachability=args.reachability, relays=args.relay)
+        dht = start_dht_from_args(run.run_id, args)
         if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator):
             raise SystemExit("error: the DHT refused the run config record")
         if args.save_config:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from hivemind import DHT
 from hivemind.p2p import P2P
@@ -88,16 +89,27 @@ def check_port_free(host: str, port: int) -> None:
 
 REACHABILITY = ("auto", "public", "private", "off")
 
-# Relay service caps (p2pd -relay* flags) of public nodes. A relayed stage moves a few KB of codes per
-# microbatch, so a relay needs few, small buffers; reservations are cheap (one per home node).
-RELAY_MAX_RESERVATIONS = 64        # home nodes one relay accepts (p2pd default 128)
-RELAY_MAX_CIRCUITS = 16            # relayed connections per peer at once (p2pd default 16)
-RELAY_BUFFER_BYTES = 1 << 20       # per relayed connection and direction (p2pd default 16 MiB)
-RELAY_DATA_LIMIT_BYTES = 1 << 32   # per relayed connection before the relay resets it (p2pd default)
-RELAY_TIME_LIMIT = "24h"           # per relayed connection (p2pd default 30m would cut a long run)
+@dataclass(frozen=True)
+class RelayCaps:
+    """Relay service caps (p2pd -relay* flags) of a public node. A relayed stage moves a few KB of codes
+    per microbatch, so a relay needs few, small buffers; reservations are cheap (one per home node).
+    Worst case memory: max_reservations x max_circuits x 2 x buffer_bytes (64 x 16 x 2 x 1 MiB = 2 GiB,
+    only if every home node held every circuit at once; p2pd's 16 MiB default would make it 32 GiB)."""
+    max_reservations: int = 64        # home nodes one relay accepts (p2pd default 128); 0: relay for nobody
+    max_circuits: int = 16            # relayed connections per home node at once (p2pd default 16)
+    buffer_bytes: int = 1 << 20       # per relayed connection and direction (p2pd default 16 MiB)
+    data_limit_bytes: int = 1 << 32   # per relayed connection before the relay resets it (p2pd default)
+    time_limit: str = "24h"           # per relayed connection (p2pd's 30 min default would cut a long run)
+
+    def flags(self) -> dict:
+        if self.max_reservations <= 0:
+            return dict(relayService=False)
+        return dict(relayService=True, relayMaxReservations=self.max_reservations,
+                    relayMaxCircuits=self.max_circuits, relayBufferSize=self.buffer_bytes,
+                    relayDataLimit=self.data_limit_bytes, relayTimeLimit=self.time_limit)
 
 
-def p2p_options(reachability: str, relays: list[str]) -> tuple[dict, dict]:
+def p2p_options(reachability: str, relays: list[str], caps: RelayCaps = RelayCaps()) -> tuple[dict, dict]:
     """(hivemind DHT/P2P kwargs, extra p2pd flags) for a reachability mode.
     public: dialable; serves as a relay (capped) and as an AutoNAT server, never uses one.
     private: cannot be dialled; reserves a slot on `relays` and announces the /p2p-circuit address.
@@ -107,10 +119,7 @@ def p2p_options(reachability: str, relays: list[str]) -> tuple[dict, dict]:
         return dict(nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False), {}
     if reachability == "public":
         return (dict(nat_port_map=False, auto_nat=True, use_relay=True, use_auto_relay=False,
-                     force_reachability="public"),
-                dict(relayService=True, relayMaxReservations=RELAY_MAX_RESERVATIONS,
-                     relayMaxCircuits=RELAY_MAX_CIRCUITS, relayBufferSize=RELAY_BUFFER_BYTES,
-                     relayDataLimit=RELAY_DATA_LIMIT_BYTES, relayTimeLimit=RELAY_TIME_LIMIT))
+                     force_reachability="public"), caps.flags())
     if reachability == "private":
         if not relays:
             raise AddressError("a node that cannot be dialled needs a relay: give --initial-peers or --relay")
@@ -155,9 +164,16 @@ def guess_reachability(host: str, peers: list[str], announce) -> str:
     return "private" if source.is_private and _via_gateway(peer_ip) else "public"
 
 
+def start_dht_from_args(run_id: str, a) -> DHT:
+    """The DHT peer of a bootstrap or join command (node/args.py add_connect_args)."""
+    caps = RelayCaps(a.relay_max_reservations, a.relay_max_circuits, a.relay_buffer_kib * 1024)
+    return start_dht(run_id, a.initial_peers, host=a.host, port=a.port, identity=a.identity, announce=a.announce,
+                     reachability=a.reachability, relays=a.relay, relay_caps=caps)
+
+
 def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
               announce: list[str] | None = None, reachability: str = "off",
-              relays=(), rsa_key: RSAPrivateKey | None = None, startup_timeout: float = 20.0) -> DHT:
+              relays=(), relay_caps: RelayCaps = RelayCaps(), rsa_key: RSAPrivateKey | None = None, startup_timeout: float = 20.0) -> DHT:
     """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" probes whether peers can dial this node and picks "public" or "private" (relayed
     through `relays`, by default the initial peers); "off" (the default for library callers and tests)
     keeps every NAT helper off. The chosen mode is `dht.reachability`."""
@@ -169,7 +185,7 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
     mode = reachability
     if mode == "auto":
         mode = guess_reachability(host, peers, announce)
-    kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [])
+    kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [], relay_caps)
     try:
         dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators,
                        host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,

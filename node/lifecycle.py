@@ -113,13 +113,12 @@ class Node:
         from hivemind.dht.crypto import RSASignatureValidator
         from node.announce import Announcer, keep_config_alive
         from node.args import chosen_run_id, load_config_file, resolve_device, resolve_run_config
-        from node.dht import print_own_addrs, start_dht
+        from node.dht import print_own_addrs, start_dht_from_args
         from node.metrics import NodeMetrics
         a = self.args
         run_id = chosen_run_id(a.run_id, load_config_file(a.config) if a.config else None)
         # hivemind forks its helper processes: start them before any CUDA work.
-        self.dht = start_dht(run_id, a.initial_peers, host=a.host, port=a.port, identity=a.identity,
-                             announce=a.announce, reachability=a.reachability, relays=a.relay)
+        self.dht = start_dht_from_args(run_id, a)
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.dht.peer_id)
         self.run_cfg = await resolve_run_config(self.dht, run_id, a.config)
