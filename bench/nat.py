@@ -63,6 +63,12 @@ class NatLab(NetnsLab):
         self._ip(home.name, "route", "add", "default", "via", f"{HOME_NET}.1")
         self._router_nat(router)
 
+    def block_home_to(self, host: int) -> None:
+        """The router drops what home sends to public host `host`: home cannot open a connection to
+        it, so that host reaches the home node only through a relay."""
+        subprocess.run(["ip", "netns", "exec", self.hosts[self.router].name, "iptables", "-I", "FORWARD", "-i", "eth1",
+                        "-d", self.hosts[host].ip, "-j", "DROP"], check=True, capture_output=True, timeout=15)
+
     def _router_nat(self, router: str) -> None:
         def ns(*argv):
             subprocess.run(["ip", "netns", "exec", router, *argv], check=True, capture_output=True, timeout=15)
@@ -152,16 +158,25 @@ def lab_run(run_id: str, size: dict | None = None) -> RunConfig:
     return RunConfig(model=model, train=TrainConfig(batch_size=size["batch"], microbatches=2), run_id=run_id)
 
 
-def one_run(relayed: bool, rate: float, steps: int, workdir, size: dict) -> dict:
-    """tokens/s of a trainer through stage 1 at home (relayed) or on a public host (direct), and the
-    relay's (bootstrap's) bytes per token while the trainer ran."""
+MODES = {  # stage 1's only replica ...
+    "direct": "on a public host",
+    "relayed": "at home behind NAT (the trainer may also use a connection the home node opened)",
+    "relay-only": "at home, and the router drops what home sends to the trainer: every code crosses the relay",
+}
+
+
+def one_run(mode: str, rate: float, steps: int, workdir, size: dict) -> dict:
+    """tokens/s of a trainer through stage 1 (MODES), and the relay's (bootstrap's) bytes per token
+    while the trainer ran."""
     run = lab_run("natbench", size)
-    run_dir = Path(workdir) / ("relayed" if relayed else "direct")
+    run_dir = Path(workdir) / mode
     run_dir.mkdir(parents=True)
     with NatLab(4, rate_mbit=rate) as lab:
         swarm = Swarm(run_dir, threads=1, run=run)
         try:
-            peers = start_swarm(lab, swarm, relayed)
+            peers = start_swarm(lab, swarm, relayed=mode != "direct")
+            if mode == "relay-only":
+                lab.block_home_to(TRAINER)
             before = iface_bytes(lab, BOOT)
             trainer = start_trainer(lab, swarm, peers, steps)
             t0 = time.monotonic()
@@ -171,28 +186,29 @@ def one_run(relayed: bool, rate: float, steps: int, workdir, size: dict) -> dict
             swarm.stop()
     summary = json.loads((run_dir / "trainer0.json").read_text())
     tokens = summary["steps_completed"] * run.train.batch_size * run.model.seq_len
-    return {"relayed": relayed, "rate_mbit": rate, "exit_code": code, "wall_s": round(time.monotonic() - t0, 1),
-            "steps": summary["steps_completed"], "tokens_per_s": summary["tokens_per_s"],
-            "loss_first": summary["train_loss_first"], "loss_last": summary["train_loss_last"],
-            "relay_bytes": relay_bytes, "relay_bytes_per_token": relay_bytes / max(tokens, 1)}
+    return {"mode": mode, "relayed": mode != "direct", "rate_mbit": rate, "exit_code": code,
+            "wall_s": round(time.monotonic() - t0, 1), "steps": summary["steps_completed"],
+            "tokens_per_s": summary["tokens_per_s"], "loss_first": summary["train_loss_first"],
+            "loss_last": summary["train_loss_last"], "relay_bytes": relay_bytes,
+            "relay_bytes_per_token": relay_bytes / max(tokens, 1)}
 
 
 def report(rows: list[dict], png: str) -> str:
     table = markdown_table(
         ["stage 1 replica", "link Mbit/s", "steps", "tokens/s", "loss first -> last", "relay B/token"],
-        [["relayed (home, NAT)" if r["relayed"] else "direct (public)", fmt(r["rate_mbit"], "g"), r["steps"],
-          fmt(r["tokens_per_s"], ".0f"), f"{fmt(r['loss_first'], '.2f')} -> {fmt(r['loss_last'], '.2f')}",
-          fmt(r["relay_bytes_per_token"], ".1f")] for r in rows])
-    xs = [0, 1]
-    names = ["direct" if not r["relayed"] else "relayed" for r in rows]
+        [[r["mode"], fmt(r["rate_mbit"], "g"), r["steps"], fmt(r["tokens_per_s"], ".0f"),
+          f"{fmt(r['loss_first'], '.2f')} -> {fmt(r['loss_last'], '.2f')}", fmt(r["relay_bytes_per_token"], ".1f")]
+         for r in rows])
+    xs = list(range(len(rows)))
+    names = [r["mode"] for r in rows]
     line_plot(png, [
-        {"title": "tokens/s, stage 1 direct vs relayed", "xlabel": "stage 1 replica", "ylabel": "tokens/s",
+        {"title": "tokens/s by where stage 1 is", "xlabel": "stage 1 replica", "ylabel": "tokens/s",
          "xticks": xs, "xticklabels": names,
          "series": [{"x": xs, "y": [r["tokens_per_s"] for r in rows], "style": {"marker": "o"}}]},
         {"title": "relay (bootstrap) bytes per token", "xlabel": "stage 1 replica", "ylabel": "bytes/token",
          "xticks": xs, "xticklabels": names,
          "series": [{"x": xs, "y": [r["relay_bytes_per_token"] for r in rows], "style": {"marker": "o"}}]}])
-    return table
+    return table + "\n\n" + "\n".join(f"- {mode}: stage 1 {where}" for mode, where in MODES.items())
 
 
 def main(argv=None) -> int:
@@ -209,12 +225,12 @@ def main(argv=None) -> int:
         return 2
     size = SIZES["scale" if args.scale else "default"]
     with tempfile.TemporaryDirectory(prefix="natbench-") as tmp:
-        rows = [one_run(relayed, args.rate, args.steps, tmp, size) for relayed in (False, True)]
+        rows = [one_run(mode, args.rate, args.steps, tmp, size) for mode in MODES]
     png = args.png_out or str(Path(args.json_out).with_suffix(".png"))
     print(report(rows, png))
     failed = [r for r in rows if r["exit_code"] != 0]
     for r in failed:
-        print(f"{'relayed' if r['relayed'] else 'direct'} run: trainer exit code {r['exit_code']}", file=sys.stderr)
+        print(f"{r['mode']} run: trainer exit code {r['exit_code']}", file=sys.stderr)
     write_json(args.json_out, {"rows": rows, "size": size, "machine": machine_info(),
                                "command": " ".join(["python -m bench.nat", *(argv if argv is not None else sys.argv[1:])])})
     return 1 if failed else 0
