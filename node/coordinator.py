@@ -150,7 +150,7 @@ class StepCoordinator:
         await self.trainer.hop.refresh()
         records = self.trainer.hop.records
         targets = sorted({(k, r["peer_id"]) for k, recs in records.items() for r in recs} | set(plan.apply)
-                         | {(0, self.trainer.peer_id)})
+                         | {(0, p) for p in self.trainer.live_trainers()})  # a trainer that called us, too
         replies = await asyncio.gather(*(self._call(stage, peer, "prepare", step=step) for stage, peer in targets))
         return dict(zip(targets, replies))
 
