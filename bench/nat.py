@@ -203,10 +203,10 @@ def report(rows: list[dict], png: str) -> str:
     names = [r["mode"] for r in rows]
     line_plot(png, [
         {"title": "tokens/s by where stage 1 is", "xlabel": "stage 1 replica", "ylabel": "tokens/s",
-         "xticks": xs, "xticklabels": names,
+         "xticks": xs, "xticklabels": names, "ylim": (0, 1.15 * max(r["tokens_per_s"] for r in rows)),
          "series": [{"x": xs, "y": [r["tokens_per_s"] for r in rows], "style": {"marker": "o"}}]},
         {"title": "relay (bootstrap) bytes per token", "xlabel": "stage 1 replica", "ylabel": "bytes/token",
-         "xticks": xs, "xticklabels": names,
+         "xticks": xs, "xticklabels": names, "ylim": (0, 1.15 * max(r["relay_bytes_per_token"] for r in rows)),
          "series": [{"x": xs, "y": [r["relay_bytes_per_token"] for r in rows], "style": {"marker": "o"}}]}])
     return table + "\n\n" + "\n".join(f"- {mode}: stage 1 {where}" for mode, where in MODES.items())
 
