@@ -60,18 +60,31 @@ async def _replicas_of_stage(dht, run, stage: int, own_peer_id: str, patience_s:
         await asyncio.sleep(2.0)
 
 
+async def load_from_replicas(p2p, worker, peers, load, newer_than: int | None = None) -> str | None:
+    """Download `worker`'s stage from the first of `peers` (best first) that hands over a state (newer
+    than step `newer_than`, if given) that `load` (async) accepts; that peer's id, or None."""
+    for peer in peers:
+        try:
+            state = await download_state(p2p, worker.run, worker.index, peer)
+            if newer_than is None or state["step"] > newer_than:
+                await load(state)
+                return peer
+        except (PeerUnavailable, RemoteError, ValueError, RuntimeError) as e:
+            log.warning("could not fetch stage %d from %s: %s", worker.index, peer, e)
+    return None
+
+
 async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str, export: str | None = None) -> str:
     """Load the best available state into `worker` (live replica, else own checkpoint, else the
     weights of an export file, else initialisation); returns a sentence saying where it came from."""
-    run = worker.run
-    records = await _replicas_of_stage(dht, run, worker.index, own_peer_id)
-    for rec in sorted(records, key=lambda r: -r["step"]):
-        try:
-            state = await download_state(p2p, run, worker.index, rec["peer_id"])
-            worker.load_state_dict(state)
-            return f"loaded stage {worker.index} at step {worker.applied_step} from live replica {rec['peer_id']}"
-        except (PeerUnavailable, RemoteError, ValueError, RuntimeError) as e:
-            log.warning("could not fetch state from %s: %s", rec["peer_id"], e)
+    records = await _replicas_of_stage(dht, worker.run, worker.index, own_peer_id)
+
+    async def load(state):
+        worker.load_state_dict(state)
+    peer = await load_from_replicas(p2p, worker, [r["peer_id"] for r in sorted(records, key=lambda r: -r["step"])],
+                                    load)
+    if peer is not None:
+        return f"loaded stage {worker.index} at step {worker.applied_step} from live replica {peer}"
     if checkpoint is not None and checkpoint.exists():
         try:
             worker.load_state_dict(load(checkpoint))

@@ -17,7 +17,7 @@ from protocol.codec import decode, encode, encode_ints
 from node.client import PeerUnavailable, RemoteError, StageClient
 from node.coordinator import StepCoordinator
 from node.route import NoRoute
-from node.state_sync import download_state
+from node.state_sync import load_from_replicas
 from swarm.coordination import coordinator
 from swarm.deadlines import Deadline, route_timeout
 from swarm.ledger import MicroKey, TrainerLedger
@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 SUSPECT_S = 30.0   # a coordinator that failed us is skipped this long (2x a DHT record's lifetime)
 HEARD_S = 30.0     # a trainer that called us counts as live this long, DHT record or not
+
+
+def _unexpired(until: dict[str, float]) -> set[str]:
+    """The peers of a peer -> expiry (monotonic clock) map whose time has not run out."""
+    now = time.monotonic()
+    return {p for p, t in until.items() if t > now}
 
 
 class Stopped(RuntimeError):
@@ -62,9 +68,7 @@ class Trainer:
     def live_trainers(self) -> list[str]:
         """Trainers in our DHT read, those that called us lately (they may not be in our read yet:
         two trainers that start together must still agree on the coordinator), and ourselves."""
-        now = time.monotonic()
-        heard = {p for p, until in self.heard.items() if until > now}
-        return sorted({r["peer_id"] for r in self.hop.records.get(0, [])} | heard | {self.peer_id})
+        return sorted({r["peer_id"] for r in self.hop.records.get(0, [])} | _unexpired(self.heard) | {self.peer_id})
 
     def heard_from(self, peer: str) -> None:
         if peer != self.peer_id:
@@ -206,27 +210,20 @@ class Trainer:
         steps = {r["peer_id"]: r["step"] for r in self.hop.records.get(0, [])}
         others = sorted((p for p in self.live_trainers() if p != self.peer_id),  # heard-only ones called us: ahead
                         key=lambda p: -steps.get(p, float("inf")))
-        for peer in others:
-            try:
-                state = await download_state(self.p2p, self.run, 0, peer)
-            except (PeerUnavailable, RemoteError, ValueError, RuntimeError) as e:
-                log.warning("could not fetch stage 0 from trainer %s: %s", peer[-8:], e)
-                continue
-            if state["step"] > self.worker.applied_step:
-                missed = self.worker.applied_step
-                await self._local(self.worker.load_state_dict, state)
-                log.warning("our stage-0 replica missed steps %d..%d: reloaded from trainer %s at step %d",
-                            missed + 1, closed, peer[-8:], self.worker.applied_step)
-                return
-        log.warning("our stage-0 replica missed steps up to %d and no trainer handed us a newer state", closed)
+        missed = self.worker.applied_step
+        peer = await load_from_replicas(self.p2p, self.worker, others,
+                                        lambda state: self._local(self.worker.load_state_dict, state), missed)
+        if peer is None:
+            log.warning("our stage-0 replica missed steps up to %d and no trainer handed us a newer state", closed)
+        else:
+            log.warning("our stage-0 replica missed steps %d..%d: reloaded from trainer %s at step %d",
+                        missed + 1, closed, peer[-8:], self.worker.applied_step)
 
     async def hand_in(self, ledger: TrainerLedger) -> dict:
         """Our ledger to the coordinator of the moment; one that does not answer is suspected, and the
         next lowest id takes over (in the end ourselves)."""
         while True:
-            now = time.monotonic()
-            suspected = {p for p, until in self.suspects.items() if until > now}
-            boss = coordinator(self.live_trainers(), suspected) or self.peer_id
+            boss = coordinator(self.live_trainers(), _unexpired(self.suspects)) or self.peer_id
             if boss == self.peer_id:
                 return await self.coordinator.receive(ledger)
             try:
@@ -235,7 +232,7 @@ class Trainer:
             except (PeerUnavailable, RemoteError) as e:
                 log.warning("step coordinator %s did not close step %d (%s); the next trainer takes over", boss[-8:],
                             ledger.step, e)
-                # not asked again until its DHT record has surely expired (or it answers our `info` again)
+                # not asked again until its DHT record has surely expired
                 self.suspects[boss] = time.monotonic() + SUSPECT_S
                 await self.fresh_records()
 
