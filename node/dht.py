@@ -89,6 +89,7 @@ def check_port_free(host: str, port: int) -> None:
 
 REACHABILITY = ("auto", "public", "private", "off")
 
+
 @dataclass(frozen=True)
 class RelayCaps:
     """Relay service caps (p2pd -relay* flags) of a public node. A relayed stage moves a few KB of codes
@@ -173,10 +174,12 @@ def start_dht_from_args(run_id: str, a) -> DHT:
 
 def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
               announce: list[str] | None = None, reachability: str = "off",
-              relays=(), relay_caps: RelayCaps = RelayCaps(), rsa_key: RSAPrivateKey | None = None, startup_timeout: float = 20.0) -> DHT:
-    """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" probes whether peers can dial this node and picks "public" or "private" (relayed
-    through `relays`, by default the initial peers); "off" (the default for library callers and tests)
-    keeps every NAT helper off. The chosen mode is `dht.reachability`."""
+              relays=(), relay_caps: RelayCaps = RelayCaps(), rsa_key: RSAPrivateKey | None = None,
+              startup_timeout: float = 20.0) -> DHT:
+    """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" picks off, public or private
+    from this node's addresses (guess_reachability); "private" is relayed through `relays` (by default
+    the initial peers); "off" (the default for library callers and tests) keeps every NAT helper off.
+    The chosen mode is `dht.reachability`."""
     peers = parse_initial_peers(initial_peers)
     check_port_free(host, port)
     if identity:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from node.client import PeerUnavailable, RemoteError
 from node.progress import Progress, human_bytes
+from node.status import stage_role
 from node.trainer import Stopped, Trainer
 from swarm.coordination import mark_coordinator
 from swarm.data import ByteCorpus
@@ -133,11 +134,9 @@ async def node_info(trainer: Trainer) -> list[dict]:
     it handled), trainers included, for the run summary."""
     records = await trainer.fresh_records()
     peers = sorted({(k, r["peer_id"]) for k, recs in records.items() for r in recs} | {(0, trainer.peer_id)})
-    last = trainer.cfg.n_stages - 1
 
     async def one(stage, peer_id):
-        entry = {"stage": stage, "peer_id": peer_id, "role": "trainer" if stage == 0 else
-                 ("tail" if stage == last else "middle")}
+        entry = {"stage": stage, "peer_id": peer_id, "role": stage_role(stage, trainer.cfg.n_stages)}
         try:
             info = trainer.server.info()["resbm"] if peer_id == trainer.peer_id else \
                 await trainer.client.info(peer_id, stage, timeout=10.0)
