@@ -3,7 +3,6 @@ import ast
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from node.announce import read_stage_records
 from node.dht import start_dht
+from node.local import stop_processes
 
 pytestmark = pytest.mark.swarm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,15 +81,4 @@ def test_auto_nodes_fill_and_rebalance(tmp_path):
         assert int(chosen.group(1)) == min(totals, key=totals.get)
         assert f"stage {chosen.group(1)} serving:" in log
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_processes(procs, grace=30.0)
