@@ -125,13 +125,14 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
 
 
 def _train_until(trainers: list, budget: float) -> None:
-    """Wait for the trainers to finish; past the budget, SIGINT them (finish the step, write the summary)."""
+    """Wait for the trainers to finish; past the budget, SIGTERM them (finish the step, write the summary).
+    Not SIGINT: a node started from a background job inherits SIGINT ignored (bench/churn.py likewise)."""
     deadline = time.monotonic() + budget
     while any(p.poll() is None for p in trainers) and time.monotonic() < deadline:
         time.sleep(0.5)
     for p in trainers:
         if p.poll() is None:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
     for p in trainers:
         try:
             p.wait(timeout=600)
