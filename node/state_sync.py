@@ -79,10 +79,10 @@ async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: 
     weights of an export file, else initialisation); returns a sentence saying where it came from."""
     records = await _replicas_of_stage(dht, worker.run, worker.index, own_peer_id)
 
-    async def load(state):
+    async def accept(state):  # (not `load`: that is the checkpoint reader below)
         worker.load_state_dict(state)
     peer = await load_from_replicas(p2p, worker, [r["peer_id"] for r in sorted(records, key=lambda r: -r["step"])],
-                                    load)
+                                    accept)
     if peer is not None:
         return f"loaded stage {worker.index} at step {worker.applied_step} from live replica {peer}"
     if checkpoint is not None and checkpoint.exists():
