@@ -77,7 +77,8 @@ async def load_from_replicas(p2p, worker, peers, load, newer_than: int | None = 
 async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str, export: str | None = None) -> str:
     """Load the best available state into `worker` (live replica, else own checkpoint, else the
     weights of an export file, else initialisation); returns a sentence saying where it came from."""
-    records = await _replicas_of_stage(dht, worker.run, worker.index, own_peer_id)
+    run = worker.run
+    records = await _replicas_of_stage(dht, run, worker.index, own_peer_id)
 
     async def accept(state):  # (not `load`: that is the checkpoint reader below)
         worker.load_state_dict(state)
