@@ -41,7 +41,7 @@ from pathlib import Path
 from bench.plotting import line_plot, machine_info, markdown_table, smooth, write_json
 from node.args import identity_peer_id, parse_run_config
 from node.lifeline import descendants
-from node.local import Swarm
+from node.local import Swarm, tail
 
 SIZES = {
     "quick": dict(argv=["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
@@ -222,7 +222,7 @@ class Timeline:
         for name, node in self.cs.nodes.items():
             if name not in self.down and not self.cs.alive(name):
                 self.exits.append({"t": round(self.now(), 2), "node": name, "code": node["proc"].returncode,
-                                   "log": str(node["log"])})
+                                   "log": str(node["log"]), "tail": tail(node["log"], 30)})
                 print(f"  t={self.now():.0f}s {name} exited by itself (code {node['proc'].returncode})", file=sys.stderr)
                 self.restart(name)
 

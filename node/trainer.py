@@ -164,7 +164,11 @@ class Trainer:
         if not train:
             return float(reply["loss"])
         t1 = time.perf_counter()
-        await self._local(self.worker.finish, key, handle, decode(reply["grad_in"]).to(self.worker.device))
+        try:
+            await self._local(self.worker.finish, key, handle, decode(reply["grad_in"]).to(self.worker.device))
+        except StaleRequest as e:  # a coordinator closed `step` without us while the route worked: dropped
+            log.warning("step %d slot %d: closed without it meanwhile (%s)", step, micro, e)
+            return None
         self.server.count_compute(x, forward_s + time.perf_counter() - t1)
         return float(reply["loss"]), [self.peer_id] + list(reply["route"])
 

@@ -27,6 +27,7 @@ def test_quick_churn_benchmark(tmp_path, capsys):
     assert churned["lost"] == 0
     curve = [loss for _, loss in churn.loss_by_step(churned["samples"])]
     assert curve[-1] < curve[0]
-    assert churned["exits"] == [], "a node exited without being killed"
+    assert churned["exits"] == [], "a node exited without being killed:\n" + "\n".join(
+        f"{e['node']} (code {e['code']}):\n{e['tail']}" for e in churned["exits"])
     assert "| churn" in printed and "| last-trainer" in printed
     assert png_out.read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from swarm.data import ByteCorpus
+from swarm.ledger import ApplyPlan
 from swarm.shards import slots_for
 from swarm.trainer import LocalTrainer
 from node.inproc import InprocSwarm
@@ -166,3 +167,29 @@ def test_a_trainer_that_misses_another_in_the_dht_hears_of_it_and_one_coordinato
     assert early.coordinator.stats["steps_closed"] >= 3
     assert fed_late[-3:] == fed_early[-3:]                            # the same steps, closed together
     assert len(set(steps)) == 1 and steps[0] == max(fed_late), steps  # nobody left behind
+
+
+def test_a_microbatch_whose_step_closes_while_it_walks_the_route_is_dropped_and_the_trainer_goes_on(corpus):
+    """Another coordinator (one that did not wait for us) steps our stage-0 replica past step 0
+    while our microbatch of step 0 is still on its route: the slot is dropped with a warning, the
+    trainer does not crash, and its next step trains."""
+    run = tiny_run("overtaken")
+
+    async def go():
+        async with InprocSwarm(run, corpus) as sw:
+            trainer = sw.trainers[0]
+            original = trainer.hop.call
+
+            async def call(*args, **fields):
+                reply = await original(*args, **fields)
+                if fields["step"] == 0:  # the step closed elsewhere meanwhile: an empty plan, as a coordinator sends
+                    trainer.worker.apply_step(ApplyPlan(step=0, keys=(), apply={}), trainer.peer_id)
+                return reply
+            trainer.hop.call = call
+            dropped = await trainer.microbatch(0, 0)
+            after = await trainer.train_step(1)
+            return dropped, trainer.skipped, after, trainer.worker.held(0)
+
+    dropped, skipped, after, held = asyncio.run(go())
+    assert dropped is None and skipped == 0 and held == []  # microbatch() reports; train_step counts skips
+    assert after["closed"] and after["finished"] == run.train.microbatches
