@@ -307,11 +307,13 @@ def test_step_coordinator_killed_the_other_trainer_takes_over(nodes):
     other = next(n for n in names if n != boss)
     training_swarm(nodes, trainers=names)
     wait_until(lambda: min(trained_steps(nodes.log(n)) for n in names) >= 3, 240, "both trainers to train 3 steps")
-    mark = len(nodes.log(other))
-    before = trained_steps(nodes.log(other))
     nodes.kill9(boss)
-    # 6 steps: the progress line may lag the kill by a step or two that the old coordinator closed
-    wait_until(lambda: trained_steps(nodes.log(other)) >= before + 6, 180,
+    # the progress line prints every few steps, so the last one before the kill may lag it by several
+    # steps the old coordinator closed: count from the first line printed after the kill
+    mark = len(nodes.log(other))
+    wait_until(lambda: trained_steps(nodes.log(other)[mark:]) > 0, 120, f"a progress line of {other} after the kill")
+    after_kill = trained_steps(nodes.log(other)[mark:])
+    wait_until(lambda: trained_steps(nodes.log(other)) >= after_kill + 5, 180,
                f"{other} to train 5 more steps without the coordinator:\n{nodes.log(other)[-3000:]}")
     summary = stop_trainer(nodes, other)
     log = nodes.log(other)[mark:]

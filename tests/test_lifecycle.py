@@ -24,17 +24,33 @@ LEAVE = ["draining", "stopped"]
 
 
 class RecordWatcher(threading.Thread):
-    """Polls the stage records (serving or not) and keeps each peer's (stage, state) changes in order."""
+    """Polls the stage records (serving or not) and keeps each peer's (stage, state) changes in order.
+
+    Its DHT calls and the test's node spawns never overlap (`spawn` holds the same lock): once, while
+    this thread's DHT was mid-call, a Popen's exec-status pipe ended up held open by the DHT process,
+    and Popen waited for it forever (a CI rehearsal hung here for good)."""
 
     def __init__(self, peers, run):
         super().__init__(daemon=True)
         self.peers, self.run_config, self.seen, self.done = peers, run, {}, threading.Event()
+        self.lock = threading.Lock()
+
+    def spawn(self, swarm) -> None:
+        """Make `swarm` start its nodes only while no DHT call of ours is in flight."""
+        start = swarm.start
+
+        def locked_start(*args, **kwargs):
+            with self.lock:
+                return start(*args, **kwargs)
+        swarm.start = locked_start
 
     def run(self):
-        dht = start_dht(RUN_ID, self.peers)
+        with self.lock:
+            dht = start_dht(RUN_ID, self.peers)
         try:
             while not self.done.is_set():
-                records = asyncio.run(read_stage_records(dht, self.run_config, include_idle=True))
+                with self.lock:
+                    records = asyncio.run(read_stage_records(dht, self.run_config, include_idle=True))
                 for recs in records.values():
                     for r in recs:
                         seq = self.seen.setdefault(r["peer_id"], [])
@@ -82,6 +98,7 @@ def test_join_walks_every_lifecycle_transition(tmp_path):
     try:
         peers = swarm.start_bootstrap()
         watcher = RecordWatcher(peers, swarm.run)
+        watcher.spawn(swarm)
         watcher.start()
         # fresh: nobody serves stage 1 and there is no checkpoint; then b takes a's live state
         for n in "ab":
