@@ -75,25 +75,30 @@ class Announcer:
             await asyncio.sleep(self.period_s)
 
 
-async def stage_items(dht: DHT, run_id: str, n_stages: int) -> list[tuple[int, object, object]]:
-    """(stage, subkey, ValueWithExpiration) of every record under the stage keys, one get per stage."""
+async def stage_items(dht: DHT, run_id: str, n_stages: int, fresh: bool = True) -> list[tuple[int, object, object]]:
+    """(stage, subkey, ValueWithExpiration) of every record under the stage keys, one get per stage.
+    `fresh`: walk the DHT for the newest copy of each key, asking every holder (each answers with every
+    record of the key). Otherwise any unexpired copy will do, our own first (in a small swarm every
+    peer holds every key): no traffic at all, where a walk per key every few seconds was most of an
+    idle node's link (bench.scaling)."""
     async def one(k):
-        found = await dht.get(stage_key(run_id, k), latest=True, return_future=True)
+        found = await dht.get(stage_key(run_id, k), latest=fresh, return_future=True)
         return [(k, sub, item) for sub, item in found.value.items()] \
             if found is not None and isinstance(found.value, dict) else []
     return [row for rows in await asyncio.gather(*(one(k) for k in range(n_stages))) for row in rows]
 
 
-async def read_stage_records(dht: DHT, run, include_idle: bool = False) -> dict[int, list[dict]]:
+async def read_stage_records(dht: DHT, run, include_idle: bool = False, fresh: bool = True) -> dict[int, list[dict]]:
     """Live stage records of `run` (a RunConfig) by stage. Records of another protocol version or run
     fingerprint, not serving, not signed by an owner key under the peer id they claim, filed under
     another stage's key, or stale (not refreshed for MAX_RECORD_AGE_S, or dated in the future) are
     left out. One record per peer id (the newest). `include_idle` keeps records with serving=False
-    (nodes leaving or about to start serving: the balancer counts them, the router must not)."""
+    (nodes leaving or about to start serving: the balancer counts them, the router must not).
+    `fresh`: see stage_items; periodic reads pass False, reads after a failure True."""
     out: dict[int, list[dict]] = {}
     newest: dict[str, dict] = {}
     now = get_dht_time()
-    for stage, subkey, item in await stage_items(dht, run.run_id, run.model.n_stages):
+    for stage, subkey, item in await stage_items(dht, run.run_id, run.model.n_stages, fresh):
         try:
             rec = StageRecord(**item.value).dict()
         except Exception:
@@ -161,7 +166,7 @@ async def watch_swarm(dht: DHT, run, server, period_s: float = 5.0) -> None:
     refuse steps far past it) and which peers are joining its stage (they get state first)."""
     while True:
         try:
-            records = await read_stage_records(dht, run, include_idle=True)
+            records = await read_stage_records(dht, run, include_idle=True, fresh=False)
             steps = [r["step"] for recs in records.values() for r in recs]
             server.swarm_step = max(steps) if steps else None
             server.admission.joining = {r["peer_id"] for r in records.get(server.index, [])

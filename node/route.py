@@ -53,20 +53,20 @@ class NextHop:
         """Periodic refreshes run in the background (a slow DHT peer must not slow every call);
         `force` (after a failure, while waiting) waits for fresh records."""
         if force:
-            await self._read()
+            await self._read(fresh=True)
         elif time.monotonic() - self.last_read >= self.refresh_s and \
                 (self._refreshing is None or self._refreshing.done()):
             self._refreshing = asyncio.create_task(self._read_quietly())
 
     async def _read_quietly(self) -> None:
         try:
-            await self._read()
+            await self._read(fresh=False)
         except Exception as e:  # the next refresh tries again; a failing call forces one
             log.warning("could not refresh the routes from the DHT: %s", e)
 
-    async def _read(self) -> None:
+    async def _read(self, fresh: bool) -> None:
         self.last_read = time.monotonic()
-        self.records = await read_stage_records(self.dht, self.run)
+        self.records = await read_stage_records(self.dht, self.run, fresh=fresh)
         for k in range(self.run.model.n_stages):
             self.router.update(k, self.records.get(k, []))
             self.metrics.replicas.labels(str(k)).set(len(self.records.get(k, [])))

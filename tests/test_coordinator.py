@@ -126,8 +126,8 @@ async def _hide_from(trainer, peer_id: str) -> None:
         await trainer.hop._refreshing  # a read in flight would bring the record back
     original = trainer.hop._read
 
-    async def read():
-        await original()
+    async def read(*args, **kwargs):
+        await original(*args, **kwargs)
         trainer.hop.records[0] = [r for r in trainer.hop.records.get(0, []) if r["peer_id"] != peer_id]
     trainer.hop._read = read
     trainer.hop.records[0] = [r for r in trainer.hop.records.get(0, []) if r["peer_id"] != peer_id]
