@@ -156,6 +156,98 @@ def parse_bench_args(p: argparse.ArgumentParser, argv, sizes: dict):
     return args, name, sizes[name]
 
 
+def measure(size: dict, rates: list[float], variants: list[str], keep: str | None) -> tuple[list, dict, dict]:
+    """Every (variant, rate) swarm in the lab: (result rows, compute-bound tokens/s per variant,
+    measured TCP goodput per shaped rate)."""
+    corpus = ByteCorpus()
+    results, limits, shaping = [], {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rate in rates:
+            if rate:
+                with NetnsLab(2, rate_mbit=rate) as lab:
+                    shaping[rate] = measure_throughput_mbit(lab, 0, 1, seconds=2.0)
+        for variant in variants:
+            run = run_config(size, variant)
+            limits[variant] = compute_bound(run, corpus, steps=max(3, size["steps"] // 3), warmup=2)
+            for rate in rates:
+                label = f"{rate:g} Mbit/s" if rate else "unshaped"
+                print(f"[{variant} @ {label}]", file=sys.stderr, flush=True)
+                res = swarm_in_lab(run, rate, Path(keep or tmp), size["steps"], size["budget"])
+                results.append(result_row(variant, rate, run, size, res["summaries"][0] if "summaries" in res else res))
+    return results, limits, shaping
+
+
+def result_row(variant: str, rate: float, run: RunConfig, size: dict, summary: dict) -> dict:
+    """One swarm's figures from its trainer's summary (or its error)."""
+    ws = wire_stats(run.model)
+    row = {"variant": variant, "rate_mbit": rate, "compression_vs_bf16": ws["compression_vs_bf16"]}
+    if summary.get("error"):
+        print(f"  FAILED: {summary['error']}", file=sys.stderr)
+        return {**row, "steps": 0, "tokens_per_s": 0.0, "wire_bytes_per_token_fwd": 0.0,
+                "wire_bytes_per_token_bwd": 0.0, "lost_microbatches": 0, "error": summary["error"]}
+    return {**row, "steps": summary["steps_completed"],
+            "tokens_per_s": steady(summary, size["warmup"], size["batch"] * size["seq"]),
+            **{k: summary[f"measured_{k}"] for k in ("wire_bytes_per_token_fwd", "wire_bytes_per_token_bwd",
+                                                      "code_bytes_per_token_fwd", "code_bytes_per_token_bwd")},
+            "lost_microbatches": summary["lost_microbatches"]}
+
+
+def tables(results: list, limits: dict, shaping: dict, gpu_factor: float) -> tuple[str, str, str]:
+    """(throughput table, compute-bound table, shaping check table), markdown."""
+    by = {(r["variant"], r["rate_mbit"]): r for r in results}
+    rows = []
+    for r in results:
+        unl = by.get((r["variant"], 0.0))
+        rows.append([r["variant"], f"{r['rate_mbit']:g}" if r["rate_mbit"] else "unshaped",
+                     f"{r['rate_mbit'] * gpu_factor:g}" if r["rate_mbit"] else "-",
+                     f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / limits[r['variant']]:.2f}",
+                     f"{r['tokens_per_s'] / unl['tokens_per_s']:.2f}" if unl and unl["tokens_per_s"] else "-",
+                     f"{r['wire_bytes_per_token_fwd'] + r['wire_bytes_per_token_bwd']:.1f}",
+                     f"{r['compression_vs_bf16']:.0f}x", r["steps"]])
+    table = markdown_table(["variant", "link Mbit/s", f"~GPU-equiv. Mbit/s (x{gpu_factor:g})", "tokens/s",
+                            "vs compute-bound", "vs unshaped", "wire B/token/hop (fwd+bwd)", "vs bf16 width d",
+                            "steps"], rows)
+    limit_table = markdown_table(["variant", "compute-bound tokens/s (1 process, no network)"],
+                                 [[v, f"{t:.0f}"] for v, t in limits.items()])
+    shaping_table = markdown_table(["requested Mbit/s", "measured TCP goodput Mbit/s"],
+                                   [[f"{r:g}", f"{m:.2f}"] for r, m in shaping.items()])
+    return table, limit_table, shaping_table
+
+
+def verdicts(results: list, rates: list[float]) -> list[str]:
+    by = {(r["variant"], r["rate_mbit"]): r for r in results}
+    verdict = []
+    low = min(r for r in rates if r) if any(rates) else None
+    res10, unl = by.get(("resbm-128x", 10.0)), by.get(("resbm-128x", 0.0))
+    if res10 and unl and unl["tokens_per_s"]:
+        keep = res10["tokens_per_s"] / unl["tokens_per_s"]
+        verdict.append(f"- ResBM-128x at 10 Mbit/s keeps {keep:.0%} of its unshaped throughput (goal >= 90%): "
+                       f"{'met' if keep >= 0.9 else 'MISSED'}")
+    rl, nl = by.get(("resbm-128x", low)), by.get(("none", low))
+    if rl and nl:
+        speedup = rl["tokens_per_s"] / nl["tokens_per_s"] if nl["tokens_per_s"] else float("inf")
+        verdict.append(f"- ResBM-128x vs none at {low:g} Mbit/s: {speedup:.1f}x faster (goal >= 10x): "
+                       f"{'met' if speedup >= 10 else 'MISSED'}")
+    return verdict
+
+
+def plot(path: str, results: list, limits: dict, rates: list[float], variants: list[str]) -> None:
+    by = {(r["variant"], r["rate_mbit"]): r for r in results}
+    shaped = sorted(r for r in rates if r)
+    xs = shaped + ([max(shaped) * 10] if 0.0 in rates and shaped else [])  # unshaped drawn one decade up
+    if not xs:
+        return
+    series = []
+    for v in variants:
+        ys = [by[(v, r)]["tokens_per_s"] for r in shaped] + ([by[(v, 0.0)]["tokens_per_s"]] if 0.0 in rates else [])
+        series.append({"label": v, "x": xs[:len(ys)], "y": ys, "style": {"marker": "o"}})
+        series.append({"label": f"{v} compute-bound", "x": [xs[0], xs[-1]], "y": [limits[v]] * 2,
+                       "style": {"ls": ":", "lw": 0.8}})
+    line_plot(path, [{"title": "throughput vs link rate (rightmost point: unshaped)",
+                      "xlabel": "link rate, Mbit/s (log)", "ylabel": "tokens/s", "logx": True,
+                      "logy": True, "series": series}])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
@@ -173,68 +265,9 @@ def main(argv=None) -> int:
         return 2
     rates = args.rates or size["rates"]
     variants = args.variants or size["variants"]
-    corpus = ByteCorpus()
-    tokens_per_step = size["batch"] * size["seq"]
-    results, limits = [], {}
-    shaping = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rate in rates:
-            if rate:
-                with NetnsLab(2, rate_mbit=rate) as lab:
-                    shaping[rate] = measure_throughput_mbit(lab, 0, 1, seconds=2.0)
-        for variant in variants:
-            run = run_config(size, variant)
-            limits[variant] = compute_bound(run, corpus, steps=max(3, size["steps"] // 3), warmup=2)
-            for rate in rates:
-                label = f"{rate:g} Mbit/s" if rate else "unshaped"
-                print(f"[{variant} @ {label}]", file=sys.stderr, flush=True)
-                res = swarm_in_lab(run, rate, Path(args.keep or tmp), size["steps"], size["budget"])
-                summary = res["summaries"][0] if "summaries" in res else res
-                ws = wire_stats(run.model)
-                if summary.get("error"):
-                    print(f"  FAILED: {summary['error']}", file=sys.stderr)
-                    results.append({"variant": variant, "rate_mbit": rate, "steps": 0, "tokens_per_s": 0.0,
-                                     "wire_bytes_per_token_fwd": 0.0, "wire_bytes_per_token_bwd": 0.0,
-                                     "compression_vs_bf16": ws["compression_vs_bf16"], "lost_microbatches": 0,
-                                     "error": summary["error"]})
-                    continue
-                results.append({"variant": variant, "rate_mbit": rate, "steps": summary["steps_completed"],
-                                "tokens_per_s": steady(summary, size["warmup"], tokens_per_step),
-                                "wire_bytes_per_token_fwd": summary["measured_wire_bytes_per_token_fwd"],
-                                "wire_bytes_per_token_bwd": summary["measured_wire_bytes_per_token_bwd"],
-                                "code_bytes_per_token_fwd": summary["measured_code_bytes_per_token_fwd"],
-                                "code_bytes_per_token_bwd": summary["measured_code_bytes_per_token_bwd"],
-                                "compression_vs_bf16": ws["compression_vs_bf16"],
-                                "lost_microbatches": summary["lost_microbatches"]})
-    by = {(r["variant"], r["rate_mbit"]): r for r in results}
-    rows = []
-    for r in results:
-        unl = by.get((r["variant"], 0.0))
-        rows.append([r["variant"], f"{r['rate_mbit']:g}" if r["rate_mbit"] else "unshaped",
-                     f"{r['rate_mbit'] * args.gpu_factor:g}" if r["rate_mbit"] else "-",
-                     f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / limits[r['variant']]:.2f}",
-                     f"{r['tokens_per_s'] / unl['tokens_per_s']:.2f}" if unl and unl["tokens_per_s"] else "-",
-                     f"{r['wire_bytes_per_token_fwd'] + r['wire_bytes_per_token_bwd']:.1f}",
-                     f"{r['compression_vs_bf16']:.0f}x", r["steps"]])
-    table = markdown_table(["variant", "link Mbit/s", f"~GPU-equiv. Mbit/s (x{args.gpu_factor:g})", "tokens/s",
-                            "vs compute-bound", "vs unshaped", "wire B/token/hop (fwd+bwd)", "vs bf16 width d",
-                            "steps"], rows)
-    limit_table = markdown_table(["variant", "compute-bound tokens/s (1 process, no network)"],
-                                 [[v, f"{t:.0f}"] for v, t in limits.items()])
-    shaping_table = markdown_table(["requested Mbit/s", "measured TCP goodput Mbit/s"],
-                                   [[f"{r:g}", f"{m:.2f}"] for r, m in shaping.items()])
-    verdict = []
-    low = min(r for r in rates if r) if any(rates) else None
-    res10, unl = by.get(("resbm-128x", 10.0)), by.get(("resbm-128x", 0.0))
-    if res10 and unl and unl["tokens_per_s"]:
-        keep = res10["tokens_per_s"] / unl["tokens_per_s"]
-        verdict.append(f"- ResBM-128x at 10 Mbit/s keeps {keep:.0%} of its unshaped throughput (goal >= 90%): "
-                       f"{'met' if keep >= 0.9 else 'MISSED'}")
-    rl, nl = by.get(("resbm-128x", low)), by.get(("none", low))
-    if rl and nl:
-        speedup = rl["tokens_per_s"] / nl["tokens_per_s"] if nl["tokens_per_s"] else float("inf")
-        verdict.append(f"- ResBM-128x vs none at {low:g} Mbit/s: {speedup:.1f}x faster (goal >= 10x): "
-                       f"{'met' if speedup >= 10 else 'MISSED'}")
+    results, limits, shaping = measure(size, rates, variants, args.keep)
+    table, limit_table, shaping_table = tables(results, limits, shaping, args.gpu_factor)
+    verdict = verdicts(results, rates)
     print(f"\n{name} size: d={size['d']}, {size['layers']} layers, {size['stages']} stages, batch {size['batch']}x"
           f"{size['seq']}; links shaped with tc tbf both ways; NO latency emulation (netem unavailable)\n")
     print(table + "\n\n" + limit_table + "\n\n" + shaping_table + "\n\n" + "\n".join(verdict))
@@ -243,18 +276,7 @@ def main(argv=None) -> int:
                                "machine": machine_info(), "table": table, "verdict": verdict,
                                "latency_emulated": False,
                                "command": " ".join(["python -m bench.bandwidth", *(argv or sys.argv[1:])])})
-    shaped = sorted(r for r in rates if r)
-    xs = shaped + ([max(shaped) * 10] if 0.0 in rates and shaped else [])  # unshaped drawn one decade up
-    series = []
-    for v in variants:
-        ys = [by[(v, r)]["tokens_per_s"] for r in shaped] + ([by[(v, 0.0)]["tokens_per_s"]] if 0.0 in rates else [])
-        series.append({"label": v, "x": xs[:len(ys)], "y": ys, "style": {"marker": "o"}})
-        series.append({"label": f"{v} compute-bound", "x": [xs[0], xs[-1]], "y": [limits[v]] * 2,
-                       "style": {"ls": ":", "lw": 0.8}})
-    if xs:
-        line_plot(args.png_out, [{"title": "throughput vs link rate (rightmost point: unshaped)",
-                                  "xlabel": "link rate, Mbit/s (log)", "ylabel": "tokens/s", "logx": True,
-                                  "logy": True, "series": series}])
+    plot(args.png_out, results, limits, rates, variants)
     print(f"\nwrote {args.json_out} and {args.png_out}", file=sys.stderr)
     return 0
 
