@@ -382,7 +382,7 @@ def test_nodes_of_local_exit_when_local_is_killed(tmp_path):
         assert len(tree) >= 10, tree  # bootstrap, 2 stage-1 replicas, the trainer, their DHT processes, p2pds, averagers
         proc.kill()  # the main pid only
         proc.wait()
-        wait_until(lambda: not any(alive(p) for p in tree), 60, f"every process of the killed `local` to exit")
+        wait_until(lambda: not any(alive(p) for p in tree), 60, "every process of the killed `local` to exit")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
