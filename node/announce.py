@@ -78,9 +78,9 @@ class Announcer:
 async def stage_items(dht: DHT, run_id: str, n_stages: int, fresh: bool = True) -> list[tuple[int, object, object]]:
     """(stage, subkey, ValueWithExpiration) of every record under the stage keys, one get per stage.
     `fresh`: walk the DHT for the newest copy of each key, asking every holder (each answers with every
-    record of the key). Otherwise any unexpired copy will do, our own first (in a small swarm every
-    peer holds every key): no traffic at all, where a walk per key every few seconds was most of an
-    idle node's link (bench.scaling)."""
+    record of the key). Otherwise any unexpired copy will do, our own first: none of our traffic where
+    we hold the key (in a small swarm every peer does), else the first holder's answer. A walk per key
+    every few seconds was half of an idle node's link traffic (README, bench.scaling)."""
     async def one(k):
         found = await dht.get(stage_key(run_id, k), latest=fresh, return_future=True)
         return [(k, sub, item) for sub, item in found.value.items()] \

@@ -129,8 +129,8 @@ class Trainer:
         return await asyncio.get_running_loop().run_in_executor(self.server.executor, fn, *args)
 
     async def microbatch(self, step: int, micro: int, split: str = "train"):
-        """(loss, route) of one slot, or None if no route finished it twice in a row. `split="val"`:
-        the loss alone, nothing held anywhere."""
+        """(loss, route) of one slot, or None if no route finished it twice in a row or the step was
+        closed without it meanwhile. `split="val"`: the loss alone, nothing held anywhere."""
         train = split == "train"
         t = self.run.train
         x, y = self.corpus.batch(split, t.microbatch_size, self.cfg.seq_len, self.cfg.seed, step if train else 0, micro)
