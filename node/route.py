@@ -56,11 +56,11 @@ class NextHop:
             await self._read(fresh=True)
         elif time.monotonic() - self.last_read >= self.refresh_s and \
                 (self._refreshing is None or self._refreshing.done()):
-            self._refreshing = asyncio.create_task(self._read_quietly())
+            self._refreshing = asyncio.create_task(self._read_quietly(fresh=False))
 
-    async def _read_quietly(self) -> None:
+    async def _read_quietly(self, fresh: bool) -> None:
         try:
-            await self._read(fresh=False)
+            await self._read(fresh)
         except Exception as e:  # the next refresh tries again; a failing call forces one
             log.warning("could not refresh the routes from the DHT: %s", e)
 
@@ -138,10 +138,7 @@ class NextHop:
         self.metrics.retries.labels(str(self.stage)).inc()
         self.metrics.bans.labels(str(self.stage)).inc()
         log.warning("stage %d replica %s failed (%s); banned %.0fs, rerouting", self.stage, rep.peer_id[-8:], e, ban)
-        try:
-            await self.refresh(force=True)
-        except Exception as err:
-            log.warning("could not refresh the routes from the DHT: %s", err)
+        await self._read_quietly(fresh=True)
 
     def _count(self, reply: dict, sent: int, received: int, tokens: int) -> None:
         """Our request crossed boundary stage-1 forward, its reply the same boundary backward: every
