@@ -22,6 +22,9 @@ def setup_logging(verbose: bool = False) -> None:
     # set: filter their "Unhandled exception in client_connected_cb" reports at the logger instead
     # (the filter is inherited when they fork)
     logging.getLogger("asyncio").addFilter(_drop_stream_resets)
+    # hivemind's averager logs the traceback of a round that found no group (a replica died) on its
+    # last try; node.averaging reports the same failure in one line, so drop the duplicate
+    logging.getLogger("hivemind.averaging.averager").addFilter(_drop_expected_averaging_failures)
 
 
 def stop_event_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
@@ -81,6 +84,15 @@ def _quiet_stream_resets(loop, context) -> None:
 
 def _drop_stream_resets(record: logging.LogRecord) -> bool:
     return not (record.exc_info and _is_stream_reset(record.exc_info[1]))
+
+
+def _drop_expected_averaging_failures(record: logging.LogRecord) -> bool:
+    from hivemind.averaging.matchmaking import MatchmakingException
+    from hivemind.averaging.partition import AllreduceException
+    from hivemind.p2p import P2PDaemonError, P2PHandlerError
+
+    expected = (AllreduceException, MatchmakingException, P2PDaemonError, P2PHandlerError)
+    return not (record.exc_info and isinstance(record.exc_info[1], expected))
 
 
 async def close_hivemind(p2p=None, dht=None, *extra) -> None:

@@ -161,3 +161,30 @@ def test_robust_all_reduce_bounds_one_bad_replica():
             assert moved < 1e-5, moved  # the NaN replica is dropped: the plain mean of the honest two
         else:
             assert moved <= influence_bound(TAU, 3, ITERS) + spread, (attack, moved)
+
+
+def test_a_round_without_a_group_is_reported_once_without_hiveminds_traceback():
+    """hivemind's averager logs the traceback of a round that found no group on its last try;
+    node.averaging already reports it in one line. Other errors keep their traceback."""
+    import logging
+
+    from hivemind.averaging.partition import AllreduceException
+    from hivemind.utils.logging import get_logger
+
+    from node.runtime import setup_logging
+
+    setup_logging()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = get_logger("hivemind.averaging.averager")
+    logger.addHandler(handler)
+    try:
+        for exc in (AllreduceException("Averaging step failed: could not find a group"), ValueError("a bug")):
+            try:
+                raise exc
+            except Exception as e:
+                logger.exception(e)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["a bug"] and seen[0].exc_info
