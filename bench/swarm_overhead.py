@@ -30,7 +30,6 @@ import torch
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
 from bench.wirecount import SocketCounter, find_pids
 from node.inproc import InprocSwarm
-from node.client import StageClient
 from protocol.codec import encode, payload_nbytes
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import threading
-import time
 
 _SOCKET = re.compile(r"^\S+\s+\S+\s+\S+\s+(\S+)\s+(\S+)\s+users:\(.*pid=(\d+),")
 _COUNTERS = re.compile(r"bytes_acked:(\d+).*?bytes_received:(\d+)")

@@ -11,7 +11,7 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from node.client import RemoteError, StageClient
+from node.client import StageClient
 from node.dht import start_dht, visible_maddrs
 from node.metrics import NodeMetrics
 from node.runtime import SocketJanitor

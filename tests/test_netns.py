@@ -1,6 +1,5 @@
 """NetnsLab: shaped links are accurate and nothing outlives the lab."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -1,7 +1,5 @@
 """Robust replica averaging: CenteredClip on its own, then inside a real hivemind all-reduce where
 one of three replicas sends sign-flipped huge or NaN parameters."""
-import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest

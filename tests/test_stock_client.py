@@ -1,7 +1,6 @@
 """A stock hivemind client (examples/stock_client.py, hivemind's public API only, its own process)
 discovers a stage in the DHT and calls it; hostile inputs get clear refusals while the swarm trains."""
 import json
-import os
 import subprocess
 import sys
 import time
