@@ -110,9 +110,9 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
                         for r in range(per_stage)]
             for r in range(per_stage):
                 swarm.wait_for_line(f"trainer{r}", "training", 180)
-            before = [lab.link_bytes(i) for i in range(len(hosts) + 1)]
+            before, cpu_before = [lab.link_bytes(i) for i in range(len(hosts) + 1)], cpu_jiffies()
             _train_until(trainers, budget)
-            after = [lab.link_bytes(i) for i in range(len(hosts) + 1)]
+            after, cpu_after = [lab.link_bytes(i) for i in range(len(hosts) + 1)], cpu_jiffies()
         except RuntimeError as e:  # a node failed to start: report it, go on with the next run
             return {"error": str(e)[-2000:]}
         finally:
@@ -121,7 +121,17 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
     if not summaries:
         return {"error": "no trainer wrote a summary:\n" + tail(run_dir / "trainer0.log")}
     iface = {ids[name]: after[i] - before[i] for i, (name, _) in enumerate(hosts, 1)}
-    return {"summaries": summaries, "names": {v: k for k, v in ids.items()}, "iface": iface}
+    busy, total = (a - b for a, b in zip(cpu_after, cpu_before))
+    return {"summaries": summaries, "names": {v: k for k, v in ids.items()}, "iface": iface,
+            "cpu_busy": busy / total if total else 0.0}
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far (/proc/stat): a lab run whose cores were
+    nearly always busy was bound by them, whatever its links allowed."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def _train_until(trainers: list, budget: float) -> None:

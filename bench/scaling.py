@@ -116,9 +116,17 @@ def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float,
                                                                      size["batch"] * size["seq"]),
                lost_microbatches=sum(s["lost_microbatches"] for s in res["summaries"]),
                skipped_microbatches=sum(s["skipped_microbatches"] for s in res["summaries"]),
-               framing_overhead=measured_overhead, nodes=nodes,
+               framing_overhead=measured_overhead, nodes=nodes, cpu_busy=res["cpu_busy"],
+               **step_phases(summary, size["warmup"]),
                **row_figures(nodes, measured_overhead if overhead is None else overhead))
     return row
+
+
+def step_phases(summary: dict, warmup: int) -> dict:
+    """Mean seconds per steady step a trainer spent walking its microbatches' routes, and then until the
+    step was applied (ledger, prepare and step calls on every replica): where the time goes."""
+    phases = summary["step_phases"][warmup:] or summary["step_phases"]
+    return {f"{phase}_s": mean(p[phase] for p in phases) if phases else 0.0 for phase in ("route", "close")}
 
 
 def table(runs: list[dict]) -> str:
@@ -128,10 +136,12 @@ def table(runs: list[dict]) -> str:
              f"{f(r, 'busiest_node_bytes_per_token', '.1f')} ({r.get('busiest_node_role', '-')})",
              f(r, "middle_stage_bytes_per_token", ".1f"), f(r, "trainer_bytes_per_token", ".1f"),
              f"{f(r, 'middle_stage_iface_bytes_per_token', '.1f')} / {f(r, 'trainer_iface_bytes_per_token', '.1f')}",
-             f(r, "averaging_bytes_per_token", ".1f"), r.get("steps", 0), r.get("error", "")[:60]] for r in runs]
+             f(r, "averaging_bytes_per_token", ".1f"), f"{f(r, 'route_s', '.2f')} / {f(r, 'close_s', '.2f')}",
+             f"{100 * r.get('cpu_busy', 0.0):.0f}%",
+             r.get("steps", 0), r.get("error", "")[:60]] for r in runs]
     return markdown_table(["per stage", "avg every", "link Mbit/s", "tokens/s", "compute-bound", "link bound (codes)",
                            "busiest B/tok", "middle B/tok", "trainer B/tok", "iface middle / trainer B/tok",
-                           "averaging B/tok", "steps", "error"], rows)
+                           "averaging B/tok", "step s: route / close", "CPU busy", "steps", "error"], rows)
 
 
 def verdicts(runs: list[dict]) -> tuple[float | None, list[str]]:

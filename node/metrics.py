@@ -17,6 +17,8 @@ counters, no unit for ratios. Which role updates what:
     resbm_frame_bytes_total{direction}      both   every RPC message byte, training or not
     resbm_rpc_duration_seconds{method}      stage  server-side latency of forward / backward / loss / step
     resbm_call_duration_seconds{stage,method}  caller client-side latency of train calls to its next stage
+    resbm_step_phase_seconds{phase}         trainer time per step walking its microbatches' routes ("route")
+                                                   and handing in its ledger until the step is applied ("close")
     resbm_queue_depth                       stage  requests waiting for or in compute
     resbm_train_loss, resbm_val_loss        trainer (only nodes that compute a loss export one)
     resbm_replicas{stage}                   all    replicas per stage seen in the DHT
@@ -55,6 +57,9 @@ class NodeMetrics:
                                      ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.call_seconds = Histogram("resbm_call_duration_seconds", "Client-side time of calls to other stages",
                                       ["stage", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.step_phase_seconds = Histogram("resbm_step_phase_seconds", "Trainer time per step: its microbatches' "
+                                            "routes (route), then until the step is applied (close)", ["phase"],
+                                            buckets=LATENCY_BUCKETS, registry=r)
         self.wire_bytes = Counter("resbm_wire_bytes_total", "Whole RPC messages (tensors, metadata, framing) that "
                                   "crossed a stage boundary", ["boundary", "direction", "pass"], registry=r)
         self.code_bytes = Counter("resbm_code_bytes_total", "Codec bytes of codes, gradients and token ids in them",

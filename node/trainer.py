@@ -180,7 +180,9 @@ class Trainer:
         step = max(step, self.worker.applied_step + 1)
         m = self.run.train.microbatches
         slots = slots_for(self.peer_id, self.roster_for(step), m)
+        t0 = time.perf_counter()
         results = await asyncio.gather(*(self.microbatch(step, s) for s in slots))
+        t1 = time.perf_counter()
         ledger = TrainerLedger(self.peer_id, step, self.cfg.n_stages)
         losses = []
         for slot, result in zip(slots, results):
@@ -198,13 +200,16 @@ class Trainer:
             log.warning("step %d: the coordinator did not apply our %d microbatch(es)", step, len(ledger.routes))
         self.roster = tuple(outcome["roster"])
         await self.catch_up(outcome["closed"])
+        phases = {"route": t1 - t0, "close": time.perf_counter() - t1}  # our slots' walks; the step's closing
+        for phase, seconds in phases.items():
+            self.metrics.step_phase_seconds.labels(phase).observe(seconds)
         if self.peer_id not in self.roster:
             log.warning("step %d: not in the next roster; reporting again to get back in", step)
         loss = sum(losses) / len(losses) if losses else float("nan")
         if losses:
             self.metrics.train_loss.set(loss)
         return {"loss": loss, "slots": list(slots), "finished": len(losses), "closed": outcome["closed"] >= step,
-                "next_step": max(step, outcome["closed"] + 1), "outcome": outcome}
+                "next_step": max(step, outcome["closed"] + 1), "outcome": outcome, "phases": phases}
 
     async def catch_up(self, closed: int) -> None:
         """Our stage-0 replica missed steps up to `closed` (a coordinator that did not know us yet

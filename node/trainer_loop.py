@@ -22,7 +22,7 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
     """Train `args.steps` steps as one of the swarm's trainers; `server` is our stage-0 StageServer."""
     cfg, t = run.model, run.train
     bar = Progress(args.steps)
-    losses, val_curve, step_times = [], [], []
+    losses, val_curve, step_times, step_phases = [], [], [], []
     trainer = Trainer(server, ByteCorpus(args.data), p2p, stop=stop, barrier_s=args.barrier_timeout,
                       status=lambda text: bar.update(len(losses), {"status": text}, force=True))
     tokens_per_step = t.batch_size * cfg.seq_len
@@ -47,6 +47,7 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
             if not result["closed"]:  # nothing applied (the status line says why): not a step done
                 continue
             step_times.append(dt)
+            step_phases.append(result["phases"])
             losses.append(result["loss"])
             if args.eval_every and step % args.eval_every == 0:
                 val_curve.append((step, await trainer.evaluate()))
@@ -70,6 +71,7 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
                "tokens_per_s": tokens_per_step * len(step_times) / sum(step_times) if step_times else 0.0,
                "wall_s": time.perf_counter() - started, **await _figures(trainer, run),
                "loss_curve": losses, "val_curve": val_curve, "step_times": step_times,
+               "step_phases": step_phases,
                "stopped_by": stopped, "error": error}
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ def test_quick_scaling_json_is_complete_and_consistent(tmp_path):
         assert r["trainer_bytes_per_token"] <= r["middle_stage_bytes_per_token"]
         assert r["busiest_node_bytes_per_token"] >= r["middle_stage_bytes_per_token"]
         assert r["lost_microbatches"] == 0
+        assert r["route_s"] > 0 and r["close_s"] > 0 and 0 < r["cpu_busy"] <= 1  # where the step time went
         # every node of every stage answered, and its link (interface counters) carried at least its messages
         assert sorted(n["stage"] for n in r["nodes"]) == sorted(list(range(3)) * r["per_stage"])
         assert all(n["iface_bytes"] >= n["message_bytes"] > 0 for n in r["nodes"])
