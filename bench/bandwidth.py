@@ -84,9 +84,11 @@ def lab_hosts(n_stages: int, per_stage: int) -> list[tuple[str, int]]:
         [(f"stage{k}-{r}", k) for k in range(1, n_stages) for r in range(per_stage)]
 
 
-def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget: float, per_stage: int = 1) -> dict:
+def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget: float, per_stage: int = 1,
+                 node_args: tuple = ()) -> dict:
     """One swarm on the route, every node (bootstrap, `per_stage` trainers, `per_stage` replicas of every
-    later stage) in its own namespace; trains `steps` steps or until the time budget. Returns the trainers'
+    later stage) in its own namespace; trains `steps` steps or until the time budget; `node_args` go to
+    every join. Returns the trainers'
     summaries, each node's peer id and its link's bytes while training (`iface`), or `error`."""
     hosts = lab_hosts(run.model.n_stages, per_stage)
     run_dir = workdir / f"{run.run_id}-{rate:g}-{per_stage}"
@@ -101,12 +103,12 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
             for i, (name, stage) in enumerate(hosts, 1):
                 if stage:
                     swarm.start_stage(name, stage, peers, host=lab.hosts[i].ip, wrap=wrap(i),
-                                      extra=["--checkpoint-dir", ""])
+                                      extra=["--checkpoint-dir", "", *node_args])
             for name, stage in hosts:
                 if stage:
                     swarm.wait_for_line(name, "serving", 180)
             trainers = [swarm.start_trainer(r, peers, steps, host=lab.hosts[r + 1].ip, wrap=wrap(r + 1),
-                                            extra=["--eval-every", "0", "--checkpoint-dir", ""])
+                                            extra=["--eval-every", "0", "--checkpoint-dir", "", *node_args])
                         for r in range(per_stage)]
             for r in range(per_stage):
                 swarm.wait_for_line(f"trainer{r}", "training", 180)

@@ -100,13 +100,16 @@ def framing_overhead(nodes: list[dict]) -> float:
     return max(0.0, sum(n["iface_bytes"] for n in nodes) / msg - 1) if msg else 0.0
 
 
-def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float, overhead: float | None) -> dict:
+def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float, overhead: float | None,
+            announce_s: float = 5.0) -> dict:
     """One row: train in the lab, then turn the summary and the interface counters into figures."""
     run = run_config(size, every)
     row = {"per_stage": per_stage, "average_every": every, "link_mbit": size["rate"], "compute_bound_tokens_per_s":
-           limit, "predicted_link_bound_tokens_per_s": predicted_link_bound(run.model, size["rate"], per_stage)}
+           limit, "predicted_link_bound_tokens_per_s": predicted_link_bound(run.model, size["rate"], per_stage),
+           "announce_period_s": announce_s}
     row["bound"] = "compute" if row["predicted_link_bound_tokens_per_s"] > limit else "link"
-    res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage)
+    res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage,
+                       node_args=("--announce-period", str(announce_s)))
     if "error" in res or res["summaries"][0].get("error"):
         return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
     summary = res["summaries"][0]
@@ -182,6 +185,8 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="1 and 2 per stage, a few steps (~3 minutes)")
     g.add_argument("--scale", action="store_true", help="adds 3 per stage (10 namespaces; for more cores)")
+    p.add_argument("--announce-period", type=float, default=5.0, metavar="S",
+                   help="every node's `join --announce-period` (its DHT record store period; default 5)")
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/scaling.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
@@ -193,13 +198,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for per_stage, every in size["runs"]:
             print(f"[{per_stage} per stage, average_every {every}, {size['rate']:g} Mbit/s]", file=sys.stderr, flush=True)
-            runs.append(measure(size, per_stage, every, Path(args.keep or tmp), limit, overhead))
+            runs.append(measure(size, per_stage, every, Path(args.keep or tmp), limit, overhead, args.announce_period))
             if per_stage == 1 and "framing_overhead" in runs[-1]:
                 overhead = runs[-1]["framing_overhead"]  # no averaging with one replica: the baseline
     speedup, verdict = verdicts(runs)
     text = table(runs)
     print(f"\n{name}: d={size['d']}, {size['layers']} layers, {size['stages']} stages, ratio {size['ratio']}, "
-          f"batch {size['batch']}x{size['seq']} in {size['micro']} microbatches; tbf both ways, no latency "
+          f"batch {size['batch']}x{size['seq']} in {size['micro']} microbatches; records stored every "
+          f"{args.announce_period:g} s; tbf both ways, no latency "
           f"emulation; B/tok = bytes sent + received per token the node handled\n\n{text}\n\n" + "\n".join(verdict))
     png = args.png_out or str(Path(args.json_out).with_suffix(".png"))
     write_json(args.json_out, {"size": name, "config": size, "runs": runs, "speedup_2": speedup, "verdict": verdict,

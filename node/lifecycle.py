@@ -125,7 +125,7 @@ class Node:
         self.device = resolve_device(a.device)
         self.metrics = NodeMetrics().serve(a.metrics_port, a.metrics_host)
         self.metrics.set_nominal(self.run_cfg)
-        self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator())
+        self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator(), period_s=a.announce_period)
         print_own_addrs(self.dht, "node")
         # every node re-publishes the run config it verified: joiners find it after the bootstrap is gone
         self.config_task = asyncio.create_task(keep_config_alive(self.dht, self.run_cfg, RSASignatureValidator()))
