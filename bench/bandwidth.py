@@ -88,8 +88,8 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
                  node_args: tuple = ()) -> dict:
     """One swarm on the route, every node (bootstrap, `per_stage` trainers, `per_stage` replicas of every
     later stage) in its own namespace; trains `steps` steps or until the time budget; `node_args` go to
-    every join. Returns the trainers'
-    summaries, each node's peer id and its link's bytes while training (`iface`), or `error`."""
+    every join. Returns the trainers' summaries, each node's peer id, its link's bytes while training
+    (`iface`) and the machine's CPU busy share meanwhile (`cpu_busy`), or `error`."""
     hosts = lab_hosts(run.model.n_stages, per_stage)
     run_dir = workdir / f"{run.run_id}-{rate:g}-{per_stage}"
     run_dir.mkdir(parents=True)
