@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.netns import NetnsLab, measure_throughput_mbit, prepare
-from bench.plotting import line_plot, machine_info, markdown_table, write_json
+from bench.plotting import line_plot, machine_info, markdown_table, steady_tokens_per_s, write_json
 from node.args import identity_peer_id
 from node.local import Swarm, tail
 from swarm.config import ModelConfig, RunConfig, TrainConfig
@@ -152,11 +152,6 @@ def _train_until(trainers: list, budget: float) -> None:
             pass
 
 
-def steady(summary: dict, warmup: int, tokens_per_step: int) -> float:
-    times = summary["step_times"][warmup:] or summary["step_times"]
-    return tokens_per_step * len(times) / sum(times) if times else 0.0
-
-
 def parse_bench_args(p: argparse.ArgumentParser, argv, sizes: dict):
     """(args, size name, size); size None (after saying why) when no shaped lab can be built here."""
     args = p.parse_args(argv)
@@ -198,7 +193,7 @@ def result_row(variant: str, rate: float, run: RunConfig, size: dict, summary: d
         return {**row, "steps": 0, "tokens_per_s": 0.0, "wire_bytes_per_token_fwd": 0.0,
                 "wire_bytes_per_token_bwd": 0.0, "lost_microbatches": 0, "error": summary["error"]}
     return {**row, "steps": summary["steps_completed"],
-            "tokens_per_s": steady(summary, size["warmup"], size["batch"] * size["seq"]),
+            "tokens_per_s": steady_tokens_per_s(summary["step_times"], size["warmup"], size["batch"] * size["seq"]),
             **{k: summary[f"measured_{k}"] for k in ("wire_bytes_per_token_fwd", "wire_bytes_per_token_bwd",
                                                       "code_bytes_per_token_fwd", "code_bytes_per_token_bwd")},
             "lost_microbatches": summary["lost_microbatches"]}

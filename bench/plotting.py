@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmarks: markdown tables, JSON results, line-plot PNGs.
+"""Small helpers shared by the benchmarks: steady-state figures, markdown tables, JSON results,
+line-plot PNGs.
 
 Nothing here knows about any particular benchmark. matplotlib is imported lazily (Agg backend),
 so benchmarks that never draw do not need it.
@@ -20,6 +21,16 @@ def fmt(value, spec: str = ".4g", missing: str = "-") -> str:
     if isinstance(value, str):
         return value
     return format(value, spec)
+
+
+def steady_part(items: list, warmup: int) -> list:
+    """What a run measured after its warm-up steps (all of it, if it was no longer than that)."""
+    return items[warmup:] or items
+
+
+def steady_tokens_per_s(step_times: list[float], warmup: int, tokens_per_step: int) -> float:
+    times = steady_part(step_times, warmup)
+    return tokens_per_step * len(times) / sum(times) if times else 0.0
 
 
 def markdown_table(headers: list[str], rows: list[list], align: str | None = None) -> str:

@@ -25,8 +25,9 @@ import tempfile
 from pathlib import Path
 from statistics import mean
 
-from bench.bandwidth import compute_bound, parse_bench_args, steady, swarm_in_lab
-from bench.plotting import line_plot, machine_info, markdown_table, write_json
+from bench.bandwidth import compute_bound, parse_bench_args, swarm_in_lab
+from bench.plotting import line_plot, machine_info, markdown_table, steady_part, steady_tokens_per_s, write_json
+from node.args import positive_seconds
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.trainer import token_id_bytes, wire_stats
@@ -101,7 +102,7 @@ def framing_overhead(nodes: list[dict]) -> float:
 
 
 def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float, overhead: float | None,
-            announce_s: float = 5.0) -> dict:
+            announce_s: float) -> dict:
     """One row: train in the lab, then turn the summary and the interface counters into figures."""
     run = run_config(size, every)
     row = {"per_stage": per_stage, "average_every": every, "link_mbit": size["rate"], "compute_bound_tokens_per_s":
@@ -115,8 +116,8 @@ def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float,
     summary = res["summaries"][0]
     nodes = node_figures(res["summaries"], res["iface"])
     measured_overhead = framing_overhead(nodes)
-    row.update(steps=summary["steps_completed"], tokens_per_s=steady(summary, size["warmup"],
-                                                                     size["batch"] * size["seq"]),
+    tokens_per_s = steady_tokens_per_s(summary["step_times"], size["warmup"], size["batch"] * size["seq"])
+    row.update(steps=summary["steps_completed"], tokens_per_s=tokens_per_s,
                lost_microbatches=sum(s["lost_microbatches"] for s in res["summaries"]),
                skipped_microbatches=sum(s["skipped_microbatches"] for s in res["summaries"]),
                framing_overhead=measured_overhead, nodes=nodes, cpu_busy=res["cpu_busy"],
@@ -128,7 +129,7 @@ def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float,
 def step_phases(summary: dict, warmup: int) -> dict:
     """Mean seconds per steady step a trainer spent walking its microbatches' routes, and then until the
     step was applied (ledger, prepare and step calls on every replica): where the time goes."""
-    phases = summary["step_phases"][warmup:] or summary["step_phases"]
+    phases = steady_part(summary["step_phases"], warmup)
     return {f"{phase}_s": mean(p[phase] for p in phases) if phases else 0.0 for phase in ("route", "close")}
 
 
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="1 and 2 per stage, a few steps (~3 minutes)")
     g.add_argument("--scale", action="store_true", help="adds 3 per stage (10 namespaces; for more cores)")
-    p.add_argument("--announce-period", type=float, default=5.0, metavar="S",
+    p.add_argument("--announce-period", type=positive_seconds, default=5.0, metavar="S",
                    help="every node's `join --announce-period` (its DHT record store period; default 5)")
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/scaling.json")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.plotting import line_plot, machine_info, markdown_table, write_json
+from bench.plotting import line_plot, machine_info, markdown_table, steady_part, steady_tokens_per_s, write_json
 from bench.wirecount import SocketCounter, find_pids
 from node.inproc import InprocSwarm
 from protocol.codec import encode, payload_nbytes
@@ -47,11 +47,6 @@ def run_config(size: dict, stages: int) -> RunConfig:
     model = ModelConfig(d_model=size["d_model"], n_layers=size["n_layers"], n_heads=size["n_heads"],
                         seq_len=size["seq_len"], n_stages=stages, ratio=size["ratio"])
     return RunConfig(model=model, train=TrainConfig(batch_size=size["batch"], microbatches=size["micro"]))
-
-
-def steady_tokens_per_s(step_times: list[float], warmup: int, tokens_per_step: int) -> float:
-    steady = step_times[warmup:] or step_times
-    return tokens_per_step * len(steady) / sum(steady)
 
 
 def reference(run: RunConfig, steps: int, corpus) -> list[float]:
@@ -161,9 +156,10 @@ def main(argv=None) -> int:
     ref_tps = steady_tokens_per_s(ref_times, size["warmup"], tokens_per_step)
     swarm_tps = steady_tokens_per_s(swarm["step_times"], size["warmup"], tokens_per_step)
     hops_per_step = (args.stages - 1) * size["micro"]  # one nested `train` call (code out, gradient back) per boundary
-    rows = [["train-local (1 process)", f"{ref_tps:.0f}", "1.00", f"{statistics.median(ref_times[size['warmup']:] or ref_times):.3f}"],
+    rows = [["train-local (1 process)", f"{ref_tps:.0f}", "1.00",
+             f"{statistics.median(steady_part(ref_times, size['warmup'])):.3f}"],
             [f"local swarm ({args.stages} processes)", f"{swarm_tps:.0f}", f"{swarm_tps / ref_tps:.2f}",
-             f"{statistics.median(swarm['step_times'][size['warmup']:] or swarm['step_times']):.3f}"]]
+             f"{statistics.median(steady_part(swarm['step_times'], size['warmup'])):.3f}"]]
     table = markdown_table(["run", "tokens/s (steady)", "vs train-local", "median step s"], rows)
     hop_table = markdown_table(
         ["per-hop measure", "ms"],

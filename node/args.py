@@ -131,6 +131,17 @@ async def resolve_run_config(dht, run_id: str, config_path: str | None = None, t
 
 
 # --- where to connect, monitoring ------------------------------------------------------------------
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0 (a period of 0 would never wait)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def add_connect_args(p) -> None:
     g = p.add_argument_group("where to connect")
     g.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from node.args import add_connect_args, add_monitoring_args
+from node.args import add_connect_args, add_monitoring_args, positive_seconds
 
 
 def add_parser(sub) -> None:
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     add_monitoring_args(p)
     g = p.add_argument_group("advanced")
     g.add_argument("--save-every-min", type=float, default=10.0, help="checkpoint every N minutes (and on exit)")
-    g.add_argument("--announce-period", type=_positive_seconds, default=5.0, metavar="S",
+    g.add_argument("--announce-period", type=positive_seconds, default=5.0, metavar="S",
                    help="re-sign and store this node's stage record every S seconds; it expires after 3 S. Each "
                         "store costs the link ~1 KB per node that holds the key: on slow links a longer period "
                         "frees bandwidth for codes, while routers still drop a dead replica on its first failed call")
@@ -50,16 +50,6 @@ def add_parser(sub) -> None:
                    help="as step coordinator: wait this long for a live trainer's ledger before closing the step "
                         "without it (seconds)")
     p.set_defaults(func=main)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def _stage_arg(text: str):
