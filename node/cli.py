@@ -6,7 +6,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from node import bootstrap, export, join, local, status, train_local
+    from node import bootstrap, export, join, local, monitor, status, train_local
     from node.args import identity_peer_id
     p = argparse.ArgumentParser(prog="resbm-node", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_parser(sub)
     local.add_parser(sub)
     status.add_parser(sub)
+    monitor.add_parser(sub)
     export.add_parsers(sub)
     ident = sub.add_parser("identity", help="print the peer id of an identity file (created if missing)",
                            description="Create or read a libp2p identity file and print its peer id, e.g. to "

@@ -175,11 +175,12 @@ def start_dht_from_args(run_id: str, a) -> DHT:
 def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
               announce: list[str] | None = None, reachability: str = "off",
               relays=(), relay_caps: RelayCaps = RelayCaps(), rsa_key: RSAPrivateKey | None = None,
-              startup_timeout: float = 20.0) -> DHT:
+              startup_timeout: float = 20.0, client_mode: bool = False) -> DHT:
     """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" picks off, public or private
     from this node's addresses (guess_reachability); "private" is relayed through `relays` (by default
     the initial peers); "off" (the default for library callers and tests) keeps every NAT helper off.
-    The chosen mode is `dht.reachability`."""
+    The chosen mode is `dht.reachability`. `client_mode`: read and write, but answer no DHT request
+    (others keep this peer out of their routing tables), as a watcher such as `monitor` should."""
     peers = parse_initial_peers(initial_peers)
     check_port_free(host, port)
     if identity:
@@ -189,6 +190,7 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
     if mode == "auto":
         mode = guess_reachability(host, peers, announce)
     kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [], relay_caps)
+    kwargs["client_mode"] = kwargs.get("client_mode", False) or client_mode
     try:
         dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators,
                        host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,

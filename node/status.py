@@ -1,5 +1,5 @@
 """`resbm-node status`: what the DHT says about a swarm: stages x replicas (stage 0's replicas are
-the trainers, the lowest id the step coordinator), throughput, queue, record age and version;
+the trainers), throughput, queue, record age and version;
 stages with no replica, stage 0 included, are flagged. `--watch` refreshes, `--json` is for
 scripts (one JSON document; with --watch, one per line)."""
 from __future__ import annotations
@@ -23,18 +23,24 @@ def add_parser(sub) -> None:
     p = sub.add_parser("status", help="show the swarm's stages and replicas as the DHT sees them",
                        description="Join the DHT briefly (serving no stage), read the run config and "
                                    "the signed stage records, and print a table of stages x replicas.")
-    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
-                   help="multiaddrs of running peers, e.g. the bootstrap's /ip4/.../tcp/.../p2p/...")
-    p.add_argument("--run-id", default=None,
-                   help=f"run to inspect (default: whichever of {', '.join(DEFAULT_RUN_IDS)} exists; "
-                        f"`resbm-node local` uses resbm-local, bootstrap/join resbm)")
+    add_reader_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until interrupted")
-    p.add_argument("--host", default="127.0.0.1", help="address this short-lived peer listens on")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the run config record")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=main)
+
+
+def add_reader_args(p) -> None:
+    """Flags of a peer that only reads the swarm's records (status, monitor)."""
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
+                   help="multiaddrs of running peers, e.g. the bootstrap's /ip4/.../tcp/.../p2p/... "
+                        "(any live peer's address will do)")
+    p.add_argument("--run-id", default=None,
+                   help=f"run to inspect (default: whichever of {', '.join(DEFAULT_RUN_IDS)} exists; "
+                        f"`resbm-node local` uses resbm-local, bootstrap/join resbm)")
+    p.add_argument("--host", default="127.0.0.1", help="address this reading peer listens on")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the run config record")
 
 
 # --- reading the DHT ---------------------------------------------------------------------------
@@ -98,8 +104,10 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     for _, subkey, item in items:
         rec, why = _classify(subkey, item.value, now, fingerprint, version if version is not None else PROTOCOL_VERSION)
         if rec is None or why:
-            ignored.append({"peer_id": rec["peer_id"] if rec else None, "stage": rec["stage"] if rec else None,
-                            "reason": why or "malformed", "state": rec["state"] if rec else None})
+            rec = rec or {}
+            ignored.append({"peer_id": rec.get("peer_id"), "stage": rec.get("stage"), "reason": why or "malformed",
+                            "state": rec.get("state"), "fingerprint": rec.get("fingerprint"),
+                            "version": rec.get("version")})
             continue
         if rec["peer_id"] in live and live[rec["peer_id"]]["updated"] >= rec["updated"]:
             continue
@@ -113,14 +121,13 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
         stages.append({
             "stage": k, "role": role, "missing": not reps,
             "replicas": [{
-                # the step coordinator is the lowest live trainer id (swarm/coordination.py)
-                "peer_id": r["peer_id"], "role": "coordinator" if k == 0 and i == 0 else role,
+                "peer_id": r["peer_id"], "role": role,
                 "throughput": r["throughput"],
                 "tokens_per_s": r["throughput"] * tokens_per_microbatch if tokens_per_microbatch else None,
                 "queue": r["queue"], "age_s": r["age_s"], "version": r["version"], "step": r["step"], "state": r["state"],
                 "fingerprint": r["fingerprint"], "uptime_s": round(max(0.0, now - r["started"]), 1),
                 "relayed": r["relayed"],
-            } for i, r in enumerate(reps)],
+            } for r in reps],
         })
     missing = [s["stage"] for s in stages if s["missing"]]
     return {"run_id": run_id, "fingerprint": fingerprint, "version": version, "n_stages": n_stages,
