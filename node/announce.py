@@ -162,13 +162,10 @@ async def fetch_config(dht: DHT, run_id: str) -> dict | None:
 
 
 async def watch_swarm(dht: DHT, run, server, period_s: float = 5.0) -> None:
-    """Keep the server's view of the swarm fresh: the highest step any replica announces (open swarms
-    refuse steps far past it) and which peers are joining its stage (they get state first)."""
+    """Keep the server's view of the swarm fresh: which peers are joining its stage (they get state first)."""
     while True:
         try:
             records = await read_stage_records(dht, run, include_idle=True, fresh=False)
-            steps = [r["step"] for recs in records.values() for r in recs]
-            server.swarm_step = max(steps) if steps else None
             server.admission.joining = {r["peer_id"] for r in records.get(server.index, [])
                                         if r["state"] in ("joining", "loading")}
         except Exception as e:

@@ -1,8 +1,6 @@
-"""Replicas of one stage train one model: every `average_every` steps they average parameters
-through hivemind's DecentralizedAverager (butterfly all-reduce among the replicas found in the DHT).
-
-Averaging runs inside the step barrier (the step coordinator waits for every replica's step reply), so no
-forward or backward uses parameters while they are being replaced.
+"""Replicas of one stage train one model: every `average_every` local steps each replica averages
+parameters with the others through hivemind's DecentralizedAverager (butterfly all-reduce among the
+replicas found in the DHT), in the background: training never waits for a round (ReplicaAverager).
 
 Robustness: hivemind 1.1.12 has no CenteredClip, so `RobustAverager` swaps the plain weighted
 mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
@@ -160,70 +158,92 @@ def _cancel(control) -> None:
 
 
 class ReplicaAverager:
-    def __init__(self, dht: DHT, run_id: str, stage: int, module: torch.nn.Module, every: int,
-                 count_replicas, metrics, matchmaking_s: float = 1.0, timeout_s: float = 8.0,
-                 tau: float | None = None, iters: int = DEFAULT_ITERS):
-        self.module, self.every, self.count_replicas, self.metrics = module, every, count_replicas, metrics
+    """Background averaging of one replica's parameters with the other replicas of its stage.
+
+    Every `every` local steps a round starts in the background: the parameters are snapshotted
+    between two microbatches, the all-reduce runs in its own thread while training goes on, and
+    the result is applied as a delta (averaged - snapshot), so the updates this replica made during
+    the round are kept. A round that finds no partner or fails costs that round, nothing else."""
+
+    def __init__(self, dht: DHT, run_id: str, stage: int, worker, every: int, count_replicas, metrics,
+                 matchmaking_s: float = 1.0, timeout_s: float = 8.0, tau: float | None = None,
+                 iters: int = DEFAULT_ITERS):
+        self.worker, self.every, self.count_replicas, self.metrics = worker, every, count_replicas, metrics
         self.timeout_s = timeout_s
-        self.closing, self._control = False, None
-        self.matchmaking_timeout_s = 3 * matchmaking_s
+        self.closing, self._control, self._round = False, None, None
+        # replicas reach their round at slightly different moments (they step on their own): a
+        # background round may wait for partners much longer than the matchmaking time
+        self.gather_s = 10 * matchmaking_s
         self.tau = tau if tau is not None else DEFAULT_TAU
-        self.params = [p for p in module.parameters()]
         self.averager = RobustAverager(
-            [p.detach().cpu().clone() for p in self.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
+            [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
             tau=self.tau, iters=iters, min_group_size=2, min_matchmaking_time=matchmaking_s,
             request_timeout=0.8 * matchmaking_s, allreduce_timeout=timeout_s,
             sender_timeout=timeout_s / 4, reducer_timeout=timeout_s / 2,
             allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)
 
-    async def maybe_average(self, step: int, group: int | None = None) -> bool | None:
-        """Average after step `step` when it is due and another replica exists; None if not due.
-        `group`: how many replicas of this stage the step coordinator is stepping now (fresher than the DHT)."""
-        if not self.every or (step + 1) % self.every:
-            return None
-        n = group if group is not None else await self.count_replicas()
+    def after_step(self, step: int, in_worker) -> None:
+        """Called after each local step (on the event loop); `in_worker(fn)` runs fn between two
+        microbatches of the worker. Starts a background round when one is due and none is running."""
+        if not self.every or (step + 1) % self.every or self.closing:
+            return
+        if self._round is not None and not self._round.done():
+            log.info("averaging due after step %d, but the last round is still running: skipped", step)
+            return
+        self._round = asyncio.create_task(self.average(step, in_worker))
+
+    async def average(self, step: int, in_worker) -> bool | None:
+        """One round: None if no other replica exists, else whether it succeeded."""
+        n = await self.count_replicas()
         if n < 2:
             return None
-        ok = await asyncio.get_running_loop().run_in_executor(None, self._average)
+        snapshot = await in_worker(self._snapshot)
+        result = await asyncio.get_running_loop().run_in_executor(None, self._all_reduce)
+        ok = result is not None and await in_worker(lambda: self._apply(snapshot, len(result)))
         (self.metrics.avg_rounds if ok else self.metrics.avg_failures).inc()
         if not ok:
             log.warning("averaging after step %d with %d replicas failed; continuing with local parameters", step, n)
         return ok
 
-    def _average(self) -> bool:
+    def _snapshot(self) -> list[torch.Tensor]:
+        snapshot = [p.detach().cpu().clone() for p in self.worker.params]
         with torch.no_grad(), self.averager.get_tensors() as shared:
-            for dst, p in zip(shared, self.params):
-                dst.copy_(p.detach().cpu())
+            for dst, src in zip(shared, snapshot):
+                dst.copy_(src)
+        return snapshot
+
+    def _all_reduce(self):
+        """The all-reduce, in its own thread; the gathered group or None."""
         if self.closing:
-            return False
+            return None
         control = self._control = None
         try:
-            # the timeout bounds group *finding*: the coordinator said who is stepping, so a partner that died
-            # meanwhile is given up on quickly (transfers have their own allreduce timeouts); the wait
-            # for the result is bounded too, so a shutdown mid-round cannot leave this thread (and the
-            # process's exit) waiting forever on a helper that is gone
-            control = self._control = self.averager.step(timeout=self.matchmaking_timeout_s, allow_retries=False,
-                                                         wait=False)
-            result = control.result(timeout=self.matchmaking_timeout_s + self.timeout_s + 2.0)
+            # the wait for the result is bounded, so a shutdown mid-round cannot leave this thread
+            # (and the process's exit) waiting forever on a helper that is gone
+            control = self._control = self.averager.step(timeout=self.gather_s, allow_retries=True, wait=False)
+            return control.result(timeout=self.gather_s + self.timeout_s + 2.0)
         except Exception as e:
             _cancel(control)
             log.warning("averaging error: %s", str(e) or type(e).__name__)
-            return False
-        if result is None:
-            return False
+            return None
+
+    def _apply(self, snapshot: list[torch.Tensor], group: int) -> bool:
+        """Move each parameter by (averaged - snapshot): the round's correction, on top of whatever
+        this replica learned while the round ran."""
         with torch.no_grad(), self.averager.get_tensors() as shared:
             if not all(torch.isfinite(src).all() for src in shared):  # cannot happen (bounded_update); belt and braces
                 log.warning("averaging produced non-finite parameters; keeping local ones")
                 return False
-            change = 0.0
-            for p, src in zip(self.params, shared):
-                change = max(change, float((src - p.detach().cpu()).abs().max())) if p.numel() else change
-                p.copy_(src.to(p.device))
-        self.metrics.avg_group_size.set(len(result))
+            deltas = [(src - snap) for src, snap in zip(shared, snapshot)]
+        change = max((float(d.abs().max()) for d in deltas if d.numel()), default=0.0)
+        self.worker.change_weights(lambda params: [p.add_(d.to(p.device)) for p, d in zip(params, deltas)])
+        self.metrics.avg_group_size.set(group)
         self.metrics.avg_change.set(change if math.isfinite(change) else 0.0)
         return True
 
     def shutdown(self) -> None:
         self.closing = True
         _cancel(self._control)  # a round in flight: let its waiting thread go now
+        if self._round is not None:
+            self._round.cancel()
         self.averager.shutdown()

@@ -113,12 +113,13 @@ class StageClient:
             reply = {**meta, **check_fields(spec.reply_fields, meta)}
             tensors = tensors_from_proto(response.tensors, meta.get("tensors", []), spec.tensor_names(reply=True))
             shape = next((t["shape"] for n, t in sent_tensors.items() if n not in INT_TENSORS), None)
+            reply["decoded"] = {}  # checked once here; callers use these instead of decoding again
             for name, msg in tensors.items():
                 t = decode(msg, expect_codec=self.codecs.get(name), width=self.run.model.code_width,
                            max_elems=math.prod(shape) if shape else 0)
                 if shape is not None and list(t.shape) != list(shape):
                     raise PayloadError("shape", f"{name} has shape {list(t.shape)}, expected {list(shape)}")
-                reply[name] = msg
+                reply[name], reply["decoded"][name] = msg, t
             if method == "train" and not sent_fields.get("eval") and "grad_in" not in reply:
                 raise PayloadError("malformed", "a training reply must carry grad_in")
         except PayloadError as e:

@@ -2,6 +2,7 @@
 own p2pd) and real libp2p streams between them, but the workers are Python objects one can inspect."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from hivemind.dht.crypto import RSASignatureValidator
@@ -11,18 +12,19 @@ from node.dht import start_dht, visible_maddrs
 from node.metrics import NodeMetrics
 from node.runtime import SocketJanitor
 from node.stage_server import StageServer, measure_throughput
-from node.trainer import Trainer
+from node.trainer import Trainer, TrainerSettings
 from swarm.stage_worker import StageWorker
 
 
 class InprocSwarm:
-    """`replicas[k]` replicas of every stage k >= 1 and `trainers` stage-0 replicas, each a Trainer."""
+    """`replicas[k]` replicas of every stage k >= 1 and `trainers` stage-0 replicas, each a Trainer;
+    trainer i reads data stream i (trainer 0: train-local's data)."""
 
     def __init__(self, run, corpus, replicas: dict[int, int] | None = None, averaging: bool = False,
-                 trainers: int = 1, barrier_s: float = 10.0):
+                 trainers: int = 1, settings: TrainerSettings = TrainerSettings(sync=True)):
         self.run, self.corpus = run, corpus
         self.replicas = {0: trainers, **(replicas or {})}
-        self.averaging, self.barrier_s = averaging, barrier_s
+        self.averaging, self.settings = averaging, settings
         self.dhts, self.p2ps, self.averagers = [], [], []
         self.servers: dict[int, list[StageServer]] = {}
         self.trainers: list[Trainer] = []
@@ -37,11 +39,11 @@ class InprocSwarm:
         assert await publish_config(boot, run.run_id, run.wire_dict(), run.fingerprint, validator)
         for k in range(run.model.n_stages):
             self.servers[k] = [await self._serve(k, validator) for _ in range(self.replicas.get(k, 1))]
-        for server in self.servers[0]:
-            self.trainers.append(Trainer(server, self.corpus, server.next_hop.client.p2p, min_route_timeout_s=30,
-                                         barrier_s=self.barrier_s))
+        for i, server in enumerate(self.servers[0]):
+            self.trainers.append(Trainer(server, self.corpus, server.next_hop.client.p2p, settings=self.settings,
+                                         stream=i))
         for trainer in self.trainers:
-            await trainer.wait_for_stages(60)
+            await asyncio.wait_for(trainer.wait_for_stages(), 60)
         return self
 
     async def _serve(self, k: int, validator) -> StageServer:
@@ -58,7 +60,7 @@ class InprocSwarm:
 
             async def count(n=n):
                 return n
-            averager = ReplicaAverager(dht, run.run_id, k, worker.stage, run.train.average_every, count, NodeMetrics())
+            averager = ReplicaAverager(dht, run.run_id, k, worker, run.train.average_every, count, NodeMetrics())
             self.averagers.append(averager)
         server = StageServer(worker, NodeMetrics(), str(dht.peer_id), averager, dht=dht, p2p=p2p)
         if k:
@@ -68,10 +70,15 @@ class InprocSwarm:
         assert await ann.publish(k, run.fingerprint, server.throughput, 0, -1, ttl=300)
         return server
 
-    async def train_step(self, step: int) -> list[dict]:
-        """One step driven by every trainer at once."""
-        import asyncio
-        return list(await asyncio.gather(*(t.train_step(step) for t in self.trainers)))
+    async def train(self, steps: int) -> list[list]:
+        """Every trainer feeds until its stage 0 applied `steps` more updates; their StepDone lists."""
+        async def one(trainer):
+            trainer.start()
+            try:
+                return [await trainer.next_step() for _ in range(steps)]
+            finally:
+                await trainer.close()
+        return list(await asyncio.gather(*(one(t) for t in self.trainers)))
 
     async def load_joiner(self, worker) -> str:
         """A newcomer's state load (node/state_sync.initial_state) from its own DHT peer; says from where."""

@@ -46,9 +46,11 @@ def add_parser(sub) -> None:
     g.add_argument("--json-out", default=None, help="write the run summary JSON here")
     g.add_argument("--stall-timeout", type=float, default=600.0,
                    help="give up after a stage has had no replica at all this long (seconds)")
-    g.add_argument("--barrier-timeout", type=float, default=10.0,
-                   help="as step coordinator: wait this long for a live trainer's ledger before closing the step "
-                        "without it (seconds)")
+    g.add_argument("--window", type=int, default=0, metavar="N",
+                   help="microbatches this trainer keeps in flight, across step boundaries (0: one step's worth)")
+    g.add_argument("--sync", action="store_true",
+                   help="start no microbatch of the next step before this step's are in: nothing is ever stale, "
+                        "and with one replica per stage a step equals train-local's (slower: the pipeline drains)")
     p.set_defaults(func=main)
 
 
@@ -82,7 +84,7 @@ def main(args) -> int:
 
 # --- putting a stage on the network (one small function per call, to swap with the transport) ------
 def make_server(worker, metrics, peer_id: str, averager, dht, p2p):
-    """The stage's request handler (a trainer's serves the step calls, its state and ledgers)."""
+    """The stage's request handler (a trainer's serves only its state, to joining trainers)."""
     from node.stage_server import StageServer
     return StageServer(worker, metrics, peer_id, averager, dht=dht, p2p=p2p)
 

@@ -172,7 +172,7 @@ class Node:
 
         async def count_replicas():
             return len((await read_stage_records(self.dht, run)).get(stage, []))
-        return ReplicaAverager(self.dht, run.run_id, stage, worker.stage, run.train.average_every, count_replicas,
+        return ReplicaAverager(self.dht, run.run_id, stage, worker, run.train.average_every, count_replicas,
                                self.metrics, tau=default_tau(run.train.lr, run.train.average_every))
 
     # --- serving ---------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class Node:
         from node.join import run_trainer, start_serving
         from node.state_sync import periodic_checkpoints
         t = self.turn
-        await start_serving(self.p2p, t.server, measure=False)  # step calls, state, ledgers
+        await start_serving(self.p2p, t.server, measure=False)  # its state, for joining trainers
         self.enter(NodeState.SERVING, "training")
         t.tasks.append(asyncio.create_task(self.announcer.run(0, self.run_cfg.fingerprint, t.server)))
         t.tasks.append(asyncio.create_task(watch_swarm(self.dht, self.run_cfg, t.server)))

@@ -14,7 +14,6 @@ from pathlib import Path
 from node.args import add_run_args, identity_peer_id, run_config_from_args, save_config_file
 from node.lifeline import parent_death_preexec
 from swarm.config import LOCAL_RUN_ID
-from swarm.coordination import mark_coordinator
 
 
 def add_parser(sub) -> None:
@@ -225,11 +224,13 @@ def _summarize(args, run_dir: Path, swarm: Swarm, code: int, metrics_ports: dict
     # a trainer that finished first may have left before trainer 0 asked it: its own entry is exact
     own = {t["peer_id"]: next((n for n in t["nodes"] if n["peer_id"] == t["peer_id"]), None) for t in summaries}
     listed = {n["peer_id"] for n in summary["nodes"]}
-    summary["nodes"] = mark_coordinator([{**n, **own[n["peer_id"]]} if own.get(n["peer_id"]) else n
-                                         for n in summary["nodes"]] + [n for p, n in own.items() if n and p not in listed])
+    summary["nodes"] = [{**n, **own[n["peer_id"]]} if own.get(n["peer_id"]) else n
+                        for n in summary["nodes"]] + [n for p, n in own.items() if n and p not in listed]
     summary.update(command="local", replicas=args.replicas, trainers=[
         {k: s.get(k) for k in ("peer_id", "steps_completed", "train_loss_last", "tokens_per_s", "skipped_microbatches",
-                               "unapplied_microbatches", "lost_microbatches", "coordinator")} for s in summaries])
+                               "recomputed_microbatches")} for s in summaries])
+    # trainers feed in parallel, none waits for another: the swarm's rate is the sum of theirs
+    summary["swarm_tokens_per_s"] = sum(s.get("tokens_per_s") or 0.0 for s in summaries)
     summary["run_dir"] = str(run_dir)
     summary["exit_codes"] = {name: proc.returncode for name, proc, _ in swarm.procs}
     summary["pids"] = {name: proc.pid for name, proc, _ in swarm.procs}  # each one leads its own session
@@ -239,7 +240,7 @@ def _summarize(args, run_dir: Path, swarm: Swarm, code: int, metrics_ports: dict
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(summary, indent=1))
     print(f"summary: {summary['steps_completed']} steps, loss {summary['train_loss_first']} -> "
-          f"{summary['train_loss_last']}, val {summary['val_loss']}, {summary['tokens_per_s']:.0f} tokens/s, "
+          f"{summary['train_loss_last']}, val {summary['val_loss']}, {summary['swarm_tokens_per_s']:.0f} tokens/s (all trainers), "
           f"{summary['measured_wire_bytes_per_token_fwd']:.2f} B/token/hop fwd "
           f"({summary['measured_compression_vs_bf16']:.0f}x vs bf16 at width d)", file=sys.stderr)
     return code

@@ -15,10 +15,11 @@ counters, no unit for ratios. Which role updates what:
     resbm_compression_ratio{boundary}       both   full-width / wire bytes per boundary, measured (lifetime)
     resbm_nominal_compression_ratio{codec,code_width}  both  what the run config promises: 2d / codec bytes per token
     resbm_frame_bytes_total{direction}      both   every RPC message byte, training or not
-    resbm_rpc_duration_seconds{method}      stage  server-side latency of forward / backward / loss / step
+    resbm_rpc_duration_seconds{method}      stage  server-side latency of forward / train / state
     resbm_call_duration_seconds{stage,method}  caller client-side latency of train calls to its next stage
-    resbm_step_phase_seconds{phase}         trainer time per step walking its microbatches' routes ("route")
-                                                   and handing in its ledger until the step is applied ("close")
+    resbm_staleness_updates                 both   updates this replica applied between a microbatch's forward
+                                                   and its backward here (0: exact; >0: recomputed forward)
+    resbm_skipped_microbatches_total        trainer microbatches no route finished (applied on no stage 0)
     resbm_queue_depth                       stage  requests waiting for or in compute
     resbm_train_loss, resbm_val_loss        trainer (only nodes that compute a loss export one)
     resbm_replicas{stage}                   all    replicas per stage seen in the DHT
@@ -57,9 +58,10 @@ class NodeMetrics:
                                      ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.call_seconds = Histogram("resbm_call_duration_seconds", "Client-side time of calls to other stages",
                                       ["stage", "method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.step_phase_seconds = Histogram("resbm_step_phase_seconds", "Trainer time per step: its microbatches' "
-                                            "routes (route), then until the step is applied (close)", ["phase"],
-                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.staleness = Histogram("resbm_staleness_updates", "Updates applied here between a microbatch's "
+                                   "forward and its backward", buckets=(0, 1, 2, 4, 8, 16), registry=r)
+        self.skipped = Counter("resbm_skipped_microbatches_total", "Microbatches no route finished (trainers)",
+                               registry=r)
         self.wire_bytes = Counter("resbm_wire_bytes_total", "Whole RPC messages (tensors, metadata, framing) that "
                                   "crossed a stage boundary", ["boundary", "direction", "pass"], registry=r)
         self.code_bytes = Counter("resbm_code_bytes_total", "Codec bytes of codes, gradients and token ids in them",
@@ -74,7 +76,7 @@ class NodeMetrics:
         self.nominal_compression = Gauge("resbm_nominal_compression_ratio", "What the run config promises: "
                                          "2 d / codec bytes per token", ["codec", "code_width"], registry=r)
         self.train_loss = self.val_loss = None  # only nodes that compute a loss export one (enable_loss)
-        self.step = Gauge("resbm_optimizer_step", "Last optimizer step applied", registry=r)
+        self.step = Gauge("resbm_optimizer_step", "Last optimizer step applied by this replica", registry=r)
         self.steps = Counter("resbm_optimizer_steps_total", "Optimizer steps applied", registry=r)
         self.queue = Gauge("resbm_queue_depth", "Requests waiting for or in compute", registry=r)
         self.replicas = Gauge("resbm_replicas", "Replicas seen per stage (from DHT records)", ["stage"], registry=r)
@@ -90,8 +92,6 @@ class NodeMetrics:
                                 registry=r)
         self.peer_bans = Counter("resbm_peer_bans_total", "Peers refused for a while after repeated bad requests",
                                  registry=r)
-        self.dropped_grads = Counter("resbm_discarded_gradients_total",
-                                     "Accumulated gradients discarded because their step was abandoned", registry=r)
         self._server = None
 
     def enable_loss(self) -> "NodeMetrics":

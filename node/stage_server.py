@@ -31,16 +31,10 @@ from node.admission import Admission
 from node.client import RemoteError
 from node.route import NextHop, NoRoute
 from swarm.deadlines import Deadline
-from swarm.ledger import LedgerError, MicroKey, TrainerLedger, pack_plan, unpack_plan
-from swarm.stage_worker import StageWorker, StaleRequest
+from swarm.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
-# only trainers call these on a stage-0 replica (coordinators: prepare, step; everyone: ledger), so a
-# trainer learns of another from its calls as well as from the DHT, where a trainer that started a
-# moment after our last read is not yet
-TRAINER_CALLS = ("prepare", "step", "ledger")
 STREAM_PART = 1 << 20  # bytes per part of a streamed reply
-MAX_STEPS_AHEAD = 64   # open swarms: how far past the swarm's step (from DHT records) a call may be
 NOT_THE_PEERS_FAULT = ("busy", "deadline", "unavailable")  # refusals that earn the caller no strike
 
 class BadPeerTracker:
@@ -93,16 +87,11 @@ class StageServer(ServicerBase):
     """One stage's servicer. Register with `await server.add_p2p_handlers(p2p)` (in-process: no forked
     handler, no TaskPool merging microbatches, no recompute of forward on backward)."""
 
-    def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, dht=None, p2p=None,
-                 coordinator=None):
+    def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, dht=None, p2p=None):
         self.worker, self.metrics, self.peer_id = worker, metrics, peer_id
         self.run = worker.run
-        # a trainer (stage 0) takes no codes; it serves the step calls, its state and, as a possible
-        # step coordinator, the other trainers' ledgers
-        self.methods = ("prepare", "step", "state", "ledger") if worker.index == 0 else \
-            ("forward", "train", "prepare", "step", "state")
-        self.coordinator = coordinator
-        self.heard_trainer = None  # a trainer's callback: another trainer called us (node/trainer.py)
+        # a trainer (stage 0) takes no codes: it serves only its state (to joining trainers)
+        self.methods = ("state",) if worker.index == 0 else ("forward", "train", "state")
         self.cfg = worker.run.model
         self.index = worker.index
         self.uid = stage_key(self.run.run_id, self.index)  # also its DHT key
@@ -113,14 +102,12 @@ class StageServer(ServicerBase):
         self.averager = averager
         self.inflight = 0
         self.compute = RateMeter()
-        self._discards_seen = 0
         self.bytes = {"sent": 0, "received": 0}
         self.state_bytes = {"sent": 0, "received": 0}
         self.payload = {"sent": 0, "received": 0}
         self.requests = 0
         self.bad_peers = BadPeerTracker()
         self.admission = Admission(self.run.train.trainers, per_peer=2 * self.run.train.microbatches + 4)
-        self.swarm_step: int | None = None  # highest step any replica announces (node/announce.watch_swarm)
         self.tokens_done = 0
         # our next hop (stage index + 1) and the records that say who may call us (stage index - 1)
         self.next_hop = NextHop(self.index + 1, self.run, dht, p2p, metrics, self.count_message) \
@@ -196,15 +183,6 @@ class StageServer(ServicerBase):
         async for part in self._serve_stream("train", requests, context):
             yield part
 
-    async def rpc_ledger(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("ledger", request, context)
-
-    async def rpc_prepare(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("prepare", request, context)
-
-    async def rpc_step(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("step", request, context)
-
     async def rpc_state(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return await self._serve("state", request, context)
 
@@ -225,9 +203,6 @@ class StageServer(ServicerBase):
             method = self._method(name, stock)
             fields, tensors = self._parse(method, request, stock)
             await self._authorize(method, fields, peer)
-            self._check_step(fields)
-            if name in TRAINER_CALLS and self.heard_trainer is not None:
-                self.heard_trainer(str(peer))
             with self.admission.slot(name, str(peer)):
                 reply_fields, reply_tensors = await getattr(self, f"_on_{name}")(fields, tensors, str(peer))
             protos, index = tensors_to_proto(reply_tensors, runtime_pb2)
@@ -238,8 +213,6 @@ class StageServer(ServicerBase):
         except PayloadError as e:
             self.rejected(e, peer)
             return self._refuse(e.reason, e.detail, stock)
-        except StaleRequest as e:
-            return self._refuse("state", str(e), stock)
         except Exception as e:  # our bug, not the peer's: report it, keep serving
             log.exception("stage %d failed on %s", self.index, name)
             return self._refuse("internal", f"{type(e).__name__}: {e}", stock)
@@ -311,10 +284,6 @@ class StageServer(ServicerBase):
         return fields, tensors_from_proto(request.tensors, meta.get("tensors", []), method.tensor_names())
 
     async def _authorize(self, method, fields: dict, peer) -> None:
-        trainers = self.run.train.trainers
-        if trainers and method.trainer_only and str(peer) not in trainers:
-            raise PayloadError("forbidden", f"only this run's trainers may call {method.name!r}; your peer id "
-                                            f"{peer} is not among them")
         if method.name == "train" and not fields["eval"]:
             await self._authorize_train(fields, str(peer))
 
@@ -337,15 +306,6 @@ class StageServer(ServicerBase):
                                                   f"right now")
             if peer not in upstream():
                 raise PayloadError("forbidden", f"peer {peer} is not a replica of stage {self.index - 1} in the DHT")
-
-    def _check_step(self, fields: dict) -> None:
-        """Where the run lists no trainers, nobody may move this stage far ahead of the swarm: a step
-        far past every replica's announced step (and ours) is refused, not adopted."""
-        if self.run.train.trainers or "step" not in fields or fields.get("eval", True):
-            return
-        known = max(self.worker.applied_step, -1 if self.swarm_step is None else self.swarm_step)
-        if fields["step"] > known + MAX_STEPS_AHEAD:
-            raise PayloadError("state", f"step {fields['step']} is far ahead of the swarm (at step {known}); refused")
 
     # --- tensors -------------------------------------------------------------------------------
     def _code(self, tensors: dict, key: str, codec: str | None, shape=None) -> torch.Tensor:
@@ -376,13 +336,17 @@ class StageServer(ServicerBase):
         return codec if not fields.get("stock") or codec in ("fp32", "bf16", "fp16") else "bf16"
 
     async def _compute(self, fn, *args):
-        result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        # the worker drops gradients that no plan lists (a dead trainer's, an abandoned route's)
-        fresh = self.worker.discarded - self._discards_seen
-        if fresh:
-            self.metrics.dropped_grads.inc(fresh)
-            self._discards_seen += fresh
-        return result
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def after_backward(self, outcome: dict) -> None:
+        """A backward's outcome (StageWorker.finish): staleness, and the replica's own step when one
+        was due (an averaging round may follow it, in the background)."""
+        self.metrics.staleness.observe(outcome["staleness"])
+        if outcome["stepped"]:
+            self.metrics.steps.inc()
+            self.metrics.step.set(self.worker.applied_step)
+            if self.averager is not None:
+                self.averager.after_step(self.worker.applied_step, self._compute)
 
     # --- methods -------------------------------------------------------------------------------
     async def _on_forward(self, f: dict, tensors: dict, peer: str):
@@ -397,24 +361,24 @@ class StageServer(ServicerBase):
     async def _on_train(self, f: dict, tensors: dict, peer: str):
         """One microbatch from here to the tail and back: forward, the next hop's reply, backward."""
         deadline = Deadline(f["timeout_s"])
-        key = MicroKey(f["owner"], f["step"], f["micro"])
         x = self._code(tensors, "x", self.codec)
         targets = self._ints(tensors, "targets", x.shape[:2])  # checked at every hop; only the tail uses them
         tokens = self._tokens(tensors, x.shape[:2])
         if f["eval"]:
             return await self._eval(deadline, f, tensors, x, targets, tokens)
-        self._check_micro(f)
         t0 = time.perf_counter()
         if self.worker.stage.is_last:
-            loss, g = await self._compute(self.worker.loss_and_hold, key, x, targets, tokens)
+            loss, g, outcome = await self._compute(self.worker.loss_step, x, targets, tokens)
             self.count_compute(x, time.perf_counter() - t0)
+            self.after_backward(outcome)
             return {"loss": loss, "route": [self.peer_id]}, {"grad_in": encode(g, self.codec_bwd)}
-        handle, y = await self._compute(self.worker.begin, key, x, tokens)
+        handle, y = await self._compute(self.worker.begin, x, tokens)
         forward_s = time.perf_counter() - t0
         reply, route = await self._send_on(deadline, x, f, tensors, encode(y, self.codec), reserve_s=2 * forward_s)
         t1 = time.perf_counter()
-        g = await self._compute(self.worker.finish, key, handle, decode(reply["grad_in"]).to(self.worker.device))
+        g, outcome = await self._compute(self.worker.finish, handle, reply["decoded"]["grad_in"].to(self.worker.device))
         self.count_compute(x, forward_s + time.perf_counter() - t1)
+        self.after_backward(outcome)
         return {"loss": reply["loss"], "route": route}, {"grad_in": encode(g, self.codec_bwd)}
 
     async def _eval(self, deadline, f: dict, tensors: dict, x, targets, tokens):
@@ -439,10 +403,6 @@ class StageServer(ServicerBase):
             raise PayloadError(reason, f"stage {self.index + 1} refused: {e}") from e
         return reply, [self.peer_id] + list(reply["route"])  # the route was checked by the next hop
 
-    def _check_micro(self, f: dict) -> None:
-        if f["micro"] >= self.run.train.microbatches:  # bounds what a step accumulates per owner
-            raise PayloadError("malformed", f"field 'micro' must be < {self.run.train.microbatches}, got {f['micro']}")
-
     def count_compute(self, x, seconds) -> None:
         """Tokens of a microbatch this stage computed (forward + backward) in `seconds`."""
         n = x.shape[0] * x.shape[1]
@@ -451,39 +411,6 @@ class StageServer(ServicerBase):
         self.metrics.tokens.inc(n)
         self.metrics.samples.inc(x.shape[0])
         self.metrics.compute_tokens_per_second.set(self.compute.rate())
-
-    async def _on_prepare(self, f: dict, tensors: dict, peer: str):
-        plan = self.worker.plan
-        held = await self._compute(self.worker.held, f["step"])
-        reply = {"held": [k.to_wire() for k in held], "applied_step": self.worker.applied_step}
-        if plan is not None and plan.step == f["step"]:  # a coordinator taking over adopts the plan applied here
-            reply["plan"] = pack_plan(plan)
-        return reply, {}
-
-    async def _on_step(self, f: dict, tensors: dict, peer: str):
-        try:
-            plan = unpack_plan(f["plan"], self.cfg.n_stages)
-        except LedgerError as e:
-            raise PayloadError("malformed", str(e)) from e
-        result = await self._compute(self.worker.apply_step, plan, self.peer_id)
-        if result["applied"]:
-            self.metrics.steps.inc()
-        self.metrics.step.set(self.worker.applied_step)
-        if self.averager is not None and not result["duplicate"]:
-            result["averaged"] = await self.averager.maybe_average(plan.step, f["group"])
-        return result, {}
-
-    async def _on_ledger(self, f: dict, tensors: dict, peer: str):
-        if self.coordinator is None:
-            raise PayloadError("method", "this node does not coordinate steps")
-        try:
-            ledger = TrainerLedger.from_wire(f["ledger"], self.cfg.n_stages)
-        except LedgerError as e:
-            raise PayloadError("malformed", str(e)) from e
-        if ledger.owner != peer or ledger.step != f["step"]:
-            raise PayloadError("forbidden", f"a ledger is sent by its owner for its step (owner {ledger.owner}, "
-                                            f"sender {peer}, step {ledger.step} vs {f['step']})")
-        return await self.coordinator.receive(ledger), {}
 
     async def _on_state(self, f: dict, tensors: dict, peer: str):
         # the step label and the bytes come from one moment of the worker thread: they always agree
@@ -505,8 +432,7 @@ class StageServer(ServicerBase):
                           "state_bytes_sent": self.state_bytes["sent"],
                           "state_bytes_received": self.state_bytes["received"],
                           "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
-                          "tokens": self.tokens_done, "requests": self.requests,
-                          **({"steps_closed": self.coordinator.stats["steps_closed"]} if self.coordinator else {})}}
+                          "tokens": self.tokens_done, "requests": self.requests}}
 
 
 def measure_throughput(server: StageServer, repeats: int = 5) -> None:

@@ -1,253 +1,268 @@
-"""A trainer: a stage-0 replica that feeds its own microbatches into the swarm.
+"""A trainer: a stage-0 replica that feeds its own microbatches into the swarm, without a barrier.
 
-Each step, the roster (the trainers feeding it) deals the step's slots (swarm/shards.py); this
-trainer draws its slots' sequences, runs stage 0, and sends each code to a replica of stage 1
-(node/route.py), which walks it to the tail and brings the gradient back along the same replicas
-together with the route taken. The finished slots and their routes form the trainer's ledger,
-which goes to the step coordinator (node/coordinator.py: the lowest live trainer id, maybe this
-one); its answer says the step is applied everywhere and who feeds the next one.
+The trainer keeps a window of microbatches in flight and starts the next one as soon as one
+returns, across step boundaries. Each microbatch draws its own data (below), runs stage 0, and
+sends its code to a replica of stage 1 (node/route.py), which walks it to the tail; the gradient
+comes back along the same replicas, each of which adds it to its own gradient buffer and steps on
+its own once a step's worth of microbatches is in (swarm/stage_worker.py). Nobody waits for anybody
+else's step: more trainers and more replicas mean more microbatches per second.
+
+Data: each trainer reads its own stream (swarm/shards.py), so trainers never draw the same
+sequences; stream 0 is exactly train-local's data. A microbatch that no route finished is
+skipped, not retried: its stage-0 gradient is never added, and the stages downstream of the
+failure never saw its backward (a microbatch is applied at most once on every replica).
+
+`sync=True` starts no microbatch of the next step before this step's are in: with one replica per
+stage nothing is ever stale and a step equals train-local's (the parity tests rely on it).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
-from protocol.codec import decode, encode, encode_ints
-from node.client import PeerUnavailable, RemoteError, StageClient
-from node.coordinator import StepCoordinator
+from protocol.codec import encode, encode_ints
+from node.client import RemoteError
 from node.route import NoRoute
-from node.state_sync import load_from_replicas
-from swarm.coordination import coordinator
 from swarm.deadlines import Deadline, route_timeout
-from swarm.ledger import MicroKey, TrainerLedger
-from swarm.shards import slots_for
-from swarm.stage_worker import StaleRequest
+from swarm.shards import batch_key, data_stream
 
 log = logging.getLogger(__name__)
 
 
-SUSPECT_S = 30.0   # a coordinator that failed us is skipped this long (2x a DHT record's lifetime)
-HEARD_S = 30.0     # a trainer that called us counts as live this long, DHT record or not
-
-
-def _unexpired(until: dict[str, float]) -> set[str]:
-    """The peers of a peer -> expiry (monotonic clock) map whose time has not run out."""
-    now = time.monotonic()
-    return {p for p, t in until.items() if t > now}
-
-
 class Stopped(RuntimeError):
-    """A stop signal arrived while the trainer was paused waiting for replicas."""
+    """A stop signal arrived, or the swarm lacked a stage for longer than the trainer may wait."""
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    window: int = 0                    # microbatches in flight (0: one step's worth)
+    sync: bool = False                 # drain every step before the next (exact parity, no overlap)
+    min_route_timeout_s: float = 30.0  # a microbatch's walk is given at least this long
+    stall_timeout_s: float = float("inf")  # give up after a stage had no replica this long
+    poll_min_s: float = 1.0            # pauses poll the DHT from this interval ...
+    poll_max_s: float = 10.0           # ... doubling up to this one
+
+
+@dataclass
+class StepDone:
+    """One update of this trainer's stage 0: the mean loss of its microbatches, and when."""
+    step: int
+    loss: float
+    seconds: float       # since the previous update (or since training started)
+    staleness: float     # mean updates between a microbatch's forward and its backward here
 
 
 class Trainer:
-    def __init__(self, server, corpus, p2p, *, stop: asyncio.Event | None = None, status=None,
-                 min_route_timeout_s: float = 30.0, ledger_timeout_s: float = 180.0, barrier_s: float = 10.0,
-                 poll_min_s: float = 1.0, poll_max_s: float = 10.0):
-        self.server, self.corpus = server, corpus
+    def __init__(self, server, corpus, p2p, *, settings: TrainerSettings = TrainerSettings(),
+                 stop: asyncio.Event | None = None, status=None, stream: int | None = None):
+        self.server, self.corpus, self.p2p = server, corpus, p2p
         self.worker, self.run, self.metrics = server.worker, server.run, server.metrics
         self.cfg, self.peer_id = self.run.model, server.peer_id
+        self.settings = settings
+        self.window = settings.window or self.run.train.microbatches
         self.hop = server.next_hop                    # to stage 1
-        self.p2p, self.client = p2p, StageClient(p2p, self.run)
         self.stop = stop or asyncio.Event()
         self.status = status or (lambda text: log.warning(text))
-        self.min_route_timeout_s, self.ledger_timeout_s = min_route_timeout_s, ledger_timeout_s
-        self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
-        self.roster: tuple | None = None              # who feeds the next step (the last outcome said so)
-        self.coordinator = server.coordinator = StepCoordinator(self, barrier_s=barrier_s)
-        self.suspects: dict[str, float] = {}          # coordinators that did not answer -> until when
-        self.heard: dict[str, float] = {}             # trainers that called us -> until when
-        server.heard_trainer = self.heard_from
-        self.skipped = 0                              # microbatches no route finished in time (dropped everywhere)
-        self.unapplied = 0                            # our finished microbatches a step did not apply
+        self.stream = data_stream(self.peer_id) if stream is None else stream
+        self.drawn = 0                                # microbatches drawn from our stream so far
+        self.inflight = 0
+        self.skipped = 0                              # microbatches no route finished (applied on no stage 0)
+        self.steps: asyncio.Queue[StepDone] = asyncio.Queue()
+        self.paused_since: float | None = None
+        self.error: str | None = None
+        self._changed = asyncio.Condition()
+        self._losses: list[float] = []
+        self._staleness: list[int] = []
+        self._last_step_at = time.perf_counter()
+        self._feeders: list[asyncio.Task] = []
         if self.metrics.train_loss is None:
             self.metrics.enable_loss()
 
     # --- the swarm as this trainer sees it ---------------------------------------------------------
-    def live_trainers(self) -> list[str]:
-        """Trainers in our DHT read, those that called us lately (they may not be in our read yet:
-        two trainers that start together must still agree on the coordinator), and ourselves."""
-        return sorted({r["peer_id"] for r in self.hop.records.get(0, [])} | _unexpired(self.heard) | {self.peer_id})
-
-    def heard_from(self, peer: str) -> None:
-        if peer != self.peer_id:
-            self.heard[peer] = time.monotonic() + HEARD_S
-
-    def roster_for(self, step: int) -> tuple:
-        return self.roster if self.roster is not None else tuple(self.live_trainers())
-
-    async def fresh_records(self) -> dict:
-        await self.hop.refresh(force=True)
-        return self.hop.records
-
-    async def control_call(self, peer: str, stage: int, method: str, timeout: float, **fields) -> dict:
-        reply, sent, received = await self.client.call(peer, stage, method, timeout=timeout, **fields)
-        self.server.count_message("sent", sent)
-        self.server.count_message("received", received)
-        return reply
-
-    async def local_call(self, method: str, **fields) -> dict:
-        """A control call on our own stage-0 replica, through the same handler a remote one runs."""
-        reply, _ = await getattr(self.server, f"_on_{method}")({"group": 1, **fields}, {}, self.peer_id)
-        return reply
-
-    async def wait_for_stages(self, stall_timeout: float = float("inf")) -> None:
+    async def wait_for_stages(self) -> None:
         """Block until every later stage has a replica: pause with a status line, polling the DHT at
-        growing intervals; a stop signal ends the pause with `Stopped`."""
-        started, delay = time.monotonic(), self.poll_min_s
+        growing intervals; a stop signal or a pause longer than the stall timeout raises `Stopped`."""
+        delay = self.settings.poll_min_s
         await self.hop.refresh()  # periodic, in the background: a slow DHT peer must not slow every step
         while self.missing_stages():
-            await self.fresh_records()  # looks missing: make sure
+            await self.hop.refresh(force=True)  # looks missing: make sure
             missing = self.missing_stages()
             if not missing:
-                return
-            waited = time.monotonic() - started
-            if waited > stall_timeout:
-                raise Stopped(f"no replica of stage(s) {missing} for {waited:.0f}s")
-            self.status(f"paused: waiting for a replica of stage(s) {', '.join(map(str, missing))} ({waited:.0f}s); "
-                        f"start one with `resbm-node join --stage {missing[0]} ...`")
-            try:
-                await asyncio.wait_for(self.stop.wait(), delay)
-                raise Stopped("stopped by a signal while paused")
-            except asyncio.TimeoutError:
-                delay = min(2 * delay, self.poll_max_s)
+                break
+            self._pause(f"waiting for a replica of stage(s) {', '.join(map(str, missing))}; start one with "
+                        f"`resbm-node join --stage {missing[0]} ...`")
+            await self._sleep(delay)
+            delay = min(2 * delay, self.settings.poll_max_s)
+        self._resume()
 
     def missing_stages(self) -> list[int]:
         return [k for k in range(1, self.cfg.n_stages) if not self.hop.records.get(k)]
 
+    def _pause(self, why: str) -> None:
+        now = time.monotonic()
+        self.paused_since = self.paused_since or now
+        waited = now - self.paused_since
+        if waited > self.settings.stall_timeout_s:
+            raise Stopped(f"paused for {waited:.0f}s: {why}")
+        self.status(f"paused ({waited:.0f}s): {why}")
+
+    def _resume(self) -> None:
+        if self.paused_since is not None:
+            log.warning("resumed after %.0fs", time.monotonic() - self.paused_since)
+            self.paused_since = None
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, unless a stop signal comes first (then `Stopped`)."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            return
+        raise Stopped("stopped by a signal")
+
     def route_timeout(self) -> float:
-        """Budget of one microbatch's walk: every later stage's advertised time for a step's worth of
+        """Budget of one microbatch's walk: every later stage's advertised time for a window of
         microbatches, with slack for a reroute (swarm/deadlines.py), never below the floor."""
-        m = self.run.train.microbatches
-        hops = [m / max(min((r["throughput"] for r in self.hop.records.get(k, [])), default=1.0), 1e-3)
+        hops = [self.window / max(min((r["throughput"] for r in self.hop.records.get(k, [])), default=1.0), 1e-3)
                 for k in range(1, self.cfg.n_stages)]
-        return max(self.min_route_timeout_s, route_timeout(hops))
+        return max(self.settings.min_route_timeout_s, route_timeout(hops))
 
     # --- one microbatch ----------------------------------------------------------------------------
     async def _local(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.server.executor, fn, *args)
 
-    async def microbatch(self, step: int, micro: int, split: str = "train"):
-        """(loss, route) of one slot, or None if no route finished it twice in a row or the step was
-        closed without it meanwhile. `split="val"`: the loss alone, nothing held anywhere."""
-        train = split == "train"
-        t = self.run.train
-        x, y = self.corpus.batch(split, t.microbatch_size, self.cfg.seq_len, self.cfg.seed, step if train else 0, micro)
-        x, y = x.to(self.worker.device), y.to(self.worker.device)
-        key = MicroKey(self.peer_id, step, micro)
+    def _draw(self, split: str, index: int):
+        """(inputs, targets, step, slot of the step) of our `index`-th microbatch; validation reads
+        the same batches everywhere."""
+        m = self.run.train.microbatches
+        step, slot = batch_key(index, m, self.stream) if split == "train" else (0, index)
+        x, y = self.corpus.batch(split, self.run.train.microbatch_size, self.cfg.seq_len, self.cfg.seed, step, slot)
+        return x.to(self.worker.device), y.to(self.worker.device), step, slot % m
+
+    async def _walk(self, x, y, code, step: int, micro: int, train: bool) -> dict:
+        """The route's reply for one code: one retry on a fresh route; NoRoute or RemoteError when none
+        finished it."""
         extra = {"tokens": encode_ints(x, self.cfg.vocab_size)} if self.cfg.boundary == "subspace" else {}
+        for attempt in (1, 2):
+            try:
+                reply, _ = await self.hop.call(Deadline(self.route_timeout()), x.numel(), 0.0, owner=self.peer_id,
+                                               step=step, micro=micro, eval=not train,
+                                               x=encode(code, self.cfg.wire_codec),
+                                               targets=encode_ints(y, self.cfg.vocab_size), **extra)
+                return reply
+            except (NoRoute, RemoteError) as e:
+                if attempt == 2 or (isinstance(e, RemoteError) and e.reason not in ("unavailable", "deadline")):
+                    raise
+                log.info("step %d slot %d: no route (%s); trying a fresh one", step, micro, e)
+                await self.hop.refresh(force=True)
+
+    async def microbatch(self, index: int, split: str = "train"):
+        """The loss of our `index`-th microbatch; in training its gradient is added to our stage 0
+        (which steps when a step's worth is in: a StepDone goes to `steps`)."""
+        train = split == "train"
+        x, y, step, micro = self._draw(split, index)
         t0 = time.perf_counter()
         if train:
-            try:
-                handle, code = await self._local(self.worker.begin, key, x, None)
-            except StaleRequest as e:  # our replica was stepped past `step` meanwhile: nothing to feed
-                log.warning("step %d slot %d: %s", step, micro, e)
-                return None
+            handle, code = await self._local(self.worker.begin, x, None)
         else:
             code, handle = await self._local(self.worker.evaluate, x), None
         forward_s = time.perf_counter() - t0
-        reply = None
-        for attempt in (1, 2):
-            try:
-                reply, _ = await self.hop.call(Deadline(self.route_timeout()), x.numel(), 2 * forward_s,
-                                               owner=self.peer_id, step=step, micro=micro, eval=not train,
-                                               x=encode(code, self.cfg.wire_codec),
-                                               targets=encode_ints(y, self.cfg.vocab_size), **extra)
-                break
-            except (NoRoute, RemoteError) as e:
-                log.warning("step %d slot %d: attempt %d found no route (%s)", step, micro, attempt, e)
-                if isinstance(e, RemoteError) and e.reason == "state":
-                    break  # the stages are past this step: retrying cannot help
-        if reply is None:
-            return None
+        reply = await self._walk(x, y, code, step, micro, train)
+        loss = float(reply["loss"])
         if not train:
-            return float(reply["loss"])
+            return loss
         t1 = time.perf_counter()
-        try:
-            await self._local(self.worker.finish, key, handle, decode(reply["grad_in"]).to(self.worker.device))
-        except StaleRequest as e:  # a coordinator closed `step` without us while the route worked: dropped
-            log.warning("step %d slot %d: closed without it meanwhile (%s)", step, micro, e)
-            return None
+        _, outcome = await self._local(self.worker.finish, handle, reply["decoded"]["grad_in"].to(self.worker.device))
         self.server.count_compute(x, forward_s + time.perf_counter() - t1)
-        return float(reply["loss"]), [self.peer_id] + list(reply["route"])
+        self._finished(loss, outcome)
+        return loss
 
-    # --- one step ----------------------------------------------------------------------------------
-    async def train_step(self, step: int) -> dict:
-        """Feed our slots of `step`, hand the ledger to the coordinator, return once the step is applied."""
-        await self.wait_for_stages()
-        # a live coordinator steps our replica too: a trainer that just joined may already be past `step`
-        step = max(step, self.worker.applied_step + 1)
-        m = self.run.train.microbatches
-        slots = slots_for(self.peer_id, self.roster_for(step), m)
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(self.microbatch(step, s) for s in slots))
-        t1 = time.perf_counter()
-        ledger = TrainerLedger(self.peer_id, step, self.cfg.n_stages)
-        losses = []
-        for slot, result in zip(slots, results):
-            if result is None:
-                self.skipped += 1
-                continue
-            losses.append(result[0])
-            ledger.record(slot, result[1])
-        if slots and not ledger.routes:
-            self.status(f"paused: no microbatch of step {step} got through (a stage's replicas do not answer); "
-                        f"trying again")
-        outcome = await self.hand_in(ledger)
-        if not outcome["applied"] and ledger.routes:
-            self.unapplied += len(ledger.routes)
-            log.warning("step %d: the coordinator did not apply our %d microbatch(es)", step, len(ledger.routes))
-        self.roster = tuple(outcome["roster"])
-        await self.catch_up(outcome["closed"])
-        phases = {"route": t1 - t0, "close": time.perf_counter() - t1}  # our slots' walks; the step's closing
-        for phase, seconds in phases.items():
-            self.metrics.step_phase_seconds.labels(phase).observe(seconds)
-        if self.peer_id not in self.roster:
-            log.warning("step %d: not in the next roster; reporting again to get back in", step)
-        loss = sum(losses) / len(losses) if losses else float("nan")
-        if losses:
-            self.metrics.train_loss.set(loss)
-        return {"loss": loss, "slots": list(slots), "finished": len(losses), "closed": outcome["closed"] >= step,
-                "next_step": max(step, outcome["closed"] + 1), "outcome": outcome, "phases": phases}
-
-    async def catch_up(self, closed: int) -> None:
-        """Our stage-0 replica missed steps up to `closed` (a coordinator that did not know us yet
-        stepped the others): reload it from a trainer that applied them, as a joiner does."""
-        if self.worker.applied_step >= closed:
+    def _finished(self, loss: float, outcome: dict) -> None:
+        self.server.after_backward(outcome)  # metrics, and the averaging schedule of our stage 0
+        self._losses.append(loss)
+        self._staleness.append(outcome["staleness"])
+        if not outcome["stepped"]:
             return
-        steps = {r["peer_id"]: r["step"] for r in self.hop.records.get(0, [])}
-        others = sorted((p for p in self.live_trainers() if p != self.peer_id),  # heard-only ones called us: ahead
-                        key=lambda p: -steps.get(p, float("inf")))
-        missed = self.worker.applied_step
-        peer = await load_from_replicas(self.p2p, self.worker, others,
-                                        lambda state: self._local(self.worker.load_state_dict, state), missed)
-        if peer is None:
-            log.warning("our stage-0 replica missed steps up to %d and no trainer handed us a newer state", closed)
-        else:
-            log.warning("our stage-0 replica missed steps %d..%d: reloaded from trainer %s at step %d",
-                        missed + 1, closed, peer[-8:], self.worker.applied_step)
+        now = time.perf_counter()
+        done = StepDone(self.worker.applied_step, sum(self._losses) / len(self._losses), now - self._last_step_at,
+                        sum(self._staleness) / len(self._staleness))
+        self._losses, self._staleness, self._last_step_at = [], [], now
+        self.metrics.train_loss.set(done.loss)
+        self.steps.put_nowait(done)
 
-    async def hand_in(self, ledger: TrainerLedger) -> dict:
-        """Our ledger to the coordinator of the moment; one that does not answer is suspected, and the
-        next lowest id takes over (in the end ourselves)."""
-        while True:
-            boss = coordinator(self.live_trainers(), _unexpired(self.suspects)) or self.peer_id
-            if boss == self.peer_id:
-                return await self.coordinator.receive(ledger)
+    # --- the window --------------------------------------------------------------------------------
+    def _may_start(self) -> bool:
+        if self.inflight >= self.window:
+            return False
+        return not self.settings.sync or self.worker.accumulated + self.inflight < self.run.train.microbatches
+
+    async def _feed(self) -> None:
+        """One lane of the window: draw, walk, repeat; a failure pauses this lane with a growing delay."""
+        delay = self.settings.poll_min_s
+        while not self.stop.is_set():
+            async with self._changed:
+                await self._changed.wait_for(self._may_start)
+                index, self.inflight = self.drawn, self.inflight + 1
+                self.drawn += 1
             try:
-                return await self.control_call(boss, 0, "ledger", timeout=self.ledger_timeout_s, step=ledger.step,
-                                               ledger=ledger.to_wire())
-            except (PeerUnavailable, RemoteError) as e:
-                log.warning("step coordinator %s did not close step %d (%s); the next trainer takes over", boss[-8:],
-                            ledger.step, e)
-                # not asked again until its DHT record has surely expired
-                self.suspects[boss] = time.monotonic() + SUSPECT_S
-                await self.fresh_records()
+                await self.microbatch(index)
+                self._resume()
+                delay = self.settings.poll_min_s
+            except (NoRoute, RemoteError) as e:
+                self.skipped += 1
+                self.metrics.skipped.inc()
+                await self._after_failure(e, delay)
+                delay = min(2 * delay, self.settings.poll_max_s)
+            finally:
+                async with self._changed:
+                    self.inflight -= 1
+                    self._changed.notify_all()
+
+    async def _after_failure(self, e: Exception, delay: float) -> None:
+        await self.hop.refresh(force=True)
+        missing = self.missing_stages()
+        self._pause(f"no replica of stage(s) {', '.join(map(str, missing))}; start one with `resbm-node join "
+                    f"--stage {missing[0]} ...`" if missing else f"a microbatch found no route ({e})")
+        await self._sleep(delay)
+
+    async def _guarded_feed(self) -> None:
+        try:
+            await self._feed()
+        except Stopped as e:
+            self.error = None if self.stop.is_set() else str(e)
+            self.stop.set()
+        except Exception as e:  # our bug: stop training and say so, rather than a silent dead lane
+            log.exception("a trainer lane failed")
+            self.error = f"{type(e).__name__}: {e}"
+            self.stop.set()
+
+    def start(self) -> None:
+        """Start the window's lanes; updates arrive on `steps`."""
+        self._last_step_at = time.perf_counter()
+        self._feeders = [asyncio.create_task(self._guarded_feed()) for _ in range(self.window)]
+
+    async def close(self) -> None:
+        """Stop the lanes; their microbatches in flight are lost (applied on no stage 0)."""
+        for task in self._feeders:
+            task.cancel()
+        await asyncio.gather(*self._feeders, return_exceptions=True)
+        self._feeders = []
+
+    async def next_step(self) -> StepDone:
+        """The next update of our stage 0; `Stopped` when training stopped first."""
+        get, stopped = asyncio.ensure_future(self.steps.get()), asyncio.ensure_future(self.stop.wait())
+        done, _ = await asyncio.wait({get, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            stopped.cancel()
+            return get.result()
+        get.cancel()
+        raise Stopped(self.error or "stopped by a signal")
 
     async def evaluate(self, batches: int = 8) -> float:
-        losses = [v for v in await asyncio.gather(*(self.microbatch(0, i, split="val") for i in range(batches)))
-                  if v is not None]
+        results = await asyncio.gather(*(self.microbatch(i, split="val") for i in range(batches)),
+                                       return_exceptions=True)
+        losses = [v for v in results if isinstance(v, float)]
         loss = sum(losses) / len(losses) if losses else float("nan")
         self.metrics.val_loss.set(loss)
         return loss

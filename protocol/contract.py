@@ -81,13 +81,12 @@ class Method:
     tensors: tuple = ()             # request tensors; a trailing "?" marks an optional one
     reply_fields: dict = field(default_factory=dict)
     reply_tensors: tuple = ()
-    trainer_only: bool = False      # only the run's trainers may call it (when the run lists them)
 
     def tensor_names(self, reply: bool = False) -> tuple[tuple[str, bool], ...]:
         return tuple((n.rstrip("?"), n.endswith("?")) for n in (self.reply_tensors if reply else self.tensors))
 
 
-# A microbatch is named by (owner trainer, step, global slot): swarm/ledger.py MicroKey.
+# A microbatch is named by (owner trainer, the owner's step, slot): for logs and authorization only.
 _KEY = {"owner": Field(str), "step": _int(), "micro": _int()}
 METHODS = {m.name: m for m in (
     # eval only: what a stock hivemind client (no metadata) and anyone else may run
@@ -96,16 +95,6 @@ METHODS = {m.name: m for m in (
     # The reply carries the gradient of x and the route taken (peer ids of this stage .. the tail).
     Method("train", {**_KEY, "eval": _flag(), "timeout_s": Field(float, minimum=0.01, maximum=3600.0)},
            ("x", "targets", "tokens?"), {"loss": Field(float), "route": Field(list, items=str)}, ("grad_in?",)),
-    # the step coordinator (a trainer): which keys of `step` a replica holds, then the apply plan
-    Method("prepare", {"step": _int()}, (), {"held": Field(list, items=list), "applied_step": _int(-1),
-                                           "plan": Field(bytes, required=False)}, trainer_only=True),
-    Method("step", {"plan": Field(bytes), "group": _int(1, required=False)}, (),
-           {"applied": Field(bool), "grad_norm": Field(float), "micro_count": _int(), "duplicate": Field(bool)},
-           trainer_only=True),
-    # trainers only: a trainer's ledger of `step` to the step coordinator; answered once the step is closed
-    Method("ledger", {"step": _int(), "ledger": Field(dict)}, (),
-           {"applied": Field(bool), "roster": Field(list, items=str), "digest": Field(str), "closed": _int(-1)},
-           trainer_only=True),
     Method("state", {"offset": _int()}, (), {"step": _int(-1), "total": _int(), "data": Field(bytes)}),
 )}
 # `info` is hivemind's own rpc_info (ExpertUID -> ExpertInfo): the stock schema plus our stage's figures.

@@ -1,39 +1,31 @@
-"""Which sequences each trainer feeds in a step, so that trainers never overlap.
+"""Which sequences a trainer draws, so that trainers never draw the same ones, with no roster.
 
-A step's global batch is `train.microbatches` slots, exactly the microbatches the single-process
-trainer draws (swarm/data.py: a pure function of seed, split, step and slot). The step's roster
-(the sorted trainer peer ids that feed it; swarm/coordination.py) deals the slots out round-robin:
-the trainer of rank r takes the slots i with i % len(roster) == r. So every slot is fed by exactly
-one trainer of the roster, the data does not depend on how many trainers there are, and a swarm's
-step sees the same batch as `train-local`'s step (the parity test relies on it). A trainer outside
-the roster (it joined mid-step) feeds nothing until the next roster names it.
+Every trainer reads its own stream of the data. Its n-th microbatch is slot n % M of step n // M
+(M = microbatches per step) in stream s, drawn as `corpus.batch(split, ..., step, slot + M * s)`
+(swarm/data.py: a pure function of seed, split, step and slot). Streams never share a (step, slot)
+pair, stream 0 is exactly train-local's data (the parity tests rely on it), and a trainer's default
+stream is a stable hash of its peer id, so a restarted trainer (same identity) draws the same data.
 """
 from __future__ import annotations
 
+import hashlib
 
-def slots_for(trainer: str, roster, microbatches: int) -> tuple[int, ...]:
-    """The slots (global micro indices) `trainer` feeds in a step with this roster."""
-    if microbatches < 1:
-        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
-    roster = sorted(set(roster))
-    if trainer not in roster:
-        return ()
-    rank = roster.index(trainer)
-    return tuple(range(rank, microbatches, len(roster)))
+STREAMS = 1 << 24  # default streams are drawn from 1 .. STREAMS (0 is train-local's)
 
 
-def deal(roster, microbatches: int) -> dict[str, tuple[int, ...]]:
-    """Every roster member's slots; members beyond `microbatches` get none (and the log should say so)."""
-    return {t: slots_for(t, roster, microbatches) for t in sorted(set(roster))}
+def data_stream(peer_id: str) -> int:
+    """A trainer's default data stream: a stable hash of its peer id, never 0."""
+    return 1 + int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little") % STREAMS
 
 
-def idle_trainers(roster, microbatches: int) -> list[str]:
-    """Trainers the roster cannot use: there are fewer slots than trainers."""
-    return [t for t, s in deal(roster, microbatches).items() if not s]
+def batch_key(index: int, microbatches: int, stream: int) -> tuple[int, int]:
+    """(step, slot) under which the `index`-th microbatch of `stream` is drawn from the corpus."""
+    if microbatches < 1 or index < 0 or stream < 0:
+        raise ValueError(f"need microbatches >= 1, index >= 0 and stream >= 0 (got {microbatches}, {index}, {stream})")
+    return index // microbatches, index % microbatches + microbatches * stream
 
 
-def draw(corpus, run, step: int, micro: int, split: str = "train"):
-    """(inputs, targets) of slot `micro` of `step`: the same tensors LocalTrainer.microbatch draws."""
-    if not 0 <= micro < run.train.microbatches:
-        raise ValueError(f"slot {micro} is outside the step's {run.train.microbatches} microbatches")
-    return corpus.batch(split, run.train.microbatch_size, run.model.seq_len, run.model.seed, step, micro)
+def draw(corpus, run, index: int, stream: int = 0, split: str = "train"):
+    """(inputs, targets) of the `index`-th microbatch of `stream`."""
+    step, slot = batch_key(index, run.train.microbatches, stream)
+    return corpus.batch(split, run.train.microbatch_size, run.model.seq_len, run.model.seed, step, slot)

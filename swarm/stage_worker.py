@@ -1,20 +1,28 @@
 """The training logic of one served stage, free of networking (node/stage_server.py wraps it).
 
-A microbatch crosses a stage in one nested call: `begin` runs the forward under autograd and hands
-back a handle that lives only in the caller's frame while the downstream hops work; `finish` runs
-the backward with the gradient they returned. The parameter gradients are kept per microbatch key
-(owner trainer, step, micro), never summed on arrival, so the step's apply plan decides exactly
-which keys this replica applies: a dead trainer's keys or an abandoned route's are dropped, nothing
-else. `apply_step` is idempotent: a step is applied once, and late requests for it are refused.
+A microbatch crosses a stage in one nested call: `begin` runs the forward and hands back a handle
+that lives only in the caller's frame while the downstream hops work; `finish` runs the backward
+with the gradient they returned and adds the parameter gradients into the stage's one gradient
+buffer. When `microbatches` of them have been added, the replica steps on its own: no barrier, no
+coordinator, and gradient memory is one parameter-sized buffer however many microbatches are in
+flight.
+
+Staleness: the handle keeps the forward's graph and the weights' version. If the replica stepped
+while the microbatch was downstream, the graph is stale (its saved weights were updated in
+place), so `finish` recomputes the forward from the kept input (a ResBM code: b numbers per token)
+with the current weights and backpropagates the returned gradient through it. The weights a
+microbatch's backward uses are then at most a few updates newer than those of its forward; the
+count is returned and exported (`staleness`). With one trainer that drains each step before the
+next (`--sync`), nothing is ever stale and a step equals train-local's.
 """
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import torch
 
 from swarm.config import RunConfig
-from swarm.ledger import ApplyPlan, MicroKey, replica_verdict
 from swarm.model import build_stage, lm_loss
 from swarm.optim import StageOptimizer
 
@@ -24,15 +32,24 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_(True) if x.is_floating_point() else x
 
 
-class StaleRequest(ValueError):
-    """A request for a step that this stage has already applied."""
+@dataclass
+class Handle:
+    """A microbatch between its forward and its backward on this stage."""
+    x: torch.Tensor              # the input as received (kept to recompute a stale forward)
+    tokens: torch.Tensor | None
+    leaf: torch.Tensor | None    # the graph of the forward, or None once dropped
+    out: torch.Tensor | None
+    step: int                    # the last update applied here before the forward
+    generation: int              # the weights' generation at the forward (any in-place change moves it)
 
 
 class StageWorker:
     """One stage and its optimizer on one device. The seeded initialisation runs on the CPU (so GPU and
     CPU replicas start identical), and the stage reaches its device before the optimizer exists; a
     worker never moves afterwards, so every state it loads lands on that device (torch casts optimizer
-    state to its parameters' device at load time) and the optimizer variant fits the device."""
+    state to its parameters' device at load time) and the optimizer variant fits the device.
+
+    Not thread-safe: the stage server runs every call in one worker thread."""
 
     def __init__(self, run: RunConfig, index: int, device="cpu", stage=None):
         self.run, self.index = run, index
@@ -40,10 +57,11 @@ class StageWorker:
         self.stage = (stage or build_stage(run.model, index)).to(self.device)
         self.opt = StageOptimizer(self.stage, run.train)
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
-        self.applied_step = -1
-        self.grads: dict[MicroKey, list] = {}   # per microbatch key: its parameter gradients
-        self.plan: ApplyPlan | None = None      # the plan of the step applied last (a new coordinator adopts it)
-        self.discarded = 0                      # keys dropped (not in a plan, or stale)
+        self.applied_step = -1       # local updates so far - 1 (the step number the next update gets: +1)
+        self.accumulated = 0         # microbatches whose gradients sit in .grad
+        self.recomputed = 0          # backwards that had to recompute a stale forward
+        self.generation = 0          # moves on every in-place change of the weights: step, load, average
+        self._state_cache = None     # (generation, serialized state) for joiners
 
     def _run(self, x, tokens):
         """The stage's forward; bf16 autocast on a GPU, codes leave in fp32 for the codec."""
@@ -51,38 +69,55 @@ class StageWorker:
             out = self.stage(x, tokens)
         return out.float()
 
-    def _check_open(self, key: MicroKey) -> None:
-        if key.step <= self.applied_step:
-            raise StaleRequest(f"step {key.step} is already applied here (last applied {self.applied_step})")
-
     # --- one microbatch ------------------------------------------------------------------------
-    def begin(self, key: MicroKey, x: torch.Tensor, tokens=None):
+    def begin(self, x: torch.Tensor, tokens=None) -> tuple[Handle, torch.Tensor]:
         """Forward under autograd: (handle for `finish`, detached output to send on)."""
-        self._check_open(key)
         leaf = _leaf(x)
         out = self._run(leaf, tokens)
-        return (leaf, out), out.detach()
+        return Handle(x, tokens, leaf, out, self.applied_step, self.generation), out.detach()
 
-    def finish(self, key: MicroKey, handle, grad_out: torch.Tensor):
-        """Backward of `begin`'s graph: keeps the parameter gradients under `key` (a retried key
-        replaces its earlier attempt) and returns the input gradient (None for token ids)."""
-        self._check_open(key)
-        leaf, out = handle
-        return self._hold(key, leaf, [out], [grad_out])
+    def finish(self, handle: Handle, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """Backward of `begin`'s forward: parameter gradients are added to the stage's buffer (and the
+        replica steps when a step's worth is in), returns (input gradient or None for token ids,
+        what happened: staleness, stepped)."""
+        staleness = max(0, self.applied_step - handle.step)
+        leaf, out = handle.leaf, handle.out
+        handle.leaf = handle.out = None  # the graph is freed with this call, whatever happens
+        if handle.generation != self.generation:  # its saved weights were changed in place
+            leaf = _leaf(handle.x)
+            out = self._run(leaf, handle.tokens)
+            self.recomputed += 1
+        grad_in = self._accumulate(leaf, [out], [grad_out])
+        return grad_in, {"staleness": staleness, **self._maybe_step()}
 
-    def loss_and_hold(self, key: MicroKey, x: torch.Tensor, targets: torch.Tensor, tokens=None):
-        """Last stage: (loss, input gradient of loss / microbatches), parameter gradients kept under `key`."""
-        self._check_open(key)
+    def loss_step(self, x: torch.Tensor, targets: torch.Tensor, tokens=None):
+        """Last stage: forward, loss and backward at once. Returns (loss, input gradient of
+        loss / microbatches, what happened)."""
         leaf = _leaf(x)
         loss = lm_loss(self._run(leaf, tokens), targets)
-        return loss.item(), self._hold(key, leaf, [loss / self.run.train.microbatches], None)
+        grad_in = self._accumulate(leaf, [loss / self.run.train.microbatches], None)
+        return loss.item(), grad_in, {"staleness": 0, **self._maybe_step()}
 
-    def _hold(self, key, leaf, outputs, grad_outputs):
-        wrt = ([leaf] if leaf.requires_grad else []) + self.params
-        grads = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True)
-        grad_in = grads[0] if leaf.requires_grad else None
-        self.grads[key] = [g.detach() if g is not None else None for g in grads[len(wrt) - len(self.params):]]
+    def _accumulate(self, leaf, outputs, grad_outputs):
+        inputs = ([leaf] if leaf.requires_grad else []) + self.params
+        torch.autograd.backward(outputs, grad_outputs, inputs=inputs)
+        self.accumulated += 1
+        if not leaf.requires_grad:
+            return None
+        grad_in, leaf.grad = leaf.grad, None
         return grad_in
+
+    def _maybe_step(self) -> dict:
+        """Step once a step's worth of microbatches is in: their summed gradients of loss / microbatches
+        are exactly train-local's step gradient."""
+        if self.accumulated < self.run.train.microbatches:
+            return {"stepped": False}
+        norm = self.opt.step(self.applied_step + 1)
+        self.opt.zero_grad()
+        self.accumulated = 0
+        self.applied_step += 1
+        self.generation += 1
+        return {"stepped": True, "grad_norm": norm}
 
     @torch.no_grad()
     def evaluate(self, x, tokens=None, targets=None):
@@ -90,32 +125,12 @@ class StageWorker:
         out = self._run(x, tokens)
         return lm_loss(out, targets).item() if targets is not None else out
 
-    # --- the step ------------------------------------------------------------------------------
-    def held(self, step: int) -> list[MicroKey]:
-        return sorted(k for k in self.grads if k.step == step)
-
-    def apply_step(self, plan: ApplyPlan, peer_id: str) -> dict:
-        """Apply the plan's keys for this replica once: their gradients summed in key order, scaled so
-        a full step equals train-local's (loss / microbatches per key) and a step with fewer keys
-        is their mean; every other key of that step (and of earlier ones) is dropped."""
-        if plan.step <= self.applied_step:
-            return {"applied": False, "grad_norm": 0.0, "micro_count": 0, "duplicate": True, "missing": 0}
-        verdict = replica_verdict(plan, self.index, peer_id, self.held(plan.step))
-        norm = 0.0
-        if verdict.apply:
-            scale = self.run.train.microbatches / plan.n_total
-            for i, p in enumerate(self.params):
-                parts = [self.grads[k][i] for k in verdict.apply if self.grads[k][i] is not None]
-                p.grad = torch.stack(parts).sum(0) * scale if parts else None
-            norm = self.opt.step(plan.step)
-        self.opt.zero_grad()
-        stale = [k for k in self.grads if k.step <= plan.step]
-        self.discarded += len(stale) - len(verdict.apply)
-        for k in stale:
-            del self.grads[k]
-        self.applied_step, self.plan = plan.step, plan
-        return {"applied": bool(verdict.apply), "grad_norm": norm, "micro_count": len(verdict.apply),
-                "duplicate": False, "missing": len(verdict.missing)}
+    @torch.no_grad()
+    def change_weights(self, fn) -> None:
+        """Change the weights in place outside a step (an averaging round's result): `fn(params)`."""
+        fn(self.params)
+        self.generation += 1
+        self._state_cache = None
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -123,12 +138,12 @@ class StageWorker:
                 "config": self.run.wire_dict(), "model": self.stage.state_dict(), "optimizer": self.opt.state_dict()}
 
     def state_bytes(self) -> bytes:
-        """The state serialized for a joining replica (cached until the next applied step)."""
-        cached = getattr(self, "_state_cache", None)
-        if cached is None or cached[0] != self.applied_step:
+        """The state serialized for a joining replica (cached until the weights change)."""
+        cached = self._state_cache
+        if cached is None or cached[0] != self.generation:
             buf = io.BytesIO()
             torch.save(self.state_dict(), buf)
-            self._state_cache = cached = (self.applied_step, buf.getvalue())
+            self._state_cache = cached = (self.generation, buf.getvalue())
         return cached[1]
 
     def load_state_dict(self, state: dict) -> None:
@@ -137,12 +152,17 @@ class StageWorker:
                              f"not stage {self.index} of {self.run.fingerprint}")
         self.stage.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.applied_step = state["step"]
-        self.grads.clear()
+        self._restart(state["step"])
 
     def load_weights(self, model_state: dict, step: int) -> None:
         """Parameters without optimizer state (from an export file): moments start from zero."""
         self.stage.load_state_dict(model_state)
+        self._restart(step)
+
+    def _restart(self, step: int) -> None:
+        """New weights: gradients of the old ones are dropped, and every graph in flight is stale."""
         self.opt.zero_grad()
+        self.accumulated = 0
         self.applied_step = step
-        self.grads.clear()
+        self.generation += 1
+        self._state_cache = None

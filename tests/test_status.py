@@ -108,8 +108,8 @@ def test_status_json_lists_stages_replicas_and_flags_missing(swarm_dht):
     assert stages[2]["missing"] is True and stages[2]["replicas"] == []
     assert stages[1]["missing"] is False and stages[0]["missing"] is False
     assert [s["role"] for s in doc["stages"]] == ["trainer", "middle", "tail"]
-    # trainers are listed like any stage's replicas; the lowest peer id closes the steps
-    assert [(r["peer_id"], r["role"]) for r in stages[0]["replicas"]] == [("QmTrainerB", "coordinator"),
+    # trainers are listed like any stage's replicas, sorted by peer id
+    assert [(r["peer_id"], r["role"]) for r in stages[0]["replicas"]] == [("QmTrainerB", "trainer"),
                                                                            ("QmTrainerZ", "trainer")]
     assert {r["role"] for r in stages[1]["replicas"]} == {"middle"}
     assert doc["missing_stages"] == [2] and doc["ok"] is False and doc["error"] is None
@@ -128,7 +128,7 @@ def test_status_table_and_unknown_run(swarm_dht):
     assert "STAGE" in out and "QUEUE" in out and "AGE" in out
     assert "NO REPLICA" in out and "MISSING: stage(s) 2" in out and "NO TRAINER" not in out
     rows = [line.split() for line in out.splitlines() if line.startswith("0 ")]
-    assert [(r[1], r[2]) for r in rows] == [("coordinator", "QmTrainerB"), ("trainer", "QmTrainerZ")], out
+    assert [(r[1], r[2]) for r in rows] == [("trainer", "QmTrainerB"), ("trainer", "QmTrainerZ")], out
     via = {r[2]: r[-1] for r in (line.split() for line in out.splitlines() if line.startswith("1 "))}
     assert via == {"QmReplicaA": "direct", "QmReplicaB": "relay"}, out
     assert "ignored records:" in out and "1 stale" in out
