@@ -20,6 +20,8 @@ counters, no unit for ratios. Which role updates what:
     resbm_staleness_updates                 both   updates this replica applied between a microbatch's forward
                                                    and its backward here (0: exact; >0: recomputed forward)
     resbm_skipped_microbatches_total        trainer microbatches no route finished (applied on no stage 0)
+    resbm_duplicate_microbatches_total      stage  backwards of a microbatch already added here (a rerouted walk):
+                                                   answered, not added again
     resbm_queue_depth                       stage  requests waiting for or in compute
     resbm_train_loss, resbm_val_loss        trainer (only nodes that compute a loss export one)
     resbm_replicas{stage}                   all    replicas per stage seen in the DHT
@@ -60,6 +62,8 @@ class NodeMetrics:
                                       ["stage", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.staleness = Histogram("resbm_staleness_updates", "Updates applied here between a microbatch's "
                                    "forward and its backward", buckets=(0, 1, 2, 4, 8, 16), registry=r)
+        self.duplicates = Counter("resbm_duplicate_microbatches_total", "Backwards of a microbatch already added "
+                                  "here (a rerouted walk), not added again", registry=r)
         self.skipped = Counter("resbm_skipped_microbatches_total", "Microbatches no route finished (trainers)",
                                registry=r)
         self.wire_bytes = Counter("resbm_wire_bytes_total", "Whole RPC messages (tensors, metadata, framing) that "

@@ -342,6 +342,8 @@ class StageServer(ServicerBase):
         """A backward's outcome (StageWorker.finish): staleness, and the replica's own step when one
         was due (an averaging round may follow it, in the background)."""
         self.metrics.staleness.observe(outcome["staleness"])
+        if not outcome["added"]:
+            self.metrics.duplicates.inc()
         if outcome["stepped"]:
             self.metrics.steps.inc()
             self.metrics.step.set(self.worker.applied_step)
@@ -366,9 +368,10 @@ class StageServer(ServicerBase):
         tokens = self._tokens(tensors, x.shape[:2])
         if f["eval"]:
             return await self._eval(deadline, f, tensors, x, targets, tokens)
+        key = (f["owner"], f["step"], f["micro"])  # a rerouted walk's second visit is not added twice
         t0 = time.perf_counter()
         if self.worker.stage.is_last:
-            loss, g, outcome = await self._compute(self.worker.loss_step, x, targets, tokens)
+            loss, g, outcome = await self._compute(self.worker.loss_step, x, targets, tokens, key)
             self.count_compute(x, time.perf_counter() - t0)
             self.after_backward(outcome)
             return {"loss": loss, "route": [self.peer_id]}, {"grad_in": encode(g, self.codec_bwd)}
@@ -376,7 +379,8 @@ class StageServer(ServicerBase):
         forward_s = time.perf_counter() - t0
         reply, route = await self._send_on(deadline, x, f, tensors, encode(y, self.codec), reserve_s=2 * forward_s)
         t1 = time.perf_counter()
-        g, outcome = await self._compute(self.worker.finish, handle, reply["decoded"]["grad_in"].to(self.worker.device))
+        g, outcome = await self._compute(self.worker.finish, handle, reply["decoded"]["grad_in"].to(self.worker.device),
+                                         key)
         self.count_compute(x, forward_s + time.perf_counter() - t1)
         self.after_backward(outcome)
         return {"loss": reply["loss"], "route": route}, {"grad_in": encode(g, self.codec_bwd)}

@@ -10,7 +10,11 @@ flight.
 Staleness: the handle keeps the forward's graph and the weights' version. If the replica stepped
 while the microbatch was downstream, the graph is stale (its saved weights were updated in
 place), so `finish` recomputes the forward from the kept input (a ResBM code: b numbers per token)
-with the current weights and backpropagates the returned gradient through it. The weights a
+with the current weights and backpropagates the returned gradient through it.
+
+At most once: a microbatch is named by a key (its owner, the owner's step and slot). A rerouted
+walk reaches the replicas downstream of the failure a second time with the same key; they answer
+it (the caller needs the input gradient) but add its parameter gradient only once. The weights a
 microbatch's backward uses are then at most a few updates newer than those of its forward; the
 count is returned and exported (`staleness`). With one trainer that drains each step before the
 next (`--sync`), nothing is ever stale and a step equals train-local's.
@@ -18,6 +22,7 @@ next (`--sync`), nothing is ever stale and a step equals train-local's.
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,9 @@ import torch
 from swarm.config import RunConfig
 from swarm.model import build_stage, lm_loss
 from swarm.optim import StageOptimizer
+
+
+COUNTED_KEYS = 4096  # remembered microbatch keys: far more than are ever in flight
 
 
 def _leaf(x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +69,8 @@ class StageWorker:
         self.accumulated = 0         # microbatches whose gradients sit in .grad
         self.recomputed = 0          # backwards that had to recompute a stale forward
         self.generation = 0          # moves on every in-place change of the weights: step, load, average
+        self.counted: OrderedDict = OrderedDict()  # keys of the last COUNTED_KEYS microbatches added
+        self.duplicates = 0          # backwards of a key already added (a rerouted walk): not added again
         self._state_cache = None     # (generation, serialized state) for joiners
 
     def _run(self, x, tokens):
@@ -76,10 +86,10 @@ class StageWorker:
         out = self._run(leaf, tokens)
         return Handle(x, tokens, leaf, out, self.applied_step, self.generation), out.detach()
 
-    def finish(self, handle: Handle, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
-        """Backward of `begin`'s forward: parameter gradients are added to the stage's buffer (and the
-        replica steps when a step's worth is in), returns (input gradient or None for token ids,
-        what happened: staleness, stepped)."""
+    def finish(self, handle: Handle, grad_out: torch.Tensor, key=None) -> tuple[torch.Tensor | None, dict]:
+        """Backward of `begin`'s forward: parameter gradients are added to the stage's buffer (unless
+        `key` was added already; the replica steps when a step's worth is in), returns (input
+        gradient or None for token ids, what happened: staleness, stepped)."""
         staleness = max(0, self.applied_step - handle.step)
         leaf, out = handle.leaf, handle.out
         handle.leaf = handle.out = None  # the graph is freed with this call, whatever happens
@@ -87,37 +97,49 @@ class StageWorker:
             leaf = _leaf(handle.x)
             out = self._run(leaf, handle.tokens)
             self.recomputed += 1
-        grad_in = self._accumulate(leaf, [out], [grad_out])
-        return grad_in, {"staleness": staleness, **self._maybe_step()}
+        grad_in, added = self._accumulate(leaf, [out], [grad_out], key)
+        return grad_in, {"staleness": staleness, **self._maybe_step(added)}
 
-    def loss_step(self, x: torch.Tensor, targets: torch.Tensor, tokens=None):
+    def loss_step(self, x: torch.Tensor, targets: torch.Tensor, tokens=None, key=None):
         """Last stage: forward, loss and backward at once. Returns (loss, input gradient of
         loss / microbatches, what happened)."""
         leaf = _leaf(x)
         loss = lm_loss(self._run(leaf, tokens), targets)
-        grad_in = self._accumulate(leaf, [loss / self.run.train.microbatches], None)
-        return loss.item(), grad_in, {"staleness": 0, **self._maybe_step()}
+        grad_in, added = self._accumulate(leaf, [loss / self.run.train.microbatches], None, key)
+        return loss.item(), grad_in, {"staleness": 0, **self._maybe_step(added)}
 
-    def _accumulate(self, leaf, outputs, grad_outputs):
-        inputs = ([leaf] if leaf.requires_grad else []) + self.params
+    def _accumulate(self, leaf, outputs, grad_outputs, key) -> tuple[torch.Tensor | None, bool]:
+        """(input gradient, whether the parameter gradients were added: not for a key seen before)."""
+        add = key is None or key not in self.counted
+        inputs = ([leaf] if leaf.requires_grad else []) + (self.params if add else [])
+        if not inputs:  # a duplicate at the first stage: nothing to compute
+            self.duplicates += 1
+            return None, False
         torch.autograd.backward(outputs, grad_outputs, inputs=inputs)
-        self.accumulated += 1
+        if add:
+            self.accumulated += 1
+            if key is not None:
+                self.counted[key] = None
+                if len(self.counted) > COUNTED_KEYS:
+                    self.counted.popitem(last=False)
+        else:
+            self.duplicates += 1
         if not leaf.requires_grad:
-            return None
+            return None, add
         grad_in, leaf.grad = leaf.grad, None
-        return grad_in
+        return grad_in, add
 
-    def _maybe_step(self) -> dict:
+    def _maybe_step(self, added: bool = True) -> dict:
         """Step once a step's worth of microbatches is in: their summed gradients of loss / microbatches
         are exactly train-local's step gradient."""
-        if self.accumulated < self.run.train.microbatches:
-            return {"stepped": False}
+        if not added or self.accumulated < self.run.train.microbatches:
+            return {"stepped": False, "added": added}
         norm = self.opt.step(self.applied_step + 1)
         self.opt.zero_grad()
         self.accumulated = 0
         self.applied_step += 1
         self.generation += 1
-        return {"stepped": True, "grad_norm": norm}
+        return {"stepped": True, "added": True, "grad_norm": norm}
 
     @torch.no_grad()
     def evaluate(self, x, tokens=None, targets=None):
