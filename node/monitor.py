@@ -132,8 +132,9 @@ def main(args) -> int:
         print("error: monitor serves its gauges and page over HTTP: give --metrics-port PORT (1-65535)",
               file=sys.stderr)
         return 2
-    from node.dht import AddressError
+    from node.dht import AddressError, parse_initial_peers
     try:
+        parse_initial_peers(args.initial_peers)  # a typo fails here, before anything is served
         import uvloop
         return uvloop.run(_main(args))
     except (AddressError, ConnectionError) as e:

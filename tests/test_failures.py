@@ -18,12 +18,11 @@ import torch
 
 from node.args import identity_peer_id
 from node.lifeline import descendants
-from node.local import stop_processes
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.coordination import coordinator
 from swarm.export import MixedSteps, check_one_step, common_step
 from swarm.stage_worker import StageWorker
-from swarm_helpers import session_members
+from swarm_helpers import Nodes, wait_until
 
 pytestmark = pytest.mark.swarm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,66 +45,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def wait_until(cond, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-class Nodes:
-    """Processes started as users start them; each in its own session so the test can clean up by group."""
-
-    def __init__(self, tmp_path, env=None):
-        self.dir, self.env = tmp_path, dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.argv: dict[str, list[str]] = {}
-        self.killed: list[int] = []  # main pids killed -9: their sessions must empty by themselves
-
-    def start(self, name: str, *argv: str) -> subprocess.Popen:
-        self.argv[name] = list(argv)
-        log = open(self.dir / f"{name}.log", "a")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "node.cli", *argv], cwd=ROOT, env=self.env,
-                                            stdout=log, stderr=log, start_new_session=True)
-        return self.procs[name]
-
-    def restart(self, name: str) -> subprocess.Popen:
-        return self.start(name, *self.argv[name])
-
-    def log(self, name: str) -> str:
-        return (self.dir / f"{name}.log").read_text(errors="replace")
-
-    def wait_for(self, name: str, text: str, timeout: float = 120.0, since: int = 0) -> None:
-        def seen():
-            if self.procs[name].poll() is not None and text not in self.log(name)[since:]:
-                raise AssertionError(f"{name} exited ({self.procs[name].returncode}):\n{self.log(name)[-3000:]}")
-            return text in self.log(name)[since:]
-        wait_until(seen, timeout, f"{text!r} in {name}'s log:\n{self.log(name)[-2000:]}")
-
-    def own_addr(self, name: str) -> str:
-        self.wait_for(name, "--initial-peers /")
-        return re.search(r"--initial-peers (/\S+)", self.log(name)).group(1)
-
-    def kill9(self, name: str) -> list[int]:
-        """SIGKILL only the node's main pid; returns the pids of the helpers it had (DHT, p2pd, averager)."""
-        proc = self.procs[name]
-        helpers = descendants(proc.pid)
-        proc.kill()
-        proc.wait()
-        self.killed.append(proc.pid)
-        return helpers
-
-    def orphans(self) -> list[str]:
-        """What is left in the sessions of the nodes killed -9 (their p2pd, DHT or averager processes)."""
-        return session_members(self.killed)
-
-    def stop_all(self) -> None:
-        stop_processes(list(self.procs.values()), grace=30.0)
 
 
 @pytest.fixture

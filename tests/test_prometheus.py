@@ -9,64 +9,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
 
 import pytest
 
+from swarm_helpers import (DEPLOY, ROOT, dashboard_exprs, free_port_block, group_alive, query, require_prometheus,
+                           start_prometheus, stop_group)
+
 pytestmark = pytest.mark.swarm
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEPLOY = Path(ROOT) / "deploy"
 TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
         "--batch-size", "4", "--microbatches", "2"]
 STAGES = 3      # stage 0 (the trainers) + 2 served stages
 TRAINERS = 2    # metrics ports P+0, P+1; the stages P+2 (stage 1), P+3 (stage 2)
 
 
-def prometheus_binary():
-    return shutil.which("prometheus") or (os.path.exists("/usr/bin/prometheus") and "/usr/bin/prometheus") or None
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def free_port_block(n: int) -> int:
-    """A base port P with P..P+n-1 all free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65000 and all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free block of ports")
-
-
-def query(prom: str, promql: str) -> list[dict]:
-    url = f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    with urllib.request.urlopen(url, timeout=5) as r:
-        body = json.loads(r.read())
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
 def by_instance(result: list[dict]) -> dict[str, float]:
     return {r["metric"].get("instance"): float(r["value"][1]) for r in result}
-
-
-def dashboard_exprs(title: str | None = None) -> list[str]:
-    dash = json.loads((DEPLOY / "grafana" / "resbm-dashboard.json").read_text())
-    return [t["expr"] for p in dash["panels"] if title in (None, p["title"]) for t in p.get("targets", [])]
 
 
 def children(pid: int) -> list[int]:
@@ -75,31 +35,6 @@ def children(pid: int) -> list[int]:
             return [int(x) for x in f.read().split()]
     except OSError:
         return []
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def stop_group(proc: subprocess.Popen, grace: float) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    if group_alive(proc.pid):
-        os.killpg(proc.pid, signal.SIGKILL)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def assert_boundary_sides(series: list[dict], trainers: set, stage1: set, stage2: set) -> None:
@@ -117,41 +52,17 @@ def assert_boundary_sides(series: list[dict], trainers: set, stage1: set, stage2
 
 
 def test_real_prometheus_scrapes_every_node(tmp_path):
-    prom_bin = prometheus_binary()
-    if prom_bin is None:
-        reason = ("prometheus binary not found (install the Debian package: apt-get install -y prometheus); "
-                  "skipping the real-Prometheus scrape test")
-        print(f"\nSKIP: {reason}", file=sys.__stderr__, flush=True)
-        pytest.skip(reason)
-
+    prom_bin = require_prometheus()
     n_nodes = TRAINERS + STAGES - 1
     base = free_port_block(n_nodes)
-    prom_port = free_port_block(1)
-    while base <= prom_port < base + n_nodes:
-        prom_port = free_port_block(1)
     targets = [f"127.0.0.1:{base + i}" for i in range(n_nodes)]
-    # deploy/prometheus.yml itself, with 1 s intervals, and its local target list pointing at our ports.
-    config = (DEPLOY / "prometheus.yml").read_text()
-    for old, new in (("scrape_interval: 5s", "scrape_interval: 1s"), ("scrape_timeout: 4s", "scrape_timeout: 900ms"),
-                     ("evaluation_interval: 5s", "evaluation_interval: 1s"), ("refresh_interval: 5s", "refresh_interval: 1s")):
-        assert old in config, old
-        config = config.replace(old, new)
-    (tmp_path / "prometheus.yml").write_text(config)
-    (tmp_path / "targets").mkdir()
-    (tmp_path / "targets" / "local.json").write_text(json.dumps([{"targets": targets, "labels": {"swarm": "test"}}]))
-
     swarm_log = open(tmp_path / "local.log", "w")
     swarm = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "local", "--stages", str(STAGES), "--trainers", str(TRAINERS), "--steps",
          "100000", "--eval-every", "0", *TINY, "--metrics-port", str(base), "--run-dir", str(tmp_path / "run"),
          "--run-id", "prom-test", "--json-out", str(tmp_path / "local.json")],
         cwd=ROOT, stdout=swarm_log, stderr=subprocess.STDOUT, start_new_session=True)
-    prom_log = open(tmp_path / "prometheus.log", "w")
-    prom = subprocess.Popen(
-        [prom_bin, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-        cwd=tmp_path, stdout=prom_log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{prom_port}"
+    prom, url = start_prometheus(prom_bin, tmp_path, {"local.json": targets})
     nodes: list[int] = []
     tokens = wire = rate = {}
     try:
@@ -192,7 +103,6 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
                 os.killpg(pid, signal.SIGKILL)
         stop_group(prom, grace=20)
         swarm_log.close()
-        prom_log.close()
 
     log_tail = (tmp_path / "local.log").read_text()[-2000:]
     for t in targets:
@@ -241,7 +151,7 @@ def test_deploy_files_are_consistent(tmp_path):
     services = compose["services"]
     nodes = {}
     for name, svc in services.items():
-        if svc.get("image") != "resbm-swarm:latest" or name == "status":
+        if svc.get("image") != "resbm-swarm:latest" or name in ("status", "monitor"):
             continue
         cmd = svc["command"]
         if svc.get("entrypoint") == ["/bin/sh", "-c"]:
@@ -258,6 +168,14 @@ def test_deploy_files_are_consistent(tmp_path):
     assert len(targets) == len(nodes) - 1  # every node but the bootstrap
     mounts = services["prometheus"]["volumes"]
     assert "./compose/targets.json:/etc/prometheus/targets/swarm-compose.json:ro" in mounts
+    # the monitor: a `monitor` command Prometheus scrapes through its own job (targets/monitor*.json)
+    line = services["monitor"]["command"][0].split("exec resbm-node ", 1)[1]
+    monitor = parser.parse_args(shlex.split(line.replace("$$(cat /shared/bootstrap.addr)", addr)))
+    assert monitor.command == "monitor" and monitor.run_id == "compose" and monitor.metrics_host == "0.0.0.0"
+    assert "./compose/monitor.json:/etc/prometheus/targets/monitor-compose.json:ro" in mounts
+    monitor_targets = json.loads((DEPLOY / "compose" / "monitor.json").read_text())[0]["targets"]
+    assert monitor_targets == [f"monitor:{monitor.metrics_port}"], monitor_targets
+    assert json.loads((DEPLOY / "targets" / "monitor.json").read_text())[0]["targets"] == ["127.0.0.1:9500"]
     assert {a.run_id for a in nodes.values()} == {"compose"}
 
     env = dict(line.split("=", 1) for line in (DEPLOY / "resbm-node.env").read_text().splitlines()
@@ -273,9 +191,15 @@ def test_deploy_files_are_consistent(tmp_path):
     dash = json.loads((DEPLOY / "grafana" / "resbm-dashboard.json").read_text())
     titles = {p["title"] for p in dash["panels"]}
     for needed in ("Throughput", "Loss", "Wire bandwidth per boundary (stage side)", "Compression ratio per node",
-                   "Replicas per stage", "Failures and refusals (per minute)", "Rejected payloads by reason (per minute)"):
+                   "Replicas per stage", "Failures and refusals (per minute)", "Rejected payloads by reason (per minute)",
+                   "Live replicas per stage (monitor)", "Slowest stage", "Run configs and versions"):
         assert needed in titles, needed
     assert all(p.get("targets") for p in dash["panels"] if p["type"] != "row")
+    cells = [(x, y) for p in dash["panels"] for g in [p["gridPos"]]
+             for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]
+    assert len(cells) == len(set(cells)), "dashboard panels overlap"
+    assert {p["labels"]["role"] for p in json.loads((DEPLOY / "targets" / "swarm.json.example").read_text())} <= {
+        "trainer", "stage"}  # the roles nodes have (no "head")
     for p in json.loads((DEPLOY / "targets" / "swarm.json.example").read_text()):
         assert p["targets"] and all(":" in t for t in p["targets"])
 
