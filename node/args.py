@@ -1,7 +1,7 @@
 """What the command line says about a run, shared by every subcommand.
 
-The model and training flags are generated from the fields of swarm.config's ModelConfig and
-TrainConfig (type, default, help and choices live there, once), so every field can be set and a
+The model, training and data flags are generated from the fields of swarm.config's ModelConfig,
+TrainConfig and DataConfig (type, default, help and choices live there, once), so every field can be set and a
 new field needs no flag written by hand. Nothing here imports torch or hivemind at module level:
 `resbm-node --help` must answer fast.
 """
@@ -12,9 +12,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from swarm.config import DEFAULT_RUN_ID, ConfigError, ModelConfig, RunConfig, TrainConfig
+from swarm.config import DEFAULT_RUN_ID, SECTION_TYPES, ConfigError, RunConfig
 
-SECTIONS = (("model", ModelConfig), ("train", TrainConfig))
+SECTIONS = tuple(SECTION_TYPES.items())
+TITLES = {"model": "model (must match across the swarm)", "train": "training (must match across the swarm)",
+          "data": "data (must match across the swarm; the tokenizer sets --vocab-size)"}
 
 
 # --- model and training flags, generated from the config dataclasses ----------------------------
@@ -38,33 +40,34 @@ def _add_field(group, section: str, f: dataclasses.Field, default) -> None:
 
 
 def add_run_args(p: argparse.ArgumentParser, skip=(), **defaults) -> None:
-    """One flag per ModelConfig/TrainConfig field except `skip`; `defaults` (field name -> value)
-    overrides the dataclass default for this subcommand (e.g. `local` trains 4 stages by default)."""
-    titles = {"model": "model (must match across the swarm)", "train": "training (must match across the swarm)"}
+    """One flag per ModelConfig/TrainConfig/DataConfig field except `skip` and derived ones; `defaults`
+    (field name -> value) overrides the dataclass default for this subcommand (e.g. `local` trains 4 stages)."""
     unknown = set(defaults) - {f.name for _, cls in SECTIONS for f in dataclasses.fields(cls)}
     assert not unknown, f"no config field named {unknown}"
     for section, cls in SECTIONS:
-        group = p.add_argument_group(titles[section])
+        group = p.add_argument_group(TITLES[section])
         for f in dataclasses.fields(cls):
-            if f.name not in skip:
+            if f.name not in skip and not f.metadata.get("derived"):
                 _add_field(group, section, f, defaults.get(f.name, f.default))
 
 
 def run_config_from_args(args, run_id: str | None = None) -> RunConfig:
-    """The RunConfig the generated flags describe; a bad combination exits with the config's message."""
+    """The RunConfig the generated flags describe, its data resolved (swarm.data.resolve_data: hashes,
+    vocabulary size); a bad combination exits with the config's message."""
+    from swarm.data import resolve_data  # imports torch: not at module level (--help must stay fast)
     parts = {}
     for section, cls in SECTIONS:
         values = {f.name: getattr(args, f"{section}.{f.name}", f.default) for f in dataclasses.fields(cls)}
         parts[section] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
-        return RunConfig(model=ModelConfig(**parts["model"]), train=TrainConfig(**parts["train"]),
-                         run_id=run_id or getattr(args, "run_id", None) or DEFAULT_RUN_ID)
+        return resolve_data(RunConfig(**{section: cls(**parts[section]) for section, cls in SECTIONS},
+                                      run_id=run_id or getattr(args, "run_id", None) or DEFAULT_RUN_ID))
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
 
 
 def parse_run_config(argv: list[str], run_id: str = DEFAULT_RUN_ID) -> RunConfig:
-    """A RunConfig from model/training flags, e.g. a benchmark's size table."""
+    """A RunConfig from model/training/data flags, e.g. a benchmark's size table."""
     p = argparse.ArgumentParser(prog="run-config")
     add_run_args(p)
     return run_config_from_args(p.parse_args(argv), run_id)

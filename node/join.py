@@ -41,7 +41,12 @@ def add_parser(sub) -> None:
     g.add_argument("--auto-target", type=int, default=None, help=argparse.SUPPRESS)  # tests: an auto node's start
     g = p.add_argument_group("trainers only (--stage 0)")
     g.add_argument("--steps", type=int, default=100, help="optimizer steps to train")
-    g.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="where this node keeps the run's data, if not at the run config's path (it must be the same "
+                        "files: names and sizes are checked)")
+    g.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="where this node keeps the run's tokenizer file, if not at the run config's path (its "
+                        "content is checked)")
     g.add_argument("--eval-every", type=int, default=25, help="validation every N steps (0: only at the end)")
     g.add_argument("--json-out", default=None, help="write the run summary JSON here")
     g.add_argument("--stall-timeout", type=float, default=600.0,
@@ -72,12 +77,13 @@ def main(args) -> int:
     from node.dht import AddressError
     from node.lifecycle import Node
     from node.runtime import setup_logging
+    from swarm.config import ConfigError
     setup_logging(args.verbose)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         return uvloop.run(Node(args).run())
-    except (AddressError, ConnectionError, MemoryError) as e:
+    except (AddressError, ConnectionError, MemoryError, ConfigError) as e:  # ConfigError: not the run's data
         print(f"error: {e}", file=sys.stderr)
         return 2
 

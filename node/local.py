@@ -24,7 +24,6 @@ def add_parser(sub) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas of every stage after stage 0")
     p.add_argument("--trainers", type=int, default=1, help="trainers (stage 0 replicas), each feeding its share")
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="node i serves /metrics on 127.0.0.1:P+i (trainers first); 0: off")
     p.add_argument("--json-out", default=None, help="write the run summary JSON here")
@@ -143,6 +142,16 @@ def tail(path: Path, n: int = 15) -> str:
         return "(no log)"
 
 
+def _tokenize(run) -> None:
+    """Fill the token cache once here, not in every trainer at once; bad data fails before any node starts."""
+    from swarm.config import ConfigError
+    from swarm.data import open_corpus
+    try:
+        open_corpus(run)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(args) -> int:
     run_dir = Path(args.run_dir or f"runs/local-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +164,7 @@ def main(args) -> int:
     # Only our trainers may drive training: their identities exist before the run config is published.
     ids = tuple(identity_peer_id(str(run_dir / f"trainer{i}.id")) for i in range(args.trainers))
     run = replace(run, train=replace(run.train, trainers=ids))
+    _tokenize(run)
     n_nodes = args.trainers + (run.model.n_stages - 1) * args.replicas
     threads = args.threads or max(1, (os.cpu_count() or 1) // n_nodes)
     swarm = Swarm(run_dir, threads, run)
@@ -179,7 +189,7 @@ def main(args) -> int:
                 node += 1
         for name, _, _ in swarm.procs[1:]:
             swarm.wait_for_line(name, "serving", 120)
-        extra = ["--eval-every", str(args.eval_every), *(["--data", args.data] if args.data else [])]
+        extra = ["--eval-every", str(args.eval_every)]  # (the data is in the run config file)
         # trainer 0 shows its progress line here; the others write logs
         trainers = [swarm.start_trainer(i, peers, run.train.steps, inherit_stderr=i == 0, extra=extra + port(i, f"trainer{i}"))
                     for i in range(args.trainers)]

@@ -17,7 +17,6 @@ def add_parser(sub) -> None:
                                    "(codec included). Ctrl-C saves a checkpoint and exits.")
     add_run_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
     p.add_argument("--eval-every", type=int, default=50, help="validation every N steps (0: only at the end)")
     p.add_argument("--checkpoint", default="runs/train-local.pt", help="checkpoint path ('' to disable)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
@@ -38,17 +37,21 @@ def _raise_stop(signum, frame):
 
 def main(args) -> int:
     from node.progress import Progress, human_bytes
-    from swarm.data import ByteCorpus
+    from swarm.config import ConfigError
+    from swarm.data import open_corpus
     from swarm.trainer import LocalTrainer, param_overhead, wire_stats
     run = run_config_from_args(args)
     steps = run.train.steps
     device = resolve_device(args.device)
-    corpus = ByteCorpus(args.data)
     exported = None
     if args.init_from:
         from swarm.export import load_export
         exported, model, _ = load_export(args.init_from)
         run = replace(exported, train=replace(exported.train, steps=steps))
+    try:
+        corpus = open_corpus(run)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     trainer = LocalTrainer(run, corpus, device=str(device))
     if exported is not None:
         trainer.model.load_state_dict(model.state_dict())
@@ -59,7 +62,8 @@ def main(args) -> int:
     ws = wire_stats(run.model)
     print(f"train-local: d={run.model.d_model} layers={run.model.n_layers} stages={run.model.n_stages} "
           f"boundary={run.model.boundary} b={ws['code_width']} codec={ws['wire_codec']} "
-          f"optimizer={run.train.optimizer} device={device} data={corpus.name} fingerprint={run.fingerprint}",
+          f"optimizer={run.train.optimizer} device={device} data={corpus.name} ({corpus.tokens('train')} "
+          f"train tokens, vocab {run.model.vocab_size}) fingerprint={run.fingerprint}",
           file=sys.stderr)
     print(f"wire per boundary: {ws['wire_bytes_per_token_fwd']} B/token fwd, {ws['wire_bytes_per_token_bwd']} B/token "
           f"bwd; {ws['compression_vs_bf16']:.1f}x smaller than bf16 at full width d", file=sys.stderr)
@@ -113,7 +117,7 @@ def main(args) -> int:
         "loss_curve": losses, "val_curve": val_losses, "device": str(device), "stopped_by": stopped,
     }
     trained = f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}, " if losses else ""
-    print(f"done: {summary['steps_completed']} steps, {trained}val loss {val:.4f} nats/byte, "
+    print(f"done: {summary['steps_completed']} steps, {trained}val loss {val:.4f} nats/token, "
           f"{summary['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

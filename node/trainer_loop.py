@@ -11,7 +11,7 @@ from node.client import PeerUnavailable, RemoteError
 from node.progress import Progress, human_bytes
 from node.status import stage_role
 from node.trainer import Stopped, Trainer, TrainerSettings
-from swarm.data import ByteCorpus
+from swarm.data import open_corpus
 from swarm.trainer import param_overhead, wire_stats
 
 log = logging.getLogger("resbm.trainer")
@@ -23,7 +23,7 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
     bar = Progress(args.steps)
     log_ = RunLog()
     settings = TrainerSettings(window=args.window, sync=args.sync, stall_timeout_s=args.stall_timeout)
-    trainer = Trainer(server, ByteCorpus(args.data), p2p, stop=stop, settings=settings,
+    trainer = Trainer(server, open_corpus(run, args.data, args.tokenizer), p2p, stop=stop, settings=settings,
                       status=lambda text: bar.update(len(log_.losses), {"status": text}, force=True))
     stopped, error = None, None
     started = time.perf_counter()

@@ -35,16 +35,23 @@ def apply_rotary(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """Causal self-attention; with kv_heads < n_heads, grouped-query: each key/value head serves
+    n_heads / kv_heads query heads (smaller K/V projections and KV cache). wqkv's output is
+    [q heads | k heads | v heads], so kv_heads = n_heads is exactly plain multi-head attention."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin):
         b, t, d = x.shape
-        q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.wqkv(x).view(b, t, -1, self.head_dim).transpose(1, 2).split(
+            [self.n_heads, self.n_kv, self.n_kv], dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv != self.n_heads:
+            k, v = (z.repeat_interleave(self.n_heads // self.n_kv, dim=1) for z in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(b, t, d))
 

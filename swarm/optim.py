@@ -6,6 +6,8 @@ use `Muon32`, the same update with the Newton-Schulz iteration in float32.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -53,6 +55,16 @@ def muon_class(device: torch.device) -> type:
     return torch.optim.Muon if torch.device(device).type == "cuda" else Muon32
 
 
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps; then constant, or a cosine/linear decay that reaches
+    min_lr at step decay_steps - 1 and stays there."""
+    if step < cfg.warmup_steps or cfg.lr_schedule == "constant":
+        return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    done = min(1.0, (step + 1 - cfg.warmup_steps) / max(1, cfg.decay_steps - cfg.warmup_steps))
+    left = 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1 - done
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * left
+
+
 class StageOptimizer:
     """One object per stage: step / zero_grad / state_dict over its (one or two) torch optimizers."""
 
@@ -76,7 +88,7 @@ class StageOptimizer:
             self.opts = [torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))]
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        return lr_at(self.cfg, step)
 
     def step(self, step: int) -> float:
         """Clip this stage's gradient, step at the scheduled lr; returns the pre-clip grad norm."""

@@ -1,4 +1,4 @@
-"""One source of truth for the run config: the CLI flags are generated from ModelConfig/TrainConfig,
+"""One source of truth for the run config: the CLI flags are generated from ModelConfig/TrainConfig/DataConfig,
 every field can be set (old flag names still work), `--help` needs neither torch nor hivemind, and
 `local` hands its nodes the run config file instead of a command line rebuilt from it."""
 import dataclasses
@@ -14,24 +14,29 @@ import pytest
 from node.args import parse_run_config
 from node.local import Swarm
 from swarm.config import DEFAULT_RUN_ID, ModelConfig, RunConfig, TrainConfig
+from swarm.data import resolve_data
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = ("train-local", "bootstrap", "join", "local", "status", "export", "generate", "identity")
 
 # Every field away from its default (checked below), so a field without a working flag cannot pass.
 TARGET = RunConfig(
-    model=ModelConfig(vocab_size=300, d_model=96, n_layers=3, n_heads=3, ffn_hidden=128, seq_len=64, n_stages=3,
-                      layers_per_stage=(1, 1, 1), boundary="bottleneck", ratio=8, codec="fp16", codec_bwd="int8",
+    model=ModelConfig(vocab_size=300, d_model=96, n_layers=3, n_heads=3, kv_heads=1, ffn_hidden=128, seq_len=64,
+                      n_stages=3, layers_per_stage=(1, 1, 1), boundary="bottleneck", ratio=8, codec="fp16",
+                      codec_bwd="int8",
                       boundary_hidden=48, rope_theta=500.0, norm_eps=1e-6, init_std=0.01, seed=3),
-    train=TrainConfig(optimizer="muon", lr=1e-3, weight_decay=0.1, warmup_steps=5, grad_clip=0.5, batch_size=12,
-                      microbatches=3, average_every=4, trainers=("QmA", "QmB"), steps=7),
+    train=TrainConfig(optimizer="muon", lr=1e-3, weight_decay=0.1, warmup_steps=5, lr_schedule="cosine", min_lr=1e-4,
+                      decay_steps=6, grad_clip=0.5, batch_size=12, microbatches=3, average_every=4,
+                      trainers=("QmA", "QmB"), steps=7),
     run_id="target")
 
 
 def _argv_by_field_names(run: RunConfig) -> list[str]:
     argv = []
-    for part in (run.model, run.train):
+    for part in (run.model, run.train, run.data):
         for f in dataclasses.fields(part):
+            if f.metadata["derived"]:
+                continue
             value = getattr(part, f.name)
             argv += ["--" + f.name.replace("_", "-"), *map(str, value if isinstance(value, tuple) else [value])]
     return argv
@@ -41,7 +46,8 @@ def test_every_config_field_is_a_flag_and_round_trips():
     for part in (TARGET.model, TARGET.train):
         for f in dataclasses.fields(part):
             assert getattr(part, f.name) != f.default, f"TARGET leaves {f.name} at its default"
-    assert parse_run_config(_argv_by_field_names(TARGET), run_id="target") == TARGET
+    # (the data flags are at their defaults here, tests/test_data.py sets them; the run is resolved: hashes)
+    assert parse_run_config(_argv_by_field_names(TARGET), run_id="target") == resolve_data(TARGET)
 
 
 def test_the_flag_names_users_rely_on_still_work():

@@ -157,6 +157,18 @@ def test_token_ids():
     assert err.value.reason == "token_range"
 
 
+def test_token_ids_of_a_50k_vocabulary_travel_as_u16():
+    vocab = 50257  # GPT-2's BPE
+    t = torch.tensor([[0, 255, 256, 40000, vocab - 1]])
+    msg = encode_ints(t, vocab)
+    assert msg["codec"] == "u16" and len(msg["data"]) == 2 * t.numel()
+    assert torch.equal(decode_ints(msg, vocab), t)
+    assert encode_ints(t, 1 << 16)["codec"] == "u16" and encode_ints(t, (1 << 16) + 1)["codec"] == "i32"
+    with pytest.raises(PayloadError) as err:
+        decode_ints(encode_ints(torch.tensor([[vocab]]), 1 << 16), vocab)
+    assert err.value.reason == "token_range"
+
+
 @pytest.mark.parametrize("codec, codec_bwd", [("int4ch", "int8ch"), ("int8ch", "bf16"), ("bf16", "int4ch"),
                                               ("int8", "int8"), ("fp8", "bf16")])
 def test_training_wire_is_the_wire_bit_for_bit(codec, codec_bwd):

@@ -106,6 +106,7 @@ def test_build_stage_matches_staged_model(tiny):
     (dict(boundary="zip"), "boundary='zip'"),
     (dict(codec="fp6"), "codec='fp6'"),
     (dict(n_heads=3), "n_heads=3"),
+    (dict(n_heads=4, kv_heads=3), "kv_heads=3 must divide n_heads=4"),
 ])
 def test_bad_configs_are_clear_errors(kw, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("[", r"\[")):
@@ -114,3 +115,29 @@ def test_bad_configs_are_clear_errors(kw, words):
 
 def test_none_boundary_ignores_ratio():
     assert ModelConfig(d_model=64, ratio=128, boundary="none").code_width == 64
+
+
+def test_kv_heads_equal_to_heads_is_plain_attention(tiny):
+    plain, same = StagedModel(tiny), StagedModel(tiny.replace(kv_heads=tiny.n_heads))
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), same.state_dict().values()))
+    assert torch.equal(plain(tokens), same(tokens))
+
+
+def test_grouped_query_attention_shares_each_kv_head_across_its_group(tiny):
+    """GQA with 2 kv heads equals multi-head attention whose k/v heads are each repeated for their group."""
+    from swarm.model import Attention, rotary_tables
+    gqa_cfg = tiny.replace(kv_heads=2)
+    gqa, mha = Attention(gqa_cfg), Attention(tiny)
+    hd, h = tiny.d_model // tiny.n_heads, tiny.n_heads
+    assert gqa.wqkv.weight.shape == ((h + 2 * 2) * hd, tiny.d_model)  # smaller k and v projections
+    q, k, v = gqa.wqkv.weight.detach().split([h * hd, 2 * hd, 2 * hd])
+    widen = lambda w: w.view(2, hd, -1).repeat_interleave(h // 2, dim=0).reshape(h * hd, -1)  # noqa: E731
+    with torch.no_grad():
+        mha.wqkv.weight.copy_(torch.cat([q, widen(k), widen(v)]))
+        mha.wo.weight.copy_(gqa.wo.weight)
+    x = torch.randn(2, 16, tiny.d_model)
+    cos, sin = rotary_tables(tiny)
+    assert torch.allclose(gqa(x, cos, sin), mha(x, cos, sin), atol=1e-6)
+    loss = lm_loss(StagedModel(gqa_cfg)(torch.randint(0, 256, (2, 16))), torch.randint(0, 256, (2, 16)))
+    loss.backward()  # a whole GQA model trains
