@@ -94,7 +94,8 @@ def families(snap: dict, summary: dict, reads: int, failures: int, last_update: 
     s, slowest = summary, summary["slowest"]
     current = snap["fingerprint"]
     out = [
-        _gauge("resbm_swarm_run_config_found", "1 if the last read found the run config", rows=[(snap["error"] is None,)]),
+        _gauge("resbm_swarm_run_config_found", "1 if the last read found the run config",
+               rows=[(snap["error"] is None,)]),
         _gauge("resbm_swarm_info", "The run this monitor watches", ("run_id", "fingerprint", "version"),
                [(snap["run_id"], current or "", snap["version"] if snap["version"] is not None else "", 1)]),
         _gauge("resbm_swarm_stages", "Stages of the run config", rows=[(s["n_stages"],)]),
@@ -104,7 +105,8 @@ def families(snap: dict, summary: dict, reads: int, failures: int, last_update: 
         _gauge("resbm_swarm_relayed_nodes", "Live nodes reachable only through a relay", rows=[(s["relayed"],)]),
         *_stage_families(s["stages"]),
         _gauge("resbm_swarm_fingerprint_nodes", "Nodes per run config fingerprint (current: the watched run's)",
-               ("fingerprint", "current"), [(fp, str(fp == current).lower(), n) for fp, n in s["fingerprints"].items()]),
+               ("fingerprint", "current"),
+               [(fp, str(fp == current).lower(), n) for fp, n in s["fingerprints"].items()]),
         _gauge("resbm_swarm_fingerprints", "Distinct run config fingerprints among the nodes (1: all agree)",
                rows=[(len(s["fingerprints"]),)]),
         _gauge("resbm_swarm_version_nodes", "Nodes per protocol version", ("version",), list(s["versions"].items())),

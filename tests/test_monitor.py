@@ -69,7 +69,8 @@ def test_gauges_export_every_stage_and_show_a_config_mismatch():
     # stage 3 has nobody: it bounds the pipeline at 0 (stage 0's trainers advertise 0 by design)
     assert got[("resbm_swarm_slowest_stage", ())] == 3
     assert got[("resbm_swarm_slowest_stage_tokens_per_second", ())] == 0
-    assert got[("resbm_swarm_step_min", (("stage", "1"),))] == 5 and got[("resbm_swarm_step_max", (("stage", "1"),))] == 7
+    stage1 = (("stage", "1"),)
+    assert (got[("resbm_swarm_step_min", stage1)], got[("resbm_swarm_step_max", stage1)]) == (5, 7)
     assert ("resbm_swarm_step_max", (("stage", "3"),)) not in got  # no replica, no step
     # the other run's node counts; stale and forged records do not
     assert got[("resbm_swarm_fingerprints", ())] == 2 and got[("resbm_swarm_versions", ())] == 1
@@ -120,6 +121,12 @@ def stage_values(prom: str, metric: str) -> dict[int, float]:
     return {int(r["metric"]["stage"]): float(r["value"][1]) for r in query(prom, metric)}
 
 
+def value(prom: str, promql: str) -> float:
+    """The one value a query returns."""
+    [result] = query(prom, promql)
+    return float(result["value"][1])
+
+
 def start_swarm(nodes: Nodes) -> list[str]:
     """A bootstrap of a 3-stage run and one replica each of stages 1 and 2, records every second
     (they expire after 3 s, so a killed replica leaves the DHT quickly)."""
@@ -154,15 +161,20 @@ def test_prometheus_sees_a_killed_replica_drop_to_zero(tmp_path):
             except OSError:
                 return None  # Prometheus still starting
         wait_until(lambda: replicas() == {0: 0, 1: 1, 2: 1}, 60, "Prometheus to see 1 replica of stages 1 and 2")
+        for expr in dashboard_exprs():  # every panel's query is valid PromQL (test_prometheus checks the nodes')
+            query(url, expr.replace("$__rate_interval", "10s"))
+        assert value(url, dashboard_exprs("Slowest stage")[0]) > 0  # both served stages advertise throughput
         missing = dashboard_exprs("Stages without replica")[0]
-        assert float(query(url, missing)[0]["value"][1]) == 1  # stage 0: no trainer, counted once
+        assert value(url, missing) == 1  # stage 0: no trainer, counted once
         assert stage_values(url, dashboard_exprs("Live replicas per stage (monitor)")[0]) == {0: 0, 1: 1, 2: 1}
         assert "montest" in http_get(f"http://127.0.0.1:{port}/") and "no replica for stage(s) 0" in \
             http_get(f"http://127.0.0.1:{port}/")
 
         nodes.kill9("s2")  # its main pid only, as the OOM killer would
         wait_until(lambda: replicas() == {0: 0, 1: 1, 2: 0}, 30, "stage 2's replicas gauge to drop to 0")
-        assert float(query(url, missing)[0]["value"][1]) == 2
+        assert value(url, missing) == 2
+        assert value(url, "resbm_swarm_slowest_stage") == 2  # nobody serves it: it bounds the pipeline at 0
+        assert value(url, "resbm_swarm_slowest_stage_tokens_per_second") == 0
 
         nodes.kill9("bootstrap")  # the monitor keeps its connection to s1 and reads on
         killed_at = time.time()
