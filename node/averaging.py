@@ -166,14 +166,15 @@ class ReplicaAverager:
     the round are kept. A round that finds no partner or fails costs that round, nothing else."""
 
     def __init__(self, dht: DHT, run_id: str, stage: int, worker, every: int, count_replicas, metrics,
-                 matchmaking_s: float = 1.0, timeout_s: float = 8.0, tau: float | None = None,
-                 iters: int = DEFAULT_ITERS):
+                 matchmaking_s: float = 1.0, timeout_s: float = 8.0, gather_s: float = 60.0,
+                 tau: float | None = None, iters: int = DEFAULT_ITERS):
         self.worker, self.every, self.count_replicas, self.metrics = worker, every, count_replicas, metrics
         self.timeout_s = timeout_s
         self.closing, self._control, self._round = False, None, None
-        # replicas reach their round at slightly different moments (they step on their own): a
-        # background round may wait for partners much longer than the matchmaking time
-        self.gather_s = 10 * matchmaking_s
+        # replicas reach their rounds at different moments (each steps on its own microbatches): a
+        # round waits for partners in the background, up to gather_s; a faster replica whose next
+        # round comes due meanwhile skips it, so it averages at the pace of the slowest partner
+        self.gather_s = gather_s
         self.tau = tau if tau is not None else DEFAULT_TAU
         self.averager = RobustAverager(
             [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",

@@ -60,7 +60,8 @@ class InprocSwarm:
 
             async def count(n=n):
                 return n
-            averager = ReplicaAverager(dht, run.run_id, k, worker, run.train.average_every, count, NodeMetrics())
+            averager = ReplicaAverager(dht, run.run_id, k, worker, run.train.average_every, count, NodeMetrics(),
+                                       gather_s=15.0)
             self.averagers.append(averager)
         server = StageServer(worker, NodeMetrics(), str(dht.peer_id), averager, dht=dht, p2p=p2p)
         if k:

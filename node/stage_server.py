@@ -368,6 +368,8 @@ class StageServer(ServicerBase):
         tokens = self._tokens(tensors, x.shape[:2])
         if f["eval"]:
             return await self._eval(deadline, f, tensors, x, targets, tokens)
+        if f["micro"] >= self.run.train.microbatches:  # a slot of the owner's step
+            raise PayloadError("malformed", f"field 'micro' must be < {self.run.train.microbatches}, got {f['micro']}")
         key = (f["owner"], f["step"], f["micro"])  # a rerouted walk's second visit is not added twice
         t0 = time.perf_counter()
         if self.worker.stage.is_last:

@@ -71,6 +71,7 @@ class Trainer:
         self.skipped = 0                              # microbatches no route finished (applied on no stage 0)
         self.steps: asyncio.Queue[StepDone] = asyncio.Queue()
         self.paused_since: float | None = None
+        self.draining = False                         # closing: no new microbatch, the ones in flight finish
         self.error: str | None = None
         self._changed = asyncio.Condition()
         self._losses: list[float] = []
@@ -193,7 +194,7 @@ class Trainer:
 
     # --- the window --------------------------------------------------------------------------------
     def _may_start(self) -> bool:
-        if self.inflight >= self.window:
+        if self.draining or self.inflight >= self.window:
             return False
         return not self.settings.sync or self.worker.accumulated + self.inflight < self.run.train.microbatches
 
@@ -243,7 +244,16 @@ class Trainer:
         self._feeders = [asyncio.create_task(self._guarded_feed()) for _ in range(self.window)]
 
     async def close(self) -> None:
-        """Stop the lanes; their microbatches in flight are lost (applied on no stage 0)."""
+        """Stop the lanes. Unless a stop signal came, the microbatches in flight may finish first (within
+        a route's timeout), so every stage counts the same ones; otherwise they are lost (applied on no
+        stage 0, on the later stages as far as they got)."""
+        async with self._changed:
+            self.draining = True
+            if not self.stop.is_set():
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(lambda: self.inflight == 0), self.route_timeout())
+                except asyncio.TimeoutError:
+                    log.warning("%d microbatch(es) still in flight at the end: abandoned", self.inflight)
         for task in self._feeders:
             task.cancel()
         await asyncio.gather(*self._feeders, return_exceptions=True)

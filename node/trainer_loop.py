@@ -141,7 +141,7 @@ async def node_info(trainer: Trainer) -> list[dict]:
         entry = {"stage": stage, "peer_id": peer_id, "role": stage_role(stage, trainer.cfg.n_stages)}
         try:
             info = trainer.server.info()["resbm"] if peer_id == trainer.peer_id else \
-                await trainer.client.info(peer_id, stage, timeout=10.0)
+                await trainer.hop.client.info(peer_id, stage, timeout=10.0)
         except (PeerUnavailable, RemoteError) as e:
             return {**entry, "error": str(e)}
         return {**entry, **{k: info.get(k) for k in (

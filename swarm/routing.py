@@ -1,11 +1,14 @@
 """Choosing a replica per stage for each microbatch (SWARM's balancer, Petals' bans).
 
 The expected finish time of a new task on a replica is
-    (tasks this node has in flight there + its advertised queue + 1) * expected seconds per task,
+    (tasks this node has in flight there + 1) * expected seconds per task,
 where seconds per task is an EMA of what this node observed, or 1/throughput advertised in the
 replica's DHT record before the first observation, times RELAY_PENALTY for a replica that is only
 reachable through a relay (its record says relayed: true; Petals likewise scales a relayed server's
-network throughput by 0.2), so direct replicas are preferred while they are not much busier. Ties are broken at random. A failed replica is
+network throughput by 0.2), so direct replicas are preferred while they are not much busier. Ties are broken at random.
+The replica's advertised queue is not used: it is up to a record period old, and every caller reads
+the same value, so callers that trusted it all piled onto the replica that looked idle; a caller's
+own in-flight count is exact, and each caller spreading its own tasks spreads everyone's. A failed replica is
 banned for base * 2^(failures-1) seconds, capped at ban_max_s (the exponent is capped too, so the
 arithmetic cannot overflow however often a replica fails). A banned replica is never chosen: when
 every replica of a stage is banned, `choose` returns None and `next_unban_in` says how long the
@@ -42,7 +45,7 @@ class Replica:
         return seconds * RELAY_PENALTY if self.relayed else seconds
 
     def finish_time(self) -> float:
-        return (self.inflight + self.queue + 1) * self.expected_seconds()
+        return (self.inflight + 1) * self.expected_seconds()
 
 
 class Router:

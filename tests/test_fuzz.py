@@ -75,13 +75,6 @@ def train(owner: str | None, **kw):
                                "targets": targets(2, 32), **kw})
 
 
-def ledger(owner: str, stage: int = 0, **kw):
-    """A trainer's ledger of step 1 (one microbatch) to a step coordinator (a trainer: stage 0)."""
-    wire = {"owner": owner, "step": 1, "routes": [[0, [owner, "QmStage1", "QmStage2"]]], **kw}
-    return request("ledger", stage=stage, meta={"v": PROTOCOL_VERSION, "fp": FP, "tensors": [], "step": 1,
-                                                "ledger": wire})
-
-
 def stock(*protos, method="forward"):
     """A request as a stock hivemind RemoteExpert sends it: no metadata, plain tensors."""
     return request(method, meta=b"", protos=list(protos))
@@ -152,33 +145,14 @@ def malformed_cases(me: str) -> list[tuple[str, tuple, str]]:
         ("negative token id", train(me, targets={"codec": "i32", "shape": [2, 32],
                                                  "data": np.full(64, -1, np.int32).tobytes()}), "token_range"),
         ("backward with metadata", request("backward", x=code(2, 32, B)), "method"),
-        # the step calls and a coordinator's ledgers
-        ("step with a plan of random bytes", request("step", plan=os.urandom(64) + b"\xc1"), "malformed"),
-        ("step with a plan of another shape", request("step", plan=msgpack.packb({"step": 1, "keys": [[1]]})),
-         "malformed"),
-        ("step with a plan that is no bytes", request("step", plan="plan"), "malformed"),
-        ("prepare of a negative step", request("prepare", step=-1), "malformed"),
-        ("ledger to a stage that closes no step", ledger(me, stage=1), "method"),
-        ("ledger that is not a map", request("ledger", stage=0, step=1, ledger=[me, 1]), "malformed"),
-        ("ledger without routes", ledger(me, routes=None), "malformed"),
-        ("ledger with a short route", ledger(me, routes=[[0, [me, "QmStage1"]]]), "malformed"),
-        ("ledger route not from its owner", ledger(me, routes=[[0, ["QmX", "QmStage1", "QmStage2"]]]),
-         "malformed"),
-        ("ledger with a micro twice", ledger(me, routes=[[0, [me, "a", "b"]], [0, [me, "a", "b"]]]), "malformed"),
-        ("ledger of another owner", ledger("QmSomeoneElse"), "forbidden"),
-        ("ledger of another step", ledger(me, step=2), "forbidden"),
+        # a trainer serves only its state
+        ("train to a trainer", train(me, stage=0), "method"),
+        ("state at a negative offset", request("state", stage=0, offset=-1), "malformed"),
         ("stock request without tensors", stock(), "malformed"),
         ("stock int64 tensor", stock(plain(torch.zeros(2, 32, B, dtype=torch.int64))), "codec"),
         ("stock backward without metadata", stock(plain(torch.zeros(2, 32, B)), plain(torch.zeros(2, 32, B)),
                                                   method="backward"), "metadata"),
     ]
-
-
-class Unreached:
-    """A step coordinator that must never see a malformed ledger (its call would answer 'internal')."""
-
-    async def receive(self, ledger):
-        raise AssertionError(f"a malformed ledger reached the coordinator: {ledger}")
 
 
 class Harness:
@@ -190,8 +164,7 @@ class Harness:
         for stage in (0, 1, 2):
             dht = start_dht(RUN.run_id, self.dhts and visible_maddrs(self.dhts[0]))
             p2p = await dht.replicate_p2p()
-            server = StageServer(StageWorker(RUN, stage), NodeMetrics(), str(dht.peer_id),
-                                 coordinator=Unreached() if stage == 0 else None)
+            server = StageServer(StageWorker(RUN, stage), NodeMetrics(), str(dht.peer_id))
             await server.add_p2p_handlers(p2p)
             self.dhts.append(dht)
             self.p2ps.append(p2p)
@@ -290,7 +263,7 @@ def test_malformed_payloads_are_refused_counted_and_banned():
     for reason in ("codec", "shape", "nonfinite", "size", "malformed", "method", "fingerprint", "version", "uid",
                    "metadata", "forbidden", "token_range"):
         assert samples.get(reason, 0) > 0, (reason, samples)
-    assert samples0.get("malformed", 0) >= 5 and samples0.get("forbidden", 0) >= 2, samples0  # the ledgers
+    assert samples0.get("method", 0) >= 1 and samples0.get("malformed", 0) >= 1, samples0  # at the trainer
 
 
 def test_memory_stays_bounded_under_500_bad_requests():
@@ -355,11 +328,11 @@ def test_trainer_refuses_bad_replies_and_reroutes_to_an_honest_replica():
             results = []
             for step in range(3):
                 trainer.hop.router.stages[1][liar.peer_id].banned_until = 0.0  # lie again, in the next way
-                results.append(await trainer.train_step(step))
+                results += (await sw.train(1))[0]
             return results, trainer.hop.retries, trainer.skipped, honest.tokens_done
 
     results, retries, skipped, honest_tokens = asyncio.run(go())
-    assert all(np.isfinite(r["loss"]) and r["finished"] == 4 for r in results), results
+    assert [r.step for r in results] == [0, 1, 2] and all(np.isfinite(r.loss) for r in results), results
     assert set(lies) == {"nan", "short", "route"} and retries >= len(lies) and skipped == 0
     assert honest_tokens > 0
 
