@@ -74,7 +74,7 @@ class InprocSwarm:
     async def train(self, steps: int) -> list[list]:
         """Every trainer feeds until its stage 0 applied `steps` more updates; their StepDone lists."""
         async def one(trainer):
-            trainer.start()
+            trainer.start(steps)
             try:
                 return [await trainer.next_step() for _ in range(steps)]
             finally:

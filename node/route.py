@@ -4,8 +4,10 @@ counts the bytes of every message, and reroutes when it fails (Petals' sequence 
 Every node that sends codes on -- a trainer to stage 1, stage k to stage k+1 -- owns one NextHop
 with its own Router, fed by DHT records and by its own latency observations. A failed replica is
 banned (growing bans) and the call moves to another replica of the same stage, with backoff, as long
-as the request's deadline leaves time for the rest of the route (swarm/deadlines.py); otherwise
-the hop gives up at once and says so upstream, where the next reroute happens.
+as the request's deadline leaves time for the rest of the route (swarm/deadlines.py) and some
+replica of the stage is not banned; otherwise the hop gives up at once and says so upstream
+("downstream": a later stage failed, not the replica we called), so a trainer learns within a
+second that a stage has no usable replica, pauses, and tries again itself.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ log = logging.getLogger(__name__)
 
 # Reasons a replica gives that say "not me, try another" rather than "your request is wrong".
 RETRYABLE = {"internal", "busy", "deadline", "unavailable"}
+PATIENCE_S = 3.0  # how long one call may wait for a banned replica's ban to end
 
 
 class NoRoute(RuntimeError):
-    """No replica of the next stage finished the call in time: `reason` is "deadline" or "unavailable"."""
+    """No replica of the next stage finished the call: `reason` is "deadline", "unavailable" (no usable
+    replica of this hop's stage) or "downstream" (the replica says a later stage had none)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -34,13 +38,13 @@ class NoRoute(RuntimeError):
 
 class NextHop:
     def __init__(self, stage: int, run, dht, p2p, metrics, count=None, refresh_s: float = 5.0,
-                 transit_s: float = 0.2, poll_s: float = 1.0):
+                 transit_s: float = 0.2):
         self.stage, self.run, self.dht, self.metrics = stage, run, dht, metrics
         self.client = StageClient(p2p, run)
         self.count = count or (lambda direction, n: None)   # the node's own byte counter
         self.router = Router(run.model.n_stages)
         self.records: dict[int, list[dict]] = {}             # every stage's records, as last read
-        self.refresh_s, self.transit_s, self.poll_s = refresh_s, transit_s, poll_s
+        self.refresh_s, self.transit_s = refresh_s, transit_s
         self.bytes = {"fwd": 0, "bwd": 0}         # whole messages across our boundary (stage-1 .. stage)
         self.codes = {"fwd": 0, "bwd": 0}         # of which codec bytes of codes, gradients and token ids
         self.tokens = 0
@@ -78,9 +82,9 @@ class NextHop:
         the replica says our request itself is wrong."""
         costs = HopCosts(transit_s=self.transit_s, backward_s=reserve_s)
         tried: set[str] = set()
-        attempt = 0
+        attempt, patience = 0, [PATIENCE_S]
         while True:
-            rep = await self._pick(tried, deadline, costs)
+            rep = await self._pick(tried, deadline, costs, patience)
             timeout = deadline.child_timeout(costs)
             if timeout is None:
                 raise NoRoute("deadline", f"no time left for stage {self.stage}")
@@ -93,6 +97,8 @@ class NextHop:
             except (RemoteError, PeerUnavailable) as e:
                 if isinstance(e, RemoteError) and e.reason not in RETRYABLE:
                     self.router.succeeded(rep, time.perf_counter() - t0)
+                    if e.reason == "downstream":  # the replica is fine; its next hop had no usable replica
+                        raise NoRoute("downstream", str(e)) from e
                     raise
                 attempt += 1
                 await self._failed(rep, e, tried)
@@ -115,7 +121,11 @@ class NextHop:
         if len(route) != self.run.model.n_stages - self.stage or route[0] != peer or not all(route):
             raise RemoteError("internal", f"bad reply to train: route {route!r} does not lead from {peer} to the tail")
 
-    async def _pick(self, tried: set, deadline: Deadline, costs: HopCosts):
+    async def _pick(self, tried: set, deadline: Deadline, costs: HopCosts, patience: list):
+        """A replica not banned and not tried in this call. When every replica is banned, wait for the
+        first ban to end only while this call's patience (a few seconds, for a transient refusal)
+        lasts; then NoRoute: the trainer pauses and retries later, rather than every hop of the route
+        waiting out the bans of a dead replica."""
         while True:
             await self.refresh()
             rep = self.router.choose(self.stage, exclude=tried)
@@ -125,9 +135,11 @@ class NextHop:
             if rep is not None:
                 return rep
             wait = self.router.next_unban_in(self.stage)
-            pause = min(self.poll_s if wait is None else max(wait, 0.05), self.poll_s)
-            if not deadline.may_retry(pause, costs):
-                raise NoRoute("unavailable", f"no usable replica of stage {self.stage}")
+            pause = max(wait, 0.05) if wait is not None else 0.5
+            if pause > patience[0] or not deadline.may_retry(pause, costs):
+                raise NoRoute("unavailable", f"no usable replica of stage {self.stage} "
+                                             f"({len(self.router.replicas(self.stage))} known)")
+            patience[0] -= pause
             await asyncio.sleep(pause)
             await self.refresh(force=True)
 

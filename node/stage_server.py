@@ -35,7 +35,7 @@ from swarm.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
 STREAM_PART = 1 << 20  # bytes per part of a streamed reply
-NOT_THE_PEERS_FAULT = ("busy", "deadline", "unavailable")  # refusals that earn the caller no strike
+NOT_THE_PEERS_FAULT = ("busy", "deadline", "unavailable", "downstream")  # refusals that earn the caller no strike
 
 class BadPeerTracker:
     """Refuse a peer for `ban_s` seconds after `limit` rejected requests within `window_s`."""
@@ -403,10 +403,9 @@ class StageServer(ServicerBase):
             reply, _ = await self.next_hop.call(deadline, x.shape[0] * x.shape[1], reserve_s, owner=f["owner"],
                                                    step=f["step"], micro=f["micro"], eval=f["eval"], x=code, **passed)
         except NoRoute as e:
-            raise PayloadError(e.reason, f"stage {self.index}: {e}") from e
-        except RemoteError as e:  # the next stage refused what we sent: not the caller's fault, except
-            reason = "state" if e.reason == "state" else "unavailable"  # a step it has already applied
-            raise PayloadError(reason, f"stage {self.index + 1} refused: {e}") from e
+            raise PayloadError("deadline" if e.reason == "deadline" else "downstream", f"stage {self.index}: {e}") from e
+        except RemoteError as e:  # the next stage refused what we sent: not the caller's fault
+            raise PayloadError("downstream", f"stage {self.index + 1} refused: {e}") from e
         return reply, [self.peer_id] + list(reply["route"])  # the route was checked by the next hop
 
     def count_compute(self, x, seconds) -> None:

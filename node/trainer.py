@@ -72,6 +72,7 @@ class Trainer:
         self.steps: asyncio.Queue[StepDone] = asyncio.Queue()
         self.paused_since: float | None = None
         self.draining = False                         # closing: no new microbatch, the ones in flight finish
+        self.limit = 0                                # microbatches to get through (start: steps x M)
         self.error: str | None = None
         self._changed = asyncio.Condition()
         self._losses: list[float] = []
@@ -153,7 +154,8 @@ class Trainer:
                                                targets=encode_ints(y, self.cfg.vocab_size), **extra)
                 return reply
             except (NoRoute, RemoteError) as e:
-                if attempt == 2 or (isinstance(e, RemoteError) and e.reason not in ("unavailable", "deadline")):
+                if attempt == 2 or (isinstance(e, RemoteError) and e.reason not in ("unavailable", "deadline")) \
+                        or (isinstance(e, NoRoute) and e.reason == "downstream"):
                     raise
                 log.info("step %d slot %d: no route (%s); trying a fresh one", step, micro, e)
                 await self.hop.refresh(force=True)
@@ -194,7 +196,7 @@ class Trainer:
 
     # --- the window --------------------------------------------------------------------------------
     def _may_start(self) -> bool:
-        if self.draining or self.inflight >= self.window:
+        if self.draining or self.inflight >= self.window or self.drawn - self.skipped >= self.limit:
             return False
         return not self.settings.sync or self.worker.accumulated + self.inflight < self.run.train.microbatches
 
@@ -221,10 +223,11 @@ class Trainer:
                     self._changed.notify_all()
 
     async def _after_failure(self, e: Exception, delay: float) -> None:
+        """Say why we pause (a hop's immediate "no usable replica" answer is enough), wait, go on."""
         await self.hop.refresh(force=True)
         missing = self.missing_stages()
-        self._pause(f"no replica of stage(s) {', '.join(map(str, missing))}; start one with `resbm-node join "
-                    f"--stage {missing[0]} ...`" if missing else f"a microbatch found no route ({e})")
+        self._pause(f"waiting for a replica of stage(s) {', '.join(map(str, missing))}; start one with "
+                    f"`resbm-node join --stage {missing[0]} ...`" if missing else f"the route failed: {e}")
         await self._sleep(delay)
 
     async def _guarded_feed(self) -> None:
@@ -238,8 +241,11 @@ class Trainer:
             self.error = f"{type(e).__name__}: {e}"
             self.stop.set()
 
-    def start(self) -> None:
-        """Start the window's lanes; updates arrive on `steps`."""
+    def start(self, steps: int) -> None:
+        """Start the window's lanes to train `steps` more updates of our stage 0 (a skipped microbatch
+        is replaced, none is drawn beyond them); updates arrive on `steps`."""
+        self.limit = self.drawn - self.skipped + steps * self.run.train.microbatches - self.worker.accumulated
+        self.draining = False
         self._last_step_at = time.perf_counter()
         self._feeders = [asyncio.create_task(self._guarded_feed()) for _ in range(self.window)]
 

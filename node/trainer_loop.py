@@ -32,7 +32,7 @@ async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
         log.info("all %d stages have replicas %s; training %d steps from step %d, %d microbatches in flight%s "
                  "(fingerprint %s)", run.model.n_stages, trainer.hop.replica_counts(), args.steps,
                  server.worker.applied_step + 1, trainer.window, " (sync)" if settings.sync else "", run.fingerprint)
-        trainer.start()
+        trainer.start(args.steps)
         while len(log_.losses) < args.steps:
             moved_before = server.bytes["sent"] + server.bytes["received"]
             done = await trainer.next_step()

@@ -6,9 +6,9 @@ class PayloadError(ValueError):
     """
 
     REASONS = ("malformed", "codec", "dtype", "shape", "size", "nonfinite", "token_range",
-               "version", "fingerprint", "method", "state", "forbidden", "uid", "metadata", "banned", "deadline",
-               "unavailable",
-               "busy")
+               "version", "fingerprint", "method", "forbidden", "uid", "metadata", "banned", "deadline",
+               "unavailable", "busy",
+               "downstream")  # a later stage of the route failed: not this replica's fault, nor the caller's
 
     def __init__(self, reason: str, message: str):
         assert reason in self.REASONS, reason
