@@ -191,12 +191,12 @@ def result_row(variant: str, rate: float, run: RunConfig, size: dict, summary: d
     if summary.get("error"):
         print(f"  FAILED: {summary['error']}", file=sys.stderr)
         return {**row, "steps": 0, "tokens_per_s": 0.0, "wire_bytes_per_token_fwd": 0.0,
-                "wire_bytes_per_token_bwd": 0.0, "lost_microbatches": 0, "error": summary["error"]}
+                "wire_bytes_per_token_bwd": 0.0, "skipped_microbatches": 0, "error": summary["error"]}
     return {**row, "steps": summary["steps_completed"],
             "tokens_per_s": steady_tokens_per_s(summary["step_times"], size["warmup"], size["batch"] * size["seq"]),
             **{k: summary[f"measured_{k}"] for k in ("wire_bytes_per_token_fwd", "wire_bytes_per_token_bwd",
                                                       "code_bytes_per_token_fwd", "code_bytes_per_token_bwd")},
-            "lost_microbatches": summary["lost_microbatches"]}
+            "skipped_microbatches": summary["skipped_microbatches"]}
 
 
 def tables(results: list, limits: dict, shaping: dict, gpu_factor: float) -> tuple[str, str, str]:

@@ -105,8 +105,8 @@ def train_call(p2p, peer: PeerID, uid: str, info: dict, x: torch.Tensor) -> dict
     """One microbatch from the stage to the tail and back: a single rpc_train call with metadata.
     ConnectionHandler's stub has no rpc_train, so the call goes by handler name through hivemind's
     P2P (the stage registers it under the same ConnectionHandler prefix)."""
-    # the stage's next step (a step far ahead of the swarm is refused in an open swarm); the step's
-    # apply plan lists only the trainers' microbatches, so the stages drop this one's gradients
+    # the microbatch's name (owner, step, slot) is ours; in an open swarm (no --trainer list) the stages
+    # train on it like any trainer's microbatch, while a run that lists its trainers refuses it
     step = info["step"] + 1
     targets = torch.zeros(x.shape[:2], dtype=torch.int32)  # token ids: i32 holds any vocabulary
     req = runtime_pb2.ExpertRequest(uid=uid, tensors=[plain(x.to(torch.bfloat16)), plain(targets)], metadata=_meta(

@@ -83,8 +83,8 @@ async def consistent_states(dht, p2p, run, wait_s: float, allow_mixed: bool):
     while True:
         records = await read_stage_records(dht, run)
         stages = range(run.model.n_stages)
-        # all at once: every stage applies a step at the same barrier, so concurrent requests most
-        # likely land between the same two barriers
+        # all at once: with one trainer the stages step within one microbatch's walk of each other, so
+        # concurrent requests most likely land between two of their steps
         fetched = await asyncio.gather(*(_newest_state(p2p, run, records.get(k, [])) for k in stages))
         states = {k: s["model"] for k, s in zip(stages, fetched) if s is not None}
         steps = {k: s["step"] for k, s in zip(stages, fetched) if s is not None}

@@ -7,13 +7,14 @@ from swarm.model import Stage
 
 def stage_memory_bytes(run: RunConfig, index: int, param_count: int) -> dict:
     cfg, t = run.model, run.train
-    # fp32 weights + grads + two optimizer moments (AdamW; Muon keeps one, so this is an upper bound)
+    # fp32 weights + one gradient buffer (however many microbatches are in flight: StageWorker adds
+    # into it) + two optimizer moments (AdamW; Muon keeps one, so this is an upper bound)
     params = param_count * 4 * 4
     layers = cfg.stage_layers[index]
     tokens = t.microbatch_size * cfg.seq_len
     # saved activations per layer and token: ~ (qkv 3d + attn out d + 2 norms 2d + swiglu 3f + residual 2d)
     per_layer_token = 4 * (8 * cfg.d_model + 3 * cfg.ffn_dim)
-    inflight = 2 * t.microbatches + 2  # graphs a replica may hold at once (StageWorker.cache_size)
+    inflight = 2 * t.microbatches + 2  # forward graphs held at once: one per microbatch in flight here
     acts = per_layer_token * layers * tokens * inflight
     if index == cfg.n_stages - 1:
         acts += 4 * 2 * cfg.vocab_size * tokens  # logits and their gradient

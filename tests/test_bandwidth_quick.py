@@ -38,7 +38,7 @@ def test_quick_bandwidth_run_is_shaped_and_clean(tmp_path):
         assert r["code_bytes_per_token_bwd"] == bytes_per_token("bf16", width)
         assert r["code_bytes_per_token_fwd"] > bytes_per_token("bf16", width)
         assert r["code_bytes_per_token_fwd"] < r["wire_bytes_per_token_fwd"] < 1.5 * r["code_bytes_per_token_fwd"]
-    assert all(r["lost_microbatches"] == 0 for r in out["results"])
+    assert all(r["skipped_microbatches"] == 0 for r in out["results"])
     assert out["latency_emulated"] is False
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert set(_our_namespaces()) <= before  # nothing left behind

@@ -17,7 +17,7 @@ from swarm.config import DEFAULT_RUN_ID, ModelConfig, RunConfig, TrainConfig
 from swarm.data import resolve_data
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ("train-local", "bootstrap", "join", "local", "status", "export", "generate", "identity")
+SUBCOMMANDS = ("train-local", "bootstrap", "join", "local", "status", "monitor", "export", "generate", "identity")
 
 # Every field away from its default (checked below), so a field without a working flag cannot pass.
 TARGET = RunConfig(

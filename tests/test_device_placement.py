@@ -50,8 +50,7 @@ def _moments(worker) -> int:
 async def _trained_states(run):
     """Stage 2 of a real swarm after two steps: (its state, every stage's model state)."""
     async with InprocSwarm(run, ByteCorpus(max_bytes=1 << 20)) as sw:
-        for step in range(2):
-            await sw.train_step(step)
+        await sw.train(2)
         live = sw.servers[2][0].worker
         joiner = build_worker(run, 2, META)
         message = await sw.load_joiner(joiner)

@@ -16,7 +16,6 @@ import time
 import pytest
 import torch
 
-from node.args import identity_peer_id
 from node.lifeline import descendants
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.export import MixedSteps, check_one_step, common_step
