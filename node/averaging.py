@@ -21,12 +21,15 @@ import asyncio
 import logging
 import math
 import os
+import threading
+import time
 from typing import Optional, Sequence
 
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
@@ -148,6 +151,14 @@ class RobustAverager(DecentralizedAverager):
                 raise ValueError("aux peers should not receive averaged tensors")
 
 
+def _stage(control):
+    """Where a round is in the averager process (shared memory), or None if it cannot be read."""
+    try:
+        return control.stage
+    except Exception:
+        return None
+
+
 def _cancel(control) -> None:
     """Cancel an averaging round (StepControl) that may already be finished or cancelled."""
     try:
@@ -171,6 +182,8 @@ class ReplicaAverager:
         self.worker, self.every, self.count_replicas, self.metrics = worker, every, count_replicas, metrics
         self.timeout_s = timeout_s
         self.closing, self._control, self._round = False, None, None
+        self._idle = threading.Event()  # no all-reduce thread is running (shutdown waits for it)
+        self._idle.set()
         # replicas reach their rounds at different moments (each steps on its own microbatches): a
         # round waits for partners in the background, up to gather_s; a faster replica whose next
         # round comes due meanwhile skips it, so it averages at the pace of the slowest partner
@@ -218,6 +231,7 @@ class ReplicaAverager:
         if self.closing:
             return None
         control = self._control = None
+        self._idle.clear()
         try:
             # the wait for the result is bounded, so a shutdown mid-round cannot leave this thread
             # (and the process's exit) waiting forever on a helper that is gone
@@ -225,8 +239,11 @@ class ReplicaAverager:
             return control.result(timeout=self.gather_s + self.timeout_s + 2.0)
         except Exception as e:
             _cancel(control)
-            log.warning("averaging error: %s", str(e) or type(e).__name__)
+            if not self.closing:
+                log.warning("averaging error: %s", str(e) or type(e).__name__)
             return None
+        finally:
+            self._idle.set()
 
     def _apply(self, snapshot: list[torch.Tensor], group: int) -> bool:
         """Move each parameter by (averaged - snapshot): the round's correction, on top of whatever
@@ -242,9 +259,18 @@ class ReplicaAverager:
         self.metrics.avg_change.set(change if math.isfinite(change) else 0.0)
         return True
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Cancel a round in flight and let its thread and the averager's matchmaking end before the
+        averager process goes: killed mid-request, it leaves the DHT process a message it cannot read
+        (a traceback in the node's log at every stop)."""
         self.closing = True
-        _cancel(self._control)  # a round in flight: let its waiting thread go now
+        control = self._control
+        _cancel(control)  # a round in flight: let its waiting thread go now
         if self._round is not None:
             self._round.cancel()
+        self._idle.wait(grace_s)
+        deadline = time.monotonic() + grace_s
+        while control is not None and _stage(control) not in (None, AveragingStage.FINISHED) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)  # the averager process leaves matchmaking (its DHT requests) on its own
         self.averager.shutdown()

@@ -10,7 +10,10 @@ flight.
 Staleness: the handle keeps the forward's graph and the weights' version. If the replica stepped
 while the microbatch was downstream, the graph is stale (its saved weights were updated in
 place), so `finish` recomputes the forward from the kept input (a ResBM code: b numbers per token)
-with the current weights and backpropagates the returned gradient through it.
+with the current weights and backpropagates the returned gradient through it. Graphs are also the
+memory that grows with the microbatches in flight: at most `microbatches` of them are kept (the
+oldest in-flight microbatch beyond that keeps only its input and is recomputed), so a stage's
+memory is bounded whatever the callers' windows.
 
 At most once: a microbatch is named by a key (its owner, the owner's step and slot). A rerouted
 walk reaches the replicas downstream of the failure a second time with the same key; they answer
@@ -22,6 +25,7 @@ next (`--sync`), nothing is ever stale and a step equals train-local's.
 from __future__ import annotations
 
 import io
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -72,6 +76,7 @@ class StageWorker:
         self.counted: OrderedDict = OrderedDict()  # keys of the last COUNTED_KEYS microbatches added
         self.duplicates = 0          # backwards of a key already added (a rerouted walk): not added again
         self._state_cache = None     # (generation, serialized state) for joiners
+        self._graphs: OrderedDict = OrderedDict()  # id -> weakref of in-flight handles holding a graph
 
     def _run(self, x, tokens):
         """The stage's forward; bf16 autocast on a GPU, codes leave in fp32 for the codec."""
@@ -84,7 +89,20 @@ class StageWorker:
         """Forward under autograd: (handle for `finish`, detached output to send on)."""
         leaf = _leaf(x)
         out = self._run(leaf, tokens)
-        return Handle(x, tokens, leaf, out, self.applied_step, self.generation), out.detach()
+        handle = Handle(x, tokens, leaf, out, self.applied_step, self.generation)
+        self._keep_graph(handle)
+        return handle, out.detach()
+
+    def _keep_graph(self, handle: Handle) -> None:
+        """Hold at most `microbatches` graphs: beyond, the oldest in flight drops its graph (its
+        backward recomputes the forward). A handle whose caller gave up is forgotten with it."""
+        self._graphs.pop(id(handle), None)  # an id of a forgotten handle may be reused
+        self._graphs[id(handle)] = weakref.ref(handle)
+        while len(self._graphs) > self.run.train.microbatches:
+            _, ref = self._graphs.popitem(last=False)
+            old = ref()
+            if old is not None:
+                old.leaf = old.out = None
 
     def finish(self, handle: Handle, grad_out: torch.Tensor, key=None) -> tuple[torch.Tensor | None, dict]:
         """Backward of `begin`'s forward: parameter gradients are added to the stage's buffer (unless
@@ -93,7 +111,8 @@ class StageWorker:
         staleness = max(0, self.applied_step - handle.step)
         leaf, out = handle.leaf, handle.out
         handle.leaf = handle.out = None  # the graph is freed with this call, whatever happens
-        if handle.generation != self.generation:  # its saved weights were changed in place
+        self._graphs.pop(id(handle), None)
+        if leaf is None or handle.generation != self.generation:  # dropped, or its weights changed in place
             leaf = _leaf(handle.x)
             out = self._run(leaf, handle.tokens)
             self.recomputed += 1

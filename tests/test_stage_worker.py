@@ -67,3 +67,16 @@ def test_a_rerouted_microbatch_is_answered_but_added_once():
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, w.params))
     _, _, other = w.loss_step(code(1), targets, key=("Qb", 0, 1))   # another owner's key is its own
     assert other["added"] and w.accumulated == 2
+
+
+def test_at_most_a_steps_worth_of_graphs_is_held_and_dropped_ones_are_recomputed():
+    w, ref = StageWorker(RUN, 1), StageWorker(RUN, 1)
+    handles = [w.begin(code(i))[0] for i in range(6)]          # 6 in flight, 4 microbatches per step
+    assert [h.leaf is not None for h in handles] == [False, False, True, True, True, True]
+    grad_in, outcome = w.finish(handles[0], torch.ones(2, 8, RUN.model.code_width))
+    want, _ = walk(ref, 0)
+    assert w.recomputed == 1 and outcome["staleness"] == 0
+    torch.testing.assert_close(grad_in, want)                  # same weights: the recompute is exact
+    del handles[2]                                             # a caller that gave up: its graph goes with it
+    new, _ = w.begin(code(9))                                  # and frees its place, no one else's graph
+    assert all(h.leaf is not None for h in handles[2:] + [new])
