@@ -254,8 +254,12 @@ class ReplicaAverager:
                 return False
             deltas = [(src - snap) for src, snap in zip(shared, snapshot)]
         change = max((float(d.abs().max()) for d in deltas if d.numel()), default=0.0)
+        # how far this replica was from its group's average: relative L2 over all its parameters
+        norm = math.sqrt(sum(float(s.float().square().sum()) for s in snapshot))
+        distance = math.sqrt(sum(float(d.float().square().sum()) for d in deltas)) / max(norm, 1e-12)
         self.worker.change_weights(lambda params: [p.add_(d.to(p.device)) for p, d in zip(params, deltas)])
         self.metrics.avg_group_size.set(group)
+        self.metrics.replica_distance.set(distance)
         self.metrics.avg_change.set(change if math.isfinite(change) else 0.0)
         return True
 

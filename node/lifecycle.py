@@ -18,6 +18,7 @@ import enum
 import logging
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -170,8 +171,8 @@ class Node:
         if not run.train.average_every:
             return None
 
-        async def count_replicas():
-            return len((await read_stage_records(self.dht, run)).get(stage, []))
+        async def count_replicas():  # any unexpired copy will do: a round finds its partners itself
+            return len((await read_stage_records(self.dht, run, fresh=False)).get(stage, []))
         return ReplicaAverager(self.dht, run.run_id, stage, worker, run.train.average_every, count_replicas,
                                self.metrics, tau=default_tau(run.train.lr, run.train.average_every))
 
@@ -218,12 +219,17 @@ class Node:
         self.enter(NodeState.DRAINING, f"stage {t.stage}")
         for task in t.tasks:
             task.cancel()
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S  # the whole drain: a stuck step must not keep us
         await self.publish(t.stage, step=t.worker.applied_step)
-        await stop_serving(self.p2p, t.server)
-        for _ in range(int(DRAIN_TIMEOUT_S / 0.1)):
-            if not t.server.inflight:
-                break
+        try:
+            await asyncio.wait_for(stop_serving(self.p2p, t.server), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            log.warning("removing the stage's handlers did not finish within the drain time; going on")
+        while t.server.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        if t.server.inflight:
+            log.info("%d request(s) still in flight after %.0fs of draining: abandoned (their callers retry "
+                     "elsewhere)", t.server.inflight, DRAIN_TIMEOUT_S)
         await self._save_checkpoint()
 
     async def _move(self, target: int) -> int:

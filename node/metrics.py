@@ -30,6 +30,7 @@ counters, no unit for ratios. Which role updates what:
     resbm_peer_bans_total                   stage  peers refused for a while after repeated bad requests
     resbm_averaging_rounds_total, resbm_averaging_failures_total, resbm_averaging_group_size,
     resbm_averaging_max_change              stage  replica averaging (robust CenteredClip all-reduce)
+    resbm_replica_distance                  both   ||group average - own parameters|| / ||own||, at the last round
 """
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ class NodeMetrics:
         self.avg_change = Gauge("resbm_averaging_max_change",
                                 "Largest change of any parameter in the last averaging round (bounded by the "
                                 "robust aggregation)", registry=r)
+        self.replica_distance = Gauge("resbm_replica_distance", "Relative L2 distance of this replica's parameters "
+                                      "from its averaging group's mean, measured at the last round", registry=r)
         self.retries = Counter("resbm_retries_total", "Calls retried on another replica", ["stage"], registry=r)
         self.bans = Counter("resbm_bans_total", "Replicas banned after a failure", ["stage"], registry=r)
         self.rejected = Counter("resbm_rejected_payloads_total", "Requests rejected, by reason", ["reason"],

@@ -5,7 +5,11 @@ The expected finish time of a new task on a replica is
 where seconds per task is an EMA of what this node observed, or 1/throughput advertised in the
 replica's DHT record before the first observation, times RELAY_PENALTY for a replica that is only
 reachable through a relay (its record says relayed: true; Petals likewise scales a relayed server's
-network throughput by 0.2), so direct replicas are preferred while they are not much busier. Ties are broken at random.
+network throughput by 0.2), so direct replicas are preferred while they are not much busier. A new
+task goes to a replica drawn with probability proportional to 1 / its expected finish time (SWARM's
+stochastic wiring), not to the single best: a replica whose first calls were slow (connection set-up,
+a transient refusal) still gets its share, so its estimate recovers instead of being starved by the
+replica that happened to answer first.
 The replica's advertised queue is not used: it is up to a record period old, and every caller reads
 the same value, so callers that trusted it all piled onto the replica that looked idle; a caller's
 own in-flight count is exact, and each caller spreading its own tasks spreads everyone's. A failed replica is
@@ -86,13 +90,12 @@ class Router:
         return rep if rep is not None and not self.is_banned(rep) else None
 
     def choose(self, stage: int, exclude=()) -> Replica | None:
-        """The replica of `stage` expected to finish a new task first, among those neither banned nor
-        in `exclude`; None if there is none (see `next_unban_in` for how long to wait)."""
+        """A replica of `stage` neither banned nor in `exclude`, drawn with probability proportional to
+        1 / its expected finish time; None if there is none (see `next_unban_in` for how long to wait)."""
         usable = [r for r in self.stages[stage].values() if r.peer_id not in exclude and not self.is_banned(r)]
         if not usable:
             return None
-        best = min(r.finish_time() for r in usable)
-        return self.rng.choice([r for r in usable if r.finish_time() <= best * 1.0001])
+        return self.rng.choices(usable, weights=[1.0 / max(r.finish_time(), 1e-9) for r in usable])[0]
 
     def started(self, rep: Replica) -> None:
         rep.inflight += 1

@@ -96,3 +96,20 @@ def test_a_restarted_replica_with_the_same_identity_is_not_banned():
     assert r.choose(1) is None
     r.update(1, [{"peer_id": "a", "started": 50.0}])  # same peer id, new process
     assert r.choose(1).peer_id == "a"
+
+
+def test_a_replica_that_looked_slow_still_gets_its_share():
+    """Two trainers, or one whose first call to a replica was slow, must not pile onto the other one:
+    shares follow 1 / expected time, so the slow-looking replica is still called and its estimate
+    recovers."""
+    r = router_with(["a", "b"], Clock())
+    a, b = sorted(r.replicas(1), key=lambda x: x.peer_id)
+    r.succeeded(a, 0.1)
+    r.succeeded(b, 1.0)                      # one slow first call (connection set-up)
+    got = {"a": 0, "b": 0}
+    for _ in range(1000):
+        got[r.choose(1).peer_id] += 1
+    assert 40 < got["b"] < 160, got          # ~1/11 of the calls: a share, not starvation
+    for _ in range(5):
+        r.succeeded(b, 0.1)                  # its real speed, observed
+    assert b.expected_seconds() < 0.3
