@@ -24,7 +24,9 @@ def add_parsers(sub) -> None:
     g = sub.add_parser("generate", help="sample text from an exported model")
     g.add_argument("--model", required=True, help="a .safetensors file written by `export`")
     g.add_argument("--prompt", default="def ")
-    g.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    g.add_argument("--tokens", type=int, default=200, help="tokens to generate (bytes, for a byte-level run)")
+    g.add_argument("--tokenizer", default=None,
+                   help="the run's tokenizer (default: the path or hf: name its config records; its hash is checked)")
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--seed", type=int, default=0)
@@ -147,6 +149,26 @@ def generate_main(args) -> int:
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load {args.model}: {e}")
     model.eval()
-    out = generate(model, args.prompt.encode(), args.tokens, args.temperature, args.top_k, args.seed)
-    sys.stdout.write(args.prompt + out.decode("utf-8", errors="replace") + "\n")
+    tok = run_tokenizer(run, args.tokenizer)
+    prompt = [int(i) for i in tok.encode_documents([args.prompt])[0]]
+    if tok.eos is not None and prompt and prompt[-1] == tok.eos:
+        prompt = prompt[:-1]  # the encoder closes every document; a prompt goes on
+    out = generate(model, prompt, args.tokens, args.temperature, args.top_k, args.seed,
+                   start_id=tok.eos if tok.eos is not None else 10)
+    sys.stdout.write(args.prompt + tok.decode(out) + "\n")
     return 0
+
+
+def run_tokenizer(run, spec: str | None):
+    """The tokenizer a run was trained with (from its config, or a local copy), checked by hash."""
+    from swarm.config import ConfigError
+    from swarm.tokenizer import load_tokenizer
+    d = run.data
+    try:
+        tok = load_tokenizer(spec or d.tokenizer)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e} (pass --tokenizer with a local copy of the run's tokenizer)")
+    if d.tokenizer_hash and tok.content_hash != d.tokenizer_hash:
+        raise SystemExit(f"error: tokenizer {spec or d.tokenizer} has hash {tok.content_hash}, the run was trained "
+                         f"with {d.tokenizer} (hash {d.tokenizer_hash})")
+    return tok

@@ -66,12 +66,13 @@ def stage_weights(path: str, run: RunConfig, index: int) -> tuple[dict, int]:
 
 
 @torch.no_grad()
-def generate(model: StagedModel, prompt: bytes, max_new: int, temperature: float = 0.8, top_k: int = 40,
-             seed: int = 0) -> bytes:
-    """Byte-level sampling (no KV cache: the context is re-run, cropped to seq_len)."""
+def generate(model: StagedModel, prompt: list[int], max_new: int, temperature: float = 0.8, top_k: int = 40,
+             seed: int = 0, start_id: int = 10) -> list[int]:
+    """Sample `max_new` token ids after `prompt` (ids of the run's tokenizer; no KV cache: the context
+    is re-run, cropped to seq_len). An empty prompt starts from `start_id` (a newline in bytes)."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    tokens = list(prompt) or [10]  # an empty prompt starts from a newline
+    tokens = list(prompt) or [start_id]
     start = len(tokens) if prompt else 1
     for _ in range(max_new):
         ctx = torch.tensor([tokens[-model.cfg.seq_len:]], device=device)
@@ -82,4 +83,4 @@ def generate(model: StagedModel, prompt: bytes, max_new: int, temperature: float
             top = torch.topk(logits / temperature, min(top_k, logits.numel()))
             nxt = int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)])
         tokens.append(nxt)
-    return bytes(tokens[start:])
+    return tokens[start:]

@@ -229,3 +229,25 @@ def _write(path: Path, text: str) -> Path:
 def _parquet(path: Path, **columns) -> Path:
     pq.write_table(pa.table(columns), path)
     return path
+
+
+def test_generate_speaks_the_runs_tokenizer_and_checks_it(files, tmp_path):
+    """A model trained with a BPE is sampled in BPE ids and decoded to text (not read as bytes); a
+    tokenizer whose content differs from the run's is refused."""
+    from swarm.export import save_export
+    from swarm.model import StagedModel
+    run = parse_run_config(["--data", str(files.parquet), "--tokenizer", str(files.bpe), "--d-model", "32",
+                            "--layers", "2", "--heads", "2", "--stages", "2", "--ratio", "8", "--seq-len", "16"])
+    model = StagedModel(run.model)
+    save_export(str(tmp_path / "m.st"), run, {k: s.state_dict() for k, s in enumerate(model.stages)}, {0: 0, 1: 0})
+    gen = lambda *extra: subprocess.run([sys.executable, "-m", "node.cli", "generate", "--model", str(tmp_path / "m.st"),  # noqa: E731
+                                         "--prompt", "the ", "--tokens", "8", "--device", "cpu", *extra],
+                                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = gen()
+    assert res.returncode == 0 and res.stdout.startswith("the "), res.stderr[-2000:]
+    # 8 ids of a 1000-token BPE (mostly merges of several characters) decode to far more than 8 characters
+    # (seeded sampling of a seeded model: the same text every run); read as bytes they would give at most 8
+    assert len(res.stdout) - len("the ") - 1 > 12, res.stdout
+    other = _train_bpe(files.texts[:200], 600, tmp_path / "other.json")
+    res = gen("--tokenizer", str(other))
+    assert res.returncode != 0 and "the run was trained with" in res.stderr, res.stderr[-2000:]
