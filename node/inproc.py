@@ -40,7 +40,7 @@ class InprocSwarm:
         for k in range(run.model.n_stages):
             self.servers[k] = [await self._serve(k, validator) for _ in range(self.replicas.get(k, 1))]
         for i, server in enumerate(self.servers[0]):
-            self.trainers.append(Trainer(server, self.corpus, server.next_hop.client.p2p, settings=self.settings,
+            self.trainers.append(Trainer(server, self.corpus, settings=self.settings,
                                          stream=i))
         for trainer in self.trainers:
             await asyncio.wait_for(trainer.wait_for_stages(), 60)

@@ -5,7 +5,6 @@ the command line and the few calls that put a stage on the network."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from node.args import add_connect_args, add_monitoring_args, positive_seconds
@@ -73,19 +72,13 @@ def _stage_arg(text: str):
 
 def main(args) -> int:
     import torch
-    import uvloop
-    from node.dht import AddressError
     from node.lifecycle import Node
-    from node.runtime import setup_logging
+    from node.runtime import run_command, setup_logging
     from swarm.config import ConfigError
     setup_logging(args.verbose)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        return uvloop.run(Node(args).run())
-    except (AddressError, ConnectionError, MemoryError, ConfigError) as e:  # ConfigError: not the run's data
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(Node(args).run(), MemoryError, ConfigError)  # ConfigError: not the run's data
 
 
 # --- putting a stage on the network (one small function per call, to swap with the transport) ------
@@ -108,6 +101,6 @@ async def stop_serving(p2p, server) -> None:
     await server.remove_p2p_handlers(p2p)
 
 
-async def run_trainer(args, run, server, p2p, stop) -> int:
+async def run_trainer(args, run, server, stop) -> int:
     from node.trainer_loop import train
-    return await train(args, run, server, p2p, stop)
+    return await train(args, run, server, stop)

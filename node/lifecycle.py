@@ -209,7 +209,7 @@ class Node:
         t.tasks.append(asyncio.create_task(self.announcer.run(0, self.run_cfg.fingerprint, t.server)))
         t.tasks.append(asyncio.create_task(watch_swarm(self.dht, self.run_cfg, t.server)))
         t.tasks += periodic_checkpoints(t.worker, t.checkpoint, self.args.save_every_min, t.server.executor)
-        return await run_trainer(self.args, self.run_cfg, t.server, self.p2p, self.stop)
+        return await run_trainer(self.args, self.run_cfg, t.server, self.stop)
 
     # --- draining, moving, stopping --------------------------------------------------------------
     async def _drain(self) -> None:

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from node.args import add_monitoring_args, positive_seconds
 from node.monitor_metrics import families, summarize
 from node.monitor_page import render_page
-from node.runtime import SocketJanitor, close_hivemind, setup_logging, stop_event_on_signals
+from node.runtime import SocketJanitor, close_hivemind, run_command, setup_logging, stop_event_on_signals
 from node.status import DEFAULT_RUN_IDS, add_reader_args, resolve_run_id, snapshot
 
 log = logging.getLogger("resbm.monitor")
@@ -135,11 +135,10 @@ def main(args) -> int:
     from node.dht import AddressError, parse_initial_peers
     try:
         parse_initial_peers(args.initial_peers)  # a typo fails here, before anything is served
-        import uvloop
-        return uvloop.run(_main(args))
-    except (AddressError, ConnectionError) as e:
+    except AddressError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return run_command(_main(args))
 
 
 async def _main(args) -> int:

@@ -27,6 +27,19 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("hivemind.averaging.averager").addFilter(_drop_expected_averaging_failures)
 
 
+def run_command(coro, *errors: type) -> int:
+    """Run a command's coroutine under uvloop. A bad address, an unreachable peer (and `errors`) is the
+    user's to fix: one line on stderr and exit code 2, not a traceback."""
+    import uvloop
+    from node.dht import AddressError
+    try:
+        return uvloop.run(coro)
+    except (AddressError, ConnectionError, *errors) as e:
+        coro.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def stop_event_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
     """An event set by SIGINT or SIGTERM, so the node leaves through its normal shutdown path."""
     loop.set_exception_handler(_quiet_stream_resets)

@@ -335,7 +335,8 @@ class StageServer(ServicerBase):
         """Stock clients get a plain float codec they can read (bf16 when the swarm's has scales)."""
         return codec if not fields.get("stock") or codec in ("fp32", "bf16", "fp16") else "bf16"
 
-    async def _compute(self, fn, *args):
+    async def in_worker(self, fn, *args):
+        """`fn(*args)` in the stage's one worker thread, between two microbatches' compute."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def after_backward(self, outcome: dict) -> None:
@@ -348,7 +349,7 @@ class StageServer(ServicerBase):
             self.metrics.steps.inc()
             self.metrics.step.set(self.worker.applied_step)
             if self.averager is not None:
-                self.averager.after_step(self.worker.applied_step, self._compute)
+                self.averager.after_step(self.worker.applied_step, self.in_worker)
 
     # --- methods -------------------------------------------------------------------------------
     async def _on_forward(self, f: dict, tensors: dict, peer: str):
@@ -357,7 +358,7 @@ class StageServer(ServicerBase):
             raise PayloadError("method", f"stage {self.index} is the last stage: it needs targets, call 'train' "
                                          f"with eval=true")
         x = self._code(tensors, "x", None if f.get("stock") else self.codec)
-        y = await self._compute(self.worker.evaluate, x, self._tokens(tensors, x.shape[:2]))
+        y = await self.in_worker(self.worker.evaluate, x, self._tokens(tensors, x.shape[:2]))
         return {}, {"y": encode(y, self._reply_codec(f, self.codec))}
 
     async def _on_train(self, f: dict, tensors: dict, peer: str):
@@ -373,15 +374,15 @@ class StageServer(ServicerBase):
         key = (f["owner"], f["step"], f["micro"])  # a rerouted walk's second visit is not added twice
         t0 = time.perf_counter()
         if self.worker.stage.is_last:
-            loss, g, outcome = await self._compute(self.worker.loss_step, x, targets, tokens, key)
+            loss, g, outcome = await self.in_worker(self.worker.loss_step, x, targets, tokens, key)
             self.count_compute(x, time.perf_counter() - t0)
             self.after_backward(outcome)
             return {"loss": loss, "route": [self.peer_id]}, {"grad_in": encode(g, self.codec_bwd)}
-        handle, y = await self._compute(self.worker.begin, x, tokens)
+        handle, y = await self.in_worker(self.worker.begin, x, tokens)
         forward_s = time.perf_counter() - t0
         reply, route = await self._send_on(deadline, x, f, tensors, encode(y, self.codec), reserve_s=2 * forward_s)
         t1 = time.perf_counter()
-        g, outcome = await self._compute(self.worker.finish, handle, reply["decoded"]["grad_in"].to(self.worker.device),
+        g, outcome = await self.in_worker(self.worker.finish, handle, reply["decoded"]["grad_in"].to(self.worker.device),
                                          key)
         self.count_compute(x, forward_s + time.perf_counter() - t1)
         self.after_backward(outcome)
@@ -389,9 +390,9 @@ class StageServer(ServicerBase):
 
     async def _eval(self, deadline, f: dict, tensors: dict, x, targets, tokens):
         if self.worker.stage.is_last:
-            loss = await self._compute(self.worker.evaluate, x, tokens, targets)
+            loss = await self.in_worker(self.worker.evaluate, x, tokens, targets)
             return {"loss": loss, "route": [self.peer_id]}, {}
-        y = await self._compute(self.worker.evaluate, x, tokens)
+        y = await self.in_worker(self.worker.evaluate, x, tokens)
         reply, route = await self._send_on(deadline, x, f, tensors, encode(y, self.codec))
         return {"loss": reply["loss"], "route": route}, {}
 
@@ -419,7 +420,7 @@ class StageServer(ServicerBase):
 
     async def _on_state(self, f: dict, tensors: dict, peer: str):
         # the step label and the bytes come from one moment of the worker thread: they always agree
-        step, blob = await self._compute(lambda: (self.worker.applied_step, self.worker.state_bytes()))
+        step, blob = await self.in_worker(lambda: (self.worker.applied_step, self.worker.state_bytes()))
         offset = f["offset"]
         return {"step": step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK]}, {}
 

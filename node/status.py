@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from node.runtime import SocketJanitor, close_hivemind, setup_logging, stop_event_on_signals
+from node.runtime import SocketJanitor, close_hivemind, run_command, setup_logging, stop_event_on_signals
 
 log = logging.getLogger("resbm.status")
 
@@ -196,13 +196,7 @@ async def resolve_run_id(dht, requested: str | None, timeout: float) -> str:
 # --- command -----------------------------------------------------------------------------------
 def main(args) -> int:
     setup_logging(args.verbose)
-    from node.dht import AddressError
-    try:
-        import uvloop
-        return uvloop.run(_main(args))
-    except (AddressError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_main(args))
 
 
 async def _main(args) -> int:

@@ -55,9 +55,9 @@ class StepDone:
 
 
 class Trainer:
-    def __init__(self, server, corpus, p2p, *, settings: TrainerSettings = TrainerSettings(),
+    def __init__(self, server, corpus, *, settings: TrainerSettings = TrainerSettings(),
                  stop: asyncio.Event | None = None, status=None, stream: int | None = None):
-        self.server, self.corpus, self.p2p = server, corpus, p2p
+        self.server, self.corpus = server, corpus
         self.worker, self.run, self.metrics = server.worker, server.run, server.metrics
         self.cfg, self.peer_id = self.run.model, server.peer_id
         self.settings = settings
@@ -131,9 +131,6 @@ class Trainer:
         return max(self.settings.min_route_timeout_s, route_timeout(hops))
 
     # --- one microbatch ----------------------------------------------------------------------------
-    async def _local(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.server.executor, fn, *args)
-
     def _draw(self, split: str, index: int):
         """(inputs, targets, step, slot of the step) of our `index`-th microbatch; validation reads
         the same batches everywhere."""
@@ -167,16 +164,16 @@ class Trainer:
         x, y, step, micro = self._draw(split, index)
         t0 = time.perf_counter()
         if train:
-            handle, code = await self._local(self.worker.begin, x, None)
+            handle, code = await self.server.in_worker(self.worker.begin, x, None)
         else:
-            code, handle = await self._local(self.worker.evaluate, x), None
+            code, handle = await self.server.in_worker(self.worker.evaluate, x), None
         forward_s = time.perf_counter() - t0
         reply = await self._walk(x, y, code, step, micro, train)
         loss = float(reply["loss"])
         if not train:
             return loss
         t1 = time.perf_counter()
-        _, outcome = await self._local(self.worker.finish, handle, reply["decoded"]["grad_in"].to(self.worker.device))
+        _, outcome = await self.server.in_worker(self.worker.finish, handle, reply["decoded"]["grad_in"].to(self.worker.device))
         self.server.count_compute(x, forward_s + time.perf_counter() - t1)
         self._finished(loss, outcome)
         return loss

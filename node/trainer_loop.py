@@ -17,13 +17,13 @@ from swarm.trainer import param_overhead, wire_stats
 log = logging.getLogger("resbm.trainer")
 
 
-async def train(args, run, server, p2p, stop: asyncio.Event) -> int:
+async def train(args, run, server, stop: asyncio.Event) -> int:
     """Train until our stage 0 applied `args.steps` updates, as one of the swarm's trainers; `server`
     is our stage-0 StageServer."""
     bar = Progress(args.steps)
     log_ = RunLog()
     settings = TrainerSettings(window=args.window, sync=args.sync, stall_timeout_s=args.stall_timeout)
-    trainer = Trainer(server, open_corpus(run, args.data, args.tokenizer), p2p, stop=stop, settings=settings,
+    trainer = Trainer(server, open_corpus(run, args.data, args.tokenizer), stop=stop, settings=settings,
                       status=lambda text: bar.update(len(log_.losses), {"status": text}, force=True))
     stopped, error = None, None
     started = time.perf_counter()

@@ -177,7 +177,7 @@ def test_two_replicas_share_traffic_and_average_in_the_background():
             background = [r.averager._round for r in reps]
             await asyncio.gather(*(t for t in background if t is not None), return_exceptions=True)
             rounds = [r.averager.metrics.registry.get_sample_value("resbm_averaging_rounds_total") for r in reps]
-            quiet = await asyncio.gather(*(r.averager.average(99, r._compute) for r in reps))
+            quiet = await asyncio.gather(*(r.averager.average(99, r.in_worker) for r in reps))
             distance = [r.averager.metrics.registry.get_sample_value("resbm_replica_distance") for r in reps]
             return rounds, quiet, distance, [r.tokens_done for r in reps], [r.worker.stage.state_dict() for r in reps]
 
