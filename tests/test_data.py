@@ -251,3 +251,24 @@ def test_generate_speaks_the_runs_tokenizer_and_checks_it(files, tmp_path):
     other = _train_bpe(files.texts[:200], 600, tmp_path / "other.json")
     res = gen("--tokenizer", str(other))
     assert res.returncode != 0 and "the run was trained with" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_local_swarm_trains_on_parquet_with_bpe_and_sends_u16_ids(files, tmp_path):
+    """The whole swarm, not one process: `resbm-node local` on the parquet set with the BPE, its loss
+    falls, and the targets cross every hop as u16 (a 1000-token vocabulary), 2 bytes per token."""
+    out = tmp_path / "s.json"
+    res = subprocess.run([sys.executable, "-m", "node.cli", "local", "--data", str(files.parquet),
+                          "--tokenizer", str(files.bpe), "--d-model", "64", "--layers", "2", "--heads", "4",
+                          "--kv-heads", "2", "--stages", "2", "--ratio", "16", "--seq-len", "64", "--batch-size", "8",
+                          "--microbatches", "2", "--steps", "30", "--warmup", "5", "--lr", "1e-2", "--eval-every",
+                          "0", "--run-dir", str(tmp_path / "run"), "--json-out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, RESBM_DATA_CACHE=str(files.cache)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["steps_completed"] == 30 and s["config"]["model.vocab_size"] == VOCAB
+    curve = s["loss_curve"]
+    assert sum(curve[-5:]) / 5 < curve[0] - 0.5, curve
+    code = 2 * (64 // 16)  # b = 4 values per token in bf16
+    assert s["measured_code_bytes_per_token_fwd"] == pytest.approx(code + 2)  # the code and u16 targets
+    assert s["measured_code_bytes_per_token_bwd"] == code
