@@ -31,6 +31,11 @@ from swarm.shards import batch_key, data_stream
 log = logging.getLogger(__name__)
 
 
+def _waiting_for(missing: list[int]) -> str:
+    return (f"waiting for a replica of stage(s) {', '.join(map(str, missing))}; start one with "
+            f"`resbm-node join --stage {missing[0]} ...`")
+
+
 class Stopped(RuntimeError):
     """A stop signal arrived, or the swarm lacked a stage for longer than the trainer may wait."""
 
@@ -93,8 +98,7 @@ class Trainer:
             missing = self.missing_stages()
             if not missing:
                 break
-            self._pause(f"waiting for a replica of stage(s) {', '.join(map(str, missing))}; start one with "
-                        f"`resbm-node join --stage {missing[0]} ...`")
+            self._pause(_waiting_for(missing))
             await self._sleep(delay)
             delay = min(2 * delay, self.settings.poll_max_s)
         self._resume()
@@ -223,8 +227,7 @@ class Trainer:
         """Say why we pause (a hop's immediate "no usable replica" answer is enough), wait, go on."""
         await self.hop.refresh(force=True)
         missing = self.missing_stages()
-        self._pause(f"waiting for a replica of stage(s) {', '.join(map(str, missing))}; start one with "
-                    f"`resbm-node join --stage {missing[0]} ...`" if missing else f"the route failed: {e}")
+        self._pause(_waiting_for(missing) if missing else f"the route failed: {e}")
         await self._sleep(delay)
 
     async def _guarded_feed(self) -> None:
