@@ -16,6 +16,23 @@ of every veth, so each host's uplink and downlink are limited to
 ``rate_mbit`` independently.  The rate counts whole Ethernet frames, so TCP
 goodput is ~1448/1514 = 95.6 % of it (MSS 1448 with timestamps).
 
+Latency (``rtt_ms`` > 0; netem is missing here too): the switch namespace becomes a router
+instead of a bridge, and a user-space delay line (bench/delay_line.py) sits in it::
+
+    host i eth0 [tbf up] --> p{i} --(policy route: iif p{i} -> table 100)--> dl0 (TUN)
+        delay line: read, hold rtt_ms / 2, write back to dl0
+    dl0 --(main table: 10.77.0.{j+1}/32 dev p{j})--> p{j} [tbf down] --> host j eth0
+
+Hosts keep their addresses and /24 on eth0; the router answers their ARP for each other (proxy ARP),
+so every inter-host packet is forwarded through the TUN, once each way: RTT = 2 x one-way delay.
+The TUN lies between the sender's uplink tbf and the receiver's downlink tbf, so both rate limits
+hold exactly as without delay (the delay line shifts the arrival pattern by a constant; it does not
+queue behind or in front of a shaper).  The delay line runs in its own session, tracked like
+``popen``'s processes (killed at teardown); it also exits by itself if the lab's process dies
+without one.  The TUN device is persistent, so if the delay line dies its packets are dropped
+(traffic stops) rather than silently routed around the delay.  ``one_way_ms`` sets per-direction
+delays between given host pairs.  ``rtt_ms=0`` (the default) builds the bridged lab above, unchanged.
+
 Namespace names encode the owning pid (``rbm<pid>x<tag>-h0``, ``...-sw``) so
 that ``cleanup_stale`` can remove leftovers of runs that were SIGKILLed.
 """
@@ -27,6 +44,7 @@ import ipaddress
 import json
 import os
 import re
+import select
 import secrets
 import shutil
 import signal
@@ -35,9 +53,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 PREFIX = "rbm"  # prefix family of every namespace we create
+DELAY_LINE = Path(__file__).with_name("delay_line.py")  # run as a plain script (stdlib only)
+DELAY_TABLE = "100"  # routing table (router namespace) that sends host ports' traffic into the TUN
 _NAME_RE = re.compile(r"^(?P<prefix>[a-z]+)(?P<pid>\d+)x(?P<tag>[0-9a-f]+)-(?:sw|h\d+)$")
 
 
@@ -97,12 +118,17 @@ class NetnsLab:
     accurate TCP rates from 1 to 1000 Mbit/s; 200 ms lost 15-20 % below
     10 Mbit/s (deeper queue -> larger slow-start overshoot -> loss bursts).
 
-    >>> with NetnsLab(2, rate_mbit=10) as lab:
+    ``rtt_ms`` > 0 adds that round-trip time to every path between two hosts (a delay line in the
+    router namespace, rtt_ms / 2 each way); ``one_way_ms`` {(i, j): ms} overrides the delay of
+    packets from host i to host j (per direction).  See the module docstring.
+
+    >>> with NetnsLab(2, rate_mbit=10, rtt_ms=100) as lab:
     ...     srv = lab.popen(1, ["python3", "-m", "http.server", "--bind", lab.hosts[1].ip])
     """
 
     def __init__(self, n_hosts: int, rate_mbit: float | None = None, prefix: str | None = None,
-                 subnet: str = "10.77.0.0/24", latency_ms: float = 50.0, grace_s: float = 3.0):
+                 subnet: str = "10.77.0.0/24", latency_ms: float = 50.0, grace_s: float = 3.0,
+                 rtt_ms: float = 0.0, one_way_ms: dict[tuple[int, int], float] | None = None):
         self.prefix = prefix or PREFIX
         if not re.fullmatch(r"[a-z]{1,8}", self.prefix):
             raise ValueError("prefix must be 1-8 lowercase letters (cleanup_stale parses names)")
@@ -111,6 +137,15 @@ class NetnsLab:
             raise ValueError(f"need 1 <= n_hosts <= {self.net.num_addresses - 2} for {subnet}")
         self.rate_mbit = rate_mbit
         self.latency_ms = latency_ms
+        if rtt_ms < 0 or any(ms < 0 for ms in (one_way_ms or {}).values()):
+            raise ValueError("delays must be >= 0")
+        if any(not (0 <= i < n_hosts and 0 <= j < n_hosts) for i, j in (one_way_ms or {})):
+            raise ValueError("one_way_ms keys must be pairs of host indices")
+        self.rtt_ms = rtt_ms
+        self.one_way_ms = dict(one_way_ms or {})
+        self.routed = rtt_ms > 0 or bool(self.one_way_ms)  # router + delay line instead of a bridge
+        self.delay_line: subprocess.Popen | None = None
+        self._line_buf = b""  # the delay line's stdout not yet returned by _read_line
         self.grace_s = grace_s  # SIGTERM -> SIGKILL delay for tracked processes
         base = f"{self.prefix}{os.getpid()}x{secrets.token_hex(2)}"  # unique per lab
         self.switch = f"{base}-sw"
@@ -145,20 +180,86 @@ class NetnsLab:
         self._created.append(ns)
         self._ip(ns, "link", "set", "lo", "up")
 
+    def _sysctl(self, ns: str, *settings: str) -> None:
+        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", *settings])
+
     def _build(self) -> None:
         sw = self.switch
         self._add_netns(sw)
-        self._ip(sw, "link", "add", "br0", "type", "bridge")
-        self._ip(sw, "link", "set", "br0", "up")
+        if self.routed:
+            # a router: forwards, answers ARP for the other hosts, no redirects (hosts must keep
+            # sending to it), no reverse-path filter (packets come back out of the TUN)
+            self._sysctl(sw, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                         "net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.all.send_redirects=0",
+                         "net.ipv4.conf.default.send_redirects=0", "net.ipv4.conf.default.proxy_arp=1")
+        else:
+            self._ip(sw, "link", "add", "br0", "type", "bridge")
+            self._ip(sw, "link", "set", "br0", "up")
         for i, h in enumerate(self.hosts):
             self._add_netns(h.name)
             self._ip(sw, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", h.name)
-            self._ip(sw, "link", "set", f"p{i}", "master", "br0", "up")
+            if self.routed:
+                self._sysctl(sw, f"net.ipv4.neigh.p{i}.proxy_delay=0")  # default: answer after up to 0.8 s
+                self._ip(sw, "link", "set", f"p{i}", "up")
+                self._ip(sw, "route", "add", f"{h.ip}/32", "dev", f"p{i}")
+                self._ip(sw, "rule", "add", "iif", f"p{i}", "lookup", DELAY_TABLE, "pref", "100")
+            else:
+                self._ip(sw, "link", "set", f"p{i}", "master", "br0", "up")
             self._ip(h.name, "addr", "add", f"{h.ip}/{self.net.prefixlen}", "dev", "eth0")
             self._ip(h.name, "link", "set", "eth0", "up")
             if self.rate_mbit is not None:
                 self._shape(h.name, "eth0")  # host -> switch (uplink)
                 self._shape(sw, f"p{i}")  # switch -> host (downlink)
+        if self.routed:
+            self._start_delay_line()
+
+    def _start_delay_line(self, timeout: float = 15.0) -> None:
+        """The TUN (persistent: without its reader, packets are dropped rather than routed around
+        it), the route into it, then the delay line in its own session; returns once it is attached."""
+        sw = self.switch
+        self._ip(sw, "tuntap", "add", "dev", "dl0", "mode", "tun")
+        self._ip(sw, "link", "set", "dl0", "up", "txqueuelen", "10000")
+        self._ip(sw, "route", "add", "default", "dev", "dl0", "table", DELAY_TABLE)
+        argv = [sys.executable, str(DELAY_LINE), "--dev", "dl0", "--delay-ms", f"{self.rtt_ms / 2:g}",
+                "--parent", str(os.getpid())]
+        for (i, j), ms in sorted(self.one_way_ms.items()):
+            argv += ["--pair", self.hosts[i].ip, self.hosts[j].ip, f"{ms:g}"]
+        with self._lock:
+            if self._state != "open":
+                raise RuntimeError("lab is closed")
+            self.delay_line = subprocess.Popen(["ip", "netns", "exec", sw, *argv], start_new_session=True,
+                                               stdout=subprocess.PIPE, bufsize=0)
+            self._procs.append(self.delay_line)
+        if self._read_line(timeout) != "ready":
+            raise RuntimeError(f"delay line did not start (exit status {self.delay_line.poll()})")
+
+    def _read_line(self, timeout: float) -> str | None:
+        """The delay line's next stdout line, or None after ``timeout`` s or at EOF."""
+        fd, deadline = self.delay_line.stdout.fileno(), time.monotonic() + timeout
+        while b"\n" not in self._line_buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None
+            self._line_buf += chunk
+        line, self._line_buf = self._line_buf.split(b"\n", 1)
+        return line.decode().strip()
+
+    def delay_line_stats(self, timeout: float = 3.0) -> dict:
+        """The delay line's counters (packets and bytes passed, drops, lateness past the deadline,
+        most packets/bytes held) and its CPU time so far (``cpu_s``: user + system)."""
+        if self.delay_line is None or self.delay_line.poll() is not None:
+            raise RuntimeError("no delay line running")
+        self.delay_line.send_signal(signal.SIGUSR1)
+        line = self._read_line(timeout)
+        if line is None:
+            raise RuntimeError("delay line did not report")
+        stats = json.loads(line)
+        fields = Path(f"/proc/{self.delay_line.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stats["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return stats
 
     def _shape(self, ns: str, dev: str) -> None:
         _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
@@ -222,6 +323,8 @@ class NetnsLab:
             try:
                 self._kill_procs()
             finally:
+                if self.delay_line is not None and self.delay_line.stdout is not None:
+                    self.delay_line.stdout.close()
                 for ns in reversed(self._created):
                     _delete_netns(ns)
                 self._created.clear()
@@ -349,6 +452,64 @@ def measure_throughput_mbit(lab: NetnsLab, src: int, dst: int, seconds: float = 
         return res["bytes"] * 8 / res["seconds"] / 1e6
     finally:
         for p in (sink, sender):
+            if p is not None:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+                for f in (p.stdout, p.stderr):
+                    if f is not None:
+                        f.close()
+
+
+# ------------------------------------------------------------------ round trips
+_ECHO = r"""
+import socket, sys
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, port)); srv.listen(1); srv.settimeout(timeout)
+print("ready", flush=True)
+conn, _ = srv.accept(); conn.settimeout(timeout)
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while b := conn.recv(64):
+    conn.sendall(b)
+"""
+
+_PINGER = r"""
+import json, socket, sys, time
+host, port, n, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+t0 = time.monotonic()
+s = socket.create_connection((host, port), timeout=timeout)
+connect = time.monotonic() - t0
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(n):
+    t0 = time.monotonic()
+    s.sendall(b"x")
+    if s.recv(64) != b"x":
+        raise SystemExit("bad echo")
+    rtts.append(time.monotonic() - t0)
+print(json.dumps({"connect_ms": 1000 * connect, "rtt_ms": [1000 * r for r in rtts]}), flush=True)
+"""
+
+
+def measure_rtt_ms(lab: NetnsLab, src: int, dst: int, n: int = 10, port: int = 5202, timeout: float = 15.0) -> dict:
+    """TCP round trips from host ``src`` to host ``dst`` (an echo with TCP_NODELAY, one byte at a time):
+    ``{"connect_ms": the handshake, "rtt_ms": [n echo round trips]}``."""
+    ip = lab.hosts[dst].ip
+    echo = lab.popen(dst, [sys.executable, "-c", _ECHO, ip, str(port), str(timeout)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pinger = None
+    try:
+        if echo.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"echo server failed: {echo.stderr.read()}")
+        pinger = lab.popen(src, [sys.executable, "-c", _PINGER, ip, str(port), str(n), str(timeout)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = pinger.communicate(timeout=timeout + n * 2)
+        if pinger.returncode != 0:
+            raise RuntimeError(f"pinger failed: {err}")
+        return json.loads(out)
+    finally:
+        for p in (echo, pinger):
             if p is not None:
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)

@@ -105,15 +105,15 @@ def framing_overhead(nodes: list[dict]) -> float:
 
 
 def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float, overhead: float | None,
-            announce_s: float) -> dict:
+            announce_s: float, rtt_ms: float = 0.0) -> dict:
     """One row: train in the lab, then turn the summary and the interface counters into figures."""
     run = run_config(size, every)
     row = {"per_stage": per_stage, "average_every": every, "link_mbit": size["rate"], "compute_bound_tokens_per_s":
            limit, "predicted_link_bound_tokens_per_s": predicted_link_bound(run.model, size["rate"], per_stage),
-           "announce_period_s": announce_s}
+           "announce_period_s": announce_s, "rtt_ms": rtt_ms}
     row["bound"] = "compute" if row["predicted_link_bound_tokens_per_s"] > limit else "link"
     res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage,
-                       node_args=("--announce-period", str(announce_s)))
+                       node_args=("--announce-period", str(announce_s)), rtt_ms=rtt_ms)
     if "error" in res or res["summaries"][0].get("error"):
         return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
     summaries = res["summaries"]
@@ -189,6 +189,9 @@ def main(argv=None) -> int:
     g.add_argument("--scale", action="store_true", help="adds 3 per stage (10 namespaces; for more cores)")
     p.add_argument("--announce-period", type=positive_seconds, default=5.0, metavar="S",
                    help="every node's `join --announce-period` (its DHT record store period; default 5)")
+    p.add_argument("--rtt-ms", type=float, default=0.0, metavar="MS",
+                   help="round-trip time added to every path between two nodes (bench/netns.py's delay line; "
+                        "default 0: none)")
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/scaling.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
@@ -200,18 +203,21 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for per_stage, every in size["runs"]:
             print(f"[{per_stage} per stage, average_every {every}, {size['rate']:g} Mbit/s]", file=sys.stderr, flush=True)
-            runs.append(measure(size, per_stage, every, Path(args.keep or tmp), limit, overhead, args.announce_period))
+            runs.append(measure(size, per_stage, every, Path(args.keep or tmp), limit, overhead, args.announce_period,
+                                args.rtt_ms))
             if per_stage == 1 and "framing_overhead" in runs[-1]:
                 overhead = runs[-1]["framing_overhead"]  # no averaging with one replica: the baseline
     speedup, verdict = verdicts(runs)
     text = table(runs)
     print(f"\n{name}: d={size['d']}, {size['layers']} layers, {size['stages']} stages, ratio {size['ratio']}, "
           f"batch {size['batch']}x{size['seq']} in {size['micro']} microbatches; records stored every "
-          f"{args.announce_period:g} s; tbf both ways, no latency "
-          f"emulation; B/tok = bytes sent + received per token the node handled\n\n{text}\n\n" + "\n".join(verdict))
+          f"{args.announce_period:g} s; tbf both ways, "
+          f"{f'{args.rtt_ms:g} ms RTT added (delay line)' if args.rtt_ms else 'no latency emulation'}; "
+          f"B/tok = bytes sent + received per token the node handled\n\n{text}\n\n" + "\n".join(verdict))
     png = args.png_out or str(Path(args.json_out).with_suffix(".png"))
     write_json(args.json_out, {"size": name, "config": size, "runs": runs, "speedup_2": speedup, "verdict": verdict,
-                               "table": text, "machine": machine_info(), "latency_emulated": False,
+                               "table": text, "machine": machine_info(), "latency_emulated": args.rtt_ms > 0,
+                               "rtt_ms": args.rtt_ms,
                                "command": " ".join(["python -m bench.scaling", *(argv or sys.argv[1:])])})
     plot(png, runs)
     print(f"\nwrote {args.json_out} and {png}", file=sys.stderr)
