@@ -391,6 +391,15 @@ def require_root_netns() -> str | None:
     return None
 
 
+def require_tun() -> str | None:
+    """None if a lab with latency (``rtt_ms`` > 0) can be built, given ``require_root_netns()``; else why not."""
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR))
+    except OSError as e:
+        return f"no usable /dev/net/tun for the delay line: {e}"
+    return None
+
+
 # ------------------------------------------------------------------ throughput
 # The receiver drives the measurement: it counts bytes for a fixed window from
 # the first byte, then exits, which stops the sender.  (Letting the sender stop

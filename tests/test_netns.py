@@ -1,4 +1,4 @@
-"""NetnsLab: shaped links are accurate and nothing outlives the lab."""
+"""NetnsLab: shaped links are accurate, the delay line adds its RTT, and nothing outlives the lab."""
 
 import signal
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import NetnsLab, cleanup_stale, measure_throughput_mbit, require_root_netns
+from bench.netns import NetnsLab, cleanup_stale, measure_rtt_ms, measure_throughput_mbit, require_root_netns, require_tun
 
 REASON = require_root_netns()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"netns unavailable: {REASON}")
@@ -113,3 +113,56 @@ def test_cleanup_stale_removes_dead_owner():
         assert stale in removed and lab.hosts[0].name not in removed
         assert lab.hosts[0].name in netns_names()
     assert stale not in netns_names()
+
+
+TUN_REASON = require_tun()
+needs_tun = pytest.mark.skipif(TUN_REASON is not None, reason=f"delay line unavailable: {TUN_REASON}")
+
+
+@needs_tun
+def test_rtt_of_the_delay_line_and_none_without_it():
+    # the delay line holds packets by deadline: a round trip never takes less than rtt_ms, and on a
+    # loaded machine it can only take longer (hence the best of 10 for the +-15 ms check)
+    with NetnsLab(2) as lab:
+        flat = measure_rtt_ms(lab, 0, 1)["rtt_ms"]
+    assert sorted(flat)[len(flat) // 2] < 5, flat
+    with NetnsLab(2, rate_mbit=10, rtt_ms=100) as lab:
+        got = measure_rtt_ms(lab, 0, 1)
+        pid = lab.delay_line.pid
+        assert lab.delay_line_stats()["packets"] >= 2 * 10
+    rtts = got["rtt_ms"]
+    assert min(rtts) >= 99.5, rtts  # 2 x 50 ms, less the clocks' rounding
+    assert min(rtts) <= 115 and sorted(rtts)[len(rtts) // 2] <= 150, rtts
+    assert got["connect_ms"] >= 99.5, got  # the handshake (and the ARP before it) crosses it too
+    assert not alive(pid)  # torn down with the lab
+
+
+@needs_tun
+def test_rate_holds_through_the_delay_line():
+    # the TUN sits between the sender's uplink tbf and the receiver's downlink tbf: 100 ms of RTT
+    # must neither bypass the shaping nor (with TCP's default windows) cost much of the rate
+    with NetnsLab(2, rate_mbit=1, rtt_ms=100) as lab:
+        got = measure_throughput_mbit(lab, 0, 1, seconds=3.0)
+        stats = lab.delay_line_stats()
+    assert got == pytest.approx(1 * 1448 / 1514, rel=0.15), got
+    assert stats["dropped_full"] == 0 and stats["bytes"] >= got * 1e6 / 8 * 3.0, stats
+
+
+@needs_tun
+def test_delay_line_exits_when_the_lab_process_is_killed():
+    script = textwrap.dedent("""
+        import time
+        from bench.netns import NetnsLab
+        with NetnsLab(2, rtt_ms=20) as lab:
+            print(lab.delay_line.pid, flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    proc.kill()  # no teardown at all
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid)
+    cleanup_stale()  # the namespaces of the dead owner
