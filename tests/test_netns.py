@@ -5,10 +5,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
+from bench.delay_line import DelayLine, parse_pairs
 from bench.netns import NetnsLab, cleanup_stale, measure_rtt_ms, measure_throughput_mbit, require_root_netns, require_tun
 
 REASON = require_root_netns()
@@ -166,3 +168,19 @@ def test_delay_line_exits_when_the_lab_process_is_killed():
         time.sleep(0.05)
     assert not alive(pid)
     cleanup_stale()  # the namespaces of the dead owner
+
+
+def test_delay_line_queue_keeps_order_per_delay_and_is_bounded():
+    def pkt(src: str, dst: str, tag: int) -> bytes:  # a bare IPv4 header is all the line reads
+        return bytes([0x45]) + bytes(11) + ip_address(src).packed + ip_address(dst).packed + bytes([tag])
+    line = DelayLine(0.05, parse_pairs([["10.0.0.1", "10.0.0.2", "10"]]), max_packets=4)
+    assert line.push(pkt("10.0.0.2", "10.0.0.1", 0), 0.0) and line.push(pkt("10.0.0.2", "10.0.0.1", 1), 0.0)
+    assert line.push(pkt("10.0.0.1", "10.0.0.2", 2), 0.001)  # 10 ms this way
+    assert not line.push(b"\x60" + bytes(40), 0.0)  # not IPv4
+    assert line.push(pkt("10.0.0.2", "10.0.0.1", 3), 0.002)
+    assert not line.push(pkt("10.0.0.2", "10.0.0.1", 4), 0.002)  # full: tail drop
+    assert line.due(0.0109) == [] and line.next_deadline() == pytest.approx(0.011)
+    assert [p[-1] for p in line.due(0.0111)] == [2]
+    assert [p[-1] for p in line.due(0.0505)] == [0, 1]  # never early, FIFO
+    assert [p[-1] for p in line.due(1.0)] == [3]
+    assert line.report()["dropped_full"] == 1 and line.report()["dropped_not_ipv4"] == 1
