@@ -104,6 +104,7 @@ class StageServer(ServicerBase):
         self.compute = RateMeter()
         self.bytes = {"sent": 0, "received": 0}
         self.state_bytes = {"sent": 0, "received": 0}
+        self.snapshots = StateSnapshots()  # of the state, for joiners' downloads
         self.payload = {"sent": 0, "received": 0}
         self.requests = 0
         self.bad_peers = BadPeerTracker()
@@ -419,10 +420,20 @@ class StageServer(ServicerBase):
         self.metrics.compute_tokens_per_second.set(self.compute.rate())
 
     async def _on_state(self, f: dict, tensors: dict, peer: str):
-        # the step label and the bytes come from one moment of the worker thread: they always agree
-        step, blob = await self.in_worker(lambda: (self.worker.applied_step, self.worker.state_bytes()))
+        """One chunk of a state snapshot: a download's first call takes the snapshot (the step label and the
+        bytes come from one moment of the worker thread: they always agree), later calls read it on by offset,
+        so a joiner on a slow link gets one consistent state however many steps happen meanwhile."""
+        if f["snapshot"]:
+            snap = self.snapshots.get(f["snapshot"])
+            if snap is None:
+                raise PayloadError("unavailable", f"state snapshot {f['snapshot']} is no longer held here; start the "
+                                                  f"download again")
+        else:
+            snap = self.snapshots.take(*await self.in_worker(
+                lambda: (self.worker.generation, self.worker.applied_step, self.worker.state_bytes())))
+        sid, step, blob = snap
         offset = f["offset"]
-        return {"step": step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK]}, {}
+        return {"step": step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK], "snapshot": sid}, {}
 
     # --- info ----------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -439,6 +450,39 @@ class StageServer(ServicerBase):
                           "state_bytes_received": self.state_bytes["received"],
                           "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
                           "tokens": self.tokens_done, "requests": self.requests}}
+
+
+class StateSnapshots:
+    """Serialized states that joiners are downloading: one per weight generation (joiners that start
+    meanwhile share it), at most `keep`, each dropped `idle_s` after its last chunk was read."""
+
+    def __init__(self, keep: int = 2, idle_s: float = 300.0):
+        self.keep, self.idle_s = keep, idle_s
+        self.held: dict[str, list] = {}   # id -> [generation, step, blob, last read (monotonic)]
+
+    def take(self, generation: int, step: int, blob: bytes) -> tuple[str, int, bytes]:
+        self._expire()
+        sid = next((k for k, v in self.held.items() if v[0] == generation), None)
+        if sid is None:
+            import secrets
+            sid = f"{step}-{secrets.token_hex(6)}"
+            self.held[sid] = [generation, step, blob, time.monotonic()]
+            while len(self.held) > self.keep:
+                del self.held[min(self.held, key=lambda k: self.held[k][3])]  # the least recently read
+        return self.get(sid)
+
+    def get(self, sid: str) -> tuple[str, int, bytes] | None:
+        self._expire()
+        snap = self.held.get(sid)
+        if snap is None:
+            return None
+        snap[3] = time.monotonic()
+        return sid, snap[1], snap[2]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [k for k, v in self.held.items() if now - v[3] > self.idle_s]:
+            del self.held[sid]
 
 
 def measure_throughput(server: StageServer, repeats: int = 5) -> None:

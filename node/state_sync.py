@@ -2,8 +2,9 @@
 
 A joiner never serves a freshly initialised stage into a running swarm: it downloads the current
 parameters and optimizer state from a live replica of its stage (the one furthest ahead) before it
-announces itself. With no live replica it resumes from its own newest checkpoint, else it starts
-from initialisation, and it says which.
+announces itself, from a snapshot the replica takes for that download (however many steps happen
+meanwhile), and tries again, saying why, for as long as live replicas exist. With no live replica
+it resumes from its own newest checkpoint, else it starts from initialisation, and it says which.
 """
 from __future__ import annotations
 
@@ -22,24 +23,46 @@ from swarm.checkpoint import atomic_write_bytes, load
 log = logging.getLogger("resbm.state")
 
 
-async def download_state(p2p, run, stage: int, peer_id: str, timeout: float = 60.0, restarts: int = 5) -> dict:
-    """A replica's state, chunk by chunk. If it applies a step meanwhile (another step label or size),
-    start over: chunks of two steps would make a state that never existed."""
+async def download_state(p2p, run, stage: int, peer_id: str, timeout: float = 60.0, retries: int = 5) -> dict:
+    """A replica's state, chunk by chunk, from one snapshot: the replica serializes its state once when
+    the download starts and serves that snapshot by offset, however many steps it applies meanwhile, so
+    the download may take as long as the link needs. A later chunk that fails (timeout, busy replica) is
+    asked for again at the same offset; a snapshot the replica no longer holds starts the download over. A
+    replica without snapshots (an older version) is read live: a step in between (another step label
+    or size) starts over, as chunks of two steps would make a state that never existed."""
     client = StageClient(p2p, run)
-    chunks, offset, total, step = [], 0, None, None
+    chunks, offset, total, step, snap = [], 0, None, None, ""
+    started, failures = time.monotonic(), 0
     while total is None or offset < total:
-        reply, _, _ = await client.call(peer_id, stage, "state", offset=offset, timeout=timeout)
-        if total is not None and (reply["total"] != total or reply.get("step") != step):
-            if restarts == 0:
-                raise RemoteError("state", "the replica kept stepping during the state transfer")
-            restarts -= 1
-            chunks, offset, total, step = [], 0, None, None
+        try:
+            reply, _, _ = await client.call(peer_id, stage, "state", offset=offset, timeout=timeout,
+                                            **({"snapshot": snap} if snap else {}))
+        except (PeerUnavailable, RemoteError) as e:
+            transient = isinstance(e, PeerUnavailable) or e.reason in ("busy", "unavailable")
+            if not transient or failures >= retries or not snap:  # (a first call that fails: the caller decides)
+                raise
+            failures += 1
+            if isinstance(e, RemoteError) and e.reason == "unavailable":  # our snapshot is gone
+                chunks, offset, total, step, snap = [], 0, None, None, ""
+            log.info("state download of stage %d from %s: %s; %s at byte %d", stage, peer_id[-8:], e,
+                     "resuming" if offset else "starting again", offset)
+            await asyncio.sleep(min(2.0 ** failures, 15.0))
             continue
-        total, step = reply["total"], reply.get("step")
+        if total is not None and (reply["snapshot"] != snap or
+                                  (not snap and (reply["total"] != total or reply.get("step") != step))):
+            if failures >= retries:
+                raise RemoteError("state", "the replica kept stepping during the state transfer")
+            failures += 1
+            chunks, offset, total, step, snap = [], 0, None, None, ""
+            continue
+        total, step, snap = reply["total"], reply.get("step"), reply["snapshot"]
         chunks.append(reply["data"])
         offset += len(reply["data"])
         if not reply["data"] and offset < total:
             raise RemoteError("malformed", "state transfer stalled")
+    seconds = time.monotonic() - started
+    if seconds > 10:
+        log.info("downloaded stage %d at step %s from %s: %d bytes in %.0f s", stage, step, peer_id[-8:], total, seconds)
     return torch.load(io.BytesIO(b"".join(chunks)), map_location="cpu", weights_only=True)
 
 
@@ -60,9 +83,11 @@ async def _replicas_of_stage(dht, run, stage: int, own_peer_id: str, patience_s:
         await asyncio.sleep(2.0)
 
 
-async def load_from_replicas(p2p, worker, peers, load, newer_than: int | None = None) -> str | None:
+async def load_from_replicas(p2p, worker, peers, load, newer_than: int | None = None,
+                             errors: list | None = None) -> str | None:
     """Download `worker`'s stage from the first of `peers` (best first) that hands over a state (newer
-    than step `newer_than`, if given) that `load` (async) accepts; that peer's id, or None."""
+    than step `newer_than`, if given) that `load` (async) accepts; that peer's id, or None (then
+    `errors`, if given, says why for each peer)."""
     for peer in peers:
         try:
             state = await download_state(p2p, worker.run, worker.index, peer)
@@ -71,21 +96,38 @@ async def load_from_replicas(p2p, worker, peers, load, newer_than: int | None = 
                 return peer
         except (PeerUnavailable, RemoteError, ValueError, RuntimeError) as e:
             log.warning("could not fetch stage %d from %s: %s", worker.index, peer, e)
+            if errors is not None:
+                errors.append(f"{peer[-8:]}: {e}")
     return None
 
 
-async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str, export: str | None = None) -> str:
+async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str, export: str | None = None,
+                        retry_s: float = 10.0) -> str:
     """Load the best available state into `worker` (live replica, else own checkpoint, else the
-    weights of an export file, else initialisation); returns a sentence saying where it came from."""
+    weights of an export file, else initialisation); returns a sentence saying where it came from.
+    While live replicas of the stage exist, only they will do: a download that fails is tried again
+    (every `retry_s`, growing to 60 s), saying why, and the node never serves a checkpoint or freshly
+    initialised weights beside replicas that have trained on."""
     run = worker.run
-    records = await _replicas_of_stage(dht, run, worker.index, own_peer_id)
 
     async def accept(state):  # (not `load`: that is the checkpoint reader below)
         worker.load_state_dict(state)
-    peer = await load_from_replicas(p2p, worker, [r["peer_id"] for r in sorted(records, key=lambda r: -r["step"])],
-                                    accept)
-    if peer is not None:
-        return f"loaded stage {worker.index} at step {worker.applied_step} from live replica {peer}"
+    attempt = 0
+    while True:
+        records = await _replicas_of_stage(dht, run, worker.index, own_peer_id)
+        if not records:
+            break
+        errors = []
+        peer = await load_from_replicas(p2p, worker, [r["peer_id"] for r in sorted(records, key=lambda r: -r["step"])],
+                                        accept, errors=errors)
+        if peer is not None:
+            return f"loaded stage {worker.index} at step {worker.applied_step} from live replica {peer}"
+        attempt += 1
+        wait = min(retry_s * attempt, 60.0)
+        log.warning("stage %d has %d live replica(s), but none handed over its state (%s); not serving a checkpoint "
+                    "or initialised weights beside them: retrying in %.0f s", worker.index, len(records),
+                    "; ".join(errors) or "no answer", wait)
+        await asyncio.sleep(wait)
     if checkpoint is not None and checkpoint.exists():
         try:
             worker.load_state_dict(load(checkpoint))

@@ -95,9 +95,23 @@ METHODS = {m.name: m for m in (
     # The reply carries the gradient of x and the route taken (peer ids of this stage .. the tail).
     Method("train", {**_KEY, "eval": _flag(), "timeout_s": Field(float, minimum=0.01, maximum=3600.0)},
            ("x", "targets", "tokens?"), {"loss": Field(float), "route": Field(list, items=str)}, ("grad_in?",)),
-    Method("state", {"offset": _int()}, (), {"step": _int(-1), "total": _int(), "data": Field(bytes)}),
+    # a joiner's state download: the first call (no `snapshot`) makes the replica serialize its state once and
+    # name that snapshot; later calls name it and read on from `offset`, however many steps the replica applies
+    # meanwhile. A replica that no longer holds the snapshot refuses with "unavailable" (start again). A peer
+    # without snapshots (older) leaves the field out; its caller restarts when step or size change.
+    Method("state", {"offset": _int(), "snapshot": Field(str, required=False, default="")}, (),
+           {"step": _int(-1), "total": _int(), "data": Field(bytes), "snapshot": Field(str, required=False, default="")}),
 )}
 # `info` is hivemind's own rpc_info (ExpertUID -> ExpertInfo): the stock schema plus our stage's figures.
+
+# Peer calls: a node's own p2p handlers (ExpertRequest/ExpertResponse with msgpack metadata, as above, but no
+# stage uid and no run fingerprint: only "v"), served by every public node (node/dht.py).
+DIALBACK_HANDLER = "resbm.dialback"
+PEER_METHODS = {m.name: m for m in (
+    # reachability probe: dial the caller back at each address it connected from (never elsewhere), at each
+    # of its listening `ports`; `dialed` lists the "ip:port" that answered, `observed` the caller's addresses
+    Method("dialback", {"ports": Field(list)}, (), {"dialed": Field(list, items=str), "observed": Field(list, items=str)}),
+)}
 
 
 def pack_meta(obj: dict) -> bytes:
