@@ -1,6 +1,8 @@
 """Replicas of one stage train one model: every `average_every` local steps each replica averages
-parameters with the others through hivemind's DecentralizedAverager (butterfly all-reduce among the
-replicas found in the DHT), in the background: training never waits for a round (ReplicaAverager).
+one fragment of its parameters with the others through hivemind's DecentralizedAverager (butterfly
+all-reduce among the replicas found in the DHT), in the background: training never waits for a round
+(ReplicaAverager). What a round carries, in how many bytes and within which timeouts, is
+swarm/averaging_plan.py's arithmetic: fp16 on the wire, parts and timeouts sized to the link.
 
 Robustness: hivemind 1.1.12 has no CenteredClip, so `RobustAverager` swaps the plain weighted
 mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
@@ -8,7 +10,8 @@ mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
     drops copies with NaN/inf, and clips each copy's pull to tau per coordinate and iteration, so
     one replica sending NaN, huge or sign-flipped parameters shifts the part by at most
     2*iters*tau/n (swarm.robust.influence_bound); peers' self-declared weights are ignored;
-  * every replica receives the same reduced part from its reducer, so replicas stay identical;
+  * every replica receives the same reduced part from its reducer (as a delta from its own fp16
+    copy), so replicas end a round equal up to their own fp16 rounding;
   * a reducer could itself lie: a receiver applies at most (iters+1)*tau per coordinate of any
     result and ignores non-finite values (swarm.robust.bounded_update), so even a malicious
     reducer moves a stage by a bounded amount per round;
@@ -23,10 +26,12 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from hivemind import DHT
+from hivemind.compression import Float16Compression
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.control import AveragingStage
@@ -35,6 +40,9 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
 from node.lifeline import watch_parent
+from node.settings import AveragingSettings
+from swarm.averaging_plan import (LinkRate, RoundLimits, fragment_count, mbit, round_limits, round_wire_bytes,
+                                  split_fragments)
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
 
 log = logging.getLogger(__name__)
@@ -118,13 +126,20 @@ def _equal_shares(peer_fractions) -> tuple:
 
 
 class RobustAverager(DecentralizedAverager):
-    """DecentralizedAverager whose all-reduce is CenteredClip with bounded application."""
+    """DecentralizedAverager whose all-reduce is CenteredClip with bounded application, over one
+    fragment of its tensors per round (the fragment the group's first peer proposed), with part size
+    and timeouts the node sets before each round (`set_limits`), and a report of what came back."""
 
-    def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS, start: bool = True,
-                 **kwargs):
+    def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS,
+                 fragments: Sequence[Sequence[int]] | None = None, start: bool = True, **kwargs):
         self.tau, self.iters = float(tau), int(iters)
         self._node_pid = os.getpid()
         self.update_bound = (self.iters + 1) * self.tau
+        self.fragments = [list(f) for f in fragments] if fragments else [list(range(len(averaged_tensors)))]
+        # shared with the averager's process: the node writes the next round's limits (NaN: the
+        # constructor's), the averager writes [fragment, fraction of it received, all-reduce seconds]
+        self.limits = torch.full((4,), float("nan"), dtype=torch.float64).share_memory_()
+        self.report = torch.full((3,), float("nan"), dtype=torch.float64).share_memory_()
         super().__init__(averaged_tensors, dht, start=False, **kwargs)
         if start:
             self.run_in_background(await_ready=True)
@@ -133,22 +148,57 @@ class RobustAverager(DecentralizedAverager):
         watch_parent(self._node_pid)  # exit with the node's main process, however it dies
         super().run()
 
+    def set_limits(self, limits: RoundLimits) -> None:
+        self.limits.copy_(torch.tensor([limits.part_bytes, limits.sender_timeout_s, limits.reducer_timeout_s,
+                                        limits.allreduce_timeout_s], dtype=torch.float64))
+
+    def _agreed_fragment(self, group_info) -> int:
+        """The fragment the group's first peer proposed (every member reads the same peer), or 0 if
+        its proposal is not a valid fragment index."""
+        try:
+            user_data = self.serializer.loads(self.serializer.loads(group_info.gathered[0])[2])
+            k = user_data.get("fragment", 0) if isinstance(user_data, dict) else 0
+        except Exception:
+            k = 0
+        return k if isinstance(k, int) and 0 <= k < len(self.fragments) else 0
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
-        group_id = group_info.group_id if group_id is None else group_id
+        fragment = self._agreed_fragment(group_info)
+        chosen = self.fragments[fragment]
+        tensors = [tensors[i] for i in chosen]
+        if kwargs.get("tensor_infos") is not None:
+            kwargs["tensor_infos"] = tuple(kwargs["tensor_infos"][i] for i in chosen)
+        part_bytes, sender_s, reducer_s, total_s = self.limits.tolist()
+        if not math.isnan(part_bytes):
+            kwargs.update(part_size_bytes=int(part_bytes), sender_timeout=sender_s, reducer_timeout=reducer_s)
         kwargs["peer_fractions"] = _equal_shares(kwargs["peer_fractions"])
+        group_id = group_info.group_id if group_id is None else group_id
         runner = RobustAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                        group_id=group_id, ordered_peer_ids=group_info.peer_ids, tau=self.tau,
                                        iters=self.iters, **kwargs)
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(bounded_update(update, self.update_bound).to(tensor.dtype), alpha=self._averaging_alpha)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
-        else:
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
+            return
+        applied, started = [0], time.monotonic()
+        try:
+            await asyncio.wait_for(self._apply_updates(tensors, runner, applied),
+                                   None if math.isnan(total_s) else total_s)
+        finally:
+            total = sum(t.numel() for t in tensors)
+            received = max(0, applied[0] - runner.tensor_part_container.failed_size) / max(total, 1)
+            self.report.copy_(torch.tensor([fragment, received, time.monotonic() - started], dtype=torch.float64))
+
+    async def _apply_updates(self, tensors, runner, applied: list) -> None:
+        """Add each part's (bounded) update as it arrives; a part whose reducer failed comes as zeros
+        (hivemind), which `applied` counts and the report subtracts."""
+        async for tensor, update in azip(as_aiter(*tensors), runner):
+            tensor.add_(bounded_update(update, self.update_bound).to(tensor.dtype), alpha=self._averaging_alpha)
+            applied[0] += tensor.numel()
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
 
 
 def _stage(control):
@@ -168,32 +218,51 @@ def _cancel(control) -> None:
         pass
 
 
+@dataclass
+class RoundOutcome:
+    """What one round did, as the node saw it."""
+    group: int              # replicas in the round (0: no group formed)
+    fragment: int = -1
+    received: float = 0.0   # fraction of the fragment whose averaged values came back
+    seconds: float = 0.0    # the all-reduce's duration (after the group formed)
+
+    @property
+    def complete(self) -> bool:
+        return self.group >= 2 and self.received >= 1.0
+
+
 class ReplicaAverager:
     """Background averaging of one replica's parameters with the other replicas of its stage.
 
     Every `every` local steps a round starts in the background: the parameters are snapshotted
-    between two microbatches, the all-reduce runs in its own thread while training goes on, and
-    the result is applied as a delta (averaged - snapshot), so the updates this replica made during
-    the round are kept. A round that finds no partner or fails costs that round, nothing else."""
+    between two microbatches, the all-reduce of one fragment (swarm/averaging_plan.py) runs in its
+    own thread while training goes on, and the result is applied as a delta (averaged - snapshot), so
+    the updates this replica made during the round are kept. A round that finds no partner or fails
+    costs that round, nothing else; one that gets back only part of its fragment is counted as
+    partial, with the fraction received, never as a success."""
 
     def __init__(self, dht: DHT, run_id: str, stage: int, worker, every: int, count_replicas, metrics,
-                 matchmaking_s: float = 1.0, timeout_s: float = 8.0, gather_s: float = 60.0,
-                 tau: float | None = None, iters: int = DEFAULT_ITERS):
+                 settings: AveragingSettings = AveragingSettings(), tau: float | None = None,
+                 iters: int = DEFAULT_ITERS):
         self.worker, self.every, self.count_replicas, self.metrics = worker, every, count_replicas, metrics
-        self.timeout_s = timeout_s
+        self.settings = settings
         self.closing, self._control, self._round = False, None, None
         self._idle = threading.Event()  # no all-reduce thread is running (shutdown waits for it)
         self._idle.set()
+        numels = [p.numel() for p in worker.params]
+        self.fragments = split_fragments(numels, fragment_count(sum(numels)))
+        self.fragment_params = [sum(numels[i] for i in f) for f in self.fragments]
+        self.next_fragment = 0
+        self.link = LinkRate(mbit(settings.link_mbit))
+        self.tau = tau if tau is not None else DEFAULT_TAU
         # replicas reach their rounds at different moments (each steps on its own microbatches): a
         # round waits for partners in the background, up to gather_s; a faster replica whose next
         # round comes due meanwhile skips it, so it averages at the pace of the slowest partner
-        self.gather_s = gather_s
-        self.tau = tau if tau is not None else DEFAULT_TAU
         self.averager = RobustAverager(
             [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
-            tau=self.tau, iters=iters, min_group_size=2, min_matchmaking_time=matchmaking_s,
-            request_timeout=0.8 * matchmaking_s, allreduce_timeout=timeout_s,
-            sender_timeout=timeout_s / 4, reducer_timeout=timeout_s / 2,
+            tau=self.tau, iters=iters, fragments=self.fragments, compression=Float16Compression(),
+            min_group_size=2, min_matchmaking_time=settings.matchmaking_s,
+            request_timeout=0.8 * settings.matchmaking_s, allreduce_timeout=None,
             allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)
 
     def after_step(self, step: int, in_worker) -> None:
@@ -207,17 +276,18 @@ class ReplicaAverager:
         self._round = asyncio.create_task(self.average(step, in_worker))
 
     async def average(self, step: int, in_worker) -> bool | None:
-        """One round: None if no other replica exists, else whether it succeeded."""
+        """One round: None if no other replica exists, else whether it completed."""
         n = await self.count_replicas()
         if n < 2:
             return None
+        proposal = self.next_fragment
+        self.averager.set_limits(round_limits(self.fragment_params[proposal], n, self.link.Bps))
         snapshot = await in_worker(self._snapshot)
-        result = await asyncio.get_running_loop().run_in_executor(None, self._all_reduce)
-        ok = result is not None and await in_worker(lambda: self._apply(snapshot, len(result)))
-        (self.metrics.avg_rounds if ok else self.metrics.avg_failures).inc()
-        if not ok:
-            log.warning("averaging after step %d with %d replicas failed; continuing with local parameters", step, n)
-        return ok
+        outcome = await asyncio.get_running_loop().run_in_executor(None, lambda: self._all_reduce(proposal))
+        if outcome.group >= 2 and outcome.received > 0:
+            await in_worker(lambda: self._apply(snapshot, outcome))
+        self._account(step, n, outcome)
+        return outcome.complete
 
     def _snapshot(self) -> list[torch.Tensor]:
         snapshot = [p.detach().cpu().clone() for p in self.worker.params]
@@ -226,42 +296,70 @@ class ReplicaAverager:
                 dst.copy_(src)
         return snapshot
 
-    def _all_reduce(self):
-        """The all-reduce, in its own thread; the gathered group or None."""
+    def _all_reduce(self, proposal: int) -> RoundOutcome:
+        """The all-reduce, in its own thread, proposing `proposal` as the fragment."""
         if self.closing:
-            return None
+            return RoundOutcome(0)
         control = self._control = None
         self._idle.clear()
+        self.averager.report.fill_(float("nan"))
         try:
             # the wait for the result is bounded, so a shutdown mid-round cannot leave this thread
             # (and the process's exit) waiting forever on a helper that is gone
-            control = self._control = self.averager.step(timeout=self.gather_s, allow_retries=True, wait=False)
-            return control.result(timeout=self.gather_s + self.timeout_s + 2.0)
+            control = self._control = self.averager.step(gather={"fragment": proposal}, timeout=self.settings.gather_s,
+                                                         allow_retries=True, wait=False)
+            group = control.result(timeout=self.settings.gather_s + self.averager.limits[3].item() + 5.0)
         except Exception as e:
             _cancel(control)
             if not self.closing:
                 log.warning("averaging error: %s", str(e) or type(e).__name__)
-            return None
+            group = None
         finally:
             self._idle.set()
+        fragment, received, seconds = self.averager.report.tolist()
+        if math.isnan(fragment):  # no all-reduce ran
+            return RoundOutcome(0)
+        return RoundOutcome(len(group) if group else 2, int(fragment), received, seconds)
 
-    def _apply(self, snapshot: list[torch.Tensor], group: int) -> bool:
-        """Move each parameter by (averaged - snapshot): the round's correction, on top of whatever
-        this replica learned while the round ran."""
+    def _apply(self, snapshot: list[torch.Tensor], outcome: RoundOutcome) -> None:
+        """Move each parameter of the averaged fragment by (averaged - snapshot): the round's
+        correction, on top of whatever this replica learned while the round ran."""
+        chosen = self.fragments[outcome.fragment]
         with torch.no_grad(), self.averager.get_tensors() as shared:
-            if not all(torch.isfinite(src).all() for src in shared):  # cannot happen (bounded_update); belt and braces
-                log.warning("averaging produced non-finite parameters; keeping local ones")
-                return False
-            deltas = [(src - snap) for src, snap in zip(shared, snapshot)]
+            deltas = [torch.nan_to_num(shared[i] - snapshot[i], nan=0.0, posinf=0.0, neginf=0.0) for i in chosen]
         change = max((float(d.abs().max()) for d in deltas if d.numel()), default=0.0)
-        # how far this replica was from its group's average: relative L2 over all its parameters
-        norm = math.sqrt(sum(float(s.float().square().sum()) for s in snapshot))
+        # how far this replica was from its group's average: relative L2 over the fragment
+        norm = math.sqrt(sum(float(snapshot[i].float().square().sum()) for i in chosen))
         distance = math.sqrt(sum(float(d.float().square().sum()) for d in deltas)) / max(norm, 1e-12)
-        self.worker.change_weights(lambda params: [p.add_(d.to(p.device)) for p, d in zip(params, deltas)])
-        self.metrics.avg_group_size.set(group)
+        self.worker.change_weights(lambda params: [params[i].add_(d.to(params[i].device))
+                                                   for i, d in zip(chosen, deltas)])
         self.metrics.replica_distance.set(distance)
-        self.metrics.avg_change.set(change if math.isfinite(change) else 0.0)
-        return True
+        self.metrics.avg_change.set(change)
+
+    def _account(self, step: int, replicas: int, outcome: RoundOutcome) -> None:
+        """Metrics, the link estimate and the next fragment, from what the round did."""
+        m = self.metrics
+        if outcome.group < 2:
+            m.avg_failures.inc()
+            self.link.incomplete()
+            log.warning("averaging after step %d with %d replicas failed; continuing with local parameters",
+                        step, replicas)
+            return
+        params = self.fragment_params[outcome.fragment]
+        m.avg_group_size.set(outcome.group)
+        m.avg_received.set(outcome.received)
+        m.avg_bytes.inc(round_wire_bytes(params, outcome.group) * outcome.received)
+        m.avg_seconds.set(outcome.seconds)
+        if outcome.complete:
+            m.avg_rounds.inc()
+            self.link.observe(round_wire_bytes(params, outcome.group), outcome.seconds)
+        else:
+            m.avg_partial.inc()
+            self.link.incomplete()
+            log.warning("averaging after step %d was partial: %.1f%% of fragment %d came back in %.1f s (the rest "
+                        "keeps local values); next round's timeouts assume %.0f kB/s", step, 100 * outcome.received,
+                        outcome.fragment, outcome.seconds, self.link.Bps / 1e3)
+        self.next_fragment = (outcome.fragment + 1) % len(self.fragments)
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Cancel a round in flight and let its thread and the averager's matchmaking end before the

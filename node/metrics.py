@@ -30,6 +30,8 @@ counters, no unit for ratios. Which role updates what:
     resbm_peer_bans_total                   stage  peers refused for a while after repeated bad requests
     resbm_averaging_rounds_total, resbm_averaging_failures_total, resbm_averaging_group_size,
     resbm_averaging_max_change              stage  replica averaging (robust CenteredClip all-reduce)
+    resbm_averaging_partial_rounds_total, resbm_averaging_received_fraction, resbm_averaging_bytes_total,
+    resbm_averaging_round_seconds           stage  rounds that got only part of their fragment back, and sizes
     resbm_replica_distance                  both   ||group average - own parameters|| / ||own||, at the last round
 """
 from __future__ import annotations
@@ -87,6 +89,14 @@ class NodeMetrics:
         self.replicas = Gauge("resbm_replicas", "Replicas seen per stage (from DHT records)", ["stage"], registry=r)
         self.avg_rounds = Counter("resbm_averaging_rounds_total", "Successful replica averaging rounds", registry=r)
         self.avg_failures = Counter("resbm_averaging_failures_total", "Failed replica averaging rounds", registry=r)
+        self.avg_partial = Counter("resbm_averaging_partial_rounds_total", "Averaging rounds in which only part of "
+                                   "the fragment came back (the rest kept local values)", registry=r)
+        self.avg_received = Gauge("resbm_averaging_received_fraction", "Fraction of its fragment the last averaging "
+                                  "round got back (1: complete)", registry=r)
+        self.avg_bytes = Counter("resbm_averaging_bytes_total", "Payload bytes replica averaging sent plus received "
+                                 "(fp16 parts and deltas, before libp2p framing)", registry=r)
+        self.avg_seconds = Gauge("resbm_averaging_round_seconds", "Duration of the last averaging round's all-reduce",
+                                 registry=r)
         self.avg_group_size = Gauge("resbm_averaging_group_size", "Replicas in the last averaging round", registry=r)
         self.avg_change = Gauge("resbm_averaging_max_change",
                                 "Largest change of any parameter in the last averaging round (bounded by the "

@@ -140,8 +140,11 @@ def test_robust_all_reduce_bounds_one_bad_replica():
                     with avg.get_tensors() as (t,):
                         outs.append(t.clone())
                 results[attack] = outs
+                received = [avg.report[1].item() for avg in averagers[:2]]
+                assert all(0 <= r <= 1 for r in received), received
                 if torch.allclose(*outs, rtol=0, atol=1e-6):
                     break
+                assert min(received) < 1, (attack, received)  # apart after a round: it says it was partial
     finally:
         for a in averagers:
             a.shutdown()
@@ -186,3 +189,40 @@ def test_a_round_without_a_group_is_reported_once_without_hiveminds_traceback():
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in seen] == ["a bug"] and seen[0].exc_info
+
+
+@pytest.mark.swarm
+def test_a_partial_round_is_counted_as_partial_with_its_fraction():
+    """A round that got back only part of its fragment is never counted as a success: it has its own
+    counter and fraction, its bytes count only what came, and the next round's link estimate halves."""
+    import types
+
+    from node.averaging import ReplicaAverager, RoundOutcome
+    from node.dht import start_dht
+    from node.metrics import NodeMetrics
+    from node.runtime import SocketJanitor
+    from node.settings import AveragingSettings
+    from swarm.averaging_plan import mbit, round_wire_bytes
+
+    janitor = SocketJanitor()
+    params = [torch.nn.Parameter(torch.zeros(300)), torch.nn.Parameter(torch.zeros(700))]
+    worker = types.SimpleNamespace(params=params)
+    dht = start_dht("partial")
+    metrics = NodeMetrics()
+    avg = ReplicaAverager(dht, "partial", 1, worker, every=1, count_replicas=None, metrics=metrics,
+                          settings=AveragingSettings(link_mbit=1.0))
+    try:
+        sample = metrics.registry.get_sample_value
+        avg._account(4, 2, RoundOutcome(group=2, fragment=0, received=0.4, seconds=3.0))
+        assert sample("resbm_averaging_partial_rounds_total") == 1 and sample("resbm_averaging_rounds_total") == 0
+        assert sample("resbm_averaging_received_fraction") == pytest.approx(0.4)
+        assert sample("resbm_averaging_bytes_total") == pytest.approx(0.4 * round_wire_bytes(1000, 2))
+        assert avg.link.Bps == pytest.approx(mbit(1.0) / 2)
+        avg._account(5, 2, RoundOutcome(group=2, fragment=0, received=1.0, seconds=0.001))
+        assert sample("resbm_averaging_rounds_total") == 1 and sample("resbm_averaging_partial_rounds_total") == 1
+        avg._account(6, 2, RoundOutcome(group=0))
+        assert sample("resbm_averaging_failures_total") == 1
+    finally:
+        avg.shutdown()
+        dht.shutdown()
+        janitor.sweep()

@@ -1,0 +1,111 @@
+"""How replicas of a stage average, as arithmetic: which parameters a round carries (fragments), how
+many bytes that puts on a replica's link, and how long a round may take there. Pure rules, no
+network: node/averaging.py runs the rounds with them.
+
+The scheme (docs/averaging.md): Streaming-DiLoCo-style fragments, one fragment per round, 16-bit on
+the wire. A replica sends its fragment in fp16 to the part reducers and gets back each part's
+(robust mean - its own fp16 copy), also in fp16, which it adds to its fp32 parameters. So the group's
+mean is kept exactly, and replicas after a round differ only by their own fp16 rounding (at most
+2^-11 of a parameter), which does not accumulate from round to round.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+WIRE_BYTES = 2                    # fp16 on the wire (hivemind's Float16Compression)
+FP32_BYTES = 4                    # what the all-reduce sent before this scheme
+FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 32 MB in fp16, ~26 s at 10 Mbit/s
+PART_S = 2.0                      # target seconds on the link for one all-reduce part
+MIN_PART, MAX_PART = 16 << 10, 4 << 20
+SLACK = 3.0                       # a round may take this many times its expected transfer time
+FLOOR_S = 5.0                     # plus this (matchmaking's last messages, the reducers' compute, RTTs)
+MIN_RATE = 8_000.0                # bytes/s: estimates never go below 64 kbit/s
+
+
+def fragment_count(total_params: int, fragment_params: int = FRAGMENT_PARAMS) -> int:
+    """How many fragments a stage's parameters are averaged in: one per `fragment_params`. Every
+    replica of a stage derives the same count from the same run config, so fragments agree."""
+    return max(1, math.ceil(total_params / fragment_params))
+
+
+def split_fragments(numels: Sequence[int], count: int) -> list[list[int]]:
+    """Tensor indices in `count` contiguous groups of about equal size. A tensor is never split, so
+    there are no more groups than tensors, and none is empty."""
+    count = max(1, min(count, len(numels)))
+    total, groups, acc = sum(numels), [[]], 0
+    for i, n in enumerate(numels):
+        # the next group opens once the groups so far hold their share of the total, or when each
+        # tensor left is needed to give every group still to come one
+        if groups[-1] and len(groups) < count and (acc >= total * len(groups) / count
+                                                   or len(numels) - i <= count - len(groups)):
+            groups.append([])
+        groups[-1].append(i)
+        acc += n
+    return groups
+
+
+def round_wire_bytes(params: int, group: int, bytes_per_value: int = WIRE_BYTES) -> int:
+    """Bytes one replica sends plus receives in a butterfly all-reduce of `params` values among
+    `group` replicas: (g-1)/g of its values go out to their reducers, as many come back as deltas."""
+    if group < 2:
+        return 0
+    return 2 * params * bytes_per_value * (group - 1) // group
+
+
+def transfer_s(params: int, group: int, rate_Bps: float, bytes_per_value: int = WIRE_BYTES) -> float:
+    """Seconds the transfer of one round takes on a full-duplex link of `rate_Bps` per direction."""
+    return round_wire_bytes(params, group, bytes_per_value) / 2 / rate_Bps
+
+
+@dataclass(frozen=True)
+class RoundLimits:
+    """hivemind's all-reduce settings for one round, sized to the link instead of fixed seconds."""
+    part_bytes: int
+    sender_timeout_s: float   # a sender whose next part does not come within this is dropped
+    reducer_timeout_s: float  # likewise for a reducer's next averaged part
+    allreduce_timeout_s: float
+
+
+def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
+    """Part size and timeouts for averaging `params` values among `group` replicas on a link of
+    `rate_Bps`: a part takes PART_S there; a sender shares its link with the group's other g-1
+    reducers, so its next part to one of them comes after (g-1) parts' time."""
+    rate = max(rate_Bps, MIN_RATE)
+    part = int(min(MAX_PART, max(MIN_PART, rate * PART_S)))
+    between_parts = part * max(group - 1, 1) / rate
+    sender = FLOOR_S + SLACK * between_parts
+    return RoundLimits(part_bytes=part, sender_timeout_s=sender, reducer_timeout_s=2 * sender,
+                       allreduce_timeout_s=FLOOR_S + SLACK * transfer_s(params, max(group, 2), rate))
+
+
+class LinkRate:
+    """What the averaging's share of this node's link is believed to carry, in bytes/s per direction.
+    Starts at the declared rate; each complete round replaces it with a moving average of what the
+    round achieved; a round that did not complete halves it, so the next round's timeouts grow."""
+
+    def __init__(self, declared_Bps: float, weight: float = 0.5):
+        self.Bps, self.weight = max(float(declared_Bps), MIN_RATE), weight
+
+    def observe(self, wire_bytes: int, seconds: float) -> None:
+        if wire_bytes > 0 and seconds > 0:
+            achieved = wire_bytes / 2 / seconds  # both directions at once
+            self.Bps = max(MIN_RATE, (1 - self.weight) * self.Bps + self.weight * achieved)
+
+    def incomplete(self) -> None:
+        self.Bps = max(MIN_RATE, self.Bps / 2)
+
+
+def mbit(rate_mbit: float) -> float:
+    """Bytes per second of a link of `rate_mbit` Mbit/s."""
+    return rate_mbit * 1e6 / 8
+
+
+def round_cost(params: int, group: int, rate_mbit: float, bytes_per_value: int, fragments: int = 1) -> dict:
+    """One round's bytes and transfer seconds for one replica (README's computed table)."""
+    per_round = math.ceil(params / fragments)
+    return {"params": params, "group": group, "link_mbit": rate_mbit, "bytes_per_value": bytes_per_value,
+            "fragments": fragments, "round_bytes": round_wire_bytes(per_round, group, bytes_per_value),
+            "round_s": transfer_s(per_round, group, mbit(rate_mbit), bytes_per_value),
+            "all_fragments_s": transfer_s(params, group, mbit(rate_mbit), bytes_per_value)}

@@ -1,0 +1,64 @@
+"""The averaging scheme's arithmetic (swarm/averaging_plan.py): fragments, bytes, limits, link rate."""
+import pytest
+
+from swarm.averaging_plan import (FRAGMENT_PARAMS, LinkRate, fragment_count, mbit, round_cost, round_limits,
+                                  round_wire_bytes, split_fragments, transfer_s)
+
+
+@pytest.mark.parametrize("numels,count", [([10] * 4, 2), ([100, 1, 1, 1], 3), ([1, 1, 1, 100], 2), ([5], 3),
+                                          ([3, 7, 2, 9, 4, 4, 1], 3), ([1] * 10, 10)])
+def test_fragments_cover_every_tensor_once_in_order(numels, count):
+    groups = split_fragments(numels, count)
+    assert [i for g in groups for i in g] == list(range(len(numels)))  # contiguous, each tensor once
+    assert all(groups) and len(groups) == min(count, len(numels))
+
+
+def test_fragments_are_about_equal_when_tensors_allow():
+    groups = split_fragments([10] * 12, 4)
+    assert [len(g) for g in groups] == [3, 3, 3, 3]
+    sizes = [sum([7, 3, 5, 5, 6, 4, 2, 8][i] for i in g) for g in split_fragments([7, 3, 5, 5, 6, 4, 2, 8], 4)]
+    assert max(sizes) - min(sizes) <= 8, sizes
+
+
+def test_fragment_count_follows_parameters():
+    assert fragment_count(1) == 1 and fragment_count(FRAGMENT_PARAMS) == 1
+    assert fragment_count(FRAGMENT_PARAMS + 1) == 2 and fragment_count(250_000_000) == 16
+
+
+def test_round_bytes_of_a_butterfly_all_reduce():
+    assert round_wire_bytes(1000, 1) == 0  # alone: nothing to send
+    assert round_wire_bytes(1000, 2) == 2000  # half out in fp16, half back
+    assert round_wire_bytes(1000, 4, bytes_per_value=4) == 6000  # 3/4 out and back in fp32
+    assert transfer_s(1_000_000, 2, mbit(8)) == pytest.approx(1.0)  # 1 MB each way at 1 MB/s
+
+
+def test_limits_grow_with_the_fragment_and_shrink_with_the_link():
+    slow, fast = round_limits(250_000, 2, mbit(0.5)), round_limits(250_000, 2, mbit(100))
+    assert slow.allreduce_timeout_s > fast.allreduce_timeout_s
+    assert slow.part_bytes < fast.part_bytes
+    # a round's timeout covers its transfer at the link's rate with room to spare
+    assert slow.allreduce_timeout_s > 2 * transfer_s(250_000, 2, mbit(0.5))
+    big = round_limits(16_000_000, 2, mbit(0.5))
+    assert big.allreduce_timeout_s > 400  # 32 MB at 62.5 kB/s is 256 s each way: no fixed 8 s
+    assert round_limits(1, 8, mbit(0.5)).sender_timeout_s > round_limits(1, 2, mbit(0.5)).sender_timeout_s
+
+
+def test_link_rate_learns_from_rounds_and_backs_off_on_incomplete_ones():
+    link = LinkRate(mbit(10))
+    link.observe(wire_bytes=2_000_000, seconds=10.0)  # achieved 100 kB/s each way
+    assert mbit(10) > link.Bps > 100_000
+    for _ in range(20):
+        link.observe(2_000_000, 10.0)
+    assert link.Bps == pytest.approx(100_000, rel=1e-3)
+    link.incomplete()
+    assert link.Bps == pytest.approx(50_000, rel=1e-3)
+    for _ in range(100):
+        link.incomplete()
+    assert link.Bps > 0  # floored, never zero
+
+
+def test_cost_table_halves_bytes_in_fp16_and_fragments_cut_rounds():
+    fp32, fp16, frag = (round_cost(250_000_000, 2, 10, b, f) for b, f in ((4, 1), (2, 1), (2, 16)))
+    assert fp32["round_bytes"] == 2 * fp16["round_bytes"] == 1_000_000_000
+    assert fp32["round_s"] == pytest.approx(400)  # 500 MB each way at 1.25 MB/s
+    assert frag["round_s"] == pytest.approx(fp16["round_s"] / 16) and frag["all_fragments_s"] == fp16["round_s"]
