@@ -39,7 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.plotting import line_plot, machine_info, markdown_table, smooth, write_json
-from node.args import identity_peer_id, parse_run_config
+from node.args import parse_run_config
+from node.runtime import identity_peer_id
 from node.lifeline import descendants
 from node.local import Swarm, tail
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.plotting import fmt, line_plot, machine_info, markdown_table, smooth, write_json
-from node.args import resolve_device
+from node.runtime import resolve_device
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.trainer import LocalTrainer, param_overhead, timed_steps, wire_stats

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     os.environ["RAYON_NUM_THREADS"] = "1"
     import torch
     from bench.plotting import machine_info, write_json
-    from node.args import resolve_device
+    from node.runtime import resolve_device
     device = resolve_device(args.device)
     threads = args.trainer_threads or os.cpu_count() or 1
     rows = []

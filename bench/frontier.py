@@ -30,7 +30,7 @@ import torch
 
 from bench.convergence import gap_pct, log, train_one
 from bench.plotting import fmt, line_plot, machine_info, markdown_table, write_json
-from node.args import resolve_device
+from node.runtime import resolve_device
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.trainer import wire_stats

@@ -4,17 +4,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
 
+from node.run_config import load_config_file
+from node.settings import RecordSettings
 from protocol import PROTOCOL_VERSION
-from protocol.records import StageRecord, config_key, stage_key, stage_record
+from protocol.fingerprint import describe_diff
+from protocol.records import ARRIVING, NodeState, StageRecord, config_key, stage_key, stage_record
+from swarm.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-MAX_RECORD_AGE_S = 300.0  # not refreshed for this long: stale (owners refresh every 5 s with a 15 s TTL)
+MAX_RECORD_AGE_S = 300.0  # not refreshed for this long: stale (owners refresh every --announce-period)
 MAX_CLOCK_SKEW_S = 30.0   # a record dated further in the future than this is ignored
 
 
@@ -30,9 +35,9 @@ def owner_subkey(peer_id: str, validator: RSASignatureValidator) -> bytes:
 
 
 class Announcer:
-    def __init__(self, dht: DHT, run_id: str, peer_id: str, validator: RSASignatureValidator, period_s: float = 5.0,
-                 relayed: bool | None = None):
-        self.dht, self.run_id, self.peer_id, self.period_s = dht, run_id, peer_id, period_s
+    def __init__(self, dht: DHT, run_id: str, peer_id: str, validator: RSASignatureValidator,
+                 settings: RecordSettings = RecordSettings(), relayed: bool | None = None):
+        self.dht, self.run_id, self.peer_id, self.settings = dht, run_id, peer_id, settings
         # Behind NAT, others reach us through a relay (node/dht.py set dht.reachability): routers penalise that.
         self.relayed = relayed if relayed is not None else getattr(dht, "reachability", None) == "private"
         self.subkey = owner_subkey(peer_id, validator)
@@ -44,9 +49,10 @@ class Announcer:
                       serving: bool = True, ttl: float | None = None, state: str | None = None) -> bool:
         value = stage_record(stage=stage, peer_id=self.peer_id, throughput=float(throughput), queue=int(queue),
                              fingerprint=fingerprint, step=int(step), serving=serving, started=float(self.started),
-                             updated=float(get_dht_time()), state=state or ("serving" if serving else "draining"),
+                             updated=float(get_dht_time()),
+                             state=state or (NodeState.SERVING if serving else NodeState.DRAINING).value,
                              relayed=self.relayed)
-        ttl = ttl if ttl is not None else 3 * self.period_s
+        ttl = ttl if ttl is not None else self.settings.ttl_s
         # A newer record with an earlier expiration would be ignored: never expire before the last one.
         expires = self.expires[stage] = max(get_dht_time() + ttl, self.expires.get(stage, 0.0) + 1e-3)
         self.last_updated = value["updated"]
@@ -61,18 +67,19 @@ class Announcer:
         item = found.value.get(self.subkey) if found is not None and isinstance(found.value, dict) else None
         return item is not None and isinstance(item.value, dict) and item.value.get("updated") == self.last_updated
 
-    async def run(self, stage: int, fingerprint: str, server, state: str = "serving") -> None:
+    async def run(self, stage: int, fingerprint: str, server, state: str = NodeState.SERVING.value) -> None:
         """Refresh our record every period until cancelled."""
         while True:
             try:
                 ok = await self.publish(stage, fingerprint, server.throughput, server.inflight,
-                                        server.worker.applied_step, serving=state == "serving", state=state)
+                                        server.worker.applied_step, serving=state == NodeState.SERVING.value,
+                                        state=state)
                 if not ok and not await self.readable(stage):
                     log.warning("DHT refused our stage record and it cannot be read back (is the clock or the key "
                                 "wrong?)")
             except Exception as e:
                 log.warning("could not publish the stage record: %s", e)
-            await asyncio.sleep(self.period_s)
+            await asyncio.sleep(self.settings.announce_period)
 
 
 async def stage_items(dht: DHT, run_id: str, n_stages: int, fresh: bool = True) -> list[tuple[int, object, object]]:
@@ -99,19 +106,10 @@ async def read_stage_records(dht: DHT, run, include_idle: bool = False, fresh: b
     newest: dict[str, dict] = {}
     now = get_dht_time()
     for stage, subkey, item in await stage_items(dht, run.run_id, run.model.n_stages, fresh):
-        try:
-            rec = StageRecord(**item.value).dict()
-        except Exception:
-            continue
-        rec["age_s"] = max(0.0, now - rec["updated"])
-        if rec["version"] != PROTOCOL_VERSION or rec["fingerprint"] != run.fingerprint or rec["stage"] != stage:
-            log.debug("ignoring record of %s: version %s fingerprint %s", rec["peer_id"], rec["version"],
-                      rec["fingerprint"])
-            continue
-        if not (rec["serving"] or include_idle) or not owned_by_its_peer(subkey, rec["peer_id"]):
-            continue
-        if rec["age_s"] > MAX_RECORD_AGE_S or rec["updated"] > now + MAX_CLOCK_SKEW_S:
-            log.debug("ignoring stale record of %s (updated %.0fs ago)", rec["peer_id"], now - rec["updated"])
+        rec, why = classify(subkey, item.value, now, run.fingerprint, PROTOCOL_VERSION, stage)
+        if why and not (include_idle and why.startswith(NOT_SERVING)):
+            if rec is not None:
+                log.debug("ignoring the record of %s: %s", rec["peer_id"], why)
             continue
         newest.setdefault(rec["peer_id"], rec)
         if rec["updated"] > newest[rec["peer_id"]]["updated"]:
@@ -119,6 +117,35 @@ async def read_stage_records(dht: DHT, run, include_idle: bool = False, fresh: b
     for rec in newest.values():
         out.setdefault(rec["stage"], []).append(rec)
     return out
+
+
+NOT_SERVING = "not serving"
+
+
+def classify(subkey, value, now: float, fingerprint: str | None, version: int | None,
+             stage: int | None = None) -> tuple[dict | None, str]:
+    """(the record as a dict, or None when malformed; "" when it is a live replica's, else why it is
+    ignored): signed by an owner key under the peer id it claims, of this protocol version and run
+    fingerprint, filed under its own stage's key, neither stale (not refreshed for MAX_RECORD_AGE_S)
+    nor dated in the future, and serving. The one record filter of routers, balancers and `status`."""
+    try:
+        rec = StageRecord(**value).dict()
+    except Exception:
+        return None, "malformed"
+    rec["age_s"] = round(max(0.0, now - rec["updated"]), 3)
+    if not owned_by_its_peer(subkey, rec["peer_id"]):
+        return rec, "unsigned or foreign-owned"
+    if version is not None and rec["version"] != version:
+        return rec, f"protocol version {rec['version']}"
+    if fingerprint and rec["fingerprint"] != fingerprint:
+        return rec, "other run fingerprint"
+    if stage is not None and rec["stage"] != stage:
+        return rec, f"filed under stage {stage}'s key"
+    if now - rec["updated"] > MAX_RECORD_AGE_S or rec["updated"] > now + MAX_CLOCK_SKEW_S:
+        return rec, "stale"
+    if not rec["serving"]:
+        return rec, f"{NOT_SERVING} ({rec['state']})"
+    return rec, ""
 
 
 def config_ttl_s() -> float:
@@ -161,13 +188,41 @@ async def fetch_config(dht: DHT, run_id: str) -> dict | None:
     return max(records, key=lambda r: (votes[r.get("fingerprint")], r.get("updated", 0.0)), default=None)
 
 
-async def watch_swarm(dht: DHT, run, server, period_s: float = 5.0) -> None:
+async def watch_swarm(dht: DHT, run, server, period_s: float) -> None:
     """Keep the server's view of the swarm fresh: which peers are joining its stage (they get state first)."""
     while True:
         try:
             records = await read_stage_records(dht, run, include_idle=True, fresh=False)
             server.admission.joining = {r["peer_id"] for r in records.get(server.index, [])
-                                        if r["state"] in ("joining", "loading")}
+                                        if r["state"] in ARRIVING}
         except Exception as e:
             log.debug("could not read the swarm's records: %s", e)
         await asyncio.sleep(period_s)
+
+
+async def resolve_run_config(dht, run_id: str, config_path: str | None = None, timeout_s: float = 30.0) -> RunConfig:
+    """The published run config; a --config file must match it exactly (fingerprint)."""
+    local = load_config_file(config_path) if config_path else None
+    deadline = time.monotonic() + timeout_s
+    published = await fetch_config(dht, run_id)
+    while published is None and time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        published = await fetch_config(dht, run_id)
+    if published is None:
+        if local is None:
+            raise SystemExit(f"error: no run config for run {run_id!r} found in the DHT after {timeout_s:.0f}s; "
+                             f"is the bootstrap of this run up, or pass --config")
+        logging.getLogger("resbm.config").warning("no published config for run %s; using --config %s (fingerprint %s)", run_id, config_path,
+                    local.fingerprint)
+        return local
+    if published.get("version") != PROTOCOL_VERSION:
+        raise SystemExit(f"error: the swarm speaks protocol version {published.get('version')}, this node "
+                         f"{PROTOCOL_VERSION}; install the matching resbm-swarm release")
+    run = RunConfig.from_wire_dict(published["config"])
+    if run.fingerprint != published.get("fingerprint"):
+        raise SystemExit("error: the published run config does not match its own fingerprint (corrupt record)")
+    if local is not None and local.fingerprint != run.fingerprint:
+        diff = describe_diff(local.wire_dict(), run.wire_dict())
+        raise SystemExit(f"error: --config {config_path} (fingerprint {local.fingerprint}) differs from the swarm's "
+                         f"run config ({run.fingerprint}): " + "; ".join(diff))
+    return run

@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tomllib
 from pathlib import Path
 
+from node.settings import COMMAND_DEFAULTS, CONNECT, MONITORING, ConnectSettings, MonitoringSettings
+from node.settings import positive_seconds  # noqa: F401 (the type of period flags: monitor, bench.scaling)
 from swarm.config import DEFAULT_RUN_ID, SECTION_TYPES, ConfigError, RunConfig
+
+ENV_PREFIX = "RESBM_"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 SECTIONS = tuple(SECTION_TYPES.items())
 TITLES = {"model": "model (must match across the swarm)", "train": "training (must match across the swarm)",
@@ -39,11 +45,11 @@ def _add_field(group, section: str, f: dataclasses.Field, default) -> None:
     group.add_argument(*_flags(f), **kw)
 
 
-def add_run_args(p: argparse.ArgumentParser, skip=(), **defaults) -> None:
-    """One flag per ModelConfig/TrainConfig/DataConfig field except `skip` and derived ones; `defaults`
-    (field name -> value) overrides the dataclass default for this subcommand (e.g. `local` trains 4 stages)."""
-    unknown = set(defaults) - {f.name for _, cls in SECTIONS for f in dataclasses.fields(cls)}
-    assert not unknown, f"no config field named {unknown}"
+def add_run_args(p: argparse.ArgumentParser, skip=(), command: str = "") -> None:
+    """One flag per ModelConfig/TrainConfig/DataConfig field except `skip` and derived ones;
+    node/settings.py's COMMAND_DEFAULTS[command] overrides a dataclass default for this subcommand
+    (e.g. `local` trains 4 stages)."""
+    defaults = COMMAND_DEFAULTS.get(command, {})
     for section, cls in SECTIONS:
         group = p.add_argument_group(TITLES[section])
         for f in dataclasses.fields(cls):
@@ -73,135 +79,167 @@ def parse_run_config(argv: list[str], run_id: str = DEFAULT_RUN_ID) -> RunConfig
     return run_config_from_args(p.parse_args(argv), run_id)
 
 
-# --- run config files -----------------------------------------------------------------------------
-def load_config_file(path: str) -> RunConfig:
-    try:
-        return RunConfig.from_wire_dict(json.loads(Path(path).read_text()))
-    except (OSError, json.JSONDecodeError, ConfigError) as e:
-        raise SystemExit(f"error: cannot use config file {path}: {e}")
+# --- node settings flags, generated from node/settings.py -----------------------------------------
+def add_settings_args(p: argparse.ArgumentParser, components, groups, command: str = "", skip=()) -> None:
+    """One flag per field of the `components` (node/settings.py dataclasses) whose group is in `groups`,
+    the groups shown in that order; COMMAND_DEFAULTS[command] overrides a field's default."""
+    overrides = COMMAND_DEFAULTS.get(command, {})
+    fields = [f for cls in components for f in dataclasses.fields(cls) if f.name not in skip]
+    for title in groups:
+        group = p.add_argument_group(title)
+        for f in fields:
+            if f.metadata["group"] == title:
+                _add_setting(group, f, overrides.get(f.name, f.default))
 
 
-def save_config_file(run: RunConfig, path: str | Path) -> Path:
-    """The run config JSON that `join --config` and `bootstrap --config` read (written atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(run.wire_dict(), indent=1))
-    tmp.replace(path)
-    return path
+def add_setting_flags(p: argparse.ArgumentParser, components, names, command: str = "") -> None:
+    """The flags of the named fields of `components`, ungrouped (a command that borrows a few settings)."""
+    overrides = COMMAND_DEFAULTS.get(command, {})
+    fields = {f.name: f for cls in components for f in dataclasses.fields(cls)}
+    for name in names:
+        _add_setting(p, fields[name], overrides.get(name, fields[name].default))
 
 
-def chosen_run_id(requested: str | None, config: RunConfig | None) -> str:
-    """--run-id, else the run id inside --config, else the default; the two must not disagree."""
-    if config is not None:
-        if requested and requested != config.run_id:
-            raise SystemExit(f"error: --run-id {requested} but the --config file is for run {config.run_id}")
-        return config.run_id
-    return requested or DEFAULT_RUN_ID
+def _add_setting(group, f: dataclasses.Field, default) -> None:
+    meta = f.metadata
+    names = [meta["flag"] or "--" + f.name.replace("_", "-")] + ([meta["short"]] if meta["short"] else [])
+    help_ = argparse.SUPPRESS if meta["hidden"] else meta["help"].replace("%", "%%")
+    kw = dict(dest=f.name, default=list(default) if isinstance(default, tuple) else default, help=help_)
+    if isinstance(f.default, bool):
+        group.add_argument(*names, action="store_true", **kw)
+        return
+    kw.update(type=meta["type"] or type(f.default), choices=meta["choices"], metavar=meta["metavar"],
+              required=meta["required"])
+    if meta["nargs"]:
+        kw["nargs"] = meta["nargs"]
+    if not meta["hidden"] and default is not None and not meta["required"]:
+        kw["help"] += " (default: %(default)s)"
+    group.add_argument(*names, **kw)
 
 
-async def resolve_run_config(dht, run_id: str, config_path: str | None = None, timeout_s: float = 30.0) -> RunConfig:
-    """The published run config; a --config file must match it exactly (fingerprint)."""
-    import asyncio
-    import logging
-    import time
-    from node.announce import fetch_config
-    from protocol import PROTOCOL_VERSION
-    from protocol.fingerprint import describe_diff
-    local = load_config_file(config_path) if config_path else None
-    deadline = time.monotonic() + timeout_s
-    published = await fetch_config(dht, run_id)
-    while published is None and time.monotonic() < deadline:
-        await asyncio.sleep(1.0)
-        published = await fetch_config(dht, run_id)
-    if published is None:
-        if local is None:
-            raise SystemExit(f"error: no run config for run {run_id!r} found in the DHT after {timeout_s:.0f}s; "
-                             f"is the bootstrap of this run up, or pass --config")
-        logging.getLogger("resbm.config").warning("no published config for run %s; using --config %s "
-                                                  "(fingerprint %s)", run_id, config_path, local.fingerprint)
-        return local
-    if published.get("version") != PROTOCOL_VERSION:
-        raise SystemExit(f"error: the swarm speaks protocol version {published.get('version')}, this node "
-                         f"{PROTOCOL_VERSION}; install the matching resbm-swarm release")
-    run = RunConfig.from_wire_dict(published["config"])
-    if run.fingerprint != published.get("fingerprint"):
-        raise SystemExit("error: the published run config does not match its own fingerprint (corrupt record)")
-    if local is not None and local.fingerprint != run.fingerprint:
-        diff = describe_diff(local.wire_dict(), run.wire_dict())
-        raise SystemExit(f"error: --config {config_path} (fingerprint {local.fingerprint}) differs from the swarm's "
-                         f"run config ({run.fingerprint}): " + "; ".join(diff))
-    return run
-
-
-# --- where to connect, monitoring ------------------------------------------------------------------
-def positive_seconds(text: str) -> float:
-    """argparse type: a finite number of seconds above 0 (a period of 0 would never wait)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def add_connect_args(p) -> None:
-    g = p.add_argument_group("where to connect")
-    g.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR",
-                   help="multiaddrs of running peers, e.g. the bootstrap's /ip4/.../tcp/.../p2p/...")
-    g.add_argument("--run-id", default=None,
-                   help=f"run to join (DHT namespace; default: the one in --config, else {DEFAULT_RUN_ID!r})")
-    g.add_argument("--identity", default=None, help="libp2p identity file; created if missing, keeps the peer id")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a public node)")
-    g.add_argument("--port", type=int, default=0, help="TCP port to listen on (0: any free port)")
-    g.add_argument("--announce", nargs="*", default=None, metavar="MULTIADDR",
-                   help="addresses others should dial (e.g. your public IP) if not the listen address")
-    g.add_argument("--reachability", choices=("off", "auto", "public", "private"), default="auto",
-                   help="can others dial this node? auto (default): decided at start (off on loopback; public "
-                        "for a bootstrap or with --announce; private when this host sends from a private "
-                        "address through a router); public: yes, and it relays for nodes behind NAT (capped); "
-                        "private: no (home NAT): reserve a slot on a relay and serve through it; off: no NAT "
-                        "helpers at all (see docs/nat.md)")
+def add_connect_args(p, command: str = "") -> None:
+    add_settings_args(p, [ConnectSettings], [CONNECT], command)
+    g = next(g for g in p._action_groups if g.title == CONNECT)
     g.add_argument("--public", dest="reachability", action="store_const", const="public",
                    help="same as --reachability public (kept for old scripts)")
-    g.add_argument("--relay", nargs="+", default=[], metavar="MULTIADDR",
-                   help="relays a private node reserves a slot on (default: the --initial-peers)")
-    g.add_argument("--relay-max-reservations", type=int, default=64, metavar="N",
-                   help="public nodes relay for at most N nodes behind NAT (0: relay for nobody)")
-    g.add_argument("--relay-max-circuits", type=int, default=16, metavar="N",
-                   help="relayed connections per node behind NAT at once")
-    g.add_argument("--relay-buffer-kib", type=int, default=1024, metavar="KIB",
-                   help="relay buffer per relayed connection and direction")
 
 
-def add_monitoring_args(p) -> None:
-    g = p.add_argument_group("monitoring")
-    g.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
-    g.add_argument("--metrics-host", default="127.0.0.1",
-                   help="address for /metrics (0.0.0.0 to let a Prometheus on another host scrape it)")
-    g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+def add_monitoring_args(p, command: str = "") -> None:
+    add_settings_args(p, [MonitoringSettings], [MONITORING], command)
 
 
-# --- devices and identities ------------------------------------------------------------------------
-def resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# --- RESBM_* environment variables and --config-file, for every flag ------------------------------
+def env_name(action: argparse.Action) -> str | None:
+    """RESBM_<FLAG> of an option (its first long name: --initial-peers -> RESBM_INITIAL_PEERS)."""
+    long = [o for o in action.option_strings if o.startswith("--")]
+    if not long or action.dest == "help" or isinstance(action, (argparse._StoreConstAction,
+                                                                argparse._HelpAction)) \
+            and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return None
+    return ENV_PREFIX + long[0][2:].replace("-", "_").upper()
+
+
+def _convert(p: argparse.ArgumentParser, action: argparse.Action, value, source: str):
+    """`value` (text from the environment, or a TOML value) as the flag would parse it."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(value, bool):
+            return value if isinstance(action, argparse._StoreTrueAction) else not value
+        text = str(value).strip().lower()
+        if text not in TRUE + FALSE:
+            p.error(f"{source}: expected one of {', '.join(TRUE + FALSE)}, got {value!r}")
+        return (text in TRUE) == isinstance(action, argparse._StoreTrueAction)
+    many = action.nargs in ("+", "*") or isinstance(action, argparse._ExtendAction)
+    items = (value if isinstance(value, list) else str(value).split()) if many else [value]
+    out = []
+    for item in items:
+        try:
+            item = action.type(item if action.type is not str else str(item)) if action.type else item
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            p.error(f"{source}: {e}")
+        if action.choices is not None and item not in action.choices:
+            p.error(f"{source}: invalid choice {item!r} (choose from {', '.join(map(str, action.choices))})")
+        out.append(item)
+    return out if many else out[0]
+
+
+def _set_default(action: argparse.Action, value) -> None:
+    action.default = value
+    action.required = False
+
+
+def apply_environment(p: argparse.ArgumentParser, environ) -> None:
+    """Every flag of `p` (and of its subcommands) takes its default from RESBM_<FLAG> when set."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                apply_environment(sub, environ)
+            continue
+        name = env_name(action)
+        if name and environ.get(name, "") != "":
+            _set_default(action, _convert(p, action, environ[name], f"${name}"))
+
+
+def apply_config_file(p: argparse.ArgumentParser, path: str, environ) -> None:
+    """A node settings file (TOML, JSON, or YAML with PyYAML installed): flag names as keys (--host,
+    host and initial_peers alike), in tables or not. Its values are defaults: flags and RESBM_*
+    variables win. A key that is no flag of the command is refused by name."""
+    data = read_settings_file(p, path)
+    actions = {}
+    for action in p._actions:
+        for o in action.option_strings:
+            if o.startswith("--"):
+                actions[o[2:].replace("-", "_")] = action
+        actions.setdefault(action.dest, action)
+    for key, value in data.items():
+        action = actions.get(key.lstrip("-").replace("-", "_"))
+        if action is None or action.dest in ("help", "config_file") or env_name(action) is None:
+            p.error(f"{path}: {key!r} is not a setting of `{p.prog}` (see --help)")
+        name = env_name(action)
+        if environ.get(name, "") == "":  # the environment wins over the file
+            _set_default(action, _convert(p, action, value, f"{path}: {key}"))
+
+
+def read_settings_file(p: argparse.ArgumentParser, path: str) -> dict:
     try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"error: --device {name}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} asked for, but this machine has no usable CUDA GPU")
-    return dev
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml  # optional: only for a YAML settings file
+            data = yaml.safe_load(text) or {}
+        elif path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (OSError, ValueError, ImportError) as e:  # (TOMLDecodeError, JSONDecodeError, YAMLError: ValueError)
+        p.error(f"cannot read the settings file {path}: {e}")
+    if not isinstance(data, dict):
+        p.error(f"{path}: expected a table of settings")
+    flat = {}
+    for key, value in data.items():  # [connect] host = ... and host = ... alike
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
 
 
-def identity_peer_id(path: str) -> str:
-    """The libp2p peer id of an identity file, creating the file if it does not exist yet."""
-    import os
-    from hivemind.p2p import P2P, PeerID
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        P2P.generate_identity(path)
-    with open(path, "rb") as f:
-        return PeerID.from_identity(f.read()).to_base58()
+def add_config_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-file", default=None, metavar="FILE",
+                   help="node settings (TOML; .json or .yaml also read): any of this command's flags by name, e.g. "
+                        "host = \"0.0.0.0\"; flags and RESBM_* environment variables override it")
+
+
+def parse_command_line(p: argparse.ArgumentParser, argv, environ) -> argparse.Namespace:
+    """Parse `argv` with RESBM_* variables and the command's --config-file (or $RESBM_CONFIG_FILE) as
+    defaults under the flags."""
+    apply_environment(p, environ)
+    sub = _subcommand(p, argv)
+    if sub is not None and any(a.dest == "config_file" for a in sub._actions):
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--config-file", default=environ.get(ENV_PREFIX + "CONFIG_FILE") or None)
+        path = pre.parse_known_args(argv)[0].config_file
+        if path:
+            apply_config_file(sub, path, environ)
+    return p.parse_args(argv)
+
+
+def _subcommand(p: argparse.ArgumentParser, argv) -> argparse.ArgumentParser | None:
+    subs = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return subs.choices.get(first) if subs is not None and first else None

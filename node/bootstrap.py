@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from node.args import (add_connect_args, add_monitoring_args, add_run_args, chosen_run_id, load_config_file,
-                       run_config_from_args, save_config_file)
+from node.args import add_connect_args, add_monitoring_args, add_run_args, run_config_from_args
+from node.run_config import chosen_run_id, load_config_file, save_config_file
 
 log = logging.getLogger("resbm.bootstrap")
 
@@ -17,13 +17,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bootstrap", help="start a DHT-only peer that publishes the run config",
                        description="Start the swarm's meeting point. Prints the multiaddrs to pass as "
                                    "--initial-peers. Use --identity to keep the same address across restarts.")
-    add_connect_args(p)
+    add_connect_args(p, "bootstrap")
     g = p.add_argument_group("the run")
     g.add_argument("--config", default=None, help="run config JSON instead of the model/training flags")
     g.add_argument("--save-config", default=None, help="also write the run config JSON here (for `join --config`)")
     g.add_argument("--addr-file", default=None, help="write the multiaddrs here, one per line, once ready")
-    add_monitoring_args(p)
-    add_run_args(p)
+    add_monitoring_args(p, "bootstrap")
+    add_run_args(p, command="bootstrap")
     p.set_defaults(func=main)
 
 

@@ -1,14 +1,21 @@
-"""resbm-node: one command for every role in a ResBM swarm."""
+"""resbm-node: one command for every role in a ResBM swarm.
+
+Every flag can also come from a RESBM_<FLAG> environment variable (RESBM_INITIAL_PEERS, RESBM_HOST,
+...), and `join`'s from a settings file (--config-file node.toml); a flag given wins."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from node import bootstrap, export, join, local, monitor, status, train_local
+from node.args import parse_command_line
+from node.runtime import identity_peer_id
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from node import bootstrap, export, join, local, monitor, status, train_local
-    from node.args import identity_peer_id
-    p = argparse.ArgumentParser(prog="resbm-node", description=__doc__)
+    p = argparse.ArgumentParser(prog="resbm-node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_local.add_parser(sub)
     bootstrap.add_parser(sub)
@@ -25,8 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None, environ=None) -> argparse.Namespace:
+    """The command line with RESBM_* variables and --config-file under it."""
+    return parse_command_line(build_parser(), sys.argv[1:] if argv is None else list(argv),
+                              os.environ if environ is None else environ)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return args.func(args) or 0
 
 

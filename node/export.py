@@ -5,9 +5,10 @@ import asyncio
 import sys
 from pathlib import Path
 
+from node.args import add_connect_args
+
 
 def add_parsers(sub) -> None:
-    from node.args import add_connect_args
     p = sub.add_parser("export", help="gather every stage into one safetensors file",
                        description="Gather all stages, from a live swarm (--initial-peers) or from checkpoint "
                                    "files (--checkpoints), into one safetensors file that `train-local "
@@ -96,7 +97,8 @@ async def consistent_states(dht, p2p, run, wait_s: float, allow_mixed: bool):
 
 
 async def states_from_swarm(args) -> tuple:
-    from node.args import chosen_run_id, resolve_run_config
+    from node.announce import resolve_run_config
+    from node.run_config import chosen_run_id
     from node.dht import start_dht
     from node.runtime import close_hivemind
     run_id = chosen_run_id(args.run_id, None)
@@ -142,7 +144,7 @@ def _gather(args):
 
 
 def generate_main(args) -> int:
-    from node.args import resolve_device
+    from node.runtime import resolve_device
     from swarm.export import generate, load_export
     try:
         run, model, steps = load_export(args.model, device=str(resolve_device(args.device)))

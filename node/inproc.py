@@ -12,7 +12,8 @@ from node.dht import start_dht, visible_maddrs
 from node.metrics import NodeMetrics
 from node.runtime import SocketJanitor
 from node.stage_server import StageServer, measure_throughput
-from node.trainer import Trainer, TrainerSettings
+from node.settings import TrainerSettings
+from node.trainer import Trainer
 from swarm.stage_worker import StageWorker
 
 
@@ -56,12 +57,13 @@ class InprocSwarm:
         averager = None
         if self.averaging:
             from node.averaging import ReplicaAverager
+            from node.settings import AveragingSettings
             n = self.replicas.get(k, 1)
 
             async def count(n=n):
                 return n
             averager = ReplicaAverager(dht, run.run_id, k, worker, run.train.average_every, count, NodeMetrics(),
-                                       gather_s=15.0)
+                                       AveragingSettings(gather_s=15.0))
             self.averagers.append(averager)
         server = StageServer(worker, NodeMetrics(), str(dht.peer_id), averager, dht=dht, p2p=p2p)
         if k:

@@ -14,7 +14,6 @@ logged ("state a -> b") and published in the node's stage record, so `resbm-node
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import random
 import sys
@@ -23,23 +22,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from hivemind.dht.crypto import RSASignatureValidator
+
+from node.announce import Announcer, keep_config_alive, read_stage_records, resolve_run_config, watch_swarm
+from node.averaging import ReplicaAverager
+from node.dht import print_own_addrs, start_dht_from_args
+from node.metrics import NodeMetrics
+from node.run_config import chosen_run_id, load_config_file
+from node.runtime import SocketJanitor, close_hivemind, resolve_device, stop_event_on_signals
+from node.settings import JoinSettings
+from node.stage_server import StageServer, measure_throughput
+from node.state_sync import checkpoint_path, initial_state, periodic_checkpoints
+from node.trainer_loop import train
 from protocol import PROTOCOL_VERSION
+from protocol.records import LEFT, NodeState
+from swarm.balance import move_target, pick_stage, quality, stage_totals
+from swarm.checkpoint import atomic_write_bytes
+from swarm.memory import check_fits
+from swarm.model import build_stage
+from swarm.robust import default_tau
+from swarm.stage_worker import StageWorker
 
 log = logging.getLogger("resbm.node")
-
-DRAIN_TIMEOUT_S = 10.0  # requests still in flight after this are abandoned (their callers retry elsewhere)
-
-
-class NodeState(str, enum.Enum):
-    JOINING = "joining"
-    LOADING = "loading"
-    SERVING = "serving"
-    DRAINING = "draining"
-    MOVING = "moving"
-    STOPPED = "stopped"
-
-
-LEFT = (NodeState.DRAINING.value, NodeState.STOPPED.value)  # records of nodes that no longer count
 
 # Allowed transitions; any state may also end in STOPPED (a signal or an error).
 NEXT = {NodeState.JOINING: {NodeState.LOADING}, NodeState.LOADING: {NodeState.SERVING},
@@ -60,8 +64,8 @@ class Turn:
 
 
 class Node:
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, settings: JoinSettings | None):
+        self.settings = settings
         self.state: NodeState | None = None
         self.history: list[str] = []
         self.dht = self.p2p = self.metrics = self.announcer = self.run_cfg = self.device = None
@@ -73,7 +77,6 @@ class Node:
 
     # --- the loop --------------------------------------------------------------------------------
     async def run(self) -> int:
-        from node.runtime import SocketJanitor, stop_event_on_signals
         janitor = SocketJanitor()
         self.stop = stop_event_on_signals(asyncio.get_running_loop())
         try:
@@ -111,62 +114,52 @@ class Node:
 
     # --- joining ---------------------------------------------------------------------------------
     async def _join(self) -> None:
-        from hivemind.dht.crypto import RSASignatureValidator
-        from node.announce import Announcer, keep_config_alive
-        from node.args import chosen_run_id, load_config_file, resolve_device, resolve_run_config
-        from node.dht import print_own_addrs, start_dht_from_args
-        from node.metrics import NodeMetrics
-        a = self.args
-        run_id = chosen_run_id(a.run_id, load_config_file(a.config) if a.config else None)
+        s = self.settings
+        run_id = chosen_run_id(s.connect.run_id, load_config_file(s.serve.config) if s.serve.config else None)
         # hivemind forks its helper processes: start them before any CUDA work.
-        self.dht = start_dht_from_args(run_id, a)
+        self.dht = start_dht_from_args(run_id, s.connect)
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.dht.peer_id)
-        self.run_cfg = await resolve_run_config(self.dht, run_id, a.config)
-        self.device = resolve_device(a.device)
-        self.metrics = NodeMetrics().serve(a.metrics_port, a.metrics_host)
+        self.run_cfg = await resolve_run_config(self.dht, run_id, s.serve.config)
+        self.device = resolve_device(s.device.device)
+        self.metrics = NodeMetrics().serve(s.monitoring.metrics_port, s.monitoring.metrics_host)
         self.metrics.set_nominal(self.run_cfg)
-        self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator(), period_s=a.announce_period)
+        self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator(), s.records)
         print_own_addrs(self.dht, "node")
         # every node re-publishes the run config it verified: joiners find it after the bootstrap is gone
         self.config_task = asyncio.create_task(keep_config_alive(self.dht, self.run_cfg, RSASignatureValidator()))
 
     async def _first_stage(self) -> int:
-        n_stages, stage = self.run_cfg.model.n_stages, self.args.stage
+        n_stages, stage = self.run_cfg.model.n_stages, self.settings.serve.stage
         if stage == "auto":
             if n_stages < 2:
                 raise SystemExit("error: --stage auto needs a run with at least 2 stages")
-            return await choose_auto_stage(self.dht, self.run_cfg, self.args.auto_target)
+            return await choose_auto_stage(self.dht, self.run_cfg, self.settings.serve.auto_target)
         if not 0 <= stage < n_stages:
             raise SystemExit(f"error: --stage {stage} does not exist; this run has stages 0..{n_stages - 1}")
         return stage
 
     # --- loading ---------------------------------------------------------------------------------
     async def _load(self, stage: int) -> None:
-        from node.join import make_server
-        from node.state_sync import checkpoint_path, initial_state
         self.enter(NodeState.LOADING, f"stage {stage}")
-        run, a = self.run_cfg, self.args
+        run, serve = self.run_cfg, self.settings.serve
         worker = build_worker(run, stage, self.device)
         self.metrics.info.info({"version": str(PROTOCOL_VERSION), "stage": str(stage), "peer_id": self.peer_id,
                                 "fingerprint": run.fingerprint, "run_id": run.run_id})
         averager = self._averager(stage, worker)
-        server = make_server(worker, self.metrics, self.peer_id, averager, self.dht, self.p2p)
+        server = StageServer(worker, self.metrics, self.peer_id, averager, dht=self.dht, p2p=self.p2p)
         t = self.turn = Turn(stage, worker, server, averager,
-                             checkpoint_path(a.checkpoint_dir, run.run_id, stage, self.peer_id))
+                             checkpoint_path(serve.checkpoint_dir, run.run_id, stage, self.peer_id))
         # While loading (a download can take long), the record says so and keeps any throughput carried over.
         placeholder = SimpleNamespace(throughput=self.carried_throughput, inflight=0, worker=worker)
         announcing = asyncio.create_task(self.announcer.run(stage, run.fingerprint, placeholder, state="loading"))
         try:
-            log.info(await initial_state(self.dht, self.p2p, worker, t.checkpoint, self.peer_id, a.init_from))
+            log.info(await initial_state(self.dht, self.p2p, worker, t.checkpoint, self.peer_id, serve.init_from))
         finally:
             announcing.cancel()
         t.loaded = True
 
     def _averager(self, stage: int, worker):
-        from node.announce import read_stage_records
-        from node.averaging import ReplicaAverager
-        from swarm.robust import default_tau
         run = self.run_cfg
         if not run.train.average_every:
             return None
@@ -174,25 +167,22 @@ class Node:
         async def count_replicas():  # any unexpired copy will do: a round finds its partners itself
             return len((await read_stage_records(self.dht, run, fresh=False)).get(stage, []))
         return ReplicaAverager(self.dht, run.run_id, stage, worker, run.train.average_every, count_replicas,
-                               self.metrics, tau=default_tau(run.train.lr, run.train.average_every))
+                               self.metrics, self.settings.averaging,
+                               tau=default_tau(run.train.lr, run.train.average_every))
 
     # --- serving ---------------------------------------------------------------------------------
     async def _serve(self) -> int | None:
         """Serve until stopped (None) or until the swarm needs us on another stage (its number)."""
-        from node.announce import watch_swarm
-        from node.join import start_serving
-        from node.state_sync import periodic_checkpoints
-        t, run = self.turn, self.run_cfg
-        await start_serving(self.p2p, t.server, measure=True)
+        t, run, serve = self.turn, self.run_cfg, self.settings.serve
+        measure_throughput(t.server)
+        await t.server.add_p2p_handlers(self.p2p)
         self.enter(NodeState.SERVING)
-        t.tasks.append(asyncio.create_task(self.announcer.run(t.stage, run.fingerprint, t.server)))
-        t.tasks.append(asyncio.create_task(watch_swarm(self.dht, run, t.server)))
-        t.tasks += periodic_checkpoints(t.worker, t.checkpoint, self.args.save_every_min, t.server.executor)
+        self._keep_fresh()
         print(f"stage {t.stage} serving: peer {self.peer_id} run {run.run_id} fingerprint {run.fingerprint} "
               f"throughput {t.server.throughput:.1f} microbatches/s", file=sys.stderr, flush=True)
         waits = [asyncio.create_task(self.stop.wait())]
-        if self.args.stage == "auto":
-            waits.append(asyncio.create_task(watch_balance(self.dht, run, t.stage, t.server, self.args.rebalance_every,
+        if serve.stage == "auto":
+            waits.append(asyncio.create_task(watch_balance(self.dht, run, t.stage, t.server, serve.rebalance_every,
                                                            self.moved)))
         done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
@@ -200,36 +190,36 @@ class Node:
         return None if waits[0] in done else waits[1].result()
 
     async def _serve_trainer(self) -> int:
-        from node.announce import watch_swarm
-        from node.join import run_trainer, start_serving
-        from node.state_sync import periodic_checkpoints
-        t = self.turn
-        await start_serving(self.p2p, t.server, measure=False)  # its state, for joining trainers
+        await self.turn.server.add_p2p_handlers(self.p2p)  # a trainer serves its state, for joining trainers
         self.enter(NodeState.SERVING, "training")
-        t.tasks.append(asyncio.create_task(self.announcer.run(0, self.run_cfg.fingerprint, t.server)))
-        t.tasks.append(asyncio.create_task(watch_swarm(self.dht, self.run_cfg, t.server)))
-        t.tasks += periodic_checkpoints(t.worker, t.checkpoint, self.args.save_every_min, t.server.executor)
-        return await run_trainer(self.args, self.run_cfg, t.server, self.stop)
+        self._keep_fresh()
+        return await train(self.settings.trainer, self.run_cfg, self.turn.server, self.stop)
+
+    def _keep_fresh(self) -> None:
+        """While the stage serves: its record, its view of who is joining, its checkpoint."""
+        t, run = self.turn, self.run_cfg
+        t.tasks.append(asyncio.create_task(self.announcer.run(t.stage, run.fingerprint, t.server)))
+        t.tasks.append(asyncio.create_task(watch_swarm(self.dht, run, t.server, self.settings.records.read_s)))
+        t.tasks += periodic_checkpoints(t.worker, t.checkpoint, self.settings.serve.save_every_min, t.server.executor)
 
     # --- draining, moving, stopping --------------------------------------------------------------
     async def _drain(self) -> None:
         """Stop taking requests, let the ones in flight finish, write the checkpoint."""
-        from node.join import stop_serving
-        t = self.turn
+        t, drain_s = self.turn, self.settings.serve.drain_timeout_s
         self.enter(NodeState.DRAINING, f"stage {t.stage}")
         for task in t.tasks:
             task.cancel()
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S  # the whole drain: a stuck step must not keep us
+        deadline = time.monotonic() + drain_s  # the whole drain: a stuck step must not keep us
         await self.publish(t.stage, step=t.worker.applied_step)
-        try:
-            await asyncio.wait_for(stop_serving(self.p2p, t.server), max(0.1, deadline - time.monotonic()))
+        try:  # no new requests reach this node; the ones in flight still finish
+            await asyncio.wait_for(t.server.remove_p2p_handlers(self.p2p), max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("removing the stage's handlers did not finish within the drain time; going on")
         while t.server.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if t.server.inflight:
             log.info("%d request(s) still in flight after %.0fs of draining: abandoned (their callers retry "
-                     "elsewhere)", t.server.inflight, DRAIN_TIMEOUT_S)
+                     "elsewhere)", t.server.inflight, drain_s)
         await self._save_checkpoint()
 
     async def _move(self, target: int) -> int:
@@ -241,7 +231,6 @@ class Node:
         return target
 
     async def _save_checkpoint(self) -> None:
-        from swarm.checkpoint import atomic_write_bytes
         t = self.turn
         if t is None or t.checkpoint is None or not t.loaded:
             return
@@ -259,7 +248,6 @@ class Node:
         t.server.executor.shutdown(wait=False)
 
     async def _shut_down(self) -> None:
-        from node.runtime import close_hivemind
         t = self.turn
         if t is not None:
             if self.state is not NodeState.DRAINING:  # an error mid-turn: keep what was trained
@@ -286,9 +274,6 @@ async def _best_effort(coro, what: str) -> None:
 def build_worker(run, stage: int, device):
     """The stage built with the seeded CPU initialisation, checked against the device's free memory,
     then placed on its device before its optimizer exists (see StageWorker)."""
-    from swarm.memory import check_fits
-    from swarm.model import build_stage
-    from swarm.stage_worker import StageWorker
     module = build_stage(run.model, stage)
     need = check_fits(run, stage, module, device)
     log.info("stage %d: %d layers, %.1f M parameters on %s; memory ~%.0f MiB params+optimizer, ~%.0f MiB "
@@ -299,8 +284,6 @@ def build_worker(run, stage: int, device):
 
 # --- --stage auto ----------------------------------------------------------------------------------
 async def choose_auto_stage(dht, run, preferred: int | None) -> int:
-    from node.announce import read_stage_records
-    from swarm.balance import pick_stage, stage_totals
     stages = range(1, run.model.n_stages)
     if preferred in stages:
         return preferred
@@ -314,8 +297,6 @@ async def choose_auto_stage(dht, run, preferred: int | None) -> int:
 async def watch_balance(dht, run, stage: int, server, every_s: float, just_moved: bool) -> int:
     """Returns the stage to move to once the swarm is badly unbalanced (see swarm/balance.py). Nodes that
     are loading or moving count where they are going; nodes that are leaving do not count at all."""
-    from node.announce import read_stage_records
-    from swarm.balance import move_target, quality, stage_totals
     if just_moved:  # dwell: a node that just moved stays a while, whatever the numbers say
         await asyncio.sleep(5 * every_s)
     while True:

@@ -11,8 +11,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from node.args import add_run_args, identity_peer_id, run_config_from_args, save_config_file
+from node.args import add_run_args, add_setting_flags, run_config_from_args
 from node.lifeline import parent_death_preexec
+from node.run_config import save_config_file
+from node.runtime import identity_peer_id
+from node.settings import TrainerSettings
 from swarm.config import LOCAL_RUN_ID
 
 
@@ -20,10 +23,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("local", help="run a whole swarm on this machine (the main job)",
                        description="Start a bootstrap and one process per node on loopback, train, write a "
                                    "checkpoint and a JSON summary, and shut everything down cleanly.")
-    add_run_args(p, skip=("trainers",), n_stages=4, n_layers=4, steps=100)  # local makes its trainers' ids
+    add_run_args(p, skip=("trainers",), command="local")  # local makes its trainers' ids
     p.add_argument("--replicas", type=int, default=1, help="replicas of every stage after stage 0")
     p.add_argument("--trainers", type=int, default=1, help="trainers (stage 0 replicas), each feeding its share")
-    p.add_argument("--eval-every", type=int, default=25)
+    add_setting_flags(p, [TrainerSettings], ["eval_every"], "local")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="node i serves /metrics on 127.0.0.1:P+i (trainers first); 0: off")
     p.add_argument("--json-out", default=None, help="write the run summary JSON here")

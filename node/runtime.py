@@ -123,3 +123,28 @@ async def close_hivemind(p2p=None, dht=None, *extra) -> None:
                 pass
     if dht is not None:
         dht.shutdown()
+
+
+def resolve_device(name: str):
+    """The torch device `--device` names (auto: CUDA when usable, else CPU); a device this machine
+    lacks exits with one line."""
+    import torch  # not at module level: the commands import this module while building --help
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {name}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} asked for, but this machine has no usable CUDA GPU")
+    return dev
+
+
+def identity_peer_id(path: str) -> str:
+    """The libp2p peer id of an identity file, creating the file if it does not exist yet."""
+    from hivemind.p2p import P2P, PeerID  # (--help must not load hivemind)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        P2P.generate_identity(path)
+    with open(path, "rb") as f:
+        return PeerID.from_identity(f.read()).to_base58()

@@ -11,10 +11,11 @@ import sys
 import time
 
 from node.runtime import SocketJanitor, close_hivemind, run_command, setup_logging, stop_event_on_signals
+from protocol import PROTOCOL_VERSION
+from protocol.records import MAX_STAGES, stage_role
+from swarm.config import DEFAULT_RUN_ID, LOCAL_RUN_ID, ConfigError, RunConfig
 
 log = logging.getLogger("resbm.status")
-
-from swarm.config import DEFAULT_RUN_ID, LOCAL_RUN_ID
 
 DEFAULT_RUN_IDS = (DEFAULT_RUN_ID, LOCAL_RUN_ID)  # the defaults of bootstrap/join and of local
 
@@ -44,40 +45,10 @@ def add_reader_args(p) -> None:
 
 
 # --- reading the DHT ---------------------------------------------------------------------------
-def stage_role(k: int, n_stages: int) -> str:
-    return "trainer" if k == 0 else ("tail" if k == n_stages - 1 else "middle")  # as in run summaries
-
-
-def _classify(subkey, value, now: float, fingerprint: str | None, version: int | None) -> tuple[dict | None, str]:
-    """(record dict or None, "" if it is a live replica else why it is ignored)."""
-    from node.announce import MAX_CLOCK_SKEW_S, MAX_RECORD_AGE_S, owned_by_its_peer
-    from protocol.records import StageRecord
-    try:
-        rec = StageRecord(**value).dict()
-    except Exception:
-        return None, "malformed"
-    rec["age_s"] = round(max(0.0, now - rec["updated"]), 3)
-    if not owned_by_its_peer(subkey, rec["peer_id"]):
-        return rec, "unsigned or foreign-owned"
-    if version is not None and rec["version"] != version:
-        return rec, f"protocol version {rec['version']}"
-    if fingerprint and rec["fingerprint"] != fingerprint:
-        return rec, "other run fingerprint"
-    if now - rec["updated"] > MAX_RECORD_AGE_S or rec["updated"] > now + MAX_CLOCK_SKEW_S:
-        return rec, "stale"
-    if not rec["serving"]:
-        return rec, f"not serving ({rec['state']})"
-    return rec, ""
-
-
 async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     """One JSON-able picture of the swarm (see `render_table` for the fields)."""
     from hivemind.utils import get_dht_time
-    from node.announce import fetch_config
-    from protocol import PROTOCOL_VERSION
-    from node.announce import stage_items
-    from protocol.records import MAX_STAGES
-    from swarm.config import ConfigError, RunConfig
+    from node.announce import classify, fetch_config, stage_items  # (hivemind: not while building --help)
 
     deadline = time.monotonic() + config_timeout
     published = await fetch_config(dht, run_id)
@@ -102,7 +73,7 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     live: dict[str, dict] = {}
     ignored = []
     for _, subkey, item in items:
-        rec, why = _classify(subkey, item.value, now, fingerprint, version if version is not None else PROTOCOL_VERSION)
+        rec, why = classify(subkey, item.value, now, fingerprint, version if version is not None else PROTOCOL_VERSION)
         if rec is None or why:
             rec = rec or {}
             ignored.append({"peer_id": rec.get("peer_id"), "stage": rec.get("stage"), "reason": why or "malformed",

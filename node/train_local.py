@@ -8,16 +8,18 @@ import sys
 import time
 from pathlib import Path
 
-from node.args import add_run_args, resolve_device, run_config_from_args
+from node.args import add_run_args, add_setting_flags, run_config_from_args
+from node.runtime import resolve_device
+from node.settings import DeviceSettings, TrainerSettings
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train-local", help="train the whole staged model in one process (reference)",
                        description="Train all stages in one process with exactly the swarm's math "
                                    "(codec included). Ctrl-C saves a checkpoint and exits.")
-    add_run_args(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--eval-every", type=int, default=50, help="validation every N steps (0: only at the end)")
+    add_run_args(p, command="train-local")
+    add_setting_flags(p, [DeviceSettings], ["device"], "train-local")
+    add_setting_flags(p, [TrainerSettings], ["eval_every"], "train-local")
     p.add_argument("--checkpoint", default="runs/train-local.pt", help="checkpoint path ('' to disable)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")

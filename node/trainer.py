@@ -22,9 +22,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from protocol.codec import encode, encode_ints
 from node.client import RemoteError
 from node.route import NoRoute
+from node.settings import TrainerSettings
+from protocol.codec import encode, encode_ints
 from swarm.deadlines import Deadline, route_timeout
 from swarm.shards import batch_key, data_stream
 
@@ -38,16 +39,6 @@ def _waiting_for(missing: list[int]) -> str:
 
 class Stopped(RuntimeError):
     """A stop signal arrived, or the swarm lacked a stage for longer than the trainer may wait."""
-
-
-@dataclass(frozen=True)
-class TrainerSettings:
-    window: int = 0                    # microbatches in flight (0: one step's worth)
-    sync: bool = False                 # drain every step before the next (exact parity, no overlap)
-    min_route_timeout_s: float = 30.0  # a microbatch's walk is given at least this long
-    stall_timeout_s: float = float("inf")  # give up after a stage had no replica this long
-    poll_min_s: float = 1.0            # pauses poll the DHT from this interval ...
-    poll_max_s: float = 10.0           # ... doubling up to this one
 
 
 @dataclass

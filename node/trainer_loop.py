@@ -9,20 +9,21 @@ from pathlib import Path
 
 from node.client import PeerUnavailable, RemoteError
 from node.progress import Progress, human_bytes
-from node.status import stage_role
-from node.trainer import Stopped, Trainer, TrainerSettings
+from node.settings import TrainerSettings
+from node.trainer import Stopped, Trainer
+from protocol.records import stage_role
 from swarm.data import open_corpus
 from swarm.trainer import param_overhead, wire_stats
 
 log = logging.getLogger("resbm.trainer")
 
 
-async def train(args, run, server, stop: asyncio.Event) -> int:
-    """Train until our stage 0 applied `args.steps` updates, as one of the swarm's trainers; `server`
-    is our stage-0 StageServer."""
+async def train(settings: TrainerSettings, run, server, stop: asyncio.Event) -> int:
+    """Train until our stage 0 applied `settings.steps` updates, as one of the swarm's trainers;
+    `server` is our stage-0 StageServer."""
+    args = settings
     bar = Progress(args.steps)
     log_ = RunLog()
-    settings = TrainerSettings(window=args.window, sync=args.sync, stall_timeout_s=args.stall_timeout)
     trainer = Trainer(server, open_corpus(run, args.data, args.tokenizer), stop=stop, settings=settings,
                       status=lambda text: bar.update(len(log_.losses), {"status": text}, force=True))
     stopped, error = None, None

@@ -13,7 +13,7 @@ from swarm.data import ByteCorpus
 from swarm.stage_worker import StageWorker
 from swarm.trainer import LocalTrainer
 from node.inproc import InprocSwarm
-from node.trainer import TrainerSettings
+from node.settings import TrainerSettings
 from test_swarm_parity import assert_params_equal, kill, params, tiny_run
 
 pytestmark = pytest.mark.swarm

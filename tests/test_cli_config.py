@@ -120,3 +120,62 @@ def test_a_record_period_that_could_never_refresh_is_refused_by_name(period):
     res = subprocess.run([sys.executable, "-m", "node.cli", "join", "--stage", "1", "--announce-period", period],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--announce-period" in res.stderr and "positive" in res.stderr, res.stderr
+
+
+# --- node settings: generated flags, RESBM_* variables, --config-file, join's defaults ---------------
+PEER = "/ip4/127.0.0.1/tcp/1/p2p/QmX"
+
+
+def test_every_node_setting_is_a_flag_an_environment_variable_and_a_file_key(tmp_path):
+    from node.cli import parse_args
+    from node.settings import JOIN_COMPONENTS, JoinSettings
+    default = parse_args(["join", "--stage", "1"], environ={})
+    names = [f.name for cls in JOIN_COMPONENTS for f in dataclasses.fields(cls)]
+    assert all(hasattr(default, n) for n in names), [n for n in names if not hasattr(default, n)]
+    env = {"RESBM_STAGE": "2", "RESBM_INITIAL_PEERS": f"{PEER} {PEER}", "RESBM_ANNOUNCE_PERIOD": "15",
+           "RESBM_SYNC": "1", "RESBM_STALL_TIMEOUT": "60", "RESBM_PATIENCE_S": "1.5"}
+    s = JoinSettings.from_args(parse_args(["join"], environ=env))
+    assert (s.serve.stage, s.connect.initial_peers, s.records.announce_period, s.trainer.sync,
+            s.trainer.stall_timeout_s, s.route.patience_s) == (2, (PEER, PEER), 15.0, True, 60.0, 1.5)
+    assert s.records.ttl_s == 45.0 and s.records.read_s == 15.0  # derived from the record period
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'stage = "auto"\nhost = "127.0.0.1"\nwindow = 3\n[connect]\ninitial-peers = ["{PEER}"]\n')
+    s = JoinSettings.from_args(parse_args(["join", "--config-file", str(toml)], environ={}))
+    assert (s.serve.stage, s.connect.host, s.trainer.window, s.connect.initial_peers) == ("auto", "127.0.0.1", 3,
+                                                                                          (PEER,))
+    # a flag beats the environment, which beats the file
+    s = JoinSettings.from_args(parse_args(["join", "--config-file", str(toml), "--window", "5"],
+                                          environ={"RESBM_WINDOW": "4", "RESBM_HOST": "10.0.0.1"}))
+    assert (s.trainer.window, s.connect.host) == (5, "10.0.0.1")
+
+
+def test_bad_settings_are_refused_by_name(tmp_path, capsys):
+    from node.cli import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["join", "--stage", "1"], environ={"RESBM_ANNOUNCE_PERIOD": "0"})
+    assert "RESBM_ANNOUNCE_PERIOD" in capsys.readouterr().err
+    bad = tmp_path / "node.toml"
+    bad.write_text("stage = 1\nno_such_setting = 3\n")
+    with pytest.raises(SystemExit):
+        parse_args(["join", "--config-file", str(bad)], environ={})
+    assert "no_such_setting" in capsys.readouterr().err
+
+
+def test_join_listens_everywhere_needs_initial_peers_and_keeps_an_identity(tmp_path, monkeypatch):
+    from node.cli import parse_args
+    from node.join import settings_from_args
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    args = parse_args(["join", "--stage", "1"], environ={})
+    assert args.host == "0.0.0.0" and parse_args(["join", "--stage", "1", "--host", "127.0.0.1"],
+                                                  environ={}).host == "127.0.0.1"
+    with pytest.raises(SystemExit, match="join needs --initial-peers"):
+        settings_from_args(args)
+    s = settings_from_args(parse_args(["join", "--stage", "1", "--initial-peers", PEER], environ={}))
+    assert s.connect.identity == str(tmp_path / "resbm-swarm" / "identities" / f"{DEFAULT_RUN_ID}-stage1.id")
+    mine = settings_from_args(parse_args(["join", "--stage", "1", "--initial-peers", PEER, "--identity", "x.id"],
+                                         environ={}))
+    assert mine.connect.identity == "x.id"
+    assert parse_args(["bootstrap"], environ={}).initial_peers == []  # a bootstrap still starts alone
+    res = subprocess.run([sys.executable, "-m", "node.cli", "join", "--stage", "1"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("RESBM_")})
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0 and "--initial-peers" in res.stderr, res.stderr

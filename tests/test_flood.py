@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.args import identity_peer_id
+from node.runtime import identity_peer_id
 from node.local import Swarm
 from swarm_helpers import tiny_run, trainer_steps
 

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from node.announce import read_stage_records
-from node.args import identity_peer_id, parse_run_config
+from node.args import parse_run_config
+from node.runtime import identity_peer_id
 from node.dht import start_dht
 from node.local import Swarm
 
@@ -152,7 +153,7 @@ def test_join_walks_every_lifecycle_transition(tmp_path):
 
 def test_only_the_lifecycle_transitions_are_allowed():
     from node.lifecycle import Node, NodeState as S
-    node = Node(args=None)
+    node = Node(settings=None)
     for state in (S.JOINING, S.LOADING, S.SERVING, S.DRAINING, S.MOVING, S.LOADING, S.SERVING, S.DRAINING):
         node.enter(state)
     with pytest.raises(RuntimeError, match="no transition from draining to serving"):
@@ -160,7 +161,7 @@ def test_only_the_lifecycle_transitions_are_allowed():
     node.enter(S.STOPPED)
     with pytest.raises(RuntimeError):
         node.enter(S.LOADING)
-    skipping = Node(args=None)
+    skipping = Node(settings=None)
     skipping.enter(S.JOINING)
     with pytest.raises(RuntimeError, match="joining to serving"):
         skipping.enter(S.SERVING)  # never serve a stage that was not loaded

@@ -143,9 +143,8 @@ def test_deploy_files_are_consistent(tmp_path):
 
     import yaml
 
-    from node.cli import build_parser
+    from node.cli import parse_args
 
-    parser = build_parser()
     addr = "/ip4/172.28.0.10/tcp/31337/p2p/12D3KooWQHG9ULL71vgzh7wvboQEidrSXkQWsSU4rc3k2hUHSkmk"
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
@@ -153,11 +152,12 @@ def test_deploy_files_are_consistent(tmp_path):
     for name, svc in services.items():
         if svc.get("image") != "resbm-swarm:latest" or name in ("status", "monitor"):
             continue
-        cmd = svc["command"]
+        cmd, env = svc["command"], dict(svc.get("environment") or {})
         if svc.get("entrypoint") == ["/bin/sh", "-c"]:
-            line = cmd[0].split("exec resbm-node ", 1)[1].replace("$$(cat /shared/bootstrap.addr)", addr)
-            cmd = shlex.split(line)
-        args = parser.parse_args(cmd)
+            assert 'export RESBM_INITIAL_PEERS="$$(cat /shared/bootstrap.addr)"' in cmd[0], cmd
+            env["RESBM_INITIAL_PEERS"] = addr
+            cmd = shlex.split(cmd[0].split("exec resbm-node ", 1)[1])
+        args = parse_args(cmd, environ=env)
         nodes[name] = args
     assert sorted(nodes) == ["bootstrap", "stage1a", "stage1b", "stage2", "trainer0"]
     assert {a.stage for n, a in nodes.items() if n != "bootstrap"} == {0, 1, 2}
@@ -170,7 +170,8 @@ def test_deploy_files_are_consistent(tmp_path):
     assert "./compose/targets.json:/etc/prometheus/targets/swarm-compose.json:ro" in mounts
     # the monitor: a `monitor` command Prometheus scrapes through its own job (targets/monitor*.json)
     line = services["monitor"]["command"][0].split("exec resbm-node ", 1)[1]
-    monitor = parser.parse_args(shlex.split(line.replace("$$(cat /shared/bootstrap.addr)", addr)))
+    monitor = parse_args(shlex.split(line.replace("$$(cat /shared/bootstrap.addr)", addr)),
+                         environ=services["monitor"]["environment"])
     assert monitor.command == "monitor" and monitor.run_id == "compose" and monitor.metrics_host == "0.0.0.0"
     assert "./compose/monitor.json:/etc/prometheus/targets/monitor-compose.json:ro" in mounts
     monitor_targets = json.loads((DEPLOY / "compose" / "monitor.json").read_text())[0]["targets"]
@@ -178,14 +179,17 @@ def test_deploy_files_are_consistent(tmp_path):
     assert json.loads((DEPLOY / "targets" / "monitor.json").read_text())[0]["targets"] == ["127.0.0.1:9500"]
     assert {a.run_id for a in nodes.values()} == {"compose"}
 
-    env = dict(line.split("=", 1) for line in (DEPLOY / "resbm-node.env").read_text().splitlines()
-               if line and not line.startswith("#"))
     unit = (DEPLOY / "resbm-node.service").read_text()
+    env = {}  # as systemd sets it: Environment= lines, then the EnvironmentFile (which wins)
+    for line in unit.splitlines():
+        if line.startswith("Environment="):
+            env.update(word.split("=", 1) for word in shlex.split(line[len("Environment="):]))
+    env.update(line.split("=", 1) for line in (DEPLOY / "resbm-node.env").read_text().splitlines()
+               if line and not line.startswith("#"))
     exec_start = unit.split("ExecStart=", 1)[1].split("\nKillSignal", 1)[0].replace("\\\n", " ")
-    for key, value in env.items():
-        exec_start = exec_start.replace("${%s}" % key, value).replace("$%s" % key, value)
+    assert "$" not in exec_start, exec_start  # no flags spliced from variables: the node reads RESBM_* itself
     argv = shlex.split(exec_start)[1:]
-    args = parser.parse_args(argv)
+    args = parse_args(argv, environ=env)
     assert args.stage == 1 and args.metrics_port == 9400 and args.identity.startswith("/var/lib/resbm")
 
     dash = json.loads((DEPLOY / "grafana" / "resbm-dashboard.json").read_text())

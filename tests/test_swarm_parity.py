@@ -15,7 +15,7 @@ from swarm.data import ByteCorpus
 from swarm.model import lm_loss
 from swarm.trainer import LocalTrainer
 from node.inproc import InprocSwarm
-from node.trainer import TrainerSettings
+from node.settings import TrainerSettings
 
 pytestmark = pytest.mark.swarm
 STRANGER = "QmSomeoneElse1111111111111111111111111111111111"
