@@ -33,19 +33,25 @@ from node.local import Swarm
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 
 HOME_NET = "192.168.77"
+ROUTED_NET = "10.78.0"    # the routed lab's home network: private, but routed (no NAT)
 PUBLIC_NET = "11.77.0.0/24"  # see the module doc: relays announce only public addresses
 
 
 class NatLab(NetnsLab):
     """NetnsLab with `n_public` bridged hosts plus a router and a home host behind it.
-    `lab.router` and `lab.home` are host indices for popen()."""
+    `lab.router` and `lab.home` are host indices for popen().
+    `nat=False` builds the routed lab instead: home sits on ROUTED_NET (private 10.x addresses, as in a
+    cloud VPC or a campus network) behind a router that only forwards, and the public hosts route that
+    network through it: everybody can dial home, though home sends from a private address via a router."""
 
-    def __init__(self, n_public: int, rate_mbit: float | None = None, **kw):
+    def __init__(self, n_public: int, rate_mbit: float | None = None, nat: bool = True, **kw):
         kw.setdefault("subnet", PUBLIC_NET)
         super().__init__(n_public + 1, rate_mbit=rate_mbit, **kw)
         base = self.hosts[0].name.rsplit("-", 1)[0]
+        self.nat = nat
+        self.home_net = HOME_NET if nat else ROUTED_NET
         self.router, self.home = n_public, n_public + 1
-        self.hosts.append(Host(f"{base}-h{self.home}", f"{HOME_NET}.2"))
+        self.hosts.append(Host(f"{base}-h{self.home}", f"{self.home_net}.2"))
 
     def _build(self) -> None:
         home = self.hosts.pop()  # not on the bridge: behind the router
@@ -56,12 +62,21 @@ class NatLab(NetnsLab):
         router = self.hosts[self.router].name
         self._add_netns(home.name)
         self._ip(router, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", home.name)
-        self._ip(router, "addr", "add", f"{HOME_NET}.1/24", "dev", "eth1")
+        self._ip(router, "addr", "add", f"{self.home_net}.1/24", "dev", "eth1")
         self._ip(router, "link", "set", "eth1", "up")
         self._ip(home.name, "addr", "add", f"{home.ip}/24", "dev", "eth0")
         self._ip(home.name, "link", "set", "eth0", "up")
-        self._ip(home.name, "route", "add", "default", "via", f"{HOME_NET}.1")
-        self._router_nat(router)
+        self._ip(home.name, "route", "add", "default", "via", f"{self.home_net}.1")
+        if self.nat:
+            self._router_nat(router)
+        else:
+            self._router_forward(router)
+
+    def _router_forward(self, router: str) -> None:
+        subprocess.run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True,
+                       capture_output=True, timeout=15)
+        for i, h in enumerate(self.hosts[:self.router]):
+            self._ip(h.name, "route", "add", f"{self.home_net}.0/24", "via", self.hosts[self.router].ip)
 
     def block_home_to(self, host: int) -> None:
         """The router drops what home sends to public host `host`: home cannot open a connection to
@@ -211,18 +226,78 @@ def report(rows: list[dict], png: str) -> str:
     return table + "\n\n" + "\n".join(f"- {mode}: stage 1 {where}" for mode, where in MODES.items())
 
 
+# ------------------------------------------------------------------ join -> serving
+STARTUP_LABS = {  # lab -> (NatLab's public subnet, what it is)
+    "routed": ("10.77.0.0/24", "every host on private 10.x addresses, home on 10.78.0.2 behind a router that "
+                               "forwards without NAT (a VPC, a campus network): dialable; a relay could give no "
+                               "usable reservation (it has no public address)"),
+    "routed-public": (PUBLIC_NET, "as routed, but the bootstrap (relay) on a public 11.77.0.1: dialable, yet a "
+                                  "relay reservation is possible"),
+    "nat": (PUBLIC_NET, "home on 192.168.77.2 behind a MASQUERADE router that drops inbound connections: must relay"),
+}
+
+
+def startup_run(kind: str, workdir, timeout: float = 480) -> dict:
+    """Seconds from starting `join --stage 1 --reachability auto` at home to its `serving` line (the
+    bootstrap, --reachability public, already up on the public side), and what the node decided."""
+    run = lab_run("natstart")
+    run_dir = Path(workdir) / f"startup-{kind}"
+    run_dir.mkdir(parents=True)
+    with NatLab(1, nat=kind == "nat", subnet=STARTUP_LABS[kind][0]) as lab:
+        swarm = Swarm(run_dir, threads=1, run=run)
+        try:
+            peers = swarm.start_bootstrap(host=lab.hosts[BOOT].ip, wrap=lambda cmd: lab.exec_argv(BOOT, cmd),
+                                          extra=["--reachability", "public"])
+            t0 = time.monotonic()
+            swarm.start_stage("stage1", 1, peers, host=lab.hosts[lab.home].ip,
+                              extra=["--port", str(HOME_PORT), "--reachability", "auto"],
+                              wrap=lambda cmd: lab.exec_argv(lab.home, cmd))
+            try:
+                swarm.wait_for_line("stage1", "serving", timeout)
+                seconds = round(time.monotonic() - t0, 1)
+            except RuntimeError:
+                seconds = None
+        finally:
+            swarm.stop()
+    log = (run_dir / "stage1.log").read_text(errors="replace")
+    return {"lab": kind, "join_to_serving_s": seconds, "relayed": "relayed: reachable through" in log,
+            "waited_for_relay": "behind NAT" in log, "no_reservation": "no relay reservation" in log,
+            "probe": next((line.strip() for line in log.splitlines() if "dial-back" in line), None)}
+
+
+def startup_main(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="natstart-") as tmp:
+        rows = [startup_run(kind, tmp) for kind in args.labs]
+    path = Path(args.json_out)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("startup", {})[args.label] = {"rows": rows, "machine": machine_info(),
+                                                   "labs": {k: STARTUP_LABS[k][1] for k in args.labs}}
+    write_json(str(path), data)
+    for r in rows:
+        print(f"{args.label}: {r['lab']} lab: join -> serving {r['join_to_serving_s']} s "
+              f"(relayed {r['relayed']}, waited for a relay {r['waited_for_relay']}, probe: {r['probe']})")
+    return 0 if all(r["join_to_serving_s"] is not None for r in rows) else 1
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="tokens/s through a relayed stage-1 replica vs a direct one")
+    p = argparse.ArgumentParser(description="tokens/s through a relayed stage-1 replica vs a direct one; "
+                                            "with --startup, seconds from join to serving in the routed and NAT labs")
     p.add_argument("--rate", type=float, default=10.0, help="link rate in Mbit/s (every host's link)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--scale", action="store_true", help="a d=256, 6-layer model (for a machine with more cores)")
     p.add_argument("--json-out", default="bench/results/nat.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
+    p.add_argument("--startup", action="store_true", help="measure join -> serving with --reachability auto in the "
+                                                          "labs of --labs (merged into the JSON under 'startup')")
+    p.add_argument("--labs", nargs="+", choices=tuple(STARTUP_LABS), default=["routed", "nat"])
+    p.add_argument("--label", default="after", help="--startup: the key of this measurement (e.g. before, after)")
     args = p.parse_args(argv)
     reason = require_nat_lab()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
+    if args.startup:
+        return startup_main(args)
     size = SIZES["scale" if args.scale else "default"]
     with tempfile.TemporaryDirectory(prefix="natbench-") as tmp:
         rows = [one_run(mode, args.rate, args.steps, tmp, size) for mode in MODES]

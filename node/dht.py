@@ -2,6 +2,8 @@
 signed and schema-checked records, and a clear error instead of a hang."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import os
 import socket
@@ -18,6 +20,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.lifeline import watch_parent
+from protocol import PROTOCOL_VERSION
+from protocol.contract import DIALBACK_HANDLER, PEER_METHODS, check_fields, pack_meta, refusal, unpack_meta
+from protocol.errors import PayloadError
 from protocol.records import make_schema
 
 
@@ -176,36 +181,196 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
               announce: list[str] | None = None, reachability: str = "off",
               relays=(), relay_caps: RelayCaps = RelayCaps(), rsa_key: RSAPrivateKey | None = None,
               startup_timeout: float = 20.0, client_mode: bool = False) -> DHT:
-    """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" picks off, public or private
-    from this node's addresses (guess_reachability); "private" is relayed through `relays` (by default
-    the initial peers); "off" (the default for library callers and tests) keeps every NAT helper off.
-    The chosen mode is `dht.reachability`. `client_mode`: read and write, but answer no DHT request
-    (others keep this peer out of their routing tables), as a watcher such as `monitor` should."""
+    """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" starts with the mode that this
+    node's addresses suggest (guess_reachability), then asks an initial peer to dial it back
+    (probe_reachability) and restarts in the other mode if the dial-back disagrees; "private" is relayed
+    through `relays` (by default the initial peers); "off" (the default for library callers and tests)
+    keeps every NAT helper off. The chosen mode is `dht.reachability`; a public node answers others'
+    dial-back probes. `client_mode`: read and write, but answer no DHT request (others keep this peer
+    out of their routing tables), as a watcher such as `monitor` should."""
     peers = parse_initial_peers(initial_peers)
     check_port_free(host, port)
     if identity:
         os.makedirs(os.path.dirname(os.path.abspath(identity)), exist_ok=True)
     validators = [RSASignatureValidator(rsa_key), SchemaValidator(make_schema(run_id), allow_extra_keys=True)]
+
+    def launch(mode: str, port: int) -> DHT:
+        kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [], relay_caps)
+        kwargs["client_mode"] = kwargs.get("client_mode", False) or client_mode
+        try:
+            dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators,
+                           host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,
+                           p2pd_flags=flags, startup_timeout=startup_timeout, await_ready=True, **kwargs)
+        except Exception as e:
+            where = f" (initial peers: {', '.join(peers)})" if peers else ""
+            raise ConnectionError(f"could not start the DHT peer{where}: {type(e).__name__}: {e}") from e
+        if peers and not _reached_any(dht):
+            dht.shutdown()
+            raise ConnectionError(f"none of the initial peers answered: {', '.join(peers)}. Is the bootstrap running "
+                                  f"and reachable from here (address, port, firewall)?")
+        return dht
+
     mode = reachability
+    probe = mode == "auto" and bool(peers) and not announce
     if mode == "auto":
         mode = guess_reachability(host, peers, announce)
-    kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [], relay_caps)
-    kwargs["client_mode"] = kwargs.get("client_mode", False) or client_mode
-    try:
-        dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators,
-                       host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,
-                       p2pd_flags=flags, startup_timeout=startup_timeout, await_ready=True, **kwargs)
-    except Exception as e:
-        where = f" (initial peers: {', '.join(peers)})" if peers else ""
-        raise ConnectionError(f"could not start the DHT peer{where}: {type(e).__name__}: {e}") from e
-    if peers and not _reached_any(dht):
-        dht.shutdown()
-        raise ConnectionError(f"none of the initial peers answered: {', '.join(peers)}. Is the bootstrap running "
-                              f"and reachable from here (address, port, firewall)?")
+        probe = probe and mode != "off"
+    dht = launch(mode, port)
+    if probe:
+        probed, ports = probe_reachability(dht, peers)
+        if probed is not None and probed != mode:
+            # p2pd's relay and AutoNAT settings are fixed at its start: start again in the probed mode, on the
+            # port that was probed (and with the same identity, if it has one)
+            dht.shutdown()
+            port = port or (ports[0] if ports else 0)
+            _wait_port_free(host, port)
+            mode = probed
+            dht = launch(mode, port)
     dht.reachability = mode
+    if mode == "public":
+        dht.run_coroutine(_serve_dialback)
     if mode == "private":
         wait_for_relay(dht)
     return dht
+
+
+def _wait_port_free(host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check_port_free(host, port)
+        except AddressError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+# --- reachability probe: a dial-back by a peer this node reaches ----------------------------------
+# AutoNAT (p2pd has it) cannot decide in a private network: its servers refuse to dial private
+# addresses. Instead a public node that this node reached dials it back: a plain TCP connection to the
+# address it sees the node connect from (never to any other address: nobody can use the probe to make
+# a node dial a third party), at the node's listening port, which must answer as libp2p does
+# (multistream-select). A fresh TCP connection, not a libp2p dial, which would reuse the open connection.
+DIALBACK_TIMEOUT_S = 3.0
+MAX_DIALBACK_PORTS = 4
+
+
+async def _tcp_dial(ip: str, port: int, timeout: float = DIALBACK_TIMEOUT_S) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        head = await asyncio.wait_for(reader.read(64), timeout)  # a libp2p listener speaks first
+    except (OSError, asyncio.TimeoutError):
+        head = b""
+    finally:
+        writer.close()
+    return b"/multistream/" in head
+
+
+def _ip_and_port(maddr: str) -> tuple[str | None, int | None]:
+    """("1.2.3.4", 5) of "/ip4/1.2.3.4/tcp/5/..."; Nones for anything else (relayed, dns, quic)."""
+    parts = maddr.split("/")
+    if "/p2p-circuit" in maddr or len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+        return None, None
+    try:
+        return parts[2], int(parts[4])
+    except ValueError:
+        return None, None
+
+
+async def _observed_ips(p2p, peer_id) -> list[str]:
+    """The addresses `peer_id` is connected from, as this node sees them (p2pd lists each connection's
+    remote address)."""
+    ips = []
+    for info in await p2p.list_peers():
+        if info.peer_id == peer_id:
+            for addr in info.addrs:
+                ip, _ = _ip_and_port(str(addr))
+                if ip and ip not in ips:
+                    ips.append(ip)
+    return ips
+
+
+def _dialback_handler(p2p):
+    from hivemind.proto import runtime_pb2
+    method = PEER_METHODS["dialback"]
+
+    async def handle(request, context):
+        try:
+            meta = unpack_meta(request.metadata)
+            if meta.get("v") != PROTOCOL_VERSION:
+                raise PayloadError("version", f"protocol version {meta.get('v')!r} is not ours ({PROTOCOL_VERSION})")
+            ports = [p for p in check_fields(method.fields, meta)["ports"] if 0 < p < 65536][:MAX_DIALBACK_PORTS]
+            ips = (await _observed_ips(p2p, context.remote_id))[:2]
+            targets = [(ip, port) for ip in ips for port in ports]
+            answered = await asyncio.gather(*(_tcp_dial(ip, port) for ip, port in targets))
+            reply = {"ok": True, "dialed": [f"{ip}:{port}" for (ip, port), ok in zip(targets, answered) if ok],
+                     "observed": ips}
+        except PayloadError as e:
+            reply = refusal(e.reason, e.detail)
+        return runtime_pb2.ExpertResponse(metadata=pack_meta(reply))
+    return handle
+
+
+async def _serve_dialback(_dht, node) -> None:
+    from hivemind.proto import runtime_pb2
+    await node.p2p.add_protobuf_handler(DIALBACK_HANDLER, _dialback_handler(node.p2p), runtime_pb2.ExpertRequest)
+
+
+def _peer_id_of(maddr: str) -> str:
+    return maddr.split("/p2p/")[-1].split("/")[0]
+
+
+async def _ask_dialback(_dht, node, peers: list[str], ports: list[int] | None, timeout: float) -> dict:
+    """Ask the first initial peer that answers to dial us back at `ports` (default: our listening ports)."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+    if ports is None:
+        ports = sorted({p for p in (_ip_and_port(str(a))[1] for a in await node.p2p.get_visible_maddrs()) if p})
+    errors = []
+    for addr in peers[:3]:
+        peer = _peer_id_of(addr)
+        request = runtime_pb2.ExpertRequest(metadata=pack_meta({"v": PROTOCOL_VERSION, "ports": ports}))
+        try:
+            response = await asyncio.wait_for(node.p2p.call_protobuf_handler(
+                PeerID.from_base58(peer), DIALBACK_HANDLER, request, runtime_pb2.ExpertResponse), timeout)
+            meta = unpack_meta(response.metadata)
+            if not meta.get("ok"):
+                raise PayloadError(meta.get("reason") if meta.get("reason") in PayloadError.REASONS else "malformed",
+                                   str(meta.get("error")))
+            reply = check_fields(PEER_METHODS["dialback"].reply_fields, meta)
+        except Exception as e:  # an older peer without the handler, a refusal, a timeout
+            errors.append(f"{peer[-8:]}: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        return {"peer": peer, "ports": ports, "dialed": reply["dialed"], "observed": reply["observed"]}
+    return {"peer": None, "ports": ports, "errors": errors}
+
+
+def ask_dialback(dht: DHT, peers: list[str], ports: list[int] | None = None, timeout: float = 15.0) -> dict:
+    """One dial-back: {"peer", "ports", "dialed", "observed"} from the peer that answered, or {"peer": None,
+    "errors"}."""
+    return dht.run_coroutine(functools.partial(_ask_dialback, peers=peers, ports=ports, timeout=timeout))
+
+
+def probe_reachability(dht: DHT, peers: list[str]) -> tuple[str | None, list[int]]:
+    """("public" | "private" | None, the ports probed) by a dial-back from an initial peer; None when no
+    peer could answer (older peers have no dial-back): the caller keeps the address guess."""
+    result = ask_dialback(dht, peers)
+    ports = result["ports"]
+    if result["peer"] is None:
+        print(f"reachability: no dial-back probe ({'; '.join(result['errors']) or 'no initial peer'}); keeping the "
+              f"guess from the addresses", file=sys.stderr, flush=True)
+        return None, ports
+    if result["dialed"]:
+        print(f"reachability: a dial-back by {result['peer'][-8:]} reached {', '.join(result['dialed'])}: dialable, "
+              f"serving directly (public)", file=sys.stderr, flush=True)
+        return "public", ports
+    print(f"reachability: a dial-back by {result['peer'][-8:]} could not reach port(s) {ports} at "
+          f"{', '.join(result['observed']) or 'our address'}: behind NAT or a firewall (private)", file=sys.stderr,
+          flush=True)
+    return "private", ports
 
 
 def relay_wait_s() -> float:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.nat import (HOME_PORT, STAGE2, STAGE2_PORT, TRAINER, NatLab, peer_id_of, require_nat_lab, stage2_addr,
-                       start_swarm, start_trainer)
+from bench.nat import (BOOT, HOME_PORT, STAGE2, STAGE2_PORT, STARTUP_LABS, TRAINER, NatLab, peer_id_of,
+                       require_nat_lab, stage2_addr, start_swarm, start_trainer)
 from node.local import Swarm
 from tests.swarm_helpers import tiny_run
 
@@ -102,3 +102,27 @@ def test_home_stage_trains_through_a_relay_and_moves_to_the_other_relay_when_one
     assert first["fingerprint"] == second["fingerprint"]
     log = (tmp_path / "stage1.log").read_text()
     assert "reachability private" in log or "behind NAT" in log, log[-2000:]
+    assert "could not reach port(s) [31338]" in log, log[-2000:]  # the dial-back probe found the NAT
+
+
+def test_dialable_home_in_a_routed_private_network_serves_directly_within_seconds(tmp_path):
+    """Every host on private 10.x addresses, home behind a router that forwards without NAT: the address
+    guess says "behind NAT" (a private source address through a router), the bootstrap's dial-back says
+    dialable, and the node serves at once instead of waiting minutes for a relay reservation."""
+    run = tiny_run("routed")
+    with NatLab(1, nat=False, subnet=STARTUP_LABS["routed"][0]) as lab:
+        swarm = Swarm(tmp_path, threads=1, run=run)
+        try:
+            peers = swarm.start_bootstrap(host=lab.hosts[BOOT].ip, wrap=lambda cmd: lab.exec_argv(BOOT, cmd),
+                                          extra=["--reachability", "public"])
+            t0 = time.monotonic()
+            swarm.start_stage("stage1", 1, peers, host=lab.hosts[lab.home].ip, wrap=lambda cmd: lab.exec_argv(lab.home, cmd),
+                              extra=["--port", str(HOME_PORT), "--reachability", "auto"])
+            swarm.wait_for_line("stage1", "serving", 120)
+            took = time.monotonic() - t0
+            direct = dial(lab, BOOT, peer_id_of(tmp_path / "stage1.id"), f"/ip4/{lab.hosts[lab.home].ip}/tcp/{HOME_PORT}")
+        finally:
+            swarm.stop()
+    log = (tmp_path / "stage1.log").read_text()
+    assert "dialable, serving directly" in log and "behind NAT" not in log, log[-2000:]
+    assert direct == "ok" and took < 60, (direct, took)
