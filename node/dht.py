@@ -253,6 +253,7 @@ def _wait_port_free(host: str, port: int, timeout: float = 15.0) -> None:
 # (multistream-select). A fresh TCP connection, not a libp2p dial, which would reuse the open connection.
 DIALBACK_TIMEOUT_S = 3.0
 MAX_DIALBACK_PORTS = 4
+MAX_DIALBACKS = 8             # probes one public node runs at once (each dials at most 2 x 4 addresses)
 
 
 async def _tcp_dial(ip: str, port: int, timeout: float = DIALBACK_TIMEOUT_S) -> bool:
@@ -296,21 +297,28 @@ async def _observed_ips(p2p, peer_id) -> list[str]:
 def _dialback_handler(p2p):
     from hivemind.proto import runtime_pb2
     method = PEER_METHODS["dialback"]
+    probing = asyncio.Semaphore(MAX_DIALBACKS)
 
     async def handle(request, context):
         try:
-            meta = unpack_meta(request.metadata)
-            if meta.get("v") != PROTOCOL_VERSION:
-                raise PayloadError("version", f"protocol version {meta.get('v')!r} is not ours ({PROTOCOL_VERSION})")
-            ports = [p for p in check_fields(method.fields, meta)["ports"] if 0 < p < 65536][:MAX_DIALBACK_PORTS]
-            ips = (await _observed_ips(p2p, context.remote_id))[:2]
-            targets = [(ip, port) for ip in ips for port in ports]
-            answered = await asyncio.gather(*(_tcp_dial(ip, port) for ip, port in targets))
-            reply = {"ok": True, "dialed": [f"{ip}:{port}" for (ip, port), ok in zip(targets, answered) if ok],
-                     "observed": ips}
+            if probing.locked():
+                raise PayloadError("busy", f"{MAX_DIALBACKS} dial-back probes are running here; ask another peer")
+            async with probing:
+                reply = await probe(request, context)
         except PayloadError as e:
             reply = refusal(e.reason, e.detail)
         return runtime_pb2.ExpertResponse(metadata=pack_meta(reply))
+
+    async def probe(request, context) -> dict:
+        meta = unpack_meta(request.metadata)
+        if meta.get("v") != PROTOCOL_VERSION:
+            raise PayloadError("version", f"protocol version {meta.get('v')!r} is not ours ({PROTOCOL_VERSION})")
+        ports = [p for p in check_fields(method.fields, meta)["ports"] if 0 < p < 65536][:MAX_DIALBACK_PORTS]
+        ips = (await _observed_ips(p2p, context.remote_id))[:2]
+        targets = [(ip, port) for ip in ips for port in ports]
+        answered = await asyncio.gather(*(_tcp_dial(ip, port) for ip, port in targets))
+        return {"ok": True, "dialed": [f"{ip}:{port}" for (ip, port), ok in zip(targets, answered) if ok],
+                "observed": ips}
     return handle
 
 
