@@ -34,6 +34,7 @@ import torch
 from swarm.config import RunConfig
 from swarm.model import build_stage, lm_loss
 from swarm.optim import StageOptimizer
+from swarm.precision import LossScaler, autocast, device_autocast_dtype
 
 
 COUNTED_KEYS = 4096  # remembered microbatch keys: far more than are ever in flight
@@ -63,10 +64,14 @@ class StageWorker:
 
     Not thread-safe: the stage server runs every call in one worker thread."""
 
-    def __init__(self, run: RunConfig, index: int, device="cpu", stage=None):
+    def __init__(self, run: RunConfig, index: int, device="cpu", stage=None, precision: str = "auto",
+                 activation_checkpointing: bool = False):
         self.run, self.index = run, index
         self.device = torch.device(device)
         self.stage = (stage or build_stage(run.model, index)).to(self.device)
+        self.stage.activation_checkpointing = activation_checkpointing
+        self.amp_dtype = device_autocast_dtype(self.device, precision)  # per node: not in the run config
+        self.scaler = LossScaler() if self.amp_dtype == torch.float16 else None
         self.opt = StageOptimizer(self.stage, run.train)
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         self.applied_step = -1       # local updates so far - 1 (the step number the next update gets: +1)
@@ -79,8 +84,8 @@ class StageWorker:
         self._graphs: OrderedDict = OrderedDict()  # id -> weakref of in-flight handles holding a graph
 
     def _run(self, x, tokens):
-        """The stage's forward; bf16 autocast on a GPU, codes leave in fp32 for the codec."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        """The stage's forward under the node's autocast (swarm/precision.py); codes leave in fp32."""
+        with autocast(self.device, self.amp_dtype):
             out = self.stage(x, tokens)
         return out.float()
 
@@ -134,7 +139,10 @@ class StageWorker:
         if not inputs:  # a duplicate at the first stage: nothing to compute
             self.duplicates += 1
             return None, False
-        torch.autograd.backward(outputs, grad_outputs, inputs=inputs)
+        if self.scaler is None:
+            torch.autograd.backward(outputs, grad_outputs, inputs=inputs)
+        else:
+            self._scaled_backward(outputs, grad_outputs, inputs)
         if add:
             self.accumulated += 1
             if key is not None:
@@ -146,7 +154,16 @@ class StageWorker:
         if not leaf.requires_grad:
             return None, add
         grad_in, leaf.grad = leaf.grad, None
-        return grad_in, add
+        return (torch.zeros_like(leaf) if grad_in is None else grad_in), add  # None: an fp16 overflow
+
+    def _scaled_backward(self, outputs, grad_outputs, inputs) -> None:
+        """fp16: the backward of the arriving gradient times S, added / S into .grad. An inf/nan adds
+        nothing and sends a zero gradient upstream (the scaler halves S)."""
+        seeds = grad_outputs or [torch.ones_like(o) for o in outputs]
+        grads = torch.autograd.grad(outputs, inputs, self.scaler.scaled(seeds), allow_unused=True)
+        for t, g in zip(inputs, self.scaler.unscale(grads) or []):
+            if g is not None:
+                t.grad = g if t.grad is None else t.grad.add_(g)
 
     def _maybe_step(self, added: bool = True) -> dict:
         """Step once a step's worth of microbatches is in: their summed gradients of loss / microbatches

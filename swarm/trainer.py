@@ -16,6 +16,7 @@ from swarm.config import ModelConfig, RunConfig
 from swarm.data import ByteCorpus
 from swarm.model import StagedModel, count_parameters, lm_loss
 from swarm.optim import StageOptimizer
+from swarm.precision import LossScaler, autocast, device_autocast_dtype
 
 
 def token_id_bytes(cfg: ModelConfig) -> int:
@@ -53,16 +54,22 @@ def param_overhead(cfg: ModelConfig) -> float:
 
 
 class LocalTrainer:
-    def __init__(self, run: RunConfig, corpus: ByteCorpus, device: str = "cpu"):
+    def __init__(self, run: RunConfig, corpus: ByteCorpus, device: str = "cpu", precision: str = "auto",
+                 activation_checkpointing: bool = False):
         self.run, self.corpus, self.device = run, corpus, torch.device(device)
         self.model = StagedModel(run.model).to(self.device)
+        for stage in self.model.stages:
+            stage.activation_checkpointing = activation_checkpointing
+        self.amp_dtype = device_autocast_dtype(self.device, precision)
+        # One process sees the whole backward: one scale for the whole step (a swarm stage has its own).
+        self.scaler = LossScaler() if self.amp_dtype == torch.float16 else None
         self.opts = [StageOptimizer(s, run.train) for s in self.model.stages]
         self.step = 0
         self.tokens_seen = 0
 
     def autocast(self):
-        """bf16 autocast on a GPU (as the swarm's stages do); a no-op on the CPU."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        """The forward's autocast, chosen as the swarm's stages choose it (swarm/precision.py)."""
+        return autocast(self.device, self.amp_dtype)
 
     def microbatch(self, split: str, step: int, micro: int):
         t = self.run.train
@@ -76,14 +83,26 @@ class LocalTrainer:
             x, y = self.microbatch("train", self.step, micro)
             with self.autocast():
                 loss = lm_loss(self.model(x), y)
-            (loss / m).backward()
+            (loss / m * (self.scaler.scale if self.scaler else 1.0)).backward()
             total += loss.item() / m
             self.tokens_seen += x.numel()
+        if self._unscaled():
+            for opt in self.opts:
+                opt.step(self.step)
         for opt in self.opts:
-            opt.step(self.step)
             opt.zero_grad()
         self.step += 1
         return total
+
+    def _unscaled(self) -> bool:
+        """fp16: the step's gradients / S; False (skip the update, S halves) if any is inf/nan."""
+        if self.scaler is None:
+            return True
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = self.scaler.unscale([p.grad for p in params])
+        for p, g in zip(params, grads or []):
+            p.grad = g
+        return grads is not None
 
     @torch.no_grad()
     def evaluate(self, batches: int = 8) -> float:

@@ -17,7 +17,7 @@ from swarm.checkpoint import atomic_write_bytes
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.export import save_export
-from swarm.optim import Muon32, muon_class
+from swarm.optim import Muon, ns_dtype
 from swarm.stage_worker import StageWorker
 
 pytestmark = [pytest.mark.swarm, pytest.mark.filterwarnings("ignore:.*meta parameter")]
@@ -104,8 +104,8 @@ def test_an_export_of_another_model_is_refused(tmp_path):
     assert "starting from initialisation" in message and worker.applied_step == -1
 
 
-def test_muon_variant_follows_the_real_device():
-    assert muon_class(torch.device("cuda")) is torch.optim.Muon
-    assert muon_class(torch.device("cpu")) is Muon32 and muon_class(META) is Muon32
-    assert isinstance(StageWorker(_run("m"), 1).opt.opts[0], Muon32)
-    assert isinstance(StageWorker(_run("m"), 1, device=META).opt.opts[0], Muon32)
+def test_muon_precision_follows_the_real_device():
+    assert ns_dtype(torch.device("cuda")) is torch.bfloat16
+    assert ns_dtype(torch.device("cpu")) is torch.float32 and ns_dtype(META) is torch.float32
+    assert isinstance(StageWorker(_run("m"), 1).opt.opts[0], Muon)
+    assert isinstance(StageWorker(_run("m"), 1, device=META).opt.opts[0], Muon)
