@@ -254,6 +254,8 @@ class ReplicaAverager:
         self.fragment_params = [sum(numels[i] for i in f) for f in self.fragments]
         self.next_fragment = 0
         self.link = LinkRate(mbit(settings.link_mbit))
+        self.distance: float | None = None   # at the last round that brought anything back
+        self.distance_max = 0.0
         self.tau = tau if tau is not None else DEFAULT_TAU
         # replicas reach their rounds at different moments (each steps on its own microbatches): a
         # round waits for partners in the background, up to gather_s; a faster replica whose next
@@ -335,6 +337,16 @@ class ReplicaAverager:
                                                    for i, d in zip(chosen, deltas)])
         self.metrics.replica_distance.set(distance)
         self.metrics.avg_change.set(change)
+        self.distance, self.distance_max = distance, max(self.distance_max, distance)
+
+    def figures(self) -> dict:
+        """This replica's averaging so far, for `info` (run summaries, benches)."""
+        sample = self.metrics.registry.get_sample_value
+        return {"rounds": sample("resbm_averaging_rounds_total"),
+                "partial": sample("resbm_averaging_partial_rounds_total"),
+                "failures": sample("resbm_averaging_failures_total"), "bytes": sample("resbm_averaging_bytes_total"),
+                "distance": self.distance, "distance_max": self.distance_max, "fragments": len(self.fragments),
+                "link_estimate_Bps": self.link.Bps}
 
     def _account(self, step: int, replicas: int, outcome: RoundOutcome) -> None:
         """Metrics, the link estimate and the next fragment, from what the round did."""

@@ -97,7 +97,7 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
                 "tokens_per_s": r["throughput"] * tokens_per_microbatch if tokens_per_microbatch else None,
                 "queue": r["queue"], "age_s": r["age_s"], "version": r["version"], "step": r["step"], "state": r["state"],
                 "fingerprint": r["fingerprint"], "uptime_s": round(max(0.0, now - r["started"]), 1),
-                "relayed": r["relayed"],
+                "relayed": r["relayed"], "distance": r.get("distance"),
             } for r in reps],
         })
     missing = [s["stage"] for s in stages if s["missing"]]
@@ -112,6 +112,11 @@ def _short(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 16 else "…" + peer_id[-14:]
 
 
+def _percent(distance: float | None) -> str:
+    """A replica's distance from its group's mean at its last averaging round, or '-' before any."""
+    return "-" if distance is None else f"{100 * distance:.2f}%"
+
+
 def render_table(snap: dict) -> str:
     lines = []
     if snap["error"]:
@@ -120,7 +125,7 @@ def render_table(snap: dict) -> str:
                  f"{snap['n_stages']} stages  {snap['replicas_total']} nodes  "
                  f"at {time.strftime('%H:%M:%S', time.localtime(snap['dht_time']))}")
     header = (f"{'STAGE':<6}{'ROLE':<12}{'PEER':<17}{'STATE':<9}{'TOKENS/S':>10}{'MICRO/S':>8}{'QUEUE':>7}{'STEP':>7}"
-              f"{'AGE':>7}{'VER':>5}  VIA")
+              f"{'AGE':>7}{'VER':>5}{'APART':>8}  VIA")
     lines.append(header)
     for s in snap["stages"]:
         if not s["replicas"]:
@@ -131,8 +136,8 @@ def render_table(snap: dict) -> str:
         for r in s["replicas"]:
             tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] is not None else "?"
             lines.append(f"{s['stage']:<6}{r['role']:<12}{_short(r['peer_id']):<17}{r['state']:<9}{tps:>10}"
-                         f"{r['throughput']:>8.1f}{r['queue']:>7}{r['step']:>7}{r['age_s']:>6.0f}s{r['version']:>5}  "
-                         f"{'relay' if r['relayed'] else 'direct'}")
+                         f"{r['throughput']:>8.1f}{r['queue']:>7}{r['step']:>7}{r['age_s']:>6.0f}s{r['version']:>5}"
+                         f"{_percent(r['distance']):>8}  {'relay' if r['relayed'] else 'direct'}")
     if snap["missing_stages"]:
         lines.append(f"MISSING: stage(s) {', '.join(map(str, snap['missing_stages']))} have no replica; "
                      f"training is paused until each has one")
@@ -145,7 +150,8 @@ def render_table(snap: dict) -> str:
         for r in snap["ignored_records"]:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         lines.append("ignored records: " + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())))
-    lines.append("(MICRO/S: microbatches per second a replica sustains; AGE: seconds since its record was refreshed)")
+    lines.append("(MICRO/S: microbatches per second a replica sustains; AGE: seconds since its record was refreshed; "
+                 "APART: how far its parameters were from its replicas' mean at its last averaging round)")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 Nothing here knows about models or event loops; node/ moves these bytes, swarm/ computes them.
 """
 
-PROTOCOL_VERSION = 3  # 3: no step barrier (prepare, step and ledger calls are gone)
+PROTOCOL_VERSION = 4  # 3: no step barrier (prepare, step and ledger calls are gone); 4: records carry `distance`
 
 # Wire codecs of boundary codes (protocol/codec.py implements them); here so that configs and
 # `--help` can name them without importing torch.

@@ -14,7 +14,7 @@ schemas (hivemind SchemaValidator, pydantic v1 API) reject malformed values befo
 from __future__ import annotations
 
 import enum
-from typing import Dict
+from typing import Dict, Optional
 
 import pydantic.v1 as pydantic
 from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr
@@ -67,6 +67,8 @@ class StageRecord(pydantic.BaseModel):
     started: StrictFloat                                 # DHT time the node started
     updated: StrictFloat                                 # DHT time of this record
     relayed: StrictBool = False                          # reachable only through a relay (behind NAT)
+    # relative L2 distance of its parameters from its averaging group's mean at its last round (None: none yet)
+    distance: Optional[pydantic.confloat(strict=True, ge=0.0)] = None
 
     class Config:
         extra = "forbid"
