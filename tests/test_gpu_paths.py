@@ -207,3 +207,15 @@ def test_a_scaled_loss_step_equals_the_plain_one():
     assert l0 == l1
     torch.testing.assert_close(g1, g0)
     torch.testing.assert_close([p.grad for p in scaled.params], [p.grad for p in plain.params])
+
+
+# --- bench/gpu_check.py, prepared for a GPU machine --------------------------------------------------
+def test_gpu_check_skips_without_cuda_and_its_comparison_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    from bench import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--json-out", str(tmp_path / "r.json")]) == 0
+    assert capsys.readouterr().out.strip().startswith("skipped: no CUDA") and not (tmp_path / "r.json").exists()
+    result = gpu_check.check("tiny", torch.device("cpu"))  # CPU against CPU: every figure exact
+    assert result["ok"] and {r["grad_rel_error"] for r in result["rows"]} == {0.0}
+    assert all(m["loaded_equal"] and m["update_rel_diff"] == 0.0 for m in result["handover"])
+    assert "| cpu" in gpu_check.report(result)
