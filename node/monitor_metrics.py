@@ -11,6 +11,7 @@
     resbm_swarm_stage_tokens_per_second{stage}     the same in tokens
     resbm_swarm_slowest_stage, resbm_swarm_slowest_stage_tokens_per_second   the pipeline's bound
     resbm_swarm_step_max{stage}, resbm_swarm_step_min{stage}   newest and oldest step of its replicas
+    resbm_swarm_replica_distance_max{stage}   how far its replicas were from their group's mean, at the worst
     resbm_swarm_fingerprint_nodes{fingerprint,current}, resbm_swarm_fingerprints   per run config
     resbm_swarm_version_nodes{version}, resbm_swarm_versions   per protocol version
     resbm_swarm_ignored_records{reason}     records left out (stale, unsigned, other run, not serving)
@@ -37,6 +38,8 @@ def _stage_summary(stage: dict) -> dict:
             "throughput": sum(r.get("throughput") or 0.0 for r in reps),
             "tokens_per_s": None if None in tokens else sum(tokens),  # None: no run config to convert with
             "step_max": max(steps, default=None), "step_min": min(steps, default=None),
+            # how far apart its replicas are: the largest distance from its group's mean at a last round
+            "distance_max": max((r["distance"] for r in reps if r.get("distance") is not None), default=None),
             "max_age_s": max((r.get("age_s") or 0.0 for r in reps), default=None)}
 
 
@@ -86,6 +89,8 @@ def _stage_families(stages: list[dict]) -> list:
                per("step_max")),
         _gauge("resbm_swarm_step_min", "Lowest optimizer step a replica of the stage announces", ("stage",),
                per("step_min")),
+        _gauge("resbm_swarm_replica_distance_max", "Largest relative distance of a replica of the stage from its "
+               "averaging group's mean, at its last round (records)", ("stage",), per("distance_max")),
     ]
 
 

@@ -48,6 +48,11 @@ def _stage_rows(summary: dict) -> str:
     return "".join(rows)
 
 
+def _apart(distance) -> str:
+    """Relative distance from the replicas' mean at the last averaging round ('–' before any)."""
+    return "–" if distance is None else f"{100 * distance:.2f}%"
+
+
 def _node_rows(snap: dict) -> str:
     rows = []
     for s in snap["stages"]:
@@ -55,6 +60,7 @@ def _node_rows(snap: dict) -> str:
             rows.append(f"<tr><td><code>{escape(r['peer_id'])}</code></td><td>{s['stage']}</td>"
                         f"<td>{escape(r.get('role', ''))}</td><td>{escape(str(r.get('state', '')))}</td>"
                         f"<td>{_num(r.get('tokens_per_s'))}</td><td>{r.get('step', '–')}</td>"
+                        f"<td>{_apart(r.get('distance'))}</td>"
                         f"<td>{_num(r.get('age_s'))}</td><td>{'relay' if r.get('relayed') else 'direct'}</td></tr>")
     return "".join(rows)
 
@@ -72,5 +78,5 @@ def render_page(snap: dict | None, summary: dict | None, last_update: float | No
             "<table><tr><th>stage</th><th>replicas</th><th>tokens/s</th><th>microbatches/s</th><th>step</th>"
             "<th>relayed</th><th>oldest record (s)</th></tr>" + _stage_rows(summary) + "</table>"
             "<table><tr><th>peer</th><th>stage</th><th>role</th><th>state</th><th>tokens/s</th><th>step</th>"
-            "<th>record age (s)</th><th>via</th></tr>" + _node_rows(snap) + "</table>"
+            "<th>apart from replicas</th><th>record age (s)</th><th>via</th></tr>" + _node_rows(snap) + "</table>"
             '<p><a href="/metrics">/metrics</a> · <a href="/json">/json</a></p></body></html>')

@@ -24,16 +24,16 @@ RUN_FP, OTHER_FP = "aaaa000011112222", "ffff999988887777"
 PEER = "/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"  # well-formed; nobody there
 
 
-def replica(peer, step, throughput, relayed=False):
+def replica(peer, step, throughput, relayed=False, distance=None):
     return {"peer_id": peer, "role": "middle", "throughput": throughput, "tokens_per_s": throughput * 128,
             "queue": 0, "age_s": 1.0, "version": 3, "step": step, "state": "serving", "fingerprint": RUN_FP,
-            "uptime_s": 10.0, "relayed": relayed}
+            "uptime_s": 10.0, "relayed": relayed, "distance": distance}
 
 
 def snapshot() -> dict:
     """What status.snapshot returns for a 4-stage run: 1 trainer, stage 1 x2 at different steps,
     stage 2 x1 relayed, stage 3 nobody; records of another config, stale and unsigned ones."""
-    stages = [[replica("QmTrainer", 7, 0.0)], [replica("QmA", 7, 10.0), replica("<script>x</script>", 5, 30.0)],
+    stages = [[replica("QmTrainer", 7, 0.0)], [replica("QmA", 7, 10.0, distance=0.002), replica("<script>x</script>", 5, 30.0, distance=0.004)],
               [replica("QmC", 6, 25.0, relayed=True)], []]
     return {"run_id": "mon<unit>", "fingerprint": RUN_FP, "version": 3, "n_stages": 4, "dht_time": time.time(),
             "stages": [{"stage": k, "role": ("trainer", "middle", "middle", "tail")[k], "missing": not reps,
@@ -72,6 +72,8 @@ def test_gauges_export_every_stage_and_show_a_config_mismatch():
     stage1 = (("stage", "1"),)
     assert (got[("resbm_swarm_step_min", stage1)], got[("resbm_swarm_step_max", stage1)]) == (5, 7)
     assert ("resbm_swarm_step_max", (("stage", "3"),)) not in got  # no replica, no step
+    assert got[("resbm_swarm_replica_distance_max", stage1)] == 0.004  # the farther of its two replicas
+    assert ("resbm_swarm_replica_distance_max", (("stage", "2"),)) not in got  # it never averaged
     # the other run's node counts; stale and forged records do not
     assert got[("resbm_swarm_fingerprints", ())] == 2 and got[("resbm_swarm_versions", ())] == 1
     assert got[("resbm_swarm_fingerprint_nodes", (("current", "true"), ("fingerprint", RUN_FP)))] == 4
@@ -89,6 +91,7 @@ def test_page_flags_what_needs_a_person_and_escapes_record_text():
     assert "mon&lt;unit&gt;" in page and "&lt;script&gt;x&lt;/script&gt;" in page and "<script>" not in page
     assert "no replica for stage(s) 3" in page and "2 run config fingerprints" in page
     assert "<td>3 tail (slowest)</td>" in page and "<td>5 – 7</td>" in page  # stage 1's steps
+    assert "<td>0.40%</td>" in page  # how far a replica was from its group's mean
     assert json.loads(view.json())["summary"]["missing"] == [3]
 
 
