@@ -23,7 +23,7 @@ import torch
 from bench.plotting import fmt, machine_info, markdown_table, write_json
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.memory import stage_memory_bytes
-from swarm.precision import DTYPES
+from swarm.precision import DTYPES, native_bf16
 from swarm.stage_worker import StageWorker
 
 SIZES = {
@@ -86,7 +86,8 @@ def peak_bytes(worker: StageWorker, run: RunConfig, base: int) -> int:
     """Peak CUDA memory above `base` (before the worker existed) while M + 1 forwards are held, then
     their backwards (the stage server's worst case)."""
     torch.cuda.reset_peak_memory_stats(worker.device)
-    handles = [worker.begin(microbatch(run, 100 + i)[0].to(worker.device))[0] for i in range(run.train.microbatches + 1)]
+    n = run.train.microbatches + 1
+    handles = [worker.begin(microbatch(run, 100 + i)[0].to(worker.device))[0] for i in range(n)]
     for i, h in enumerate(handles):
         worker.finish(h, microbatch(run, 100 + i)[1].to(worker.device))
     return torch.cuda.max_memory_allocated(worker.device) - base
@@ -96,7 +97,7 @@ def variants(device) -> list[tuple[str, bool]]:
     """(precision, activation checkpointing) pairs to check on the device."""
     if device.type != "cuda":  # a dry run of the script's own logic (tests/test_gpu_paths.py)
         return [("fp32", False), ("fp32", True)]
-    bf16 = [("bf16", False), ("bf16", True)] if torch.cuda.is_bf16_supported() else []
+    bf16 = [("bf16", False), ("bf16", True)] if native_bf16(device) else []
     return [("fp32", False)] + bf16 + [("fp16", False), ("fp16", True)]
 
 
@@ -141,7 +142,8 @@ def check(size_name: str, device) -> dict:
     cpu = StageWorker(run, 1)
     reference = gradients(cpu, run)
     rows = [{"device": "cpu", "precision": "fp32", "checkpointing": False, "grad_rel_error": 0.0,
-             "tolerance": TOLERANCE["fp32"], "ok": True, "tokens_per_s": tokens_per_s(cpu, run, max(2, size["timed"] // 4))}]
+             "tolerance": TOLERANCE["fp32"], "ok": True,
+             "tokens_per_s": tokens_per_s(cpu, run, max(2, size["timed"] // 4))}]
     rows += [check_variant(run, size, device, p, ckpt, reference) for p, ckpt in variants(device)]
     moves = [handover(run, torch.device("cpu"), device), handover(run, device, torch.device("cpu"))]
     return {"size": size_name, "config": size, "machine": machine_info(device), "rows": rows, "handover": moves,

@@ -30,7 +30,7 @@ from node.dht import print_own_addrs, start_dht_from_args
 from node.metrics import NodeMetrics
 from node.run_config import chosen_run_id, load_config_file
 from node.runtime import SocketJanitor, close_hivemind, resolve_device, stop_event_on_signals
-from node.settings import JoinSettings
+from node.settings import DeviceSettings, JoinSettings
 from node.stage_server import StageServer, measure_throughput
 from node.state_sync import checkpoint_path, initial_state, periodic_checkpoints
 from node.trainer_loop import train
@@ -143,7 +143,7 @@ class Node:
     async def _load(self, stage: int) -> None:
         self.enter(NodeState.LOADING, f"stage {stage}")
         run, serve = self.run_cfg, self.settings.serve
-        worker = build_worker(run, stage, self.device)
+        worker = build_worker(run, stage, self.device, self.settings.device)
         self.metrics.info.info({"version": str(PROTOCOL_VERSION), "stage": str(stage), "peer_id": self.peer_id,
                                 "fingerprint": run.fingerprint, "run_id": run.run_id})
         averager = self._averager(stage, worker)
@@ -271,15 +271,17 @@ async def _best_effort(coro, what: str) -> None:
         log.warning("%s failed: %s", what, e)
 
 
-def build_worker(run, stage: int, device):
+def build_worker(run, stage: int, device, settings: DeviceSettings = DeviceSettings()):
     """The stage built with the seeded CPU initialisation, checked against the device's free memory,
-    then placed on its device before its optimizer exists (see StageWorker)."""
+    then placed on its device before its optimizer exists (see StageWorker), with the node's own
+    precision and activation checkpointing (not part of the run config)."""
     module = build_stage(run.model, stage)
-    need = check_fits(run, stage, module, device)
-    log.info("stage %d: %d layers, %.1f M parameters on %s; memory ~%.0f MiB params+optimizer, ~%.0f MiB "
+    need = check_fits(run, stage, module, device, settings.precision, settings.activation_checkpointing)
+    log.info("stage %d: %d layers, %.1f M parameters on %s; memory ~%.0f MiB weights+gradient+optimizer, ~%.0f MiB "
              "activations", stage, run.model.stage_layers[stage], sum(p.numel() for p in module.parameters()) / 1e6,
              device, need["params_bytes"] / 2**20, need["activations_bytes"] / 2**20)
-    return StageWorker(run, stage, device=device, stage=module)
+    return StageWorker(run, stage, device=device, stage=module, precision=settings.precision,
+                       activation_checkpointing=settings.activation_checkpointing)
 
 
 # --- --stage auto ----------------------------------------------------------------------------------

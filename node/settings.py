@@ -170,7 +170,13 @@ class ServeSettings:
 class DeviceSettings:
     device: str = setting("auto", "auto | cpu | cuda[:i]", group=DEVICE)
     threads: int = setting(0, "torch CPU threads (0: torch default)", group=DEVICE)
-    # (the GPU work of issue 23 adds --activation-checkpointing and --precision here)
+    # Per node, not part of the run config: CPU and GPU replicas of a stage compute the same math.
+    precision: str = setting("auto", "the forward's precision: auto (bf16 on a GPU that has it, else fp16 with a "
+                                     "loss scaler; fp32 on a CPU), bf16, fp16 or fp32", group=DEVICE,
+                             choices=("auto", "bf16", "fp16", "fp32"))  # swarm/precision.py PRECISIONS (no torch here)
+    activation_checkpointing: bool = setting(False, "keep only each block's input for the backward and recompute "
+                                                    "the rest: ~1/3 more compute for most of the activation memory",
+                                             group=DEVICE)
 
 
 # --- a trainer (node/trainer.py, node/trainer_loop.py) --------------------------------------------

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                        description="Train all stages in one process with exactly the swarm's math "
                                    "(codec included). Ctrl-C saves a checkpoint and exits.")
     add_run_args(p, command="train-local")
-    add_setting_flags(p, [DeviceSettings], ["device"], "train-local")
+    add_setting_flags(p, [DeviceSettings], ["device", "precision", "activation_checkpointing"], "train-local")
     add_setting_flags(p, [TrainerSettings], ["eval_every"], "train-local")
     p.add_argument("--checkpoint", default="runs/train-local.pt", help="checkpoint path ('' to disable)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
@@ -54,7 +54,8 @@ def main(args) -> int:
         corpus = open_corpus(run)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    trainer = LocalTrainer(run, corpus, device=str(device))
+    trainer = LocalTrainer(run, corpus, device=str(device), precision=args.precision,
+                           activation_checkpointing=args.activation_checkpointing)
     if exported is not None:
         trainer.model.load_state_dict(model.state_dict())
         print(f"initialised from {args.init_from} (run {run.run_id}, fingerprint {run.fingerprint})", file=sys.stderr)

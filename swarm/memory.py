@@ -120,5 +120,6 @@ def check_fits(run: RunConfig, index: int, stage: nn.Module, device, precision: 
         raise MemoryError(f"stage {index} needs about {need['total_bytes'] / 2**30:.2f} GiB "
                           f"({need['params_bytes'] / 2**30:.2f} GiB parameters+gradient+optimizer, "
                           f"{need['activations_bytes'] / 2**30:.2f} GiB activations) but {device} has "
-                          f"{have / 2**30:.2f} GiB free; pick a smaller stage, fewer microbatches{hint} or another device")
+                          f"{have / 2**30:.2f} GiB free; pick a smaller stage, fewer microbatches{hint} or "
+                          "another device")
     return need

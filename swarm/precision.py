@@ -34,11 +34,17 @@ def autocast_dtype(device_type: str, bf16_supported: bool, requested: str = "aut
     return DTYPES[requested]
 
 
+def native_bf16(device) -> bool:
+    """Whether a CUDA device has bf16 in hardware (Ampere and later). torch's default check also says
+    yes where bf16 is only emulated (Volta, Turing), which is far slower than fp16 there."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def device_autocast_dtype(device, requested: str = "auto") -> torch.dtype | None:
     """autocast_dtype for a real device (asks CUDA whether it has bf16)."""
     device = torch.device(device)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return autocast_dtype(device.type, bf16, requested)
+    return autocast_dtype(device.type, device.type == "cuda" and native_bf16(device), requested)
 
 
 def autocast(device, dtype: torch.dtype | None):
@@ -56,8 +62,8 @@ class LossScaler:
     def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 1000,
                  min_scale: float = 1.0, max_scale: float = 2.0 ** 24):
         if not (init_scale > 0 and math.isfinite(init_scale)) or growth_interval < 1 or not 0 < min_scale <= max_scale:
-            raise ValueError(f"LossScaler needs a finite init_scale > 0, growth_interval >= 1 and "
-                             f"0 < min_scale <= max_scale (got {init_scale}, {growth_interval}, {min_scale}, {max_scale})")
+            raise ValueError(f"LossScaler needs a finite init_scale > 0, growth_interval >= 1 and 0 < min_scale <= "
+                             f"max_scale (got {init_scale}, {growth_interval}, {min_scale}, {max_scale})")
         self.scale = float(init_scale)
         self.growth_interval, self.min_scale, self.max_scale = growth_interval, min_scale, max_scale
         self.clean = 0       # clean backwards since the last change of S

@@ -1,14 +1,20 @@
 """What a GPU node does differently from a CPU node, checked on the CPU: Muon state moving between a
 CPU replica and a GPU replica (torch.optim.Muon with bf16 Newton-Schulz, run here on CPU tensors),
 activation checkpointing, the autocast choice and fp16's per-stage loss scaler."""
+import dataclasses
 import io
+from pathlib import Path
 
 import pytest
 import torch
 
+from bench import gpu_check
+from node.cli import parse_args
+from node.lifecycle import build_worker
+from node.settings import DeviceSettings, JoinSettings
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.optim import Muon
-from swarm.precision import LossScaler, autocast_dtype
+from swarm.precision import PRECISIONS, LossScaler, autocast_dtype
 from swarm.stage_worker import StageWorker
 
 SHAPES = [(24, 8), (8, 16)]  # a tall and a wide matrix: Newton-Schulz transposes the tall one
@@ -211,7 +217,6 @@ def test_a_scaled_loss_step_equals_the_plain_one():
 
 # --- bench/gpu_check.py, prepared for a GPU machine --------------------------------------------------
 def test_gpu_check_skips_without_cuda_and_its_comparison_runs_on_cpu(tmp_path, monkeypatch, capsys):
-    from bench import gpu_check
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--json-out", str(tmp_path / "r.json")]) == 0
     assert capsys.readouterr().out.strip().startswith("skipped: no CUDA") and not (tmp_path / "r.json").exists()
@@ -219,3 +224,31 @@ def test_gpu_check_skips_without_cuda_and_its_comparison_runs_on_cpu(tmp_path, m
     assert result["ok"] and {r["grad_rel_error"] for r in result["rows"]} == {0.0}
     assert all(m["loaded_equal"] and m["update_rel_diff"] == 0.0 for m in result["handover"])
     assert "| cpu" in gpu_check.report(result)
+
+
+# --- the node flags (node/settings.py DeviceSettings -> node/lifecycle.py build_worker) -----------
+def test_node_flags_reach_the_worker_but_not_the_run_config():
+    argv = ["join", "--stage", "1", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--precision", "fp16"]
+    settings = JoinSettings.from_args(parse_args(argv, environ={"RESBM_ACTIVATION_CHECKPOINTING": "1"})).device
+    assert settings.precision == "fp16" and settings.activation_checkpointing
+    w = build_worker(RUN, 1, torch.device("cpu"), settings)
+    assert w.stage.activation_checkpointing and w.amp_dtype is torch.float16 and w.scaler is not None
+    plain = build_worker(RUN, 1, torch.device("cpu"))
+    assert not plain.stage.activation_checkpointing and plain.amp_dtype is None and plain.scaler is None
+    assert w.state_dict()["fingerprint"] == plain.state_dict()["fingerprint"] == RUN.fingerprint
+    with pytest.raises(SystemExit):
+        parse_args(argv[:-1] + ["fp8"])
+    choices = next(f for f in dataclasses.fields(DeviceSettings) if f.name == "precision").metadata["choices"]
+    assert tuple(choices) == PRECISIONS  # settings.py keeps its own copy (it imports no torch)
+
+
+# --- packaging ---------------------------------------------------------------------------------------
+def test_the_systemd_unit_lets_the_gpu_through_and_the_image_can_be_cuda():
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    lines = [ln.strip() for ln in (deploy / "resbm-node.service").read_text().splitlines() if not ln.startswith("#")]
+    assert not any(ln.startswith("PrivateDevices=") and ln.split("=", 1)[1] in ("yes", "true", "1") for ln in lines)
+    allowed = {ln.split("=", 1)[1].split()[0] for ln in lines if ln.startswith("DeviceAllow=")}
+    assert {"char-nvidia-frontend", "char-nvidia-uvm"} <= allowed and "DevicePolicy=closed" in lines
+    docker = (deploy / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in docker  # CPU stays the default
+    assert 'pip install --index-url "$TORCH_INDEX_URL" torch==' in docker
