@@ -41,10 +41,12 @@ DEFAULT_EVERY = TrainConfig().average_every
 SIZES = {
     "quick": dict(d=64, layers=3, heads=2, stages=3, ratio=8, seq=64, batch=16, micro=4, rate=0.5, steps=6,
                   warmup=2, budget=150, runs=[(1, 2), (2, 2)]),
+    # (n, 0): the same row without averaging, for what averaging costs
     "default": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=23,
-                    warmup=3, budget=240, runs=[(1, DEFAULT_EVERY), (2, DEFAULT_EVERY)]),
+                    warmup=3, budget=240, runs=[(1, DEFAULT_EVERY), (2, DEFAULT_EVERY), (2, 0)]),
     "scale": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=23,
-                  warmup=3, budget=240, runs=[(1, DEFAULT_EVERY), (2, DEFAULT_EVERY), (3, DEFAULT_EVERY)]),
+                  warmup=3, budget=300, runs=[(1, DEFAULT_EVERY), (2, DEFAULT_EVERY), (3, DEFAULT_EVERY), (2, 0),
+                                              (3, 0)]),
 }
 
 
@@ -77,7 +79,7 @@ def node_figures(summaries: list[dict], iface: dict) -> list[dict]:
     for n in latest.values():
         msg = moved(n)
         out.append({"stage": n["stage"], "role": n["role"], "peer_id": n["peer_id"], "tokens": n["tokens"],
-                    "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0)})
+                    "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0), "averaging": n.get("averaging")})
     return out
 
 
@@ -96,6 +98,21 @@ def row_figures(nodes: list[dict], overhead: float) -> dict:
             "trainer_bytes_per_token": max(per(n, "message_bytes") for n in trainers) if trainers else 0.0,
             "trainer_iface_bytes_per_token": max(per(n, "iface_bytes") for n in trainers) if trainers else 0.0,
             "averaging_bytes_per_token": mean(averaging) if averaging else 0.0}
+
+
+def averaging_figures(nodes: list[dict], tokens_per_s: float, per_stage: int, rate_mbit: float) -> dict:
+    """The replicas' own averaging counts: rounds (complete, partial, failed), payload bytes per token
+    per replica and their share of a replica's link (both directions), the largest replica distance."""
+    reps = [n for n in nodes if n.get("averaging")]
+    if not reps:
+        return {}
+    a = lambda key: [n["averaging"][key] or 0.0 for n in reps]  # noqa: E731
+    per_token = mean(n["averaging"]["bytes"] / n["tokens"] for n in reps)
+    replica_Bps = per_token * tokens_per_s / per_stage  # a replica handles 1/n of the swarm's tokens
+    return {"averaging_rounds": sum(a("rounds")), "averaging_partial_rounds": sum(a("partial")),
+            "averaging_failed_rounds": sum(a("failures")), "averaging_payload_bytes_per_token": per_token,
+            "averaging_link_share": replica_Bps / (2 * rate_mbit * 1e6 / 8),
+            "replica_distance_max": max(a("distance_max"))}
 
 
 def framing_overhead(nodes: list[dict]) -> float:
@@ -129,6 +146,7 @@ def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float,
                staleness=mean(staleness) if staleness else 0.0,
                framing_overhead=measured_overhead, nodes=nodes, cpu_busy=res["cpu_busy"],
                **row_figures(nodes, measured_overhead if overhead is None else overhead))
+    row.update(averaging_figures(nodes, row["tokens_per_s"], per_stage, size["rate"]))
     return row
 
 
@@ -139,12 +157,17 @@ def table(runs: list[dict]) -> str:
              f"{f(r, 'busiest_node_bytes_per_token', '.1f')} ({r.get('busiest_node_role', '-')})",
              f(r, "middle_stage_bytes_per_token", ".1f"), f(r, "trainer_bytes_per_token", ".1f"),
              f"{f(r, 'middle_stage_iface_bytes_per_token', '.1f')} / {f(r, 'trainer_iface_bytes_per_token', '.1f')}",
-             f(r, "averaging_bytes_per_token", ".1f"), f(r, "staleness", ".2f"),
+             f"{f(r, 'averaging_payload_bytes_per_token', '.1f')} / {f(r, 'averaging_bytes_per_token', '.1f')}",
+             f"{100 * r.get('averaging_link_share', 0.0):.1f}%",
+             f"{r.get('averaging_rounds', 0):.0f} / {r.get('averaging_partial_rounds', 0):.0f} / "
+             f"{r.get('averaging_failed_rounds', 0):.0f}",
+             f"{100 * r.get('replica_distance_max', 0.0):.2f}%", f(r, "staleness", ".2f"),
              f"{100 * r.get('cpu_busy', 0.0):.0f}%",
              r.get("steps", 0), r.get("error", "")[:60]] for r in runs]
     return markdown_table(["per stage", "avg every", "link Mbit/s", "tokens/s", "compute-bound", "link bound (codes)",
                            "busiest B/tok", "middle B/tok", "trainer B/tok", "iface middle / trainer B/tok",
-                           "averaging B/tok", "staleness", "CPU busy", "steps", "error"], rows)
+                           "averaging B/tok (payload / iface)", "averaging link share",
+                           "rounds / partial / failed", "apart max", "staleness", "CPU busy", "steps", "error"], rows)
 
 
 def verdicts(runs: list[dict]) -> tuple[float | None, list[str]]:
@@ -158,6 +181,7 @@ def verdicts(runs: list[dict]) -> tuple[float | None, list[str]]:
             speedup = x if n == 2 else speedup
             out.append(f"- {n} volunteers per stage vs 1 (average_every {head[n]['average_every']}): {x:.2f}x "
                        f"(goal >= {goal}x): {'met' if x >= goal else 'MISSED'}")
+    out += averaging_verdicts(runs)
     for r in runs:
         if r.get("middle_stage_bytes_per_token"):
             ok = r["trainer_bytes_per_token"] <= r["middle_stage_bytes_per_token"]
@@ -167,11 +191,37 @@ def verdicts(runs: list[dict]) -> tuple[float | None, list[str]]:
     return speedup, out
 
 
+def averaging_verdicts(runs: list[dict]) -> list[str]:
+    """What averaging at the default cadence costs (rows with and without it at the same size) and
+    whether its rounds complete."""
+    out = []
+    off = {r["per_stage"]: r for r in runs if r["average_every"] == 0 and r.get("tokens_per_s")}
+    for r in runs:
+        if not r["average_every"] or r["per_stage"] < 2 or not r.get("tokens_per_s"):
+            continue
+        n = r["per_stage"]
+        if n in off:
+            x = r["tokens_per_s"] / off[n]["tokens_per_s"]
+            extra = r["middle_stage_iface_bytes_per_token"] - off[n]["middle_stage_iface_bytes_per_token"]
+            out.append(f"- {n}/stage: tokens/s with averaging every {r['average_every']} / without: {x:.2f} "
+                       f"(goal >= 0.9): {'met' if x >= 0.9 else 'MISSED'}; a middle replica's interface carried "
+                       f"{extra:.1f} B/token more with it")
+        if "averaging_link_share" in r:
+            share, partial = r["averaging_link_share"], r["averaging_partial_rounds"]
+            out.append(f"- {n}/stage: averaging payload {r['averaging_payload_bytes_per_token']:.1f} B/token per "
+                       f"replica = {100 * share:.1f}% of its link (goal <= 10%): {'met' if share <= 0.1 else 'MISSED'}; "
+                       f"rounds {r['averaging_rounds']:.0f} complete, {partial:.0f} partial (goal 0): "
+                       f"{'met' if partial == 0 and r['averaging_rounds'] else 'MISSED'}, "
+                       f"{r['averaging_failed_rounds']:.0f} failed; replicas apart at most "
+                       f"{100 * r['replica_distance_max']:.2f}%")
+    return out
+
+
 def plot(path: str, runs: list[dict]) -> None:
     series = []
     for every in sorted({r["average_every"] for r in runs}):
         rs = sorted((r for r in runs if r["average_every"] == every), key=lambda r: r["per_stage"])
-        series.append({"label": f"measured, average_every {every}", "x": [r["per_stage"] for r in rs],
+        series.append({"label": f"measured, average_every {every}" if every else "measured, averaging off", "x": [r["per_stage"] for r in rs],
                        "y": [r["tokens_per_s"] for r in rs], "style": {"marker": "o"}})
     xs = sorted({r["per_stage"] for r in runs})
     series.append({"label": "link bound (codes only)", "x": xs,

@@ -62,3 +62,15 @@ def test_cost_table_halves_bytes_in_fp16_and_fragments_cut_rounds():
     assert fp32["round_bytes"] == 2 * fp16["round_bytes"] == 1_000_000_000
     assert fp32["round_s"] == pytest.approx(400)  # 500 MB each way at 1.25 MB/s
     assert frag["round_s"] == pytest.approx(fp16["round_s"] / 16) and frag["all_fragments_s"] == fp16["round_s"]
+
+
+def test_cost_bench_writes_its_computed_table(tmp_path):
+    import json
+
+    from bench.averaging_cost import main
+    assert main(["--params", "32000000", "--links", "10", "--json-out", str(tmp_path / "c.json")]) == 0
+    out = json.loads((tmp_path / "c.json").read_text())
+    before, now = out["rows"][0], out["rows"][-1]
+    assert out["computed"] and now["fragments"] == 2 and before["fragments"] == 1
+    assert now["round_bytes"] * 4 == before["round_bytes"]  # half the values per round, half the bytes each
+    assert (tmp_path / "c.png").stat().st_size > 0

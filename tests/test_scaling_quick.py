@@ -47,6 +47,9 @@ def test_quick_scaling_json_is_complete_and_consistent(tmp_path):
         assert all(n["iface_bytes"] >= n["message_bytes"] > 0 for n in r["nodes"])
     by = {r["per_stage"]: r for r in runs}
     assert by[2]["averaging_bytes_per_token"] > 0  # the 2-per-stage quick row averages every 2 steps
+    # ... and its replicas count what their rounds carried, and whether each came back whole
+    assert by[2]["averaging_rounds"] + by[2]["averaging_partial_rounds"] > 0, by[2]
+    assert by[2]["averaging_payload_bytes_per_token"] > 0 and 0 < by[2]["averaging_link_share"] < 1
     assert out["speedup_2"] == pytest.approx(by[2]["tokens_per_s"] / by[1]["tokens_per_s"])
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert _our_namespaces() <= before  # nothing left behind
