@@ -22,6 +22,7 @@ run: $(STAMP)
 	$(BIN)/resbm-node local --steps 200 --run-dir runs/local --json-out runs/local/summary.json $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
 bench: $(STAMP)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from bench.convergence_swarm import render as render_swarm
+from bench.convergence_swarm import swarm_row
 from bench.plotting import fmt, line_plot, machine_info, markdown_table, smooth, write_json
 from node.runtime import resolve_device
 from swarm.config import ModelConfig, RunConfig, TrainConfig
@@ -39,7 +41,7 @@ PRESETS = {
     "default": {
         "model": dict(d_model=256, n_layers=4, n_heads=4, seq_len=128, n_stages=2, ratio=128),
         "train": dict(batch_size=16, microbatches=4, warmup_steps=20),
-        "steps": 300, "eval_every": 50, "eval_batches": 32,
+        "steps": 300, "eval_every": 50, "eval_batches": 32, "swarm_trainers": 2,
         "trend": {"dims": [256, 512, 1024], "model": dict(n_layers=2),
                   "train": dict(batch_size=8, microbatches=2, warmup_steps=10), "steps": 100, "eval_batches": 32},
     },
@@ -52,13 +54,14 @@ PRESETS = {
     "scale": {
         "model": dict(d_model=1024, n_layers=8, n_heads=16, seq_len=512, n_stages=4, ratio=128),
         "train": dict(batch_size=32, microbatches=4, warmup_steps=100),
-        "steps": 2000, "eval_every": 200, "eval_batches": 64,
+        "steps": 2000, "eval_every": 200, "eval_batches": 64, "swarm_trainers": 2,
         "trend": {"dims": [1024, 2048, 4096], "model": dict(n_layers=4, n_stages=2),
                   "train": dict(batch_size=16, microbatches=2, warmup_steps=50), "steps": 300, "eval_batches": 32},
     },
 }
 
 TARGET_GAP_PCT = 2.0
+SWARM_GAP_PCT = 1.0  # the swarm row (issue 22): 2 replicas per stage averaging vs train-local, equal tokens
 
 
 def variants(ratio: int) -> list[dict]:
@@ -231,7 +234,8 @@ def plot(path, results: list[dict], trend: list[dict], title: str) -> None:
         color = "C5" if r["boundary"] == "resbm" and r["codec"] == "int8" else COLORS[r["boundary"]]
         return {"color": color, "ls": "--" if r["optimizer"] == "muon" else "-"}
 
-    label = lambda r: f"{r['name']} ({r['optimizer']})"
+    def label(r):
+        return f"{r['name']} ({r['optimizer']})"
     window = max(1, min(25, len(results[0]["loss_curve"]["loss"]) // 10))
     finals = [r["val_loss"] for r in results if r["val_loss"] == r["val_loss"]]
     top = max(v for r in results for v in r["val_curve"]["loss"][1:] if v == v) if finals else None
@@ -261,6 +265,9 @@ def parse_args(argv=None):
     size.add_argument("--scale", action="store_true", help="GPU-sized run (d >= 1024, more layers, longer)")
     p.add_argument("--steps", type=int, default=None, help="main runs' steps (overrides the preset)")
     p.add_argument("--trend-steps", type=int, default=None, help="d-trend runs' steps (0: skip the d-trend)")
+    p.add_argument("--swarm-trainers", type=int, default=None,
+                   help="the swarm row's trainers and replicas per stage (0: skip it; the preset's: 2, none in --quick)")
+    p.add_argument("--only-swarm", action="store_true", help="run the swarm row and its reference only")
     p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (overrides the preset)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:i] (default: cpu, auto for --scale)")
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib sources)")
@@ -288,6 +295,19 @@ def main(argv=None) -> int:
     log(f"bench.convergence ({name}): {len(variants(ratio))} variants x {steps} steps, d-trend "
         f"{preset['trend']['dims'] if trend_steps else 'skipped'} x {trend_steps} steps, device {device}, "
         f"data {corpus.name}")
+    swarm_trainers = args.swarm_trainers if args.swarm_trainers is not None else preset.get("swarm_trainers", 0)
+    swarm = swarm_row(preset, corpus, str(device), steps, eval_every, swarm_trainers, train_one) \
+        if swarm_trainers else None
+    if swarm is not None:
+        print("## The swarm against train-local (equal tokens)\n\n" + render_swarm(swarm, SWARM_GAP_PCT) + "\n")
+    if args.only_swarm:
+        # its own file: the main results stay as the last full run left them
+        write_json(Path(args.json_out).with_name("convergence_swarm.json"),
+                   {"benchmark": "convergence", "preset": name, "swarm": swarm, "steps": steps,
+                    "machine": machine_info(device), "data": corpus.name,
+                    "command": shlex.join([sys.executable, "-m", "bench.convergence", *(sys.argv[1:] if argv is None
+                                                                                        else argv)])})
+        return 0
     results = run_main(preset, corpus, str(device), steps, eval_every)
     trend = run_trend(preset, corpus, str(device), trend_steps) if trend_steps else []
     wall = time.perf_counter() - t0
@@ -317,7 +337,7 @@ def main(argv=None) -> int:
                                                                             *(sys.argv[1:] if argv is None else argv)]),
         "machine": {**machine_info(device), "float32_matmul_precision": torch.get_float32_matmul_precision()},
         "data": corpus.name, "settings": {**preset, "steps": steps, "eval_every": eval_every, "trend_steps": trend_steps},
-        "wall_time_s": wall, "variants": results, "trend": trend,
+        "wall_time_s": wall, "variants": results, "trend": trend, "swarm": swarm,
         "tables": {"main": {"headers": MAIN_HEADERS, "rows": main_rows(results), "markdown": main_md},
                    "trend": {"headers": TREND_HEADERS, "rows": trend_rows(trend), "markdown": trend_md}},
         "targets": tgts,

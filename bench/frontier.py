@@ -213,7 +213,8 @@ def plot(path, points: list[dict], front: list[dict], d: int, title: str) -> Non
                                "style": {"color": color, "marker": marker, "ls": "", "ms": 6}})
         return series
 
-    total = lambda p: p["bytes_fwd"] + p["bytes_bwd"]
+    def total(p):
+        return p["bytes_fwd"] + p["bytes_bwd"]
     none = next((p["val_loss"] for p in points if p["name"] == "none"), None)
     front_series = {"label": "Pareto front", "x": [total(p) for p in front], "y": [p["val_loss"] for p in front],
                     "style": {"color": "k", "lw": 1, "ls": "--", "drawstyle": "steps-post"}}

@@ -46,12 +46,13 @@ class Announcer:
         self.last_updated = None
 
     async def publish(self, stage: int, fingerprint: str, throughput: float, queue: int, step: int,
-                      serving: bool = True, ttl: float | None = None, state: str | None = None) -> bool:
+                      serving: bool = True, ttl: float | None = None, state: str | None = None,
+                      distance: float | None = None) -> bool:
         value = stage_record(stage=stage, peer_id=self.peer_id, throughput=float(throughput), queue=int(queue),
                              fingerprint=fingerprint, step=int(step), serving=serving, started=float(self.started),
                              updated=float(get_dht_time()),
                              state=state or (NodeState.SERVING if serving else NodeState.DRAINING).value,
-                             relayed=self.relayed)
+                             relayed=self.relayed, distance=distance)
         ttl = ttl if ttl is not None else self.settings.ttl_s
         # A newer record with an earlier expiration would be ignored: never expire before the last one.
         expires = self.expires[stage] = max(get_dht_time() + ttl, self.expires.get(stage, 0.0) + 1e-3)
@@ -73,7 +74,7 @@ class Announcer:
             try:
                 ok = await self.publish(stage, fingerprint, server.throughput, server.inflight,
                                         server.worker.applied_step, serving=state == NodeState.SERVING.value,
-                                        state=state)
+                                        state=state, distance=server.replica_distance)
                 if not ok and not await self.readable(stage):
                     log.warning("DHT refused our stage record and it cannot be read back (is the clock or the key "
                                 "wrong?)")
@@ -146,6 +147,51 @@ def classify(subkey, value, now: float, fingerprint: str | None, version: int | 
     if not rec["serving"]:
         return rec, f"{NOT_SERVING} ({rec['state']})"
     return rec, ""
+
+
+class RecordView:
+    """Every stage's live records as this node last read them: the one copy its router (node/route.py),
+    its server's check of who may call it (node/stage_server.py) and its trainer's pauses share.
+    Periodic refreshes run in the background, at most once per `settings.read_s` (a slow DHT peer must
+    not slow every call); `refresh(force=True)` (after a failure, while waiting) waits for fresh records."""
+
+    def __init__(self, dht: DHT, run, settings: RecordSettings = RecordSettings(), metrics=None):
+        self.dht, self.run, self.settings, self.metrics = dht, run, settings, metrics
+        self.records: dict[int, list[dict]] = {}
+        self.last_read = 0.0     # monotonic time of the last read
+        self.reads = 0           # reads so far: a user of the view sees when it changed
+        self._refreshing: asyncio.Task | None = None
+
+    async def refresh(self, force: bool = False) -> None:
+        if force:
+            await self._read(fresh=True)
+        elif time.monotonic() - self.last_read >= self.settings.read_s and \
+                (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self.read_quietly(fresh=False))
+
+    async def read_quietly(self, fresh: bool) -> None:
+        try:
+            await self._read(fresh)
+        except Exception as e:  # the next refresh tries again; a failing call forces one
+            log.warning("could not refresh the stage records from the DHT: %s", e)
+
+    async def _read(self, fresh: bool) -> None:
+        self.last_read = time.monotonic()
+        self.records = await read_stage_records(self.dht, self.run, fresh=fresh)
+        self.reads += 1
+        if self.metrics is not None:
+            for k, n in self.replica_counts().items():
+                self.metrics.replicas.labels(str(k)).set(n)
+
+    def peers(self, stage: int) -> set[str]:
+        return {r["peer_id"] for r in self.records.get(stage, [])}
+
+    def replica_counts(self) -> dict[int, int]:
+        return {k: len(self.records.get(k, [])) for k in range(self.run.model.n_stages)}
+
+    def missing_stages(self, first: int = 1) -> list[int]:
+        """Stages from `first` on without any replica."""
+        return [k for k in range(first, self.run.model.n_stages) if not self.records.get(k)]
 
 
 def config_ttl_s() -> float:

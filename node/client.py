@@ -8,34 +8,24 @@ import math
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.control import MAX_UNARY_PAYLOAD_SIZE
 from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import split_for_streaming
 
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, payload_nbytes
 from protocol.contract import (INT_TENSORS, METHODS, STATE_CHUNK, check_fields, join_stream_parts, pack_meta,
                                tensors_from_proto, tensors_to_proto, unpack_meta)
-from protocol.errors import PayloadError
+from protocol.errors import PayloadError, PeerUnavailable, RemoteError
 from protocol.records import stage_key  # a stage's DHT key is also its hivemind expert uid
+from protocol.service import STREAMED, UNARY, StageService
 
 REPLY_METADATA_LIMIT = STATE_CHUNK + (1 << 16)
 
 
-class RemoteError(RuntimeError):
-    """The peer answered, and refused: `reason` says why (a PayloadError reason or "internal")."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-
-
-class PeerUnavailable(ConnectionError):
-    """The peer did not answer (gone, unreachable, or too slow)."""
-
-
 class StageClient:
     def __init__(self, p2p: P2P, run):
-        from node.stage_server import StageServer  # the stub type comes from the servicer's handler table
         self.p2p, self.run = p2p, run
-        self.stub_type = StageServer
+        self.stub_type = StageService
         self.fingerprint = run.fingerprint
         self.codecs = {"y": run.model.wire_codec, "grad_in": run.model.wire_codec_bwd}
 
@@ -70,7 +60,6 @@ class StageClient:
 
     async def info(self, peer_id: PeerID | str, stage: int, timeout: float = 10.0) -> dict:
         """The stage's own figures from hivemind's rpc_info (step, bytes, tokens, throughput, ...)."""
-        from hivemind.utils import MSGPackSerializer
         peer = PeerID.from_base58(peer_id) if isinstance(peer_id, str) else peer_id
         stub = self.stub_type.get_stub(self.p2p, peer)
         try:
@@ -85,9 +74,8 @@ class StageClient:
         return info["resbm"]
 
     async def _send(self, stub, method: str, request):
-        if request.ByteSize() <= MAX_UNARY_PAYLOAD_SIZE or method not in ("forward", "train"):
-            return await getattr(stub, f"rpc_{method}")(request)
-        from hivemind.utils.streaming import split_for_streaming
+        if request.ByteSize() <= MAX_UNARY_PAYLOAD_SIZE or method not in STREAMED:
+            return await UNARY[method](stub)(request)
         parts = [p for t in request.tensors for p in split_for_streaming(t, 1 << 20)]
         msgs = [runtime_pb2.ExpertRequest(uid=request.uid, metadata=request.metadata, tensors=parts[:1])] + \
                [runtime_pb2.ExpertRequest(uid=request.uid, tensors=[p]) for p in parts[1:]]
@@ -96,7 +84,7 @@ class StageClient:
             for m in msgs:
                 yield m
         first, received = None, []
-        async for reply in await getattr(stub, f"rpc_{method}_stream")(requests()):
+        async for reply in await STREAMED[method](stub)(requests()):
             first = first or reply
             received.extend(reply.tensors)
         return runtime_pb2.ExpertResponse(metadata=first.metadata if first else b"",

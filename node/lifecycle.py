@@ -147,7 +147,8 @@ class Node:
         self.metrics.info.info({"version": str(PROTOCOL_VERSION), "stage": str(stage), "peer_id": self.peer_id,
                                 "fingerprint": run.fingerprint, "run_id": run.run_id})
         averager = self._averager(stage, worker)
-        server = StageServer(worker, self.metrics, self.peer_id, averager, dht=self.dht, p2p=self.p2p)
+        server = StageServer(worker, self.metrics, self.peer_id, averager, dht=self.dht, p2p=self.p2p,
+                             records=self.settings.records, route=self.settings.route)
         t = self.turn = Turn(stage, worker, server, averager,
                              checkpoint_path(serve.checkpoint_dir, run.run_id, stage, self.peer_id))
         # While loading (a download can take long), the record says so and keeps any throughput carried over.

@@ -15,8 +15,10 @@ import asyncio
 import logging
 import time
 
-from node.announce import read_stage_records
-from node.client import PeerUnavailable, RemoteError, StageClient
+from node.announce import RecordView
+from node.client import StageClient
+from node.settings import RouteSettings
+from protocol.errors import NoRoute, PeerUnavailable, RemoteError
 from swarm.deadlines import Deadline, HopCosts, backoff_s
 from swarm.routing import Router
 
@@ -24,65 +26,44 @@ log = logging.getLogger(__name__)
 
 # Reasons a replica gives that say "not me, try another" rather than "your request is wrong".
 RETRYABLE = {"internal", "busy", "deadline", "unavailable"}
-PATIENCE_S = 3.0  # how long one call may wait for a banned replica's ban to end
-
-
-class NoRoute(RuntimeError):
-    """No replica of the next stage finished the call: `reason` is "deadline", "unavailable" (no usable
-    replica of this hop's stage) or "downstream" (the replica says a later stage had none)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 class NextHop:
-    def __init__(self, stage: int, run, dht, p2p, metrics, count=None, refresh_s: float = 5.0,
-                 transit_s: float = 0.2):
-        self.stage, self.run, self.dht, self.metrics = stage, run, dht, metrics
+    """Calls to stage `stage`, routed by the node's RecordView (shared with its server and trainer)
+    and by this hop's own observations of the replicas."""
+
+    def __init__(self, stage: int, run, view: RecordView, p2p, metrics, count=None,
+                 settings: RouteSettings = RouteSettings()):
+        self.stage, self.run, self.view, self.metrics, self.settings = stage, run, view, metrics, settings
         self.client = StageClient(p2p, run)
         self.count = count or (lambda direction, n: None)   # the node's own byte counter
         self.router = Router(run.model.n_stages)
-        self.records: dict[int, list[dict]] = {}             # every stage's records, as last read
-        self.refresh_s, self.transit_s = refresh_s, transit_s
         self.bytes = {"fwd": 0, "bwd": 0}         # whole messages across our boundary (stage-1 .. stage)
         self.codes = {"fwd": 0, "bwd": 0}         # of which codec bytes of codes, gradients and token ids
         self.tokens = 0
         self.retries = 0
-        self.last_read = 0.0
-        self._refreshing: asyncio.Task | None = None
+        self._routed = -1                         # the view's read the router was last updated from
 
     # --- records -------------------------------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
-        """Periodic refreshes run in the background (a slow DHT peer must not slow every call);
-        `force` (after a failure, while waiting) waits for fresh records."""
-        if force:
-            await self._read(fresh=True)
-        elif time.monotonic() - self.last_read >= self.refresh_s and \
-                (self._refreshing is None or self._refreshing.done()):
-            self._refreshing = asyncio.create_task(self._read_quietly(fresh=False))
+        """The view's refresh (see RecordView), and the router updated from what it read."""
+        await self.view.refresh(force)
+        self._update_router()
 
-    async def _read_quietly(self, fresh: bool) -> None:
-        try:
-            await self._read(fresh)
-        except Exception as e:  # the next refresh tries again; a failing call forces one
-            log.warning("could not refresh the routes from the DHT: %s", e)
-
-    async def _read(self, fresh: bool) -> None:
-        self.last_read = time.monotonic()
-        self.records = await read_stage_records(self.dht, self.run, fresh=fresh)
-        for k in range(self.run.model.n_stages):
-            self.router.update(k, self.records.get(k, []))
-            self.metrics.replicas.labels(str(k)).set(len(self.records.get(k, [])))
+    def _update_router(self) -> None:
+        if self._routed != self.view.reads:
+            self._routed = self.view.reads
+            for k in range(self.run.model.n_stages):
+                self.router.update(k, self.view.records.get(k, []))
 
     # --- one call ------------------------------------------------------------------------------
     async def call(self, deadline: Deadline, tokens: int, reserve_s: float = 0.0, **fields) -> tuple[dict, str]:
         """`train` on some replica of the next stage before `deadline`, keeping `reserve_s` (our own
         backward) back. Returns (reply, peer id that answered); raises NoRoute, or RemoteError when
         the replica says our request itself is wrong."""
-        costs = HopCosts(transit_s=self.transit_s, backward_s=reserve_s)
+        costs = HopCosts(transit_s=self.settings.transit_s, backward_s=reserve_s)
         tried: set[str] = set()
-        attempt, patience = 0, [PATIENCE_S]
+        attempt, patience = 0, [self.settings.patience_s]
         while True:
             rep = await self._pick(tried, deadline, costs, patience)
             timeout = deadline.child_timeout(costs)
@@ -138,7 +119,7 @@ class NextHop:
             pause = max(wait, 0.05) if wait is not None else 0.5
             if pause > patience[0] or not deadline.may_retry(pause, costs):
                 raise NoRoute("unavailable", f"no usable replica of stage {self.stage} "
-                                             f"({len(self.router.replicas(self.stage))} known)")
+                                             f"({len(self.router.stages[self.stage])} known)")
             patience[0] -= pause
             await asyncio.sleep(pause)
             await self.refresh(force=True)
@@ -150,7 +131,8 @@ class NextHop:
         self.metrics.retries.labels(str(self.stage)).inc()
         self.metrics.bans.labels(str(self.stage)).inc()
         log.warning("stage %d replica %s failed (%s); banned %.0fs, rerouting", self.stage, rep.peer_id[-8:], e, ban)
-        await self._read_quietly(fresh=True)
+        await self.view.read_quietly(fresh=True)
+        self._update_router()
 
     def _count(self, reply: dict, sent: int, received: int, tokens: int) -> None:
         """Our request crossed boundary stage-1 forward, its reply the same boundary backward: every
@@ -165,6 +147,3 @@ class NextHop:
             self.bytes[key] += n
             self.codes[key] += codes
             self.metrics.count_boundary(n, codes, boundary, direction, pass_, tokens, self.run.model.d_model)
-
-    def replica_counts(self) -> dict[int, int]:
-        return {k: len(self.records.get(k, [])) for k in range(self.run.model.n_stages)}

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import split_for_streaming
@@ -25,11 +25,13 @@ from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, decode_ints, encode, payload_nbytes
 from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_fields, join_stream_parts, pack_meta,
                                refusal, stock_tensors, tensors_from_proto, tensors_to_proto, unpack_meta)
-from protocol.errors import PayloadError
+from protocol.errors import NoRoute, PayloadError, RemoteError
 from protocol.records import stage_key
+from protocol.service import StageService
 from node.admission import Admission
-from node.client import RemoteError
-from node.route import NextHop, NoRoute
+from node.announce import RecordView
+from node.route import NextHop
+from node.settings import RecordSettings, RouteSettings
 from swarm.deadlines import Deadline
 from swarm.stage_worker import StageWorker
 
@@ -83,11 +85,13 @@ class RateMeter:
         return sum(t for _, t in self.samples) / seconds if seconds > 0 else 0.0
 
 
-class StageServer(ServicerBase):
+class StageServer(StageService):
     """One stage's servicer. Register with `await server.add_p2p_handlers(p2p)` (in-process: no forked
-    handler, no TaskPool merging microbatches, no recompute of forward on backward)."""
+    handler, no TaskPool merging microbatches, no recompute of forward on backward). With a DHT it reads
+    the swarm's records (`view`: who may call it) and calls the next stage (`next_hop`, but for the tail)."""
 
-    def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, dht=None, p2p=None):
+    def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, dht=None, p2p=None, *,
+                 records: RecordSettings = RecordSettings(), route: RouteSettings = RouteSettings()):
         self.worker, self.metrics, self.peer_id = worker, metrics, peer_id
         self.run = worker.run
         # a trainer (stage 0) takes no codes: it serves only its state (to joining trainers)
@@ -110,16 +114,13 @@ class StageServer(ServicerBase):
         self.bad_peers = BadPeerTracker()
         self.admission = Admission(self.run.train.trainers, per_peer=2 * self.run.train.microbatches + 4)
         self.tokens_done = 0
-        # our next hop (stage index + 1) and the records that say who may call us (stage index - 1)
-        self.next_hop = NextHop(self.index + 1, self.run, dht, p2p, metrics, self.count_message) \
-            if dht is not None else None
+        # the records that say who may call us (stage index - 1), and our next hop (stage index + 1)
+        self.view = RecordView(dht, self.run, records, metrics) if dht is not None else None
+        self.next_hop = NextHop(self.index + 1, self.run, self.view, p2p, metrics, self.count_message, route) \
+            if dht is not None and self.index + 1 < self.cfg.n_stages else None
+        self.handlers = {"forward": self._on_forward, "train": self._on_train, "state": self._on_state}
         # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids and metadata.
         self.max_request = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
-
-    @classmethod
-    def _get_handle_name(cls, namespace, method_name: str) -> str:
-        name = f"ConnectionHandler.{method_name}"  # the names a stock hivemind client calls
-        return f"{namespace}::{name}" if namespace is not None else name
 
     # --- accounting ----------------------------------------------------------------------------
     def count_message(self, direction: str, n: int, method: str = "") -> None:
@@ -205,7 +206,7 @@ class StageServer(ServicerBase):
             fields, tensors = self._parse(method, request, stock)
             await self._authorize(method, fields, peer)
             with self.admission.slot(name, str(peer)):
-                reply_fields, reply_tensors = await getattr(self, f"_on_{name}")(fields, tensors, str(peer))
+                reply_fields, reply_tensors = await self.handlers[name](fields, tensors, str(peer))
             protos, index = tensors_to_proto(reply_tensors, runtime_pb2)
             response = runtime_pb2.ExpertResponse(tensors=protos,
                                                   metadata=pack_meta({"ok": True, "tensors": index, **reply_fields}))
@@ -298,14 +299,13 @@ class StageServer(ServicerBase):
             if peer != f["owner"]:
                 raise PayloadError("forbidden", f"stage 1 takes a microbatch from its owner only, not from {peer}")
             return
-        upstream = lambda: {r["peer_id"] for r in self.next_hop.records.get(self.index - 1, [])}  # noqa: E731
-        if peer not in upstream():
-            if time.monotonic() - self.next_hop.last_read > 2.0:  # a replica that joined since (strangers
-                await self.next_hop.refresh(force=True)          # cannot make us read the DHT per request)
-            if not upstream():  # our DHT read found nobody at all (a slow get): we cannot tell, try again
+        if peer not in self.view.peers(self.index - 1):
+            if time.monotonic() - self.view.last_read > 2.0:  # a replica that joined since (strangers
+                await self.view.refresh(force=True)          # cannot make us read the DHT per request)
+            if not self.view.peers(self.index - 1):  # our DHT read found nobody at all (a slow get): we cannot tell, try again
                 raise PayloadError("unavailable", f"stage {self.index} cannot read stage {self.index - 1}'s records "
                                                   f"right now")
-            if peer not in upstream():
+            if peer not in self.view.peers(self.index - 1):
                 raise PayloadError("forbidden", f"peer {peer} is not a replica of stage {self.index - 1} in the DHT")
 
     # --- tensors -------------------------------------------------------------------------------
@@ -449,7 +449,13 @@ class StageServer(ServicerBase):
                           "state_bytes_sent": self.state_bytes["sent"],
                           "state_bytes_received": self.state_bytes["received"],
                           "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
-                          "tokens": self.tokens_done, "requests": self.requests}}
+                          "tokens": self.tokens_done, "requests": self.requests,
+                          "averaging": self.averager.figures() if self.averager is not None else None}}
+
+    @property
+    def replica_distance(self) -> float | None:
+        """How far this replica was from its group's mean at its last averaging round (None: none yet)."""
+        return self.averager.distance if self.averager is not None else None
 
 
 class StateSnapshots:

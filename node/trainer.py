@@ -22,10 +22,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from node.client import RemoteError
-from node.route import NoRoute
 from node.settings import TrainerSettings
 from protocol.codec import encode, encode_ints
+from protocol.errors import NoRoute, RemoteError
 from swarm.deadlines import Deadline, route_timeout
 from swarm.shards import batch_key, data_stream
 
@@ -58,7 +57,8 @@ class Trainer:
         self.cfg, self.peer_id = self.run.model, server.peer_id
         self.settings = settings
         self.window = settings.window or self.run.train.microbatches
-        self.hop = server.next_hop                    # to stage 1
+        self.hop = server.next_hop                    # to stage 1: our stage 0's route is our route
+        self.view = server.view                       # the swarm's records, as our stage 0 read them
         self.stop = stop or asyncio.Event()
         self.status = status or (lambda text: log.warning(text))
         self.stream = data_stream(self.peer_id) if stream is None else stream
@@ -84,18 +84,15 @@ class Trainer:
         growing intervals; a stop signal or a pause longer than the stall timeout raises `Stopped`."""
         delay = self.settings.poll_min_s
         await self.hop.refresh()  # periodic, in the background: a slow DHT peer must not slow every step
-        while self.missing_stages():
+        while self.view.missing_stages():
             await self.hop.refresh(force=True)  # looks missing: make sure
-            missing = self.missing_stages()
+            missing = self.view.missing_stages()
             if not missing:
                 break
             self._pause(_waiting_for(missing))
             await self._sleep(delay)
             delay = min(2 * delay, self.settings.poll_max_s)
         self._resume()
-
-    def missing_stages(self) -> list[int]:
-        return [k for k in range(1, self.cfg.n_stages) if not self.hop.records.get(k)]
 
     def _pause(self, why: str) -> None:
         now = time.monotonic()
@@ -121,9 +118,9 @@ class Trainer:
     def route_timeout(self) -> float:
         """Budget of one microbatch's walk: every later stage's advertised time for a window of
         microbatches, with slack for a reroute (swarm/deadlines.py), never below the floor."""
-        hops = [self.window / max(min((r["throughput"] for r in self.hop.records.get(k, [])), default=1.0), 1e-3)
+        hops = [self.window / max(min((r["throughput"] for r in self.view.records.get(k, [])), default=1.0), 1e-3)
                 for k in range(1, self.cfg.n_stages)]
-        return max(self.settings.min_route_timeout_s, route_timeout(hops))
+        return max(self.settings.min_route_timeout_s, route_timeout(hops, transit_s=self.hop.settings.transit_s))
 
     # --- one microbatch ----------------------------------------------------------------------------
     def _draw(self, split: str, index: int):
@@ -217,7 +214,7 @@ class Trainer:
     async def _after_failure(self, e: Exception, delay: float) -> None:
         """Say why we pause (a hop's immediate "no usable replica" answer is enough), wait, go on."""
         await self.hop.refresh(force=True)
-        missing = self.missing_stages()
+        missing = self.view.missing_stages()
         self._pause(_waiting_for(missing) if missing else f"the route failed: {e}")
         await self._sleep(delay)
 

@@ -7,10 +7,10 @@ import logging
 import time
 from pathlib import Path
 
-from node.client import PeerUnavailable, RemoteError
 from node.progress import Progress, human_bytes
 from node.settings import TrainerSettings
 from node.trainer import Stopped, Trainer
+from protocol.errors import PeerUnavailable, RemoteError
 from protocol.records import stage_role
 from swarm.data import open_corpus
 from swarm.trainer import param_overhead, wire_stats
@@ -31,7 +31,7 @@ async def train(settings: TrainerSettings, run, server, stop: asyncio.Event) -> 
     try:
         await trainer.wait_for_stages()
         log.info("all %d stages have replicas %s; training %d steps from step %d, %d microbatches in flight%s "
-                 "(fingerprint %s)", run.model.n_stages, trainer.hop.replica_counts(), args.steps,
+                 "(fingerprint %s)", run.model.n_stages, trainer.view.replica_counts(), args.steps,
                  server.worker.applied_step + 1, trainer.window, " (sync)" if settings.sync else "", run.fingerprint)
         trainer.start(args.steps)
         while len(log_.losses) < args.steps:
@@ -93,7 +93,7 @@ def _show(bar: Progress, log_: RunLog, trainer: Trainer, run, moved: int, done) 
                                   "tok/s": f"{tps:.0f}", "wire": f"{human_bytes(moved / max(done.seconds, 1e-9))}/s",
                                   "x": f"{_measured_ratio(trainer.hop, run.model):.0f}",
                                   "stale": f"{done.staleness:.1f}",
-                                  "replicas": "/".join(str(n) for n in trainer.hop.replica_counts().values())})
+                                  "replicas": "/".join(str(n) for n in trainer.view.replica_counts().values())})
 
 
 async def _figures(trainer: Trainer, run) -> dict:
@@ -135,7 +135,7 @@ async def node_info(trainer: Trainer) -> list[dict]:
     """Every known node's own figures (bytes of every message it sent or received, tokens whose codes
     it handled), trainers included, for the run summary."""
     await trainer.hop.refresh(force=True)
-    records = trainer.hop.records
+    records = trainer.view.records
     peers = sorted({(k, r["peer_id"]) for k, recs in records.items() for r in recs} | {(0, trainer.peer_id)})
 
     async def one(stage, peer_id):
@@ -147,5 +147,5 @@ async def node_info(trainer: Trainer) -> list[dict]:
             return {**entry, "error": str(e)}
         return {**entry, **{k: info.get(k) for k in (
             "bytes_sent", "bytes_received", "state_bytes_sent", "state_bytes_received", "payload_sent", "payload_received",
-            "tokens", "step") if k in info}}
+            "tokens", "step", "averaging") if k in info}}
     return list(await asyncio.gather(*(one(k, p) for k, p in peers)))

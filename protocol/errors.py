@@ -15,3 +15,24 @@ class PayloadError(ValueError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.detail = message
+
+
+class RemoteError(RuntimeError):
+    """The peer answered, and refused: `reason` says why (a PayloadError reason or "internal")."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+class PeerUnavailable(ConnectionError):
+    """The peer did not answer (gone, unreachable, or too slow)."""
+
+
+class NoRoute(RuntimeError):
+    """No replica of the next stage finished the call: `reason` is "deadline", "unavailable" (no usable
+    replica of this hop's stage) or "downstream" (the replica says a later stage had none)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason

@@ -19,7 +19,7 @@ class HopCosts:
     """What a hop keeps back from its budget (seconds): transit of a message either way, and its own
     backward after the downstream reply. `min_chain_s`: the least time the rest of the route needs
     (downstream forwards + backwards, measured); below it a call is not worth starting."""
-    transit_s: float = 0.5
+    transit_s: float        # node/settings.py RouteSettings.transit_s
     backward_s: float = 0.1
     min_chain_s: float = 0.0
 
@@ -37,9 +37,6 @@ class Deadline:
 
     def remaining(self) -> float:
         return max(0.0, self.end - self.clock())
-
-    def expired(self) -> bool:
-        return self.remaining() <= 0.0
 
     def child_timeout(self, costs: HopCosts) -> float | None:
         """`timeout_s` for the next hop's request, or None when what is left cannot cover the rest of
@@ -63,20 +60,10 @@ def backoff_s(attempt: int, base_s: float = 0.05, cap_s: float = 2.0) -> float:
     return min(base_s * 2 ** (attempt - 1), cap_s)
 
 
-def route_timeout(hop_seconds, slack: float = 3.0, transit_s: float = 0.5, floor_s: float = 5.0) -> float:
+def route_timeout(hop_seconds, *, transit_s: float, slack: float = 3.0, floor_s: float = 5.0) -> float:
     """The trainer's budget for a whole microbatch: the expected forward+backward seconds of every
     later stage times `slack` (room for one reroute and for queueing), plus two transits per hop."""
     hops = list(hop_seconds)
     if any(h < 0 for h in hops):
         raise ValueError("hop seconds must be >= 0")
     return max(floor_s, slack * sum(hops) + 2 * transit_s * len(hops))
-
-
-def chain_costs(hop_seconds, backward_share: float = 0.6, transit_s: float = 0.5) -> list[HopCosts]:
-    """HopCosts for stages 0..S-2 from the expected fwd+bwd seconds of stages 1..S-1 and the caller's
-    own seconds (hop_seconds[0] is stage 0's): stage k keeps back its backward, and needs the rest
-    of the route (stages k+1..S-1) to fit in what it hands down."""
-    hops = list(hop_seconds)
-    return [HopCosts(transit_s=transit_s, backward_s=backward_share * hops[k],
-                     min_chain_s=sum(hops[k + 1:]) + 2 * transit_s * (len(hops) - k - 2))
-            for k in range(len(hops) - 1)]

@@ -78,16 +78,8 @@ class Router:
                 fresh[peer] = rep
         self.stages[stage] = fresh
 
-    def replicas(self, stage: int) -> list[Replica]:
-        return list(self.stages[stage].values())
-
     def is_banned(self, rep: Replica) -> bool:
         return rep.banned_until > self.clock()
-
-    def usable(self, stage: int, peer_id: str) -> Replica | None:
-        """That replica, if it is known and not banned (a backward goes where its forward went)."""
-        rep = self.stages[stage].get(peer_id)
-        return rep if rep is not None and not self.is_banned(rep) else None
 
     def choose(self, stage: int, exclude=()) -> Replica | None:
         """A replica of `stage` neither banned nor in `exclude`, drawn with probability proportional to
@@ -121,6 +113,3 @@ class Router:
         if not reps:
             return None
         return max(0.0, min(r.banned_until for r in reps) - self.clock())
-
-    def missing_stages(self) -> list[int]:
-        return [k for k, reps in self.stages.items() if k > 0 and not reps]

@@ -23,9 +23,3 @@ def batch_key(index: int, microbatches: int, stream: int) -> tuple[int, int]:
     if microbatches < 1 or index < 0 or stream < 0:
         raise ValueError(f"need microbatches >= 1, index >= 0 and stream >= 0 (got {microbatches}, {index}, {stream})")
     return index // microbatches, index % microbatches + microbatches * stream
-
-
-def draw(corpus, run, index: int, stream: int = 0, split: str = "train"):
-    """(inputs, targets) of the `index`-th microbatch of `stream`."""
-    step, slot = batch_key(index, run.train.microbatches, stream)
-    return corpus.batch(split, run.train.microbatch_size, run.model.seq_len, run.model.seed, step, slot)

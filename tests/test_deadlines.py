@@ -1,7 +1,21 @@
 """Deadlines shrink along the route: a downstream hop always gives up before its caller."""
 import pytest
 
-from swarm.deadlines import Deadline, HopCosts, backoff_s, chain_costs, route_timeout
+from swarm.deadlines import Deadline, HopCosts, backoff_s, route_timeout
+
+
+def chain_costs(hop_seconds, backward_share: float = 0.6, transit_s: float = 0.5) -> list[HopCosts]:
+    """HopCosts for stages 0..S-2 from the expected fwd+bwd seconds of stages 1..S-1 and the caller's
+    own seconds (hop_seconds[0] is stage 0's): stage k keeps back its backward, and needs the rest
+    of the route (stages k+1..S-1) to fit in what it hands down."""
+    hops = list(hop_seconds)
+    return [HopCosts(transit_s=transit_s, backward_s=backward_share * hops[k],
+                     min_chain_s=sum(hops[k + 1:]) + 2 * transit_s * (len(hops) - k - 2))
+            for k in range(len(hops) - 1)]
+
+
+def expired(deadline: Deadline) -> bool:
+    return deadline.remaining() <= 0.0
 
 
 class Clock:
@@ -38,7 +52,7 @@ def test_no_child_call_when_the_rest_of_the_route_cannot_fit():
     clock.t += 0.3
     assert d.child_timeout(costs) is None            # 0.4 left for a chain that needs 0.5
     clock.t += 1.0
-    assert d.expired() and d.remaining() == 0.0
+    assert expired(d) and d.remaining() == 0.0
 
 
 def test_retry_only_if_the_backoff_leaves_a_useful_budget():
@@ -57,8 +71,8 @@ def test_backoff_doubles_and_is_capped():
 
 def test_route_timeout_and_bad_input():
     assert route_timeout([1.0, 1.0], slack=3.0, transit_s=0.5) == 8.0
-    assert route_timeout([0.01], floor_s=5.0) == 5.0
+    assert route_timeout([0.01], floor_s=5.0, transit_s=0.2) == 5.0
     with pytest.raises(ValueError):
-        route_timeout([-1.0])
+        route_timeout([-1.0], transit_s=0.2)
     with pytest.raises(ValueError):
         Deadline(0.0)

@@ -323,7 +323,7 @@ def test_trainer_refuses_bad_replies_and_reroutes_to_an_honest_replica():
                 route = [liar.peer_id] if kind == "route" else [liar.peer_id, sw.servers[2][0].peer_id]
                 return {"loss": 1.0, "route": route}, {"grad_in": grad}
 
-            liar._on_train = lying_train
+            liar.handlers["train"] = lying_train
             trainer = sw.trainers[0]
             results = []
             for step in range(3):

@@ -6,6 +6,14 @@ import pytest
 from swarm.routing import Router
 
 
+def replicas(router, stage: int) -> list:
+    return list(router.stages[stage].values())
+
+
+def missing_stages(router) -> list[int]:
+    return [k for k, reps in router.stages.items() if k > 0 and not reps]
+
+
 class Clock:
     def __init__(self):
         self.t = 1000.0
@@ -23,7 +31,7 @@ def router_with(peers, clock, **kw):
 def test_ban_duration_is_capped_and_never_overflows():
     clock = Clock()
     r = router_with(["a"], clock, ban_base_s=1.0, ban_max_s=60.0)
-    rep = r.replicas(1)[0]
+    rep = replicas(r, 1)[0]
     durations = [r.failed(rep) for _ in range(5000)]  # the issue's head died at ~1030 failures
     assert durations[:4] == [1.0, 2.0, 4.0, 8.0]
     assert max(durations) == 60.0 and durations[-1] == 60.0
@@ -62,7 +70,7 @@ def test_retries_of_a_dead_only_replica_are_spaced_out():
 def test_other_replicas_are_used_while_one_is_banned():
     clock = Clock()
     r = router_with(["a", "b"], clock)
-    a = next(x for x in r.replicas(1) if x.peer_id == "a")
+    a = next(x for x in replicas(r, 1) if x.peer_id == "a")
     r.failed(a)
     assert {r.choose(1).peer_id for _ in range(20)} == {"b"}
     assert r.choose(1, exclude={"b"}) is None
@@ -72,13 +80,13 @@ def test_other_replicas_are_used_while_one_is_banned():
 def test_a_stage_without_records_has_no_wait_to_offer():
     r = Router(3)
     assert r.choose(2) is None and r.next_unban_in(2) is None
-    assert r.missing_stages() == [1, 2]
+    assert missing_stages(r) == [1, 2]
 
 
 def test_success_resets_the_ban_exponent():
     clock = Clock()
     r = router_with(["a"], clock)
-    rep = r.replicas(1)[0]
+    rep = replicas(r, 1)[0]
     for _ in range(10):
         r.failed(rep)
     r.succeeded(rep, 0.1)
@@ -89,7 +97,7 @@ def test_a_restarted_replica_with_the_same_identity_is_not_banned():
     clock = Clock()
     r = Router(2, clock=clock)
     r.update(1, [{"peer_id": "a", "started": 1.0}])
-    rep = r.replicas(1)[0]
+    rep = replicas(r, 1)[0]
     for _ in range(6):
         r.failed(rep)
     r.update(1, [{"peer_id": "a", "started": 1.0}])  # same process, record refreshed: still banned
@@ -103,7 +111,7 @@ def test_a_replica_that_looked_slow_still_gets_its_share():
     shares follow 1 / expected time, so the slow-looking replica is still called and its estimate
     recovers."""
     r = router_with(["a", "b"], Clock())
-    a, b = sorted(r.replicas(1), key=lambda x: x.peer_id)
+    a, b = sorted(replicas(r, 1), key=lambda x: x.peer_id)
     r.succeeded(a, 0.1)
     r.succeeded(b, 1.0)                      # one slow first call (connection set-up)
     got = {"a": 0, "b": 0}

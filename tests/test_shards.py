@@ -4,8 +4,14 @@ import torch
 
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from swarm.shards import batch_key, data_stream, draw
+from swarm.shards import batch_key, data_stream
 from swarm.trainer import LocalTrainer
+
+
+def draw(corpus, run, index: int, stream: int = 0, split: str = "train"):
+    """(inputs, targets) of the `index`-th microbatch of `stream`."""
+    step, slot = batch_key(index, run.train.microbatches, stream)
+    return corpus.batch(split, run.train.microbatch_size, run.model.seq_len, run.model.seed, step, slot)
 
 
 def test_streams_never_share_a_batch_key():

@@ -59,14 +59,14 @@ def test_download_is_one_snapshot_while_the_replica_keeps_stepping(monkeypatch):
             worker = server.worker
             _step(worker)
             before = {k: v.clone() for k, v in worker.stage.state_dict().items()}
-            on_state, served = server._on_state, []
+            on_state, served = server.handlers["state"], []
 
             async def then_step(f, tensors, peer):
                 reply = await on_state(f, tensors, peer)
                 served.append(f["offset"])
                 await server.in_worker(_step, worker)
                 return reply
-            server._on_state = then_step
+            server.handlers["state"] = then_step
             await server.add_p2p_handlers(server.p2p)
             state = await download_state(p2p, run, 1, server.peer_id, timeout=20)
             return state, before, served, worker.applied_step

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from node.client import RemoteError, StageClient
+from node.client import StageClient
+from protocol.errors import RemoteError
 from protocol import PROTOCOL_VERSION
 from protocol.codec import encode, encode_ints
 from swarm.config import ModelConfig, RunConfig, TrainConfig
@@ -77,7 +78,7 @@ def stage_workers(sw: InprocSwarm, k: int) -> list:
 def kill(server) -> None:
     """A node dies: its DHT process and the p2p daemon its handlers are served through go away, so
     its open streams break and nobody can reach it again. Call it from any thread."""
-    server.next_hop.dht.shutdown()
+    server.view.dht.shutdown()
 
 
 # --- parity ---------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_atomic_save_keeps_old_file_when_write_fails(tmp_path):
     class Boom:
         def __reduce__(self):
             raise RuntimeError("disk full")
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="disk full"):
         atomic_save({"a": Boom()}, path)
     assert torch.equal(load(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind

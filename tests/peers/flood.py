@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from node.client import PeerUnavailable, RemoteError, StageClient
+from node.client import StageClient
+from protocol.errors import PeerUnavailable, RemoteError
 from node.dht import start_dht
 from protocol.codec import encode
 from swarm.config import RunConfig
