@@ -7,8 +7,10 @@ What a replica holds on the barrier-free data path (swarm/stage_worker.py, docs/
     per step are kept (older ones keep only their input code and are recomputed), and one more
     exists while a forward is built or a stale one recomputed; the last stage runs forward, loss and
     backward in one call, so it holds one graph;
-  - the backward's working set: the gradients flowing through one block plus, with activation
-    checkpointing, that block's recomputed activations (counted as one block's activations).
+  - the backward's working set, counted as one block's activations: the gradients flowing through a
+    block while the other graphs are held, or with checkpointing the block it recomputes. The last
+    stage's own graph is freed as its backward runs, so there the working set is the loss's logits,
+    log-softmax and gradient (and the recomputed block with checkpointing).
 Activations are counted per token from what autograd saves in each module (tests/test_memory_estimate.py
 checks the count against torch's saved tensors and the whole estimate against measured peak RSS).
 """
@@ -90,7 +92,8 @@ def stage_memory_bytes(run: RunConfig, index: int, stage: nn.Module, amp_dtype: 
     graphs = 1 if last else t.microbatches + 1
     per_graph = graph_bytes_per_token(cfg, index, act_bytes, activation_checkpointing) * tokens
     f32, low = block_saved(cfg)
-    workspace = (f32 * FP32 + low * act_bytes) * tokens + (loss_saved(cfg) * FP32 * tokens if last else 0)
+    block = (f32 * FP32 + low * act_bytes) * tokens
+    workspace = loss_saved(cfg) * FP32 * tokens + (block if activation_checkpointing else 0) if last else block
     if amp_dtype is not None:  # each graph holds autocast's low-precision copy of the weights it used
         per_graph += sum(p.numel() for p in stage.parameters() if p.ndim == 2) * act_bytes
     out = state_bytes(stage, t.optimizer)

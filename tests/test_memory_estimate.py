@@ -1,7 +1,7 @@
 """The start-up memory estimate (swarm/memory.py) against what a stage really holds: the activations it
 counts per token against the bytes autograd saves, and the whole estimate against the peak RSS of a
-child process that serves a middle stage as the stage server does (M + 1 forwards held, then their
-backwards, steps included), with and without activation checkpointing."""
+child process that serves a stage as the stage server does (a middle stage: M + 1 forwards held, then
+their backwards, steps included, with and without activation checkpointing; the last stage: loss steps)."""
 import json
 import os
 import subprocess
@@ -53,28 +53,33 @@ def _run(**model) -> RunConfig:
                                                                    optimizer="muon"))
 
 
-def measure(checkpointing: bool) -> dict:
-    """In a fresh process: peak RSS above the RSS before the stage existed, for a middle stage that
-    takes one step (optimizer state), then holds M + 1 forwards at once (the oldest graph is dropped,
-    then recomputed) and runs their backwards."""
+def measure(index: int, checkpointing: bool) -> dict:
+    """In a fresh process: peak RSS above the RSS before the stage existed. A middle stage takes one
+    step (optimizer state), then holds M + 1 forwards at once (the oldest graph is dropped, then
+    recomputed) and runs their backwards; the last stage runs 2 M loss steps (forward, loss and
+    backward in one call)."""
     from swarm.stage_worker import StageWorker
     torch.manual_seed(0)
-    _walk(StageWorker(_run(d_model=32, n_layers=3, n_heads=2, seq_len=8, n_stages=3, ratio=8), 1,
-                      activation_checkpointing=checkpointing), M)  # torch loads its kernels' code (~80 MB) once
-    run = _run(**MEASURED)
+    small = _run(d_model=32, n_layers=3, n_heads=2, seq_len=8, n_stages=3, ratio=8)
+    _serve(StageWorker(small, index, activation_checkpointing=checkpointing))  # torch loads its kernels (~80 MB) once
     before = _rss("VmRSS")
-    w = StageWorker(run, 1, activation_checkpointing=checkpointing)
-    _walk(w, M)
-    _walk(w, M + 1)
-    return {"peak_bytes": _rss("VmHWM") - before, "recomputed": w.recomputed}
+    w = StageWorker(_run(**MEASURED), index, activation_checkpointing=checkpointing)
+    _serve(w)
+    return {"peak_bytes": _rss("VmHWM") - before, "recomputed": w.recomputed, "steps": w.applied_step + 1}
 
 
-def _walk(w, n: int) -> None:
-    """n forwards held at once, then their backwards (a step every M)."""
+def _serve(w) -> None:
+    """Two steps' worth of microbatches, as the stage server feeds them."""
     shape = (MICROBATCH, w.run.model.seq_len, w.run.model.code_width)
-    handles = [w.begin(torch.randn(shape))[0] for _ in range(n)]
-    for h in handles:
-        w.finish(h, torch.randn(shape))
+    if w.stage.is_last:
+        for _ in range(2 * M):
+            tokens = torch.randint(0, w.run.model.vocab_size, shape[:2])
+            w.loss_step(torch.randn(shape), tokens, tokens)
+        return
+    for n in (M, M + 1):  # n forwards held at once, then their backwards (a step every M)
+        handles = [w.begin(torch.randn(shape))[0] for _ in range(n)]
+        for h in handles:
+            w.finish(h, torch.randn(shape))
 
 
 def _rss(field: str) -> int:
@@ -82,10 +87,10 @@ def _rss(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def _measure_in_child(checkpointing: bool) -> dict:
+def _measure_in_child(index: int, checkpointing: bool) -> dict:
     # Large blocks through mmap at a fixed threshold: freed tensors leave the RSS at once.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, __file__, json.dumps(checkpointing)], env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, __file__, json.dumps([index, checkpointing])], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -93,19 +98,19 @@ def _measure_in_child(checkpointing: bool) -> dict:
 
 def test_estimate_matches_measured_peak_with_and_without_activation_checkpointing():
     run = _run(**MEASURED)
-    stage = build_stage(run.model, 1)
     rows = {}
-    for ckpt in (False, True):
-        got = _measure_in_child(ckpt)
-        want = stage_memory_bytes(run, 1, stage, None, ckpt)["total_bytes"]
-        rows[ckpt] = (got["peak_bytes"], want)
-        assert got["recomputed"] >= 1  # the M + 1-th forward made the oldest graph drop
-    print({f"ckpt={k}": f"measured {g / 2**20:.1f} MiB, estimated {w / 2**20:.1f} MiB" for k, (g, w) in rows.items()})
-    for ckpt, (got, want) in rows.items():
-        assert TOLERANCE[0] <= got / want <= TOLERANCE[1], (ckpt, got, want)
-    assert rows[True][0] < 0.4 * rows[False][0]  # checkpointing keeps only each block's input
+    for index, ckpt in ((1, False), (1, True), (2, False)):
+        got = _measure_in_child(index, ckpt)
+        want = stage_memory_bytes(run, index, build_stage(run.model, index), None, ckpt)["total_bytes"]
+        rows[index, ckpt] = (got["peak_bytes"], want)
+        assert got["steps"] == 2 and got["recomputed"] >= (index == 1)  # a middle stage's M+1-th graph was dropped
+    print({f"stage {i} ckpt={c}": f"measured {g / 2**20:.1f} MiB, estimated {w / 2**20:.1f} MiB"
+           for (i, c), (g, w) in rows.items()})
+    for key, (got, want) in rows.items():
+        assert TOLERANCE[0] <= got / want <= TOLERANCE[1], (key, got, want)
+    assert rows[1, True][0] < 0.4 * rows[1, False][0]  # checkpointing keeps only each block's input
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    print(json.dumps(measure(*json.loads(sys.argv[1]))))
