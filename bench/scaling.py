@@ -5,7 +5,7 @@ volunteers on EVERY stage, trainers included, on rate-limited links.
 
 Every node (bootstrap, trainers = stage-0 replicas, the replicas of every later stage) runs in its own
 network namespace on its own `tc tbf` link of R Mbit/s each way (bench/netns.py; needs root). The model
-and R are chosen with swarm/wire_budget.py so that the links, not this machine's 2 cores, bound the
+and R are chosen with bench/wire_budget.py so that the links, not this machine's 2 cores, bound the
 throughput (docs/route-design.md section 12); the compute-bound figure (the same model in one process,
 no network) is printed beside every row. n volunteers per stage = n trainers + n replicas of every later
 stage; each replica handles about 1/n of the tokens, so the links allow about n times the tokens/s,
@@ -32,7 +32,7 @@ from node.args import positive_seconds
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.trainer import token_id_bytes, wire_stats
-from swarm.wire_budget import code_bytes, link_bound_tokens_per_s
+from bench.wire_budget import code_bytes, link_bound_tokens_per_s
 
 TCP_GOODPUT = 1448 / 1514  # what of a tbf rate TCP payload gets (bench/netns.py)
 # runs: (volunteers per stage, average_every); every headline row averages at the project's default

@@ -29,7 +29,7 @@ import torch
 
 from bench.plotting import line_plot, machine_info, markdown_table, steady_part, steady_tokens_per_s, write_json
 from bench.wirecount import SocketCounter, find_pids
-from node.inproc import InprocSwarm
+from bench.inproc import InprocSwarm
 from protocol.codec import encode, payload_nbytes
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus

@@ -12,7 +12,7 @@ from swarm.checkpoint import atomic_write_bytes
 from swarm.data import ByteCorpus
 from swarm.stage_worker import StageWorker
 from swarm.trainer import LocalTrainer
-from node.inproc import InprocSwarm
+from bench.inproc import InprocSwarm
 from node.settings import TrainerSettings
 from test_swarm_parity import assert_params_equal, kill, params, tiny_run
 

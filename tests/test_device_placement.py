@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from node.dht import start_dht
-from node.inproc import InprocSwarm
+from bench.inproc import InprocSwarm
 from node.lifecycle import build_worker
 from node.state_sync import initial_state
 from swarm.checkpoint import atomic_write_bytes

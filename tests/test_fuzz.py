@@ -304,7 +304,7 @@ def test_trainer_refuses_bad_replies_and_reroutes_to_an_honest_replica():
     """A stage-1 replica that answers `train` with NaN gradients, gradients of the wrong shape or a
     route that does not reach the tail is treated like a failed one: the trainer's NextHop bans it
     and sends the microbatch to the honest replica, and every step finishes with a finite loss."""
-    from node.inproc import InprocSwarm
+    from bench.inproc import InprocSwarm
     from swarm.data import ByteCorpus
 
     run = RunConfig(model=RUN.model, train=TrainConfig(batch_size=8, microbatches=4), run_id="badreply")

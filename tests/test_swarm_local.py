@@ -14,7 +14,7 @@ import torch
 from protocol.codec import bytes_per_token
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from node.inproc import InprocSwarm
+from bench.inproc import InprocSwarm
 from swarm_helpers import session_members
 
 pytestmark = pytest.mark.swarm

@@ -15,7 +15,7 @@ from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.model import lm_loss
 from swarm.trainer import LocalTrainer
-from node.inproc import InprocSwarm
+from bench.inproc import InprocSwarm
 from node.settings import TrainerSettings
 
 pytestmark = pytest.mark.swarm

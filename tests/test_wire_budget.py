@@ -1,7 +1,7 @@
 """Per-node link arithmetic of the neighbour route (the model bench.scaling checks its figures against)."""
 import pytest
 
-from swarm.wire_budget import Link, averaging_bytes, code_bytes, hub_codes_per_token, link_bound_tokens_per_s
+from bench.wire_budget import Link, averaging_bytes, code_bytes, hub_codes_per_token, link_bound_tokens_per_s
 
 
 def test_trainer_carries_no_more_than_a_middle_stage():

@@ -1,5 +1,6 @@
-"""A real swarm inside one process, for tests and benchmarks: a hivemind DHT per peer (each with its
-own p2pd) and real libp2p streams between them, but the workers are Python objects one can inspect."""
+"""A real swarm inside one process, for tests and benchmarks (the node itself never uses it): a
+hivemind DHT per peer (each with its own p2pd) and real libp2p streams between them, but the workers
+are Python objects one can inspect."""
 from __future__ import annotations
 
 import asyncio
