@@ -13,9 +13,11 @@ from node.cli import parse_args
 from node.lifecycle import build_worker
 from node.settings import DeviceSettings, JoinSettings
 from swarm.config import ModelConfig, RunConfig, TrainConfig
+from swarm.data import ByteCorpus
 from swarm.optim import Muon
 from swarm.precision import PRECISIONS, LossScaler, autocast_dtype
 from swarm.stage_worker import StageWorker
+from swarm.trainer import LocalTrainer
 
 SHAPES = [(24, 8), (8, 16)]  # a tall and a wide matrix: Newton-Schulz transposes the tall one
 LR = 0.02
@@ -214,6 +216,21 @@ def test_a_scaled_loss_step_equals_the_plain_one():
     torch.testing.assert_close(g1, g0)
     torch.testing.assert_close([p.grad for p in scaled.params], [p.grad for p in plain.params])
 
+
+def test_a_scaled_local_step_equals_the_plain_one_and_an_overflow_skips_it():
+    corpus = ByteCorpus(max_bytes=1 << 16)
+    plain, scaled = LocalTrainer(RUN, corpus), LocalTrainer(RUN, corpus)
+    scaled.scaler = LossScaler(init_scale=2.0 ** 8)  # fp16's whole-step scaling, on fp32 tensors
+    plain.train_step()
+    scaled.train_step()
+    torch.testing.assert_close(list(scaled.model.parameters()), list(plain.model.parameters()))
+    hook = scaled.model.stages[1].blocks[0].mlp.wo.weight.register_hook(lambda g: g * float("inf"))  # an overflow
+    before = [p.detach().clone() for p in scaled.model.parameters()]
+    scaled.train_step()
+    hook.remove()
+    assert all(torch.equal(a, p) for a, p in zip(before, scaled.model.parameters()))  # the update was skipped
+    assert scaled.scaler.overflows == 1 and scaled.scaler.scale == 2.0 ** 7 and scaled.step == 2
+    assert all(p.grad is None for p in scaled.model.parameters())
 
 # --- bench/gpu_check.py, prepared for a GPU machine --------------------------------------------------
 def test_gpu_check_skips_without_cuda_and_its_comparison_runs_on_cpu(tmp_path, monkeypatch, capsys):
