@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 from hivemind import DHT
@@ -194,30 +193,24 @@ class RecordView:
         return [k for k in range(first, self.run.model.n_stages) if not self.records.get(k)]
 
 
-def config_ttl_s() -> float:
-    """Lifetime of a published run config record (RESBM_CONFIG_TTL_S, default 120 s; tests shorten it).
-    Publishers refresh it every quarter of that, so it survives a lost refresh or two."""
-    return float(os.environ.get("RESBM_CONFIG_TTL_S", "120"))
-
-
 async def publish_config(dht: DHT, run_id: str, wire: dict, fingerprint: str, validator: RSASignatureValidator,
-                         ttl: float | None = None) -> bool:
-    ttl = ttl if ttl is not None else config_ttl_s()
+                         ttl: float = RecordSettings.config_ttl_s) -> bool:
     value = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "config": wire, "updated": get_dht_time()}
     return await dht.store(config_key(run_id), value, get_dht_time() + ttl, subkey=validator.local_public_key,
                            return_future=True)
 
 
-async def keep_config_alive(dht: DHT, run, validator: RSASignatureValidator) -> None:
-    """Re-publish the run config this node verified, signed by this node, until cancelled: the
-    config then lives as long as any node of the swarm does, not only as long as the bootstrap."""
+async def keep_config_alive(dht: DHT, run, validator: RSASignatureValidator, ttl_s: float) -> None:
+    """Re-publish the run config this node verified, signed by this node, every quarter of its
+    lifetime `ttl_s` until cancelled: the config then lives as long as any node of the swarm does,
+    not only as long as the bootstrap."""
     while True:
         try:
-            if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator):
+            if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator, ttl_s):
                 log.warning("could not refresh the run config record")
         except Exception as e:
             log.warning("could not publish the run config record: %s", e)
-        await asyncio.sleep(config_ttl_s() / 4)
+        await asyncio.sleep(ttl_s / 4)
 
 
 async def fetch_config(dht: DHT, run_id: str) -> dict | None:

@@ -7,8 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-from node.args import add_connect_args, add_monitoring_args, add_run_args, run_config_from_args
+from node.args import add_connect_args, add_monitoring_args, add_run_args, add_setting_flags, run_config_from_args
 from node.run_config import chosen_run_id, load_config_file, save_config_file
+from node.runtime import SocketJanitor, close_hivemind, run_command, setup_logging, stop_event_on_signals
+from node.settings import RecordSettings
 
 log = logging.getLogger("resbm.bootstrap")
 
@@ -23,39 +25,32 @@ def add_parser(sub) -> None:
     g.add_argument("--save-config", default=None, help="also write the run config JSON here (for `join --config`)")
     g.add_argument("--addr-file", default=None, help="write the multiaddrs here, one per line, once ready")
     add_monitoring_args(p, "bootstrap")
+    add_setting_flags(p, [RecordSettings], ["config_ttl_s"], "bootstrap")
     add_run_args(p, command="bootstrap")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    from node.dht import AddressError
-    from node.runtime import setup_logging
     setup_logging(args.verbose)
     if args.config:
         run = load_config_file(args.config)
         chosen_run_id(args.run_id, run)  # refuses a --run-id that contradicts the file
     else:
         run = run_config_from_args(args, chosen_run_id(args.run_id, None))
-    try:
-        import uvloop
-        return uvloop.run(_main(args, run))
-    except (AddressError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(_main(args, run))
 
 
 async def _main(args, run) -> int:
-    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.crypto import RSASignatureValidator  # (hivemind: not while building --help)
     from node.announce import keep_config_alive, publish_config
     from node.dht import start_dht_from_args, visible_maddrs
-    from node.runtime import SocketJanitor, close_hivemind, stop_event_on_signals
     validator = RSASignatureValidator()
     janitor = SocketJanitor()
     stop = stop_event_on_signals(asyncio.get_running_loop())
     dht = refresher = None
     try:
         dht = start_dht_from_args(run.run_id, args)
-        if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator):
+        if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator, args.config_ttl_s):
             raise SystemExit("error: the DHT refused the run config record")
         if args.save_config:
             save_config_file(run, args.save_config)
@@ -69,7 +64,7 @@ async def _main(args, run) -> int:
         for a in addrs:
             print(f"  --initial-peers {a}", file=sys.stderr)
         sys.stderr.flush()
-        refresher = asyncio.create_task(keep_config_alive(dht, run, validator))
+        refresher = asyncio.create_task(keep_config_alive(dht, run, validator, args.config_ttl_s))
         await stop.wait()
         return 0
     finally:

@@ -127,7 +127,8 @@ class Node:
         self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator(), s.records)
         print_own_addrs(self.dht, "node")
         # every node re-publishes the run config it verified: joiners find it after the bootstrap is gone
-        self.config_task = asyncio.create_task(keep_config_alive(self.dht, self.run_cfg, RSASignatureValidator()))
+        self.config_task = asyncio.create_task(keep_config_alive(self.dht, self.run_cfg, RSASignatureValidator(),
+                                                                  s.records.config_ttl_s))
 
     async def _first_stage(self) -> int:
         n_stages, stage = self.run_cfg.model.n_stages, self.settings.serve.stage

@@ -118,6 +118,9 @@ class RecordSettings:
              "the link ~1 KB per node that holds the key: on slow links a longer period frees bandwidth for codes, "
              "while routers still drop a dead replica on its first failed call",
         group=ADVANCED, type=positive_seconds, metavar="S")
+    config_ttl_s: float = setting(120.0, "lifetime of the run config record this node publishes; it re-publishes "
+                                         "it every quarter of that, so it survives a lost refresh or two",
+                                  group=ADVANCED, type=positive_seconds, metavar="S", hidden=True)
 
     @property
     def ttl_s(self) -> float:

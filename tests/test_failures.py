@@ -265,7 +265,7 @@ def test_one_of_two_trainers_killed_the_other_trains_on(nodes):
 
 
 def test_bootstrap_killed_config_survives_and_peers_admit_joiners(tmp_path):
-    ttl = 6.0  # RESBM_CONFIG_TTL_S: the default is 120 s; the same code path, only shorter
+    ttl = 6.0  # RESBM_CONFIG_TTL_S (the hidden --config-ttl-s): the default is 120 s; the same path, only shorter
     nodes = Nodes(tmp_path, env={"RESBM_CONFIG_TTL_S": str(ttl)})
     try:
         peers = bootstrap(nodes, "--stages", "2")
