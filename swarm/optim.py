@@ -71,7 +71,10 @@ class Muon(torch.optim.Muon):
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         """torch's _single_tensor_muon for one parameter."""
-        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
         buf.lerp_(p.grad, 1 - group["momentum"])
         update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
         ortho = orthogonalize(update, self.precision or ns_dtype(p.device), group["ns_coefficients"],

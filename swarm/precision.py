@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from swarm.config import ConfigError
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -24,13 +26,14 @@ def autocast_dtype(device_type: str, bf16_supported: bool, requested: str = "aut
     """The forward's autocast dtype (None: plain fp32) from the device's capabilities. `auto`: bf16
     on a GPU that has it, fp16 on one that does not, fp32 on a CPU (its bf16 matmuls are slow)."""
     if requested not in PRECISIONS:
-        raise ValueError(f"precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
         if device_type != "cuda":
             return None
         return torch.bfloat16 if bf16_supported else torch.float16
     if requested == "bf16" and device_type == "cuda" and not bf16_supported:
-        raise ValueError("precision bf16: this GPU has no bf16 support; use --precision fp16 (or auto)")
+        # a ConfigError: `join` prints it as one line, not a traceback
+        raise ConfigError("precision bf16: this GPU has no bf16 support; use --precision fp16 (or auto)")
     return DTYPES[requested]
 
 
