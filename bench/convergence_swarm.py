@@ -63,7 +63,7 @@ def swarm_row(preset: dict, corpus, device: str, steps: int, eval_every: int, tr
            "tokens": steps * run.train.batch_size * run.model.seq_len * trainers,
            "average_every": run.train.average_every, "reference_val_loss": ref["val_loss"],
            "reference_batch_size": ref_run.train.batch_size, "reference_wall_s": ref["wall_s"]}
-    if "error" in swarm:
+    if swarm.get("error"):
         return {**row, "error": swarm["error"]}
     nodes = [n for n in swarm.get("nodes", []) if n.get("averaging")]
     rounds = [n["averaging"] for n in nodes]
@@ -77,7 +77,7 @@ def swarm_row(preset: dict, corpus, device: str, steps: int, eval_every: int, tr
 
 
 def render(row: dict, goal_pct: float) -> str:
-    if "error" in row:
+    if row.get("error"):
         return f"swarm row failed: {row['error']}"
     ok = abs(row["gap_pct"]) <= goal_pct
     return (f"| swarm ({row['trainers']} trainers, {row['replicas_per_stage']} replicas per stage, averaging every "
