@@ -70,6 +70,13 @@ def graph_bytes_per_token(cfg: ModelConfig, index: int, act_bytes: int, checkpoi
     return blocks + boundary_saved(cfg, index) * FP32
 
 
+def autocast_weight_copies(stage: nn.Module, checkpointing: bool) -> int:
+    """Numbers of the low-precision weight copies autocast makes for a forward's matmuls, which its
+    graph keeps (the embedding is a lookup, not cast; checkpointed blocks keep no graph of their own)."""
+    return sum(p.numel() for n, p in stage.named_parameters()
+               if p.ndim == 2 and not n.startswith("embed") and not (checkpointing and n.startswith("blocks.")))
+
+
 def state_bytes(stage: nn.Module, optimizer: str) -> dict:
     """Weights, one gradient buffer and the optimizer's moments, from the stage's real parameters."""
     n = sum(p.numel() for p in stage.parameters())
@@ -94,8 +101,8 @@ def stage_memory_bytes(run: RunConfig, index: int, stage: nn.Module, amp_dtype: 
     f32, low = block_saved(cfg)
     block = (f32 * FP32 + low * act_bytes) * tokens
     workspace = loss_saved(cfg) * FP32 * tokens + (block if activation_checkpointing else 0) if last else block
-    if amp_dtype is not None:  # each graph holds autocast's low-precision copy of the weights it used
-        per_graph += sum(p.numel() for p in stage.parameters() if p.ndim == 2) * act_bytes
+    if amp_dtype is not None:
+        per_graph += autocast_weight_copies(stage, activation_checkpointing) * act_bytes
     out = state_bytes(stage, t.optimizer)
     if amp_dtype == torch.float16:  # the scaled backward returns a fresh gradient before adding it
         out["gradient_bytes"] *= 2
