@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -248,21 +249,23 @@ def startup_run(kind: str, workdir, timeout: float = 480) -> dict:
         try:
             peers = swarm.start_bootstrap(host=lab.hosts[BOOT].ip, wrap=lambda cmd: lab.exec_argv(BOOT, cmd),
                                           extra=["--reachability", "public"])
-            t0 = time.monotonic()
+            t0, load = time.monotonic(), os.getloadavg()[0]  # (the machine is shared: say how busy it was)
             swarm.start_stage("stage1", 1, peers, host=lab.hosts[lab.home].ip,
                               extra=["--port", str(HOME_PORT), "--reachability", "auto"],
                               wrap=lambda cmd: lab.exec_argv(lab.home, cmd))
             try:
-                swarm.wait_for_line("stage1", "serving", timeout)
+                swarm.wait_for_line("stage1", "stage 1 serving", timeout)
                 seconds = round(time.monotonic() - t0, 1)
             except RuntimeError:
                 seconds = None
         finally:
             swarm.stop()
     log = (run_dir / "stage1.log").read_text(errors="replace")
-    return {"lab": kind, "join_to_serving_s": seconds, "relayed": "relayed: reachable through" in log,
+    return {"lab": kind, "join_to_serving_s": seconds, "load_avg_1min": round(load, 1),
+            "relayed": "relayed: reachable through" in log,
             "waited_for_relay": "behind NAT" in log, "no_reservation": "no relay reservation" in log,
-            "probe": next((line.strip() for line in log.splitlines() if "dial-back" in line), None)}
+            "probe": next((line.strip() for line in log.splitlines() if "dial-back" in line), None),
+            **({} if seconds is not None else {"log_tail": log.splitlines()[-15:]})}
 
 
 def startup_main(args) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -221,7 +222,7 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
         if probed is not None and probed != mode:
             # p2pd's relay and AutoNAT settings are fixed at its start: start again in the probed mode, on the
             # port that was probed (and with the same identity, if it has one)
-            dht.shutdown()
+            _stop_fully(dht)
             port = port or (ports[0] if ports else 0)
             _wait_port_free(host, port)
             mode = probed
@@ -232,6 +233,21 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
     if mode == "private":
         wait_for_relay(dht)
     return dht
+
+
+def _stop_fully(dht: DHT) -> None:
+    """Shut a DHT peer down and make sure its p2pd is gone: hivemind terminates a DHT process that does
+    not stop within its grace (a busy machine), and its p2pd would live on, holding our port."""
+    from node.lifeline import descendants
+    helpers = descendants(dht.pid) if dht.pid else []
+    dht.shutdown()
+    for pid in helpers:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"p2pd" in f.read():
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def _wait_port_free(host: str, port: int, timeout: float = 15.0) -> None:
@@ -373,7 +389,7 @@ def probe_reachability(dht: DHT, peers: list[str]) -> tuple[str | None, list[int
         return None, ports
     if result["dialed"]:
         print(f"reachability: a dial-back by {result['peer'][-8:]} reached {', '.join(result['dialed'])}: dialable, "
-              f"serving directly (public)", file=sys.stderr, flush=True)
+              f"no relay needed (public)", file=sys.stderr, flush=True)
         return "public", ports
     print(f"reachability: a dial-back by {result['peer'][-8:]} could not reach port(s) {ports} at "
           f"{', '.join(result['observed']) or 'our address'}: behind NAT or a firewall (private)", file=sys.stderr,

@@ -84,4 +84,4 @@ def test_auto_follows_the_probe_not_the_address_guess(monkeypatch, capfd, guess,
         boot.shutdown()
     err = capfd.readouterr().err
     assert mode == decided, err
-    assert ("dialable, serving directly" if dialable else "behind NAT or a firewall") in err
+    assert ("dialable, no relay needed" if dialable else "behind NAT or a firewall") in err
