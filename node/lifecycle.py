@@ -156,7 +156,8 @@ class Node:
         placeholder = SimpleNamespace(throughput=self.carried_throughput, inflight=0, worker=worker)
         announcing = asyncio.create_task(self.announcer.run(stage, run.fingerprint, placeholder, state="loading"))
         try:
-            log.info(await initial_state(self.dht, self.p2p, worker, t.checkpoint, self.peer_id, serve.init_from))
+            log.info(await initial_state(self.dht, self.p2p, worker, t.checkpoint, self.peer_id, serve.init_from,
+                                         stop=self.stop))
         finally:
             announcing.cancel()
         t.loaded = True

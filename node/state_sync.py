@@ -101,13 +101,18 @@ async def load_from_replicas(p2p, worker, peers, load, newer_than: int | None = 
     return None
 
 
+class StateUnavailable(ConnectionError):
+    """Stopped while live replicas of the stage exist but none has handed over its state yet."""
+
+
 async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: str, export: str | None = None,
-                        retry_s: float = 10.0) -> str:
+                        retry_s: float = 10.0, stop: asyncio.Event | None = None) -> str:
     """Load the best available state into `worker` (live replica, else own checkpoint, else the
     weights of an export file, else initialisation); returns a sentence saying where it came from.
     While live replicas of the stage exist, only they will do: a download that fails is tried again
     (every `retry_s`, growing to 60 s), saying why, and the node never serves a checkpoint or freshly
-    initialised weights beside replicas that have trained on."""
+    initialised weights beside replicas that have trained on. `stop` (set: the node is asked to stop)
+    ends that wait with StateUnavailable."""
     run = worker.run
 
     async def accept(state):  # (not `load`: that is the checkpoint reader below)
@@ -127,7 +132,12 @@ async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: 
         log.warning("stage %d has %d live replica(s), but none handed over its state (%s); not serving a checkpoint "
                     "or initialised weights beside them: retrying in %.0f s", worker.index, len(records),
                     "; ".join(errors) or "no answer", wait)
-        await asyncio.sleep(wait)
+        try:
+            await asyncio.wait_for((stop or asyncio.Event()).wait(), wait)
+        except asyncio.TimeoutError:
+            continue
+        raise StateUnavailable(f"stopped while waiting for the state of stage {worker.index} from its "
+                               f"{len(records)} live replica(s): {'; '.join(errors) or 'no answer'}")
     if checkpoint is not None and checkpoint.exists():
         try:
             worker.load_state_dict(load(checkpoint))
