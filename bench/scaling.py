@@ -130,7 +130,8 @@ def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float,
            "announce_period_s": announce_s, "rtt_ms": rtt_ms}
     row["bound"] = "compute" if row["predicted_link_bound_tokens_per_s"] > limit else "link"
     res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage,
-                       node_args=("--announce-period", str(announce_s)), rtt_ms=rtt_ms)
+                       node_args=("--announce-period", str(announce_s), "--link-mbit", f"{size['rate']:g}"),
+                       rtt_ms=rtt_ms)
     if "error" in res or res["summaries"][0].get("error"):
         return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
     summaries = res["summaries"]

@@ -367,7 +367,7 @@ class ReplicaAverager:
             self.link.observe(round_wire_bytes(params, outcome.group), outcome.seconds)
         else:
             m.avg_partial.inc()
-            self.link.incomplete()
+            self.link.incomplete(round_wire_bytes(params, outcome.group) * outcome.received, outcome.seconds)
             log.warning("averaging after step %d was partial: %.1f%% of fragment %d came back in %.1f s (the rest "
                         "keeps local values); next round's timeouts assume %.0f kB/s", step, 100 * outcome.received,
                         outcome.fragment, outcome.seconds, self.link.Bps / 1e3)

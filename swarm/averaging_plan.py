@@ -83,7 +83,8 @@ def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
 class LinkRate:
     """What the averaging's share of this node's link is believed to carry, in bytes/s per direction.
     Starts at the declared rate; each complete round replaces it with a moving average of what the
-    round achieved; a round that did not complete halves it, so the next round's timeouts grow."""
+    round achieved; a round that did not complete halves it, or falls to what it did achieve if that
+    was less, so the next round's timeouts grow at once to what the link showed."""
 
     def __init__(self, declared_Bps: float, weight: float = 0.5):
         self.Bps, self.weight = max(float(declared_Bps), MIN_RATE), weight
@@ -93,8 +94,9 @@ class LinkRate:
             achieved = wire_bytes / 2 / seconds  # both directions at once
             self.Bps = max(MIN_RATE, (1 - self.weight) * self.Bps + self.weight * achieved)
 
-    def incomplete(self) -> None:
-        self.Bps = max(MIN_RATE, self.Bps / 2)
+    def incomplete(self, wire_bytes: int = 0, seconds: float = 0.0) -> None:
+        achieved = wire_bytes / 2 / seconds if wire_bytes > 0 and seconds > 0 else float("inf")
+        self.Bps = max(MIN_RATE, min(self.Bps / 2, achieved))
 
 
 def mbit(rate_mbit: float) -> float:

@@ -52,6 +52,8 @@ def test_link_rate_learns_from_rounds_and_backs_off_on_incomplete_ones():
     assert link.Bps == pytest.approx(100_000, rel=1e-3)
     link.incomplete()
     assert link.Bps == pytest.approx(50_000, rel=1e-3)
+    link.incomplete(wire_bytes=200_000, seconds=10.0)  # a partial round that moved 10 kB/s each way
+    assert link.Bps == pytest.approx(10_000, rel=1e-3)
     for _ in range(100):
         link.incomplete()
     assert link.Bps > 0  # floored, never zero
