@@ -11,9 +11,9 @@ from hivemind.dht.crypto import RSASignatureValidator
 
 from node.run_config import load_config_file
 from node.settings import RecordSettings
-from protocol import PROTOCOL_VERSION
+from protocol import ARRIVING, PROTOCOL_VERSION, NodeState
 from protocol.fingerprint import describe_diff
-from protocol.records import ARRIVING, NodeState, StageRecord, config_key, stage_key, stage_record
+from protocol.records import StageRecord, config_key, stage_key, stage_record
 from swarm.config import RunConfig
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,12 @@ import asyncio
 import sys
 from pathlib import Path
 
+import uvloop
+
 from node.args import add_connect_args
+from node.run_config import chosen_run_id
+from node.runtime import close_hivemind, resolve_device
+from swarm.config import ConfigError, RunConfig
 
 
 def add_parsers(sub) -> None:
@@ -39,8 +44,7 @@ def states_from_checkpoints(paths) -> tuple:
     """(RunConfig, stage -> model state, stage -> step) from checkpoint files: the newest step that
     every stage has a file of, else the newest of each stage (which export then refuses unless
     --allow-mixed-steps)."""
-    from swarm.checkpoint import load
-    from swarm.config import RunConfig
+    from swarm.checkpoint import load  # (torch: not while building --help)
     from swarm.export import common_step
     files = []
     for p in map(Path, paths):
@@ -97,10 +101,8 @@ async def consistent_states(dht, p2p, run, wait_s: float, allow_mixed: bool):
 
 
 async def states_from_swarm(args) -> tuple:
-    from node.announce import resolve_run_config
-    from node.run_config import chosen_run_id
+    from node.announce import resolve_run_config  # (hivemind: not while building --help)
     from node.dht import start_dht
-    from node.runtime import close_hivemind
     run_id = chosen_run_id(args.run_id, None)
     dht = start_dht(run_id, args.initial_peers, host=args.host)
     p2p = None
@@ -134,7 +136,6 @@ def _gather(args):
     if args.checkpoints:
         return states_from_checkpoints(args.checkpoints)
     elif args.initial_peers:
-        import uvloop
         from node.dht import AddressError
         try:
             return uvloop.run(states_from_swarm(args))
@@ -144,7 +145,6 @@ def _gather(args):
 
 
 def generate_main(args) -> int:
-    from node.runtime import resolve_device
     from swarm.export import generate, load_export
     try:
         run, model, steps = load_export(args.model, device=str(resolve_device(args.device)))
@@ -163,7 +163,6 @@ def generate_main(args) -> int:
 
 def run_tokenizer(run, spec: str | None):
     """The tokenizer a run was trained with (from its config, or a local copy), checked by hash."""
-    from swarm.config import ConfigError
     from swarm.tokenizer import load_tokenizer
     d = run.data
     try:

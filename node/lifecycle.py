@@ -34,8 +34,7 @@ from node.settings import DeviceSettings, JoinSettings
 from node.stage_server import StageServer, measure_throughput
 from node.state_sync import checkpoint_path, initial_state, periodic_checkpoints
 from node.trainer_loop import train
-from protocol import PROTOCOL_VERSION
-from protocol.records import LEFT, NodeState
+from protocol import LEFT, PROTOCOL_VERSION, NodeState
 from swarm.balance import move_target, pick_stage, quality, stage_totals
 from swarm.checkpoint import atomic_write_bytes
 from swarm.memory import check_fits

@@ -16,7 +16,7 @@ from node.lifeline import parent_death_preexec
 from node.run_config import save_config_file
 from node.runtime import identity_peer_id
 from node.settings import TrainerSettings
-from swarm.config import LOCAL_RUN_ID
+from swarm.config import LOCAL_RUN_ID, ConfigError
 
 
 def add_parser(sub) -> None:
@@ -147,7 +147,6 @@ def tail(path: Path, n: int = 15) -> str:
 
 def _tokenize(run) -> None:
     """Fill the token cache once here, not in every trainer at once; bad data fails before any node starts."""
-    from swarm.config import ConfigError
     from swarm.data import open_corpus
     try:
         open_corpus(run)

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from protocol.codec import bytes_per_token
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -118,7 +120,6 @@ class NodeMetrics:
         return self
 
     def set_nominal(self, run) -> None:
-        from protocol.codec import bytes_per_token
         cfg, tokens = run.model, run.train.microbatch_size * run.model.seq_len  # tokens per message
         per_token = (bytes_per_token(cfg.wire_codec, cfg.code_width, tokens)
                      + bytes_per_token(cfg.wire_codec_bwd, cfg.code_width, tokens)) / 2

@@ -10,6 +10,8 @@ import socket
 import sys
 import time
 
+import uvloop
+
 SOCKET_GLOB = "/tmp/hivemind-*.sock"
 
 
@@ -30,8 +32,7 @@ def setup_logging(verbose: bool = False) -> None:
 def run_command(coro, *errors: type) -> int:
     """Run a command's coroutine under uvloop. A bad address, an unreachable peer (and `errors`) is the
     user's to fix: one line on stderr and exit code 2, not a traceback."""
-    import uvloop
-    from node.dht import AddressError
+    from node.dht import AddressError  # (hivemind: not while building --help)
     try:
         return uvloop.run(coro)
     except (AddressError, ConnectionError, *errors) as e:

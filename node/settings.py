@@ -15,7 +15,9 @@ Nothing here imports torch or hivemind: `resbm-node --help` must answer fast.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,14 +43,12 @@ def setting(default, help: str, *, group: str, flag: str | None = None, short: s
 def data_dir() -> Path:
     """Where a node keeps what should survive a restart by default ($XDG_DATA_HOME, else
     ~/.local/share, then resbm-swarm)."""
-    import os
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "resbm-swarm"
 
 
 def positive_seconds(text) -> float:
     """argparse type: a finite number of seconds above 0 (a period of 0 would never wait)."""
-    import argparse
     try:
         value = float(text)
     except ValueError:
@@ -60,7 +60,6 @@ def positive_seconds(text) -> float:
 
 def stage_arg(text):
     """argparse type of --stage: a stage number or 'auto'."""
-    import argparse
     if text == "auto":
         return text
     try:

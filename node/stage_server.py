@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
@@ -470,7 +471,6 @@ class StateSnapshots:
         self._expire()
         sid = next((k for k, v in self.held.items() if v[0] == generation), None)
         if sid is None:
-            import secrets
             sid = f"{step}-{secrets.token_hex(6)}"
             self.held[sid] = [generation, step, blob, time.monotonic()]
             while len(self.held) > self.keep:

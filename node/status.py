@@ -11,8 +11,7 @@ import sys
 import time
 
 from node.runtime import SocketJanitor, close_hivemind, run_command, setup_logging, stop_event_on_signals
-from protocol import PROTOCOL_VERSION
-from protocol.records import MAX_STAGES, stage_role
+from protocol import MAX_STAGES, PROTOCOL_VERSION, stage_role
 from swarm.config import DEFAULT_RUN_ID, LOCAL_RUN_ID, ConfigError, RunConfig
 
 log = logging.getLogger("resbm.status")

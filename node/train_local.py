@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 from node.args import add_run_args, add_setting_flags, run_config_from_args
+from node.progress import Progress, human_bytes
 from node.runtime import resolve_device
 from node.settings import DeviceSettings, TrainerSettings
+from swarm.config import ConfigError
 
 
 def add_parser(sub) -> None:
@@ -38,8 +40,6 @@ def _raise_stop(signum, frame):
 
 
 def main(args) -> int:
-    from node.progress import Progress, human_bytes
-    from swarm.config import ConfigError
     from swarm.data import open_corpus
     from swarm.trainer import LocalTrainer, param_overhead, wire_stats
     run = run_config_from_args(args)

@@ -10,8 +10,8 @@ from pathlib import Path
 from node.progress import Progress, human_bytes
 from node.settings import TrainerSettings
 from node.trainer import Stopped, Trainer
+from protocol import stage_role
 from protocol.errors import PeerUnavailable, RemoteError
-from protocol.records import stage_role
 from swarm.data import open_corpus
 from swarm.trainer import param_overhead, wire_stats
 

@@ -13,41 +13,16 @@ schemas (hivemind SchemaValidator, pydantic v1 API) reject malformed values befo
 """
 from __future__ import annotations
 
-import enum
 from typing import Dict, Optional
 
 import pydantic.v1 as pydantic
 from pydantic.v1 import StrictBool, StrictFloat, StrictInt, StrictStr
 
-from protocol import PROTOCOL_VERSION
-
-
-class NodeState(str, enum.Enum):
-    """A node's lifecycle (node/lifecycle.py), published in its stage record; only "serving" nodes
-    take requests."""
-    JOINING = "joining"
-    LOADING = "loading"
-    SERVING = "serving"
-    DRAINING = "draining"
-    MOVING = "moving"
-    STOPPED = "stopped"
-
-
-NODE_STATES = tuple(s.value for s in NodeState)
-LEFT = (NodeState.DRAINING.value, NodeState.STOPPED.value)      # records of nodes that no longer count
-ARRIVING = (NodeState.JOINING.value, NodeState.LOADING.value)   # nodes that are about to serve a stage
-
-
-def stage_role(k: int, n_stages: int) -> str:
-    """What a stage's replicas do, as status tables and run summaries name it."""
-    return "trainer" if k == 0 else ("tail" if k == n_stages - 1 else "middle")
+from protocol import MAX_STAGES, NODE_STATES, PROTOCOL_VERSION
 
 
 def config_key(run_id: str) -> str:
     return f"{run_id}_config"
-
-
-MAX_STAGES = 64  # stage keys the schema validator knows (a run may have fewer stages)
 
 
 def stage_key(run_id: str, stage: int) -> str:
