@@ -226,3 +226,75 @@ def test_a_partial_round_is_counted_as_partial_with_its_fraction():
         avg.shutdown()
         dht.shutdown()
         janitor.sweep()
+
+
+@pytest.mark.swarm
+def test_two_replicas_average_one_agreed_fragment_per_round(monkeypatch):
+    """With the parameters cut into 3 fragments, a round averages the same fragment on both replicas
+    (the group's first peer's proposal), leaves the other fragments alone, and the next round takes
+    the next fragment; both rounds come back complete."""
+    import asyncio
+    import types
+
+    import node.averaging as averaging
+    from node.dht import start_dht, visible_maddrs
+    from node.metrics import NodeMetrics
+    from node.runtime import SocketJanitor
+    from node.settings import AveragingSettings
+
+    monkeypatch.setattr(averaging, "fragment_count", lambda total: 3)
+    janitor = SocketJanitor()
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(40,), (30, 2), (50,), (20,), (60,), (10, 3)]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    # replicas a little apart, as trained ones are (CenteredClip then returns their mean)
+    own = [[t + 1e-3 * torch.randn(t.shape, generator=gen) for t in base] for _ in range(2)]
+
+    def worker(params):
+        def change_weights(fn):
+            with torch.no_grad():
+                fn(params)
+        return types.SimpleNamespace(params=params, change_weights=change_weights)
+
+    async def in_worker(fn):
+        return fn()
+
+    async def count():
+        return 2
+
+    dhts = [start_dht("frag")]
+    dhts.append(start_dht("frag", visible_maddrs(dhts[0])))
+    reps = [averaging.ReplicaAverager(d, "frag", 1, worker([t.clone() for t in own[i]]), 1, count, NodeMetrics(),
+                                      AveragingSettings(gather_s=30.0, link_mbit=100.0)) for i, d in enumerate(dhts)]
+    try:
+        assert [len(r.fragments) for r in reps] == [3, 3]
+
+        async def rounds():
+            done = []
+            for _ in range(2):
+                before = [[p.clone() for p in r.worker.params] for r in reps]
+                ok = await asyncio.gather(*(r.average(0, in_worker) for r in reps))
+                after = [[p.clone() for p in r.worker.params] for r in reps]
+                done.append((ok, before, after, [r.averager.report[0].item() for r in reps]))
+            return done
+
+        done = asyncio.run(rounds())
+        assert done[0][3][0] != done[1][3][0]  # the second round took another fragment
+        for ok, before, (a_all, b_all), fragments in done:
+            assert ok == [True, True] and fragments[0] == fragments[1], (ok, fragments)
+            chosen = reps[0].fragments[int(fragments[0])]
+            for i in range(len(shapes)):
+                a, b = a_all[i], b_all[i]
+                if i in chosen:  # averaged: both at the mean, up to fp16 rounding
+                    mean = (before[0][i] + before[1][i]) / 2
+                    tol = 2 ** -10 * (mean.abs() + (before[0][i] - before[1][i]).abs()) + 1e-6
+                    assert ((a - mean).abs() <= tol).all() and ((b - mean).abs() <= tol).all(), i
+                else:  # not this round's fragment: untouched
+                    assert torch.equal(a, before[0][i]) and torch.equal(b, before[1][i]), i
+        assert {r.next_fragment for r in reps} == {(int(fragments[0]) + 1) % 3}
+    finally:
+        for r in reps:
+            r.shutdown()
+        for d in dhts:
+            d.shutdown()
+        janitor.sweep()
