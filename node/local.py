@@ -13,6 +13,7 @@ from pathlib import Path
 
 from node.args import add_run_args, add_setting_flags, run_config_from_args
 from node.lifeline import parent_death_preexec
+from node.progress import write_summary
 from node.run_config import save_config_file
 from node.runtime import identity_peer_id
 from node.settings import TrainerSettings
@@ -248,9 +249,7 @@ def _summarize(args, run_dir: Path, swarm: Swarm, code: int, metrics_ports: dict
     summary["pids"] = {name: proc.pid for name, proc, _ in swarm.procs}  # each one leads its own session
     if metrics_ports:
         summary["metrics_ports"] = metrics_ports
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(summary, indent=1))
+    write_summary(args.json_out, summary)
     print(f"summary: {summary['steps_completed']} steps, loss {summary['train_loss_first']} -> "
           f"{summary['train_loss_last']}, val {summary['val_loss']}, {summary['swarm_tokens_per_s']:.0f} tokens/s (all trainers), "
           f"{summary['measured_wire_bytes_per_token_fwd']:.2f} B/token/hop fwd "

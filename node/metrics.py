@@ -89,6 +89,17 @@ class NodeMetrics:
         self.steps = Counter("resbm_optimizer_steps_total", "Optimizer steps applied", registry=r)
         self.queue = Gauge("resbm_queue_depth", "Requests waiting for or in compute", registry=r)
         self.replicas = Gauge("resbm_replicas", "Replicas seen per stage (from DHT records)", ["stage"], registry=r)
+        self._averaging_metrics(r)
+        self.retries = Counter("resbm_retries_total", "Calls retried on another replica", ["stage"], registry=r)
+        self.bans = Counter("resbm_bans_total", "Replicas banned after a failure", ["stage"], registry=r)
+        self.rejected = Counter("resbm_rejected_payloads_total", "Requests rejected, by reason", ["reason"],
+                                registry=r)
+        self.peer_bans = Counter("resbm_peer_bans_total", "Peers refused for a while after repeated bad requests",
+                                 registry=r)
+        self._server = None
+
+    def _averaging_metrics(self, r: CollectorRegistry) -> None:
+        """Replica averaging's metrics (node/averaging.py)."""
         self.avg_rounds = Counter("resbm_averaging_rounds_total", "Successful replica averaging rounds", registry=r)
         self.avg_failures = Counter("resbm_averaging_failures_total", "Failed replica averaging rounds", registry=r)
         self.avg_partial = Counter("resbm_averaging_partial_rounds_total", "Averaging rounds in which only part of "
@@ -105,13 +116,6 @@ class NodeMetrics:
                                 "robust aggregation)", registry=r)
         self.replica_distance = Gauge("resbm_replica_distance", "Relative L2 distance of this replica's parameters "
                                       "from its averaging group's mean, measured at the last round", registry=r)
-        self.retries = Counter("resbm_retries_total", "Calls retried on another replica", ["stage"], registry=r)
-        self.bans = Counter("resbm_bans_total", "Replicas banned after a failure", ["stage"], registry=r)
-        self.rejected = Counter("resbm_rejected_payloads_total", "Requests rejected, by reason", ["reason"],
-                                registry=r)
-        self.peer_bans = Counter("resbm_peer_bans_total", "Peers refused for a while after repeated bad requests",
-                                 registry=r)
-        self._server = None
 
     def enable_loss(self) -> "NodeMetrics":
         self.train_loss = Gauge("resbm_train_loss", "Training loss of the last step (nats/token)",

@@ -1,8 +1,11 @@
-"""One status line that redraws itself on a terminal and prints plain lines in logs."""
+"""A run as its operator sees it: one status line that redraws itself on a terminal and prints plain
+lines in logs, the run's curves, and the summary JSON every training command writes from them."""
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 
 class Progress:
@@ -38,3 +41,36 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f}{unit}" if unit != "B" else f"{n:.0f}B"
         n /= 1024
     return f"{n:.1f}GB"
+
+
+class RunLog:
+    """The curves of one run (train-local's, or one trainer's in a swarm): a loss, a duration and a
+    staleness per update, and validation losses; `summary()` is the part of the run summary they give."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.losses, self.step_times, self.staleness, self.val_curve = [], [], [], []
+
+    def add(self, loss: float, seconds: float, staleness: float = 0.0) -> None:
+        self.losses.append(loss)
+        self.step_times.append(seconds)
+        self.staleness.append(staleness)
+
+    def tokens_per_s(self, last: int | None = None) -> float:
+        times = self.step_times[-last:] if last else self.step_times
+        return self.tokens_per_step * len(times) / sum(times) if times and sum(times) else 0.0
+
+    def summary(self) -> dict:
+        losses, times = self.losses, self.step_times
+        return {"steps_completed": len(losses), "train_loss_first": losses[0] if losses else None,
+                "train_loss_last": losses[-1] if losses else None,
+                "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+                "tokens_per_s": self.tokens_per_s(), "step_time_s": sum(times) / len(times) if times else None,
+                "loss_curve": losses, "val_curve": self.val_curve, "step_times": times, "staleness": self.staleness}
+
+
+def write_summary(path: str | None, summary: dict) -> None:
+    """The run summary JSON at `path` (nothing when None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=1))

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from pathlib import Path
 
-from node.progress import Progress, human_bytes
+from node.progress import Progress, RunLog, human_bytes, write_summary
 from node.settings import TrainerSettings
 from node.trainer import Stopped, Trainer
 from protocol import stage_role
@@ -21,24 +19,23 @@ log = logging.getLogger("resbm.trainer")
 async def train(settings: TrainerSettings, run, server, stop: asyncio.Event) -> int:
     """Train until our stage 0 applied `settings.steps` updates, as one of the swarm's trainers;
     `server` is our stage-0 StageServer."""
-    args = settings
-    bar = Progress(args.steps)
-    log_ = RunLog()
-    trainer = Trainer(server, open_corpus(run, args.data, args.tokenizer), stop=stop, settings=settings,
+    bar = Progress(settings.steps)
+    log_ = RunLog(run.train.batch_size * run.model.seq_len)
+    trainer = Trainer(server, open_corpus(run, settings.data, settings.tokenizer), stop=stop, settings=settings,
                       status=lambda text: bar.update(len(log_.losses), {"status": text}, force=True))
     stopped, error = None, None
     started = time.perf_counter()
     try:
         await trainer.wait_for_stages()
         log.info("all %d stages have replicas %s; training %d steps from step %d, %d microbatches in flight%s "
-                 "(fingerprint %s)", run.model.n_stages, trainer.view.replica_counts(), args.steps,
+                 "(fingerprint %s)", run.model.n_stages, trainer.view.replica_counts(), settings.steps,
                  server.worker.applied_step + 1, trainer.window, " (sync)" if settings.sync else "", run.fingerprint)
-        trainer.start(args.steps)
-        while len(log_.losses) < args.steps:
+        trainer.start(settings.steps)
+        while len(log_.losses) < settings.steps:
             moved_before = server.bytes["sent"] + server.bytes["received"]
             done = await trainer.next_step()
-            log_.add(done)
-            if args.eval_every and done.step % args.eval_every == 0:
+            log_.add(done.loss, done.seconds, done.staleness)
+            if settings.eval_every and done.step % settings.eval_every == 0:
                 log_.val_curve.append((done.step, await trainer.evaluate()))
             _show(bar, log_, trainer, run, server.bytes["sent"] + server.bytes["received"] - moved_before, done)
     except Stopped as e:
@@ -48,11 +45,9 @@ async def train(settings: TrainerSettings, run, server, stop: asyncio.Event) -> 
         await trainer.close()
         bar.close()
     val = await _final_eval(trainer) if log_.losses and not (error or stopped) else None
-    summary = {**log_.summary(run), "val_loss": val, "wall_s": time.perf_counter() - started,
+    summary = {**log_.summary(), "val_loss": val, "wall_s": time.perf_counter() - started,
                **await _figures(trainer, run), "stopped_by": stopped, "error": error}
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(summary, indent=1))
+    write_summary(settings.json_out, summary)
     if log_.losses:
         log.info("done: %d steps, loss %.3f -> %.3f, val %s, %.0f tokens/s, wire %.2f B/token per hop (%.0fx vs bf16)",
                  len(log_.losses), log_.losses[0], log_.losses[-1], f"{val:.4f}" if val is not None else "-",
@@ -63,30 +58,8 @@ async def train(settings: TrainerSettings, run, server, stop: asyncio.Event) -> 
     return 1 if error else (130 if stopped else 0)
 
 
-class RunLog:
-    """The curves of one trainer's run: a loss and a duration per update of its stage 0."""
-
-    def __init__(self):
-        self.losses, self.step_times, self.staleness, self.val_curve = [], [], [], []
-
-    def add(self, done) -> None:
-        self.losses.append(done.loss)
-        self.step_times.append(done.seconds)
-        self.staleness.append(done.staleness)
-
-    def tokens_per_s(self, run, last: int | None = None) -> float:
-        times = self.step_times[-last:] if last else self.step_times
-        return run.train.batch_size * run.model.seq_len * len(times) / sum(times) if times and sum(times) else 0.0
-
-    def summary(self, run) -> dict:
-        return {"steps_completed": len(self.losses), "train_loss_first": self.losses[0] if self.losses else None,
-                "train_loss_last": self.losses[-1] if self.losses else None, "tokens_per_s": self.tokens_per_s(run),
-                "loss_curve": self.losses, "val_curve": self.val_curve, "step_times": self.step_times,
-                "staleness": self.staleness}
-
-
 def _show(bar: Progress, log_: RunLog, trainer: Trainer, run, moved: int, done) -> None:
-    tps = log_.tokens_per_s(run, last=10)
+    tps = log_.tokens_per_s(last=10)
     trainer.metrics.train_tokens_per_second.set(tps)
     bar.update(len(log_.losses), {"loss": f"{done.loss:.3f}",
                                   "val": f"{log_.val_curve[-1][1]:.3f}" if log_.val_curve else "-",
