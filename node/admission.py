@@ -30,6 +30,10 @@ class Admission:
         self.inflight: dict[tuple[str, str], int] = {}
         self.totals = {"compute": 0, "state_joiners": 0, "state_others": 0}
 
+    def set_joining(self, peers: set[str]) -> None:
+        """The peers whose records say they are loading this stage (node/announce.py watch_swarm)."""
+        self.joining = set(peers)
+
     def _pool(self, method: str, peer: str) -> tuple[str, int, int] | None:
         """(pool, per-peer cap, pool cap) for this call, or None when it is not capped."""
         if method in COMPUTE:

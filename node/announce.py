@@ -227,13 +227,13 @@ async def fetch_config(dht: DHT, run_id: str) -> dict | None:
     return max(records, key=lambda r: (votes[r.get("fingerprint")], r.get("updated", 0.0)), default=None)
 
 
-async def watch_swarm(dht: DHT, run, server, period_s: float) -> None:
-    """Keep the server's view of the swarm fresh: which peers are joining its stage (they get state first)."""
+async def watch_swarm(dht: DHT, run, stage: int, joining, period_s: float) -> None:
+    """Tell `joining` (a callable) every `period_s` which peers are joining stage `stage` (their state
+    downloads go first: node/admission.py)."""
     while True:
         try:
             records = await read_stage_records(dht, run, include_idle=True, fresh=False)
-            server.admission.joining = {r["peer_id"] for r in records.get(server.index, [])
-                                        if r["state"] in ARRIVING}
+            joining({r["peer_id"] for r in records.get(stage, []) if r["state"] in ARRIVING})
         except Exception as e:
             log.debug("could not read the swarm's records: %s", e)
         await asyncio.sleep(period_s)

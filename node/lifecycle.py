@@ -33,7 +33,7 @@ from node.runtime import SocketJanitor, close_hivemind, resolve_device, stop_eve
 from node.settings import DeviceSettings, JoinSettings
 from node.stage_server import StageServer, measure_throughput
 from node.state_sync import checkpoint_path, initial_state, periodic_checkpoints
-from node.trainer_loop import train
+from node.training_run import train
 from protocol import LEFT, PROTOCOL_VERSION, NodeState
 from swarm.balance import move_target, pick_stage, quality, stage_totals
 from swarm.checkpoint import atomic_write_bytes
@@ -81,16 +81,16 @@ class Node:
         try:
             self.enter(NodeState.JOINING)
             await self._join()
-            stage, code = await self._first_stage(), 0
+            stage, exit_code = await self._first_stage(), 0
             while stage is not None:
                 await self._load(stage)
                 if stage == 0:
-                    code, move_to = await self._serve_trainer(), None
+                    exit_code, move_to = await self._serve_trainer(), None
                 else:
                     move_to = await self._serve()
                 await self._drain()
                 stage = await self._move(move_to) if move_to is not None else None
-            return code
+            return exit_code
         finally:
             await self._shut_down()
             janitor.sweep()
@@ -201,7 +201,8 @@ class Node:
         """While the stage serves: its record, its view of who is joining, its checkpoint."""
         t, run = self.turn, self.run_cfg
         t.tasks.append(asyncio.create_task(self.announcer.run(t.stage, run.fingerprint, t.server)))
-        t.tasks.append(asyncio.create_task(watch_swarm(self.dht, run, t.server, self.settings.records.read_s)))
+        t.tasks.append(asyncio.create_task(watch_swarm(self.dht, run, t.stage, t.server.admission.set_joining,
+                                                            self.settings.records.read_s)))
         t.tasks += periodic_checkpoints(t.worker, t.checkpoint, self.settings.serve.save_every_min, t.server.executor)
 
     # --- draining, moving, stopping --------------------------------------------------------------

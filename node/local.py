@@ -196,7 +196,7 @@ def main(args) -> int:
         # trainer 0 shows its progress line here; the others write logs
         trainers = [swarm.start_trainer(i, peers, run.train.steps, inherit_stderr=i == 0, extra=extra + port(i, f"trainer{i}"))
                     for i in range(args.trainers)]
-        code = max(_wait(p) for p in trainers)
+        exit_code = max(_wait(p) for p in trainers)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the swarm", file=sys.stderr)
         for p in trainers:
@@ -204,15 +204,15 @@ def main(args) -> int:
                 p.send_signal(signal.SIGTERM)
         for p in trainers:
             _wait(p, timeout=60)
-        code = 130
+        exit_code = 130
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 1
+        exit_code = 1
     finally:
         swarm.stop()
         for s, h in previous.items():
             signal.signal(s, h)
-    return _summarize(args, run_dir, swarm, code, metrics_ports)
+    return _summarize(args, run_dir, swarm, exit_code, metrics_ports)
 
 
 def _interrupt(signum, frame):
@@ -226,12 +226,12 @@ def _wait(proc: subprocess.Popen, timeout: float | None = None) -> int:
         return 1
 
 
-def _summarize(args, run_dir: Path, swarm: Swarm, code: int, metrics_ports: dict) -> int:
+def _summarize(args, run_dir: Path, swarm: Swarm, exit_code: int, metrics_ports: dict) -> int:
     """Trainer 0's summary, with every trainer's own figures beside it."""
     found = [run_dir / f"trainer{i}.json" for i in range(args.trainers) if (run_dir / f"trainer{i}.json").exists()]
     if not found:
-        print(f"no summary: no trainer wrote one (exit code {code}); logs in {run_dir}", file=sys.stderr)
-        return code or 1
+        print(f"no summary: no trainer wrote one (exit code {exit_code}); logs in {run_dir}", file=sys.stderr)
+        return exit_code or 1
     summaries = [json.loads(f.read_text()) for f in found]
     summary = summaries[0]
     # a trainer that finished first may have left before trainer 0 asked it: its own entry is exact
@@ -254,4 +254,4 @@ def _summarize(args, run_dir: Path, swarm: Swarm, code: int, metrics_ports: dict
           f"{summary['train_loss_last']}, val {summary['val_loss']}, {summary['swarm_tokens_per_s']:.0f} tokens/s (all trainers), "
           f"{summary['measured_wire_bytes_per_token_fwd']:.2f} B/token/hop fwd "
           f"({summary['measured_compression_vs_bf16']:.0f}x vs bf16 at width d)", file=sys.stderr)
-    return code
+    return exit_code

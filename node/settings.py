@@ -181,7 +181,7 @@ class DeviceSettings:
                                              group=DEVICE)
 
 
-# --- a trainer (node/trainer.py, node/trainer_loop.py) --------------------------------------------
+# --- a trainer (node/trainer.py, node/training_run.py) --------------------------------------------
 @dataclass(frozen=True)
 class TrainerSettings:
     steps: int = setting(100, "optimizer steps to train", group=TRAINERS)

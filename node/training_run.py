@@ -1,4 +1,5 @@
-"""A trainer's loop: steps, validation, live status line and run summary."""
+"""A trainer's run (`join --stage 0`): wait for every stage, train --steps updates through node/trainer.py's
+Trainer, validation, the live status line and the run summary."""
 from __future__ import annotations
 
 import asyncio
