@@ -186,6 +186,8 @@ class RobustAverager(DecentralizedAverager):
         try:
             await asyncio.wait_for(self._apply_updates(tensors, runner, applied),
                                    None if math.isnan(total_s) else total_s)
+        except asyncio.TimeoutError:  # what came back stays applied; the node reports the round as partial
+            log.info("averaging: the all-reduce ran past its %.0f s; keeping the parts that came back", total_s)
         finally:
             total = sum(t.numel() for t in tensors)
             received = max(0, applied[0] - runner.tensor_part_container.failed_size) / max(total, 1)

@@ -22,6 +22,10 @@ MIN_PART, MAX_PART = 16 << 10, 4 << 20
 SLACK = 3.0                       # a round may take this many times its expected transfer time
 FLOOR_S = 5.0                     # plus this (matchmaking's last messages, the reducers' compute, RTTs)
 MIN_RATE = 8_000.0                # bytes/s: estimates never go below 64 kbit/s
+# The share of a link averaging is budgeted: on a link the codes keep busy (a link-bound pipeline
+# is the point of the design) averaging's flows get only what TCP leaves them, so a round is sized
+# for this share of the declared rate, not all of it (measured: 10-15 kB/s of a busy 62.5 kB/s).
+BUDGET_SHARE = 0.1
 
 
 def fragment_count(total_params: int, fragment_params: int = FRAGMENT_PARAMS) -> int:
@@ -82,12 +86,12 @@ def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
 
 class LinkRate:
     """What the averaging's share of this node's link is believed to carry, in bytes/s per direction.
-    Starts at the declared rate; each complete round replaces it with a moving average of what the
+    Starts at BUDGET_SHARE of the declared rate; each complete round replaces it with a moving average of what the
     round achieved; a round that did not complete halves it, or falls to what it did achieve if that
     was less, so the next round's timeouts grow at once to what the link showed."""
 
     def __init__(self, declared_Bps: float, weight: float = 0.5):
-        self.Bps, self.weight = max(float(declared_Bps), MIN_RATE), weight
+        self.Bps, self.weight = max(float(declared_Bps) * BUDGET_SHARE, MIN_RATE), weight
 
     def observe(self, wire_bytes: int, seconds: float) -> None:
         if wire_bytes > 0 and seconds > 0:

@@ -1,7 +1,7 @@
 """The averaging scheme's arithmetic (swarm/averaging_plan.py): fragments, bytes, limits, link rate."""
 import pytest
 
-from swarm.averaging_plan import (FRAGMENT_PARAMS, LinkRate, fragment_count, mbit, round_cost, round_limits,
+from swarm.averaging_plan import (BUDGET_SHARE, FRAGMENT_PARAMS, LinkRate, fragment_count, mbit, round_cost, round_limits,
                                   round_wire_bytes, split_fragments, transfer_s)
 
 
@@ -45,8 +45,9 @@ def test_limits_grow_with_the_fragment_and_shrink_with_the_link():
 
 def test_link_rate_learns_from_rounds_and_backs_off_on_incomplete_ones():
     link = LinkRate(mbit(10))
+    assert link.Bps == pytest.approx(BUDGET_SHARE * mbit(10))  # averaging's budgeted share of the link
     link.observe(wire_bytes=2_000_000, seconds=10.0)  # achieved 100 kB/s each way
-    assert mbit(10) > link.Bps > 100_000
+    assert 100_000 < link.Bps < BUDGET_SHARE * mbit(10)
     for _ in range(20):
         link.observe(2_000_000, 10.0)
     assert link.Bps == pytest.approx(100_000, rel=1e-3)
