@@ -54,10 +54,11 @@ def test_auto_nodes_fill_and_rebalance(tmp_path):
             time.sleep(0.1)
         peers = addr.read_text().split()
         common = ["join", "--stage", "auto", "--initial-peers", *peers, "--run-id", "auto", "--checkpoint-dir", "",
-                  "--rebalance-every", "3"]
+                  "--host", "127.0.0.1", "--rebalance-every", "3"]
         # three auto nodes all forced onto stage 1 (as if just moved there): stage 2 has nobody
         for i in range(3):
-            procs.append(_start([*common, "--auto-target", "1"], open(tmp_path / f"n{i}.log", "w")))
+            procs.append(_start([*common, "--identity", str(tmp_path / f"n{i}.id"), "--auto-target", "1"],
+                                open(tmp_path / f"n{i}.log", "w")))
         deadline = time.time() + 90
         counts = {}
         while time.time() < deadline:
@@ -71,7 +72,8 @@ def test_auto_nodes_fill_and_rebalance(tmp_path):
         logs = [(tmp_path / f"n{i}.log").read_text() for i in range(3)]
         assert sum(log.count("moving from stage") for log in logs) == counts[2]  # only the moves needed
         # a newcomer without a target takes the stage with the lowest total throughput it saw
-        procs.append(_start([*common[:-2], "--rebalance-every", "600"], open(tmp_path / "new.log", "w")))
+        procs.append(_start([*common[:-2], "--rebalance-every", "600", "--identity", str(tmp_path / "new.id")],
+                            open(tmp_path / "new.log", "w")))
         deadline = time.time() + 60
         while time.time() < deadline and "serving:" not in (tmp_path / "new.log").read_text():
             time.sleep(0.5)

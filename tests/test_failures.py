@@ -62,7 +62,7 @@ def bootstrap(nodes: Nodes, *extra: str) -> list[str]:
 
 
 def join_argv(nodes: Nodes, name: str, stage: int, peers: list[str], *extra: str) -> list[str]:
-    return ["join", "--stage", str(stage), "--initial-peers", *peers, "--run-id", "fail",
+    return ["join", "--stage", str(stage), "--initial-peers", *peers, "--run-id", "fail", "--host", "127.0.0.1",
             "--identity", str(nodes.dir / f"{name}.id"), "--checkpoint-dir", str(nodes.dir / "ckpt"),
             "--threads", "1", *extra]
 

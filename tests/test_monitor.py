@@ -138,7 +138,8 @@ def start_swarm(nodes: Nodes) -> list[str]:
     nodes.wait_for("bootstrap", "is up", 60)
     peers = (nodes.dir / "boot.addr").read_text().split()
     for k in (1, 2):
-        nodes.start(f"s{k}", "join", "--stage", str(k), "--run-id", "montest", "--initial-peers", *peers,
+        nodes.start(f"s{k}", "join", "--stage", str(k), "--run-id", "montest", "--host", "127.0.0.1",
+                    "--initial-peers", *peers,
                     "--identity", str(nodes.dir / f"s{k}.id"), "--checkpoint-dir", "", "--threads", "1",
                     "--announce-period", "1")
     return peers

@@ -146,14 +146,14 @@ def test_join_with_other_config_is_refused(tmp_path):
         cfg = json.loads((tmp_path / "cfg.json").read_text())
         cfg["model.ratio"] = 8
         (tmp_path / "other.json").write_text(json.dumps(cfg))
-        res = cli("join", "--stage", "1", "--initial-peers", addr.read_text().split()[0],
+        res = cli("join", "--stage", "1", "--initial-peers", addr.read_text().split()[0], "--host", "127.0.0.1",
                   "--config", str(tmp_path / "other.json"), timeout=90)
         assert res.returncode != 0
         assert "differs from the swarm's run config" in res.stderr and "model.ratio: ours 8, theirs 16" in res.stderr
         bad = cli("join", "--stage", "1", "--initial-peers", "/ip4/127.0.0.1/tcp/9", timeout=30)
         assert bad.returncode == 2 and "lacks the /p2p/<peer id> part" in bad.stderr
         gone = addr.read_text().split()[0].rsplit("/tcp/", 1)[0] + "/tcp/9/p2p/" + addr.read_text().split("/p2p/")[1]
-        res = cli("join", "--stage", "1", "--initial-peers", gone.strip(), timeout=60)
+        res = cli("join", "--stage", "1", "--initial-peers", gone.strip(), "--host", "127.0.0.1", timeout=60)
         assert res.returncode == 2 and "could not start the DHT peer" in res.stderr
     finally:
         boot.send_signal(signal.SIGTERM)
