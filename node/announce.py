@@ -10,7 +10,7 @@ from hivemind.utils import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
 
 from node.run_config import load_config_file
-from node.settings import RecordSettings
+from node.settings import RecordSettings, ServeSettings
 from protocol import ARRIVING, PROTOCOL_VERSION, NodeState
 from protocol.fingerprint import describe_diff
 from protocol.records import StageRecord, config_key, stage_key, stage_record
@@ -239,8 +239,10 @@ async def watch_swarm(dht: DHT, run, stage: int, joining, period_s: float) -> No
         await asyncio.sleep(period_s)
 
 
-async def resolve_run_config(dht, run_id: str, config_path: str | None = None, timeout_s: float = 30.0) -> RunConfig:
-    """The published run config; a --config file must match it exactly (fingerprint)."""
+async def resolve_run_config(dht, run_id: str, config_path: str | None = None,
+                             timeout_s: float = ServeSettings.config_timeout_s) -> RunConfig:
+    """The published run config, waiting up to `timeout_s` for it; a --config file must match it
+    exactly (fingerprint)."""
     local = load_config_file(config_path) if config_path else None
     deadline = time.monotonic() + timeout_s
     published = await fetch_config(dht, run_id)

@@ -119,7 +119,7 @@ class Node:
         self.dht = start_dht_from_args(run_id, s.connect)
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.dht.peer_id)
-        self.run_cfg = await resolve_run_config(self.dht, run_id, s.serve.config)
+        self.run_cfg = await resolve_run_config(self.dht, run_id, s.serve.config, s.serve.config_timeout_s)
         self.device = resolve_device(s.device.device)
         self.metrics = NodeMetrics().serve(s.monitoring.metrics_port, s.monitoring.metrics_host)
         self.metrics.set_nominal(self.run_cfg)

@@ -162,6 +162,8 @@ class ServeSettings:
     rebalance_every: float = setting(60.0, "auto nodes: seconds between balance checks", group=ADVANCED)
     auto_target: int | None = setting(None, "tests: the stage an auto node starts on", group=ADVANCED, type=int,
                                       hidden=True)
+    config_timeout_s: float = setting(30.0, "how long a joining node waits for the run config in the DHT",
+                                      group=ADVANCED, type=positive_seconds, metavar="S", hidden=True)
     drain_timeout_s: float = setting(10.0, "leaving a stage: requests still in flight after this many seconds are "
                                            "abandoned (their callers retry elsewhere)", group=ADVANCED,
                                      flag="--drain-timeout", metavar="S")
