@@ -37,7 +37,7 @@ class NextHop:
         self.stage, self.run, self.view, self.metrics, self.settings = stage, run, view, metrics, settings
         self.client = StageClient(p2p, run)
         self.count = count or (lambda direction, n: None)   # the node's own byte counter
-        self.router = Router(run.model.n_stages)
+        self.router = Router(run.model.n_stages, ban_base_s=settings.ban_base_s, ban_max_s=settings.ban_max_s)
         self.bytes = {"fwd": 0, "bwd": 0}         # whole messages across our boundary (stage-1 .. stage)
         self.codes = {"fwd": 0, "bwd": 0}         # of which codec bytes of codes, gradients and token ids
         self.tokens = 0
@@ -83,7 +83,7 @@ class NextHop:
                     raise
                 attempt += 1
                 await self._failed(rep, e, tried)
-                wait = backoff_s(attempt) if attempt > 1 else 0.0
+                wait = backoff_s(attempt, self.settings.retry_base_s, self.settings.retry_cap_s) if attempt > 1 else 0.0
                 if not deadline.may_retry(wait, costs):
                     raise NoRoute("deadline", f"stage {self.stage}: {e}") from e
                 await asyncio.sleep(wait)

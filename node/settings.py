@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.config import DEFAULT_RUN_ID
+from swarm.deadlines import RETRY_BASE_S, RETRY_CAP_S
+from swarm.routing import BAN_BASE_S, BAN_MAX_S
 
 REACHABILITY = ("auto", "public", "private", "off")
 
@@ -140,6 +142,14 @@ class RouteSettings:
                                metavar="S", hidden=True)
     patience_s: float = setting(3.0, "how long one call may wait for a banned replica's ban to end", group=ADVANCED,
                                 metavar="S", hidden=True)
+    ban_base_s: float = setting(BAN_BASE_S, "a failed replica's first ban; each further failure doubles it",
+                                group=ADVANCED, metavar="S", hidden=True)
+    ban_max_s: float = setting(BAN_MAX_S, "the longest ban of a failed replica", group=ADVANCED, metavar="S",
+                               hidden=True)
+    retry_base_s: float = setting(RETRY_BASE_S, "a hop's backoff before its second retry; doubling from there",
+                                  group=ADVANCED, metavar="S", hidden=True)
+    retry_cap_s: float = setting(RETRY_CAP_S, "the longest backoff between a hop's retries", group=ADVANCED,
+                                 metavar="S", hidden=True)
 
 
 # --- what to serve, and the node's life (node/lifecycle.py) --------------------------------------

@@ -52,7 +52,10 @@ class Deadline:
         return budget > 0.0 and budget >= costs.min_chain_s
 
 
-def backoff_s(attempt: int, base_s: float = 0.05, cap_s: float = 2.0) -> float:
+RETRY_BASE_S, RETRY_CAP_S = 0.05, 2.0  # a hop's first retry backoff, and the longest (node/settings.py RouteSettings)
+
+
+def backoff_s(attempt: int, base_s: float = RETRY_BASE_S, cap_s: float = RETRY_CAP_S) -> float:
     """Sleep before retry number `attempt` (1, 2, ...) at one hop: base * 2^(attempt-1), capped.
     The first retry goes to another replica almost at once; only repeated failures slow down."""
     if attempt < 1:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 MAX_BAN_EXPONENT = 30  # 2**30 s is far beyond any sane ban_max_s; keeps 2**n a small float
+BAN_BASE_S, BAN_MAX_S = 1.0, 60.0  # a failed replica's first ban, and the longest (node/settings.py RouteSettings)
 RELAY_PENALTY = 2.0    # a relayed replica's expected seconds per task are multiplied by this
 
 
@@ -53,7 +54,7 @@ class Replica:
 
 
 class Router:
-    def __init__(self, n_stages: int, *, ban_base_s: float = 1.0, ban_max_s: float = 60.0, ema: float = 0.3,
+    def __init__(self, n_stages: int, *, ban_base_s: float = BAN_BASE_S, ban_max_s: float = BAN_MAX_S, ema: float = 0.3,
                  rng: random.Random | None = None, clock=time.monotonic):
         self.n_stages = n_stages
         self.ban_base_s, self.ban_max_s, self.ema = ban_base_s, ban_max_s, ema
