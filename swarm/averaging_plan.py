@@ -21,6 +21,9 @@ PART_S = 2.0                      # target seconds on the link for one all-reduc
 MIN_PART, MAX_PART = 16 << 10, 4 << 20
 SLACK = 3.0                       # a round may take this many times its expected transfer time
 FLOOR_S = 5.0                     # plus this (matchmaking's last messages, the reducers' compute, RTTs)
+# a part may wait this long beyond its transfer: its sender's link is busy with codes and its CPU
+# with compute (measured in the scaling lab: gaps past 11 s between 16 kB parts dropped a sender)
+PART_FLOOR_S = 20.0
 MIN_RATE = 8_000.0                # bytes/s: estimates never go below 64 kbit/s
 # The share of a link averaging is budgeted: on a link the codes keep busy (a link-bound pipeline
 # is the point of the design) averaging's flows get only what TCP leaves them, so a round is sized
@@ -79,7 +82,7 @@ def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
     rate = max(rate_Bps, MIN_RATE)
     part = int(min(MAX_PART, max(MIN_PART, rate * PART_S)))
     between_parts = part * max(group - 1, 1) / rate
-    sender = FLOOR_S + SLACK * between_parts
+    sender = PART_FLOOR_S + SLACK * between_parts
     return RoundLimits(part_bytes=part, sender_timeout_s=sender, reducer_timeout_s=2 * sender,
                        allreduce_timeout_s=FLOOR_S + SLACK * transfer_s(params, max(group, 2), rate))
 
