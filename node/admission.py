@@ -14,15 +14,21 @@ memory a node holds for other peers' requests.
 from __future__ import annotations
 
 import contextlib
+import time
 
 from protocol.errors import PayloadError
 
 COMPUTE = ("forward", "train")
+# Defaults of the caps (node/settings.py ServeSettings): strangers' compute calls in flight in all, state
+# downloads at once for joiners of this stage and for anyone else; a peer is refused BAD_PEER_BAN_S after
+# BAD_REQUESTS bad requests within BAD_WINDOW_S.
+STRANGERS, JOINERS, STATE_OTHERS = 32, 4, 2
+BAD_REQUESTS, BAD_WINDOW_S, BAD_PEER_BAN_S = 20, 60.0, 120.0
 
 
 class Admission:
-    def __init__(self, trainers=(), *, per_peer: int = 12, strangers: int = 32, joiners: int = 4,
-                 state_others: int = 2):
+    def __init__(self, trainers=(), *, per_peer: int = 12, strangers: int = STRANGERS, joiners: int = JOINERS,
+                 state_others: int = STATE_OTHERS):
         self.trainers = set(trainers)
         self.per_peer, self.strangers = per_peer, strangers
         self.joiners_cap, self.state_others = joiners, state_others
@@ -69,3 +75,34 @@ class Admission:
                 self.inflight[key] = left
             else:
                 del self.inflight[key]
+
+
+class BadPeerTracker:
+    """Refuse a peer for `ban_s` seconds after `limit` rejected requests within `window_s`."""
+
+    def __init__(self, limit: int = BAD_REQUESTS, window_s: float = BAD_WINDOW_S, ban_s: float = BAD_PEER_BAN_S):
+        self.limit, self.window_s, self.ban_s = limit, window_s, ban_s
+        self.events: dict[str, list[float]] = {}
+        self.banned: dict[str, float] = {}
+
+    def record(self, peer: str) -> bool:
+        now = time.monotonic()
+        if len(self.events) > 4096:  # many peer ids: forget the ones with no recent event (bounded memory)
+            self.events = {p: ts for p, ts in self.events.items() if ts and now - ts[-1] < self.window_s}
+            self.banned = {p: until for p, until in self.banned.items() if until > now}
+        recent = [t for t in self.events.get(peer, []) if now - t < self.window_s] + [now]
+        self.events[peer] = recent
+        if len(recent) >= self.limit:
+            self.banned[peer] = now + self.ban_s
+            self.events.pop(peer)
+            return True
+        return False
+
+    def is_banned(self, peer: str) -> bool:
+        until = self.banned.get(peer)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self.banned[peer]
+            return False
+        return True

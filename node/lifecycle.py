@@ -148,7 +148,7 @@ class Node:
                                 "fingerprint": run.fingerprint, "run_id": run.run_id})
         averager = self._averager(stage, worker)
         server = StageServer(worker, self.metrics, self.peer_id, averager, dht=self.dht, p2p=self.p2p,
-                             records=self.settings.records, route=self.settings.route)
+                             records=self.settings.records, route=self.settings.route, serve=self.settings.serve)
         t = self.turn = Turn(stage, worker, server, averager,
                              checkpoint_path(serve.checkpoint_dir, run.run_id, stage, self.peer_id))
         # While loading (a download can take long), the record says so and keeps any throughput carried over.

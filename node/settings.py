@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.admission import BAD_PEER_BAN_S, BAD_REQUESTS, BAD_WINDOW_S, JOINERS, STATE_OTHERS, STRANGERS
 from swarm.config import DEFAULT_RUN_ID
 from swarm.deadlines import RETRY_BASE_S, RETRY_CAP_S
 from swarm.routing import BAN_BASE_S, BAN_MAX_S
@@ -177,6 +178,19 @@ class ServeSettings:
     drain_timeout_s: float = setting(10.0, "leaving a stage: requests still in flight after this many seconds are "
                                            "abandoned (their callers retry elsewhere)", group=ADVANCED,
                                      flag="--drain-timeout", metavar="S")
+    # whom the stage serves when many ask at once (node/admission.py)
+    strangers: int = setting(STRANGERS, "compute calls in flight at once for peers that are not the run's trainers",
+                             group=ADVANCED, metavar="N", hidden=True)
+    joiner_downloads: int = setting(JOINERS, "state downloads at once for peers joining this stage", group=ADVANCED,
+                                    metavar="N", hidden=True)
+    other_downloads: int = setting(STATE_OTHERS, "state downloads at once for any other peer", group=ADVANCED,
+                                   metavar="N", hidden=True)
+    bad_requests: int = setting(BAD_REQUESTS, "refuse a peer after this many bad requests within --bad-window-s",
+                                group=ADVANCED, metavar="N", hidden=True)
+    bad_window_s: float = setting(BAD_WINDOW_S, "the window in which a peer's bad requests are counted",
+                                  group=ADVANCED, metavar="S", hidden=True)
+    bad_peer_ban_s: float = setting(BAD_PEER_BAN_S, "how long a peer with too many bad requests is refused",
+                                    group=ADVANCED, metavar="S", hidden=True)
 
 
 # --- the device (swarm/stage_worker.py) -----------------------------------------------------------

@@ -29,47 +29,16 @@ from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_field
 from protocol.errors import NoRoute, PayloadError, RemoteError
 from protocol.records import stage_key
 from protocol.service import StageService
-from node.admission import Admission
+from node.admission import Admission, BadPeerTracker
 from node.announce import RecordView
 from node.route import NextHop
-from node.settings import RecordSettings, RouteSettings
+from node.settings import RecordSettings, RouteSettings, ServeSettings
 from swarm.deadlines import Deadline
 from swarm.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
 STREAM_PART = 1 << 20  # bytes per part of a streamed reply
 NOT_THE_PEERS_FAULT = ("busy", "deadline", "unavailable", "downstream")  # refusals that earn the caller no strike
-
-class BadPeerTracker:
-    """Refuse a peer for `ban_s` seconds after `limit` rejected requests within `window_s`."""
-
-    def __init__(self, limit: int = 20, window_s: float = 60.0, ban_s: float = 120.0):
-        self.limit, self.window_s, self.ban_s = limit, window_s, ban_s
-        self.events: dict[str, list[float]] = {}
-        self.banned: dict[str, float] = {}
-
-    def record(self, peer: str) -> bool:
-        now = time.monotonic()
-        if len(self.events) > 4096:  # many peer ids: forget the ones with no recent event (bounded memory)
-            self.events = {p: ts for p, ts in self.events.items() if ts and now - ts[-1] < self.window_s}
-            self.banned = {p: until for p, until in self.banned.items() if until > now}
-        recent = [t for t in self.events.get(peer, []) if now - t < self.window_s] + [now]
-        self.events[peer] = recent
-        if len(recent) >= self.limit:
-            self.banned[peer] = now + self.ban_s
-            self.events.pop(peer)
-            return True
-        return False
-
-    def is_banned(self, peer: str) -> bool:
-        until = self.banned.get(peer)
-        if until is None:
-            return False
-        if until < time.monotonic():
-            del self.banned[peer]
-            return False
-        return True
-
 
 class RateMeter:
     """Tokens per compute-second over the last `window` observations (forward and backward)."""
@@ -92,7 +61,8 @@ class StageServer(StageService):
     the swarm's records (`view`: who may call it) and calls the next stage (`next_hop`, but for the tail)."""
 
     def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, dht=None, p2p=None, *,
-                 records: RecordSettings = RecordSettings(), route: RouteSettings = RouteSettings()):
+                 records: RecordSettings = RecordSettings(), route: RouteSettings = RouteSettings(),
+                 serve: ServeSettings = ServeSettings()):
         self.worker, self.metrics, self.peer_id = worker, metrics, peer_id
         self.run = worker.run
         # a trainer (stage 0) takes no codes: it serves only its state (to joining trainers)
@@ -112,8 +82,10 @@ class StageServer(StageService):
         self.snapshots = StateSnapshots()  # of the state, for joiners' downloads
         self.payload = {"sent": 0, "received": 0}
         self.requests = 0
-        self.bad_peers = BadPeerTracker()
-        self.admission = Admission(self.run.train.trainers, per_peer=2 * self.run.train.microbatches + 4)
+        self.bad_peers = BadPeerTracker(serve.bad_requests, serve.bad_window_s, serve.bad_peer_ban_s)
+        self.admission = Admission(self.run.train.trainers, per_peer=2 * self.run.train.microbatches + 4,
+                                   strangers=serve.strangers, joiners=serve.joiner_downloads,
+                                   state_others=serve.other_downloads)
         self.tokens_done = 0
         # the records that say who may call us (stage index - 1), and our next hop (stage index + 1)
         self.view = RecordView(dht, self.run, records, metrics) if dht is not None else None

@@ -15,7 +15,8 @@ from node.client import StageClient
 from node.dht import start_dht, visible_maddrs
 from node.metrics import NodeMetrics
 from node.runtime import SocketJanitor
-from node.stage_server import BadPeerTracker, StageServer
+from node.admission import BadPeerTracker
+from node.stage_server import StageServer
 from protocol import PROTOCOL_VERSION
 from protocol.codec import encode, encode_ints
 from protocol.contract import pack_meta, tensors_to_proto
