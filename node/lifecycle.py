@@ -152,7 +152,8 @@ class Node:
         t = self.turn = Turn(stage, worker, server, averager,
                              checkpoint_path(serve.checkpoint_dir, run.run_id, stage, self.peer_id))
         # While loading (a download can take long), the record says so and keeps any throughput carried over.
-        placeholder = SimpleNamespace(throughput=self.carried_throughput, inflight=0, worker=worker)
+        placeholder = SimpleNamespace(throughput=self.carried_throughput, inflight=0, worker=worker,
+                                      replica_distance=None)  # what Announcer.run reads of a server
         announcing = asyncio.create_task(self.announcer.run(stage, run.fingerprint, placeholder, state="loading"))
         try:
             log.info(await initial_state(self.dht, self.p2p, worker, t.checkpoint, self.peer_id, serve.init_from,
