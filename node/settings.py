@@ -219,7 +219,7 @@ class TrainerSettings:
     eval_every: int = setting(25, "validation every N steps (0: only at the end)", group=TRAINERS)
     json_out: str | None = setting(None, "write the run summary JSON here", group=TRAINERS, type=str)
     stall_timeout_s: float = setting(float("inf"), "give up after a stage has had no replica at all this long "
-                                                   "(seconds)", group=TRAINERS, flag="--stall-timeout")
+                                                   "(seconds)", group=TRAINERS, flag="--stall-timeout", metavar="S")
     window: int = setting(0, "microbatches this trainer keeps in flight, across step boundaries (0: one step's "
                              "worth)", group=TRAINERS, metavar="N")
     sync: bool = setting(False, "start no microbatch of the next step before this step's are in: nothing is ever "
