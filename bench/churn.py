@@ -17,9 +17,26 @@ of phases in one swarm:
 Only the main pid is killed: its hivemind helpers and p2pd must die by themselves (node/lifeline.py);
 every kill checks that none is left. For each kill: role, time, and the pause (seconds until the
 swarm's step counter, the highest resbm_optimizer_step of the live nodes, moves again).
-Reports the microbatches in flight that kills cost (the trainers' skipped microbatches: no route
-finished them; each was added on the stages its walk had crossed, at most once on each) and the
-loss (sampled from the trainers' resbm_train_loss). Prints a table, writes JSON and a PNG.
+
+What each kill did to the microbatches in flight comes from every node's /metrics, scraped every
+tick and once just before each kill (counters of a killed life are kept at their last scrape):
+  in flight   the trainers' window lanes at the kill (each lane always holds one microbatch:
+              node/trainer.py), and of them the walks past stage 0 (resbm_queue_depth of stage 1);
+  at victim   the walks inside the killed node (its resbm_queue_depth; a trainer: its window,
+              lost with it: never added on its stage 0, added downstream as far as they got);
+  rerouted    calls moved to another replica (resbm_retries_total, every caller);
+  skipped     resbm_skipped_microbatches_total of the surviving trainers: walks no route finished;
+  completed   in flight - lost - skipped (every lane's microbatch ends completed or skipped);
+  duplicates  resbm_duplicate_microbatches_total: a rerouted walk's second visit, answered, not added;
+counted from the kill until the surviving trainers together have finished or skipped as many
+microbatches as they had in flight (FATE_S at most, never past the next kill); and `recovered s`: seconds from the kill
+until the trainers' completed microbatches per second (resbm_samples_total / microbatch size,
+summed over trainers) over the next RECOVER_WINDOW_S are back to RECOVERED of the rate in the
+RATE_BEFORE_S before it (a kill soon after another one keeps that one's rate); "-": not before the
+next kill. (A restarted trainer redraws its stream from its first microbatch under the same keys,
+which the stages remember: a replica that added a key refuses it as a duplicate until it passes its
+last life.)
+Reports the loss (sampled from the trainers' resbm_train_loss). Prints tables, writes JSON and a PNG.
 """
 from __future__ import annotations
 
@@ -59,6 +76,16 @@ SCENARIOS = ("random", "last-replica", "last-trainer", "bootstrap")
 REPLICAS, TRAINERS = 2, 2
 _STEP = re.compile(r"^resbm_optimizer_step (\S+)$", re.M)
 _LOSS = re.compile(r"^resbm_train_loss (\S+)$", re.M)
+_WINDOW = re.compile(r"training \d+ steps from step -?\d+, (\d+) microbatches in flight")
+# per-life counters summed over the swarm (a label's lines summed): see the docstring
+COUNTERS = {"completed": "resbm_samples_total", "skipped": "resbm_skipped_microbatches_total",
+            "rerouted": "resbm_retries_total", "duplicates": "resbm_duplicate_microbatches_total"}
+FATE_S, RATE_BEFORE_S, RECOVER_WINDOW_S, RECOVERED = 10.0, 10.0, 5.0, 0.8
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a metric's samples in a Prometheus text page, over its labels (0 when absent)."""
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def free_port() -> int:
@@ -79,6 +106,8 @@ class ChurnSwarm:
         self.swarm = Swarm(workdir, threads=1, run=self.run)
         self.dir, self.stages = workdir, self.run.model.n_stages
         self.nodes: dict[str, dict] = {}          # name -> stage, argv, peer_id, metrics port, lives, proc
+        self.counts: dict[str, dict] = {}         # "name.life" -> its COUNTERS at its last scrape
+        self.queues: dict[str, float] = {}        # live node -> resbm_queue_depth at the last scrape
 
     def start_all(self) -> None:
         self.peers = self.swarm.start_bootstrap()
@@ -134,8 +163,9 @@ class ChurnSwarm:
         return {"helpers": len(helpers), **wait_gone(helpers)}
 
     def step(self) -> tuple[int, list[float]]:
-        """The swarm's step counter (highest applied step of the live nodes) and the trainers' last losses."""
-        steps, losses = [], []
+        """The swarm's step counter (highest applied step of the live nodes) and the trainers' last losses;
+        every live node's counters and queue depth are kept (self.counts, self.queues)."""
+        steps, losses, self.queues = [], [], {}
         for name, node in self.nodes.items():
             if not self.alive(name):
                 continue
@@ -145,7 +175,23 @@ class ChurnSwarm:
                 continue
             steps += [float(v) for v in _STEP.findall(text)]
             losses += [v for v in map(float, _LOSS.findall(text)) if v > 0]  # 0: no step yet; nan: none finished
+            counts = {k: metric(text, m) for k, m in COUNTERS.items()}
+            # a trainer's samples are its finished microbatches (counted after their backward); a stage's: not ours
+            counts["completed"] = counts["completed"] / self.run.train.microbatch_size if node["stage"] == 0 else 0.0
+            self.counts[f"{name}.{node['lives']}"] = counts
+            self.queues[name] = metric(text, "resbm_queue_depth")
         return int(max(steps, default=-1)), losses
+
+    def totals(self) -> dict:
+        """COUNTERS summed over every life of every node (a dead life: its last scrape)."""
+        return {k: sum(c[k] for c in self.counts.values()) for k in COUNTERS}
+
+    def window(self, name: str) -> int:
+        """Microbatches a trainer keeps in flight (its log says so once it trains); 0 before it trains."""
+        if self.nodes[name]["stage"] != 0 or not self.alive(name):
+            return 0
+        found = _WINDOW.search(self.nodes[name]["log"].read_text(errors="replace"))
+        return int(found.group(1)) if found else 0
 
     def stop_trainers(self, timeout: float = 90) -> None:
         """SIGTERM the live trainers: each finishes its step and writes its summary. (Not SIGINT: a node
@@ -159,6 +205,11 @@ class ChurnSwarm:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:  # the swarm's stop ends it
                 pass
+
+
+def clock() -> str:
+    """Local wall-clock time, as the nodes' log lines stamp it (to read a kill's logs)."""
+    return time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
 
 
 def wait_gone(pids: list[int], timeout: float = 20.0) -> dict:
@@ -200,6 +251,7 @@ class Timeline:
     def __init__(self, cs: ChurnSwarm):
         self.cs, self.t0 = cs, time.monotonic()
         self.samples: list[tuple[float, int, float | None]] = []   # (t, step, mean trainer loss)
+        self.flow: list[tuple[float, dict]] = []                    # (t, ChurnSwarm.totals()) per tick
         self.kills: list[dict] = []
         self.due: list[tuple[float, str, list | None]] = []         # (t, node, new initial peers)
         self.down: set[str] = set()                                 # killed and not restarted yet
@@ -211,6 +263,7 @@ class Timeline:
     def tick(self) -> int:
         step, losses = self.cs.step()
         self.samples.append((round(self.now(), 2), step, sum(losses) / len(losses) if losses else None))
+        self.flow.append((self.samples[-1][0], self.cs.totals()))
         for due in [d for d in self.due if d[0] <= self.now()]:
             self.due.remove(due)
             self.restart(due[1], due[2])
@@ -236,9 +289,16 @@ class Timeline:
         return max([s for _, s, _ in self.samples[-3:]] + [self.tick()])
 
     def kill(self, name: str, phase: str, restart_after: float | None = None, peers=None) -> dict:
-        step = self.step_now()
-        kill = {"phase": phase, "node": name, "role": self.cs.role(name) if name != "bootstrap" else "bootstrap",
-                "t": round(self.now(), 2), "step": step}
+        step = self.step_now()   # (a fresh scrape: the counters and queues just before the kill)
+        cs = self.cs
+        windows = {n: cs.window(n) for n in cs.nodes if cs.nodes[n]["stage"] == 0}
+        kill = {"phase": phase, "node": name, "role": cs.role(name) if name != "bootstrap" else "bootstrap",
+                "t": round(self.now(), 2), "clock": clock(), "step": step, "flow_at": len(self.flow) - 1,
+                "in_flight": sum(windows.values()),
+                "beyond_stage0": int(sum(q for n, q in cs.queues.items() if cs.nodes[n]["stage"] == 1)),
+                "at_victim": windows[name] if name in windows else int(cs.queues.get(name, 0)),
+                "lost": windows.get(name, 0),
+                "trainers_training": sorted(n for n, w in windows.items() if w and n != name)}
         kill.update(self.cs.crash(name))
         self.kills.append(kill)
         self.down.add(name)
@@ -252,7 +312,7 @@ class Timeline:
         self.down.discard(name)
         for k in reversed(self.kills):
             if k["node"] == name and "restarted_t" not in k:
-                k["restarted_t"] = round(self.now(), 2)
+                k["restarted_t"], k["restarted_clock"] = round(self.now(), 2), clock()
                 break
 
     def wait_moves(self, beyond: int, timeout: float) -> bool:
@@ -263,6 +323,50 @@ class Timeline:
             time.sleep(0.4)
         return False
 
+    def wait_trained(self, beyond: float, timeout: float) -> bool:
+        """Until the trainers have finished more than `beyond` microbatches in all (the step counter
+        alone can move while no trainer is up: the stages still finish the dead trainers' walks)."""
+        end = self.now() + timeout
+        while self.now() < end:
+            self.tick()
+            if self.flow[-1][1]["completed"] > beyond:
+                return True
+            time.sleep(0.4)
+        return False
+
+    def fates(self) -> None:
+        """Per kill, what became of the microbatches in flight, and when the trainers' rate recovered."""
+        flow, kills = self.flow, self.kills
+        base = None
+        for i, k in enumerate(kills):
+            at = k["flow_at"]
+            t0, c0 = flow[at]
+            nxt = kills[i + 1]["t"] if i + 1 < len(kills) else float("inf")
+            before = [(t, c) for t, c in flow if t0 - RATE_BEFORE_S <= t <= t0]
+            if base is None or (i and kills[i - 1]["t"] < t0 - RATE_BEFORE_S):
+                base = _rate(before) if len(before) > 1 and before[-1][0] - before[0][0] >= RATE_BEFORE_S / 2 \
+                    else base
+            end = at
+            need = k["in_flight"] - k["lost"]          # resolutions the surviving lanes owe
+            for j in range(at + 1, len(flow)):
+                t, c = flow[j]
+                if t > min(t0 + FATE_S, nxt):
+                    break
+                end = j
+                if c["completed"] + c["skipped"] - c0["completed"] - c0["skipped"] >= need:
+                    break
+            c1 = flow[end][1]
+            delta = {key: int(round(c1[key] - c0[key])) for key in ("skipped", "rerouted", "duplicates")}
+            k.update(delta, fate_s=round(flow[end][0] - t0, 2),
+                     completed=need - delta["skipped"] if need >= delta["skipped"] else None,
+                     base_rate=round(base, 2) if base else None,
+                     recovered_s=_recovered([f for f in flow[at:] if f[0] <= nxt], base * RECOVERED if base else None))
+
+    def rate(self, start: float, end: float) -> float:
+        """Steps per second between two times of this timeline."""
+        inside = [(t, s) for t, s, _ in self.samples if start <= t <= end]
+        return (inside[-1][1] - inside[0][1]) / max(1e-9, inside[-1][0] - inside[0][0]) if len(inside) > 1 else 0.0
+
     def pauses(self) -> None:
         """Seconds from each kill until the step counter passes the step it showed at the kill."""
         for k in self.kills:
@@ -271,10 +375,26 @@ class Timeline:
             if moved is not None and k.get("restarted_t", moved) < moved:  # the pause lasted until it was back
                 k["after_restart_s"] = round(moved - k["restarted_t"], 2)
 
-    def rate(self, start: float, end: float) -> float:
-        """Steps per second between two times of this timeline."""
-        inside = [(t, s) for t, s, _ in self.samples if start <= t <= end]
-        return (inside[-1][1] - inside[0][1]) / max(1e-9, inside[-1][0] - inside[0][0]) if len(inside) > 1 else 0.0
+
+def _rate(flow) -> float:
+    """The trainers' finished microbatches per second over a stretch of the flow."""
+    (ta, a), (tb, b) = flow[0], flow[-1]
+    return (b["completed"] - a["completed"]) / max(1e-9, tb - ta)
+
+
+def _recovered(flow, target: float | None) -> float | None:
+    """Seconds from the first entry (the kill) to the start of the first RECOVER_WINDOW_S whose rate is
+    at least `target`; None when it never was before the flow ends (the next kill), or no rate before
+    the kill to compare with."""
+    if not target:
+        return None
+    for i, (t, _) in enumerate(flow):
+        j = next((j for j in range(i + 1, len(flow)) if flow[j][0] >= t + RECOVER_WINDOW_S), None)
+        if j is None:
+            return None
+        if _rate([flow[i], flow[j]]) >= target:
+            return round(t - flow[0][0], 2)
+    return None
 
 
 def up(cs: ChurnSwarm, name: str) -> bool:
@@ -321,6 +441,9 @@ def last_of_group(tl: Timeline, phase: str, names: list[str], hold: float, settl
     for name in reversed(names):
         tl.restart(name)
     tl.wait_moves(tl.kills[-1]["step"], 240)
+    # trained again: a step's worth of microbatches finished since the restarts (the walks in flight at the
+    # kills were resolved during the hold)
+    tl.wait_trained(tl.flow[-1][1]["completed"] + tl.cs.run.train.microbatches, 240)
     tl.sleep(settle_s)
 
 
@@ -378,7 +501,12 @@ def one_run(size: dict, workdir: Path, duration: float, churn: bool, kill_every:
             phases["bootstrap"] = run_phase(tl, lambda: bootstrap_phase(tl, kill_every, restart_after))
         cs.stop_trainers()
         tl.pauses()
+        tl.fates()
+        counted = cs.totals()
         out = {"phases": phases, "samples": tl.samples, "kills": tl.kills, "exits": tl.exits, "rate": tl.rate(*window),
+               "trainer_rate": _rate([f for f in tl.flow if window[0] <= f[0] <= window[1]] or [(0, counted)] * 2),
+               "flow": [(t, round(c["completed"], 1)) for t, c in tl.flow],
+               "counted": {k: int(round(v)) for k, v in counted.items()},
                "evidence": evidence(cs) if churn else {}}
     finally:
         cs.swarm.stop()
@@ -394,7 +522,7 @@ def run_phase(tl: Timeline, body) -> tuple[float, float]:
 def totals(cs: ChurnSwarm) -> dict:
     """Sums over the trainers' summaries (their last lives: a killed life writes none)."""
     found = [json.loads(p.read_text()) for p in sorted(cs.dir.glob("trainer*.json"))]
-    return {"summaries": found, "skipped": sum(s["skipped_microbatches"] for s in found),
+    return {"summaries": found, "skipped_last_lives": sum(s["skipped_microbatches"] for s in found),
             "recomputed": sum(s["recomputed_microbatches"] for s in found)}
 
 
@@ -420,27 +548,46 @@ def report(runs: dict, steady_rate: float) -> tuple[str, str, list[str]]:
                  for i, k in enumerate(churned["kills"])]
     kills = markdown_table(["#", "phase", "node", "role", "t s", "step", "pause s", "after restart s",
                             "helpers gone s", "orphans"], kill_rows)
+    fate_rows = [[i + 1, k["node"], k["role"], k["in_flight"], k["beyond_stage0"], k["at_victim"], k["lost"],
+                  k["rerouted"], k["skipped"], dash(k["completed"]), k["duplicates"], f"{k['fate_s']:.1f}",
+                  dash(k["base_rate"], "{:.1f}"), dash(k["recovered_s"], "{:.1f}")]
+                 for i, k in enumerate(churned["kills"])]
+    kills += "\n\n" + markdown_table(["#", "node", "role", "in flight", "past stage 0", "at victim", "lost with it",
+                                       "rerouted", "skipped", "completed", "duplicates refused", "counted over s",
+                                       "mb/s before", "recovered s"], fate_rows)
     run_rows = []
     for label, r in runs.items():
         curve = [loss for _, loss in loss_by_step(r["samples"])]
         run_rows.append([label, f"{r['rate']:.3f}", f"{r['rate'] / steady_rate:.2f}" if steady_rate else "-",
-                         r["skipped"], r["recomputed"],
+                         r["counted"]["skipped"], r["recomputed"],
                          len(r["exits"]),
                          f"{mean(curve[:5]):.3f}", f"{mean(curve[-5:]):.3f}"])
     runs_md = markdown_table(["run", "steps/s", "vs no churn", "lost in flight (skipped)", "recomputed (stale)",
                               "exited unkilled", "first-5 loss", "last-5 loss"], run_rows)
-    return runs_md, kills, verdict(churned, steady_rate)
+    return runs_md, kills, verdict(churned, steady_rate, runs["no churn"]["trainer_rate"])
 
 
-def verdict(churned: dict, steady_rate: float) -> list[str]:
+def dash(v, fmt="{}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def verdict(churned: dict, steady_rate: float, steady_trainer_rate: float = 0.0) -> list[str]:
     ratio = churned["rate"] / steady_rate if steady_rate else 0.0
+    trained = churned["trainer_rate"] / steady_trainer_rate if steady_trainer_rate else 0.0
     curve = [loss for _, loss in loss_by_step(churned["samples"])]
     roles = {k["role"] for k in churned["kills"]}
     orphans = sum(len(k["orphans"]) for k in churned["kills"])
     ev = churned["evidence"]
     return [f"- step rate under random churn vs none: {ratio:.0%} (goal >= 80%): {'met' if ratio >= 0.8 else 'MISSED'}",
+            f"- the trainers' finished microbatches per second under random churn vs none: {trained:.0%} "
+            f"({churned['trainer_rate']:.2f} vs {steady_trainer_rate:.2f}; the step counter is the highest replica's)",
             f"- microbatches in flight lost to the kills (skipped by their trainers; each counted on the stages "
-            f"it had crossed): {churned['skipped']} (last lives' summaries)",
+            f"it had crossed): {churned['counted']['skipped']} (every life's resbm_skipped_microbatches_total), "
+            f"plus {sum(k['lost'] for k in churned['kills'])} with the killed trainers; "
+            f"{churned['counted']['rerouted']} calls rerouted, {churned['counted']['duplicates']} duplicates refused",
+            f"- trainers' rate back to {RECOVERED:.0%} of the rate before the kill within "
+            f"{RECOVER_WINDOW_S:.0f} s windows: after "
+            + ", ".join(dash(k['recovered_s'], '{:.0f}') for k in churned['kills']) + " s (per kill)",
             f"- loss falls under churn: {'yes' if mean(curve[-5:]) < mean(curve[:5]) else 'NO'} "
             f"({mean(curve[:5]):.3f} -> {mean(curve[-5:]):.3f})",
             f"- kills: {len(churned['kills'])}, roles {sorted(roles)}; a trainer killed: "
@@ -462,8 +609,25 @@ def plot(path: str, runs: dict, title: str) -> None:
                           for label, r in runs.items()]
                + [{"label": "kill", "x": [k["t"] for k in runs["churn"]["kills"]],
                    "y": [k["step"] for k in runs["churn"]["kills"]],
+                   "style": {"marker": "x", "linestyle": "none", "color": "red"}}]},
+              {"title": f"trainers' finished microbatches/s ({RECOVER_WINDOW_S:.0f} s windows; x: kills)",
+               "xlabel": "seconds", "ylabel": "microbatches/s",
+               "series": [{"label": label, **flow_rate(r["flow"])} for label, r in runs.items()]
+               + [{"label": "kill", "x": [k["t"] for k in runs["churn"]["kills"]], "y": [0] * len(runs["churn"]["kills"]),
                    "style": {"marker": "x", "linestyle": "none", "color": "red"}}]}]
     line_plot(path, panels, title=title)
+
+
+def flow_rate(flow) -> dict:
+    """The trainers' finished microbatches per second over the RECOVER_WINDOW_S after each sample."""
+    xs, ys = [], []
+    for i, (t, c) in enumerate(flow):
+        j = next((j for j in range(i + 1, len(flow)) if flow[j][0] >= t + RECOVER_WINDOW_S), None)
+        if j is None:
+            break
+        xs.append(t)
+        ys.append((flow[j][1] - c) / (flow[j][0] - t))
+    return {"x": xs, "y": ys}
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,13 @@ def test_quick_churn_benchmark(tmp_path, capsys):
     # a killed trainer came back with a live trainer's stage 0 (or its checkpoint), not from 0
     assert any(s > 0 for s in churned["evidence"]["trainers_resumed_from_steps"])
     assert churned["evidence"]["rejoined_without_bootstrap"]
-    assert "lost in flight" in printed and isinstance(churned["skipped"], int)
+    assert "lost in flight" in printed and isinstance(churned["counted"]["skipped"], int)
+    # per kill, the microbatches in flight (from the metrics scraped just before it) and what became of them
+    for k in kills:
+        assert k["in_flight"] >= k["lost"] >= 0 and k["skipped"] >= 0 and k["fate_s"] >= 0, k
+    trainer_kill = next(k for k in kills if k["role"] == "trainer" and k["phase"] == "random")
+    assert trainer_kill["lost"] > 0 and trainer_kill["in_flight"] > trainer_kill["lost"], trainer_kill
+    assert "| in flight" in printed
     curve = [loss for _, loss in churn.loss_by_step(churned["samples"])]
     assert curve[-1] < curve[0]
     assert churned["exits"] == [], "a node exited without being killed:\n" + "\n".join(
