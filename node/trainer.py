@@ -62,7 +62,11 @@ class Trainer:
         self.stop = stop or asyncio.Event()
         self.status = status or (lambda text: log.warning(text))
         self.stream = data_stream(self.peer_id) if stream is None else stream
-        self.drawn = 0                                # microbatches drawn from our stream so far
+        # microbatches drawn from our stream so far. A trainer that resumes a stage 0 at step s goes on
+        # past what its previous life drew (about s+1 steps and a window): the same stream and keys
+        # would repeat its data, and replicas that remember those keys would refuse them as duplicates
+        self.drawn = 0 if self.worker.applied_step < 0 else \
+            (self.worker.applied_step + 1) * self.run.train.microbatches + self.window
         self.inflight = 0
         self.skipped = 0                              # microbatches no route finished (applied on no stage 0)
         self.steps: asyncio.Queue[StepDone] = asyncio.Queue()
