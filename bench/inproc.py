@@ -64,7 +64,7 @@ class InprocSwarm:
             async def count(n=n):
                 return n
             averager = ReplicaAverager(dht, run.run_id, k, worker, run.train.average_every, count, NodeMetrics(),
-                                       AveragingSettings(gather_s=15.0))
+                                       AveragingSettings(gather_s=15.0, matchmaking_s=1.0))  # one quiet host
             self.averagers.append(averager)
         server = StageServer(worker, NodeMetrics(), str(dht.peer_id), averager, dht=dht, p2p=p2p)
         if k:

@@ -266,7 +266,7 @@ class ReplicaAverager:
             [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
             tau=self.tau, iters=iters, fragments=self.fragments, compression=Float16Compression(),
             min_group_size=2, min_matchmaking_time=settings.matchmaking_s,
-            request_timeout=0.8 * settings.matchmaking_s, allreduce_timeout=None,
+            request_timeout=0.5 * settings.matchmaking_s, allreduce_timeout=None,
             allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)
 
     def after_step(self, step: int, in_worker) -> None:

@@ -241,7 +241,9 @@ class AveragingSettings:
     gather_s: float = setting(60.0, "an averaging round waits this long for the stage's other replicas (they "
                                     "reach their rounds at different moments)", group=ADVANCED, metavar="S",
                               hidden=True)
-    matchmaking_s: float = setting(1.0, "the least time an averaging round spends forming its group", group=ADVANCED,
+    # 5 s, not hivemind's 1-2 s: on a link the codes keep busy a matchmaking request waits behind them
+    # (in the scaling lab at 3 per stage, rounds with 1 s found no group: 9 of 9 failed)
+    matchmaking_s: float = setting(5.0, "the least time an averaging round spends forming its group", group=ADVANCED,
                                    metavar="S", hidden=True)
 
 

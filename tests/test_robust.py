@@ -265,7 +265,8 @@ def test_two_replicas_average_one_agreed_fragment_per_round(monkeypatch):
     dhts = [start_dht("frag")]
     dhts.append(start_dht("frag", visible_maddrs(dhts[0])))
     reps = [averaging.ReplicaAverager(d, "frag", 1, worker([t.clone() for t in own[i]]), 1, count, NodeMetrics(),
-                                      AveragingSettings(gather_s=30.0, link_mbit=100.0)) for i, d in enumerate(dhts)]
+                                      AveragingSettings(gather_s=30.0, link_mbit=100.0, matchmaking_s=1.0))
+            for i, d in enumerate(dhts)]
     try:
         assert [len(r.fragments) for r in reps] == [3, 3]
 
