@@ -175,13 +175,13 @@ def start_dht_from_args(run_id: str, a) -> DHT:
     """The DHT peer of a bootstrap or join command (node/args.py add_connect_args)."""
     caps = RelayCaps(a.relay_max_reservations, a.relay_max_circuits, a.relay_buffer_kib * 1024)
     return start_dht(run_id, a.initial_peers, host=a.host, port=a.port, identity=a.identity, announce=a.announce,
-                     reachability=a.reachability, relays=a.relay, relay_caps=caps)
+                     reachability=a.reachability, relays=a.relay, relay_caps=caps, relay_wait_s=a.relay_wait_s)
 
 
 def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
               announce: list[str] | None = None, reachability: str = "off",
               relays=(), relay_caps: RelayCaps = RelayCaps(), rsa_key: RSAPrivateKey | None = None,
-              startup_timeout: float = 20.0, client_mode: bool = False) -> DHT:
+              startup_timeout: float = 20.0, client_mode: bool = False, relay_wait_s: float = 300.0) -> DHT:
     """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" starts with the mode that this
     node's addresses suggest (guess_reachability), then asks an initial peer to dial it back
     (probe_reachability) and restarts in the other mode if the dial-back disagrees; "private" is relayed
@@ -231,7 +231,7 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
     if mode == "public":
         dht.run_coroutine(_serve_dialback)
     if mode == "private":
-        wait_for_relay(dht)
+        wait_for_relay(dht, relay_wait_s)
     return dht
 
 
@@ -397,16 +397,10 @@ def probe_reachability(dht: DHT, peers: list[str]) -> tuple[str | None, list[int
     return "private", ports
 
 
-def relay_wait_s() -> float:
-    """How long a private node waits for its relay reservation (RESBM_RELAY_WAIT_S, default 300 s):
-    p2pd's autorelay reserves only after its boot delay, measured at 1.5-3 min."""
-    return float(os.environ.get("RESBM_RELAY_WAIT_S", "300"))
-
-
-def wait_for_relay(dht: DHT, poll_s: float = 1.0) -> list[str]:
+def wait_for_relay(dht: DHT, wait_s: float, poll_s: float = 1.0) -> list[str]:
     """Block until p2pd announces a relayed (/p2p-circuit) address; return those addresses (none if the
     wait ran out: the node still starts, but only peers it dialled itself can reach it)."""
-    deadline = time.monotonic() + relay_wait_s()
+    deadline = time.monotonic() + wait_s
     print("behind NAT (reachability private): waiting for a relay reservation...", file=sys.stderr, flush=True)
     while time.monotonic() < deadline:
         relayed = [a for a in visible_maddrs(dht, latest=True) if "/p2p-circuit" in a]
@@ -414,7 +408,7 @@ def wait_for_relay(dht: DHT, poll_s: float = 1.0) -> list[str]:
             print(f"relayed: reachable through {relayed[0]}", file=sys.stderr, flush=True)
             return relayed
         time.sleep(poll_s)
-    print(f"no relay reservation after {relay_wait_s():.0f}s: peers cannot dial this node", file=sys.stderr,
+    print(f"no relay reservation after {wait_s:.0f}s: peers cannot dial this node", file=sys.stderr,
           flush=True)
     return []
 

@@ -101,6 +101,9 @@ class ConnectSettings:
                                       metavar="N")
     relay_buffer_kib: int = setting(1024, "relay buffer per relayed connection and direction", group=CONNECT,
                                     metavar="KIB")
+    relay_wait_s: float = setting(300.0, "a private node waits this long for its relay reservation (p2pd's "
+                                         "autorelay reserves only after its boot delay, measured at 1.5-3 min)",
+                                  group=CONNECT, metavar="S", hidden=True)
 
 
 # --- monitoring (node/metrics.py, logging) -------------------------------------------------------

@@ -74,10 +74,9 @@ def test_auto_follows_the_probe_not_the_address_guess(monkeypatch, capfd, guess,
         return dialable
     monkeypatch.setattr(node_dht, "_tcp_dial", dial)  # before the bootstrap's DHT process forks
     monkeypatch.setattr(node_dht, "guess_reachability", lambda *_: guess)
-    monkeypatch.setenv("RESBM_RELAY_WAIT_S", "0")
     boot = start_dht("probe", reachability="public")
     try:
-        node = start_dht("probe", visible_maddrs(boot), reachability="auto")
+        node = start_dht("probe", visible_maddrs(boot), reachability="auto", relay_wait_s=0)
         mode = node.reachability
         node.shutdown()
     finally:
