@@ -103,6 +103,15 @@ def test_center_and_helpers():
 
 
 # --- a real all-reduce: three replicas over hivemind, one of them sends garbage ---------------
+def _shut_down(averagers, dhts, janitor) -> None:
+    """Averagers before their DHTs (they talk through them), then the sockets they left."""
+    for a in averagers:
+        a.shutdown()
+    for dht in dhts:
+        dht.shutdown()
+    janitor.sweep()
+
+
 @pytest.mark.swarm
 def test_robust_all_reduce_bounds_one_bad_replica():
     from node.averaging import RobustAverager
@@ -146,11 +155,7 @@ def test_robust_all_reduce_bounds_one_bad_replica():
                     break
                 assert min(received) < 1, (attack, received)  # apart after a round: it says it was partial
     finally:
-        for a in averagers:
-            a.shutdown()
-        for dht in dhts:
-            dht.shutdown()
-        janitor.sweep()
+        _shut_down(averagers, dhts, janitor)
 
     honest_mean = base[:2].mean(0)
     spread = (base[:2] - honest_mean).abs().max().item()
@@ -223,9 +228,7 @@ def test_a_partial_round_is_counted_as_partial_with_its_fraction():
         avg._account(6, 2, RoundOutcome(group=0))
         assert sample("resbm_averaging_failures_total") == 1
     finally:
-        avg.shutdown()
-        dht.shutdown()
-        janitor.sweep()
+        _shut_down([avg], [dht], janitor)
 
 
 @pytest.mark.swarm
@@ -294,8 +297,4 @@ def test_two_replicas_average_one_agreed_fragment_per_round(monkeypatch):
                     assert torch.equal(a, before[0][i]) and torch.equal(b, before[1][i]), i
         assert {r.next_fragment for r in reps} == {(int(fragments[0]) + 1) % 3}
     finally:
-        for r in reps:
-            r.shutdown()
-        for d in dhts:
-            d.shutdown()
-        janitor.sweep()
+        _shut_down(reps, dhts, janitor)
