@@ -82,8 +82,8 @@ class Announcer:
             await asyncio.sleep(self.settings.announce_period)
 
 
-async def stage_items(dht: DHT, run_id: str, n_stages: int, fresh: bool = True) -> list[tuple[int, object, object]]:
-    """(stage, subkey, ValueWithExpiration) of every record under the stage keys, one get per stage.
+async def stage_items(dht: DHT, run_id: str, stages, fresh: bool = True) -> list[tuple[int, object, object]]:
+    """(stage, subkey, ValueWithExpiration) of every record under the keys of `stages`, one get each.
     `fresh`: walk the DHT for the newest copy of each key, asking every holder (each answers with every
     record of the key). Otherwise any unexpired copy will do, our own first: none of our traffic where
     we hold the key (in a small swarm every peer does), else the first holder's answer. A walk per key
@@ -92,20 +92,23 @@ async def stage_items(dht: DHT, run_id: str, n_stages: int, fresh: bool = True) 
         found = await dht.get(stage_key(run_id, k), latest=fresh, return_future=True)
         return [(k, sub, item) for sub, item in found.value.items()] \
             if found is not None and isinstance(found.value, dict) else []
-    return [row for rows in await asyncio.gather(*(one(k) for k in range(n_stages))) for row in rows]
+    return [row for rows in await asyncio.gather(*(one(k) for k in stages)) for row in rows]
 
 
-async def read_stage_records(dht: DHT, run, include_idle: bool = False, fresh: bool = True) -> dict[int, list[dict]]:
+async def read_stage_records(dht: DHT, run, include_idle: bool = False, fresh: bool = True,
+                             stages=None) -> dict[int, list[dict]]:
     """Live stage records of `run` (a RunConfig) by stage. Records of another protocol version or run
     fingerprint, not serving, not signed by an owner key under the peer id they claim, filed under
     another stage's key, or stale (not refreshed for MAX_RECORD_AGE_S, or dated in the future) are
     left out. One record per peer id (the newest). `include_idle` keeps records with serving=False
     (nodes leaving or about to start serving: the balancer counts them, the router must not).
-    `fresh`: see stage_items; periodic reads pass False, reads after a failure True."""
+    `fresh`: see stage_items; periodic reads pass False, reads after a failure True. `stages`: only
+    these (default: every stage of the run; each key read costs a DHT find where we do not hold it)."""
     out: dict[int, list[dict]] = {}
     newest: dict[str, dict] = {}
     now = get_dht_time()
-    for stage, subkey, item in await stage_items(dht, run.run_id, run.model.n_stages, fresh):
+    stages = range(run.model.n_stages) if stages is None else stages
+    for stage, subkey, item in await stage_items(dht, run.run_id, stages, fresh):
         rec, why = classify(subkey, item.value, now, run.fingerprint, PROTOCOL_VERSION, stage)
         if why and not (include_idle and why.startswith(NOT_SERVING)):
             if rec is not None:
@@ -232,7 +235,9 @@ async def watch_swarm(dht: DHT, run, stage: int, joining, period_s: float) -> No
     downloads go first: node/admission.py)."""
     while True:
         try:
-            records = await read_stage_records(dht, run, include_idle=True, fresh=False)
+            # our own stage only: reading every stage's key here was ~1 point of an idle node's 1 Mbit/s
+            # link at 2 replicas per stage and ~5 at 10 nodes (bench.idle_traffic)
+            records = await read_stage_records(dht, run, include_idle=True, fresh=False, stages=[stage])
             joining({r["peer_id"] for r in records.get(stage, []) if r["state"] in ARRIVING})
         except Exception as e:
             log.debug("could not read the swarm's records: %s", e)

@@ -171,7 +171,7 @@ class Node:
             # a fresh walk (once per due round): a node's own copy of its stage key may hold only its own
             # record, and in the scaling lab one replica of each later stage then skipped every round
             # as if alone while its partner waited for it and failed
-            return len((await read_stage_records(self.dht, run, fresh=True)).get(stage, []))
+            return len((await read_stage_records(self.dht, run, fresh=True, stages=[stage])).get(stage, []))
         return ReplicaAverager(self.dht, run.run_id, stage, worker, run.train.average_every, count_replicas,
                                self.metrics, self.settings.averaging,
                                tau=default_tau(run.train.lr, run.train.average_every))

@@ -123,7 +123,9 @@ class RecordSettings:
              "the link ~1 KB per node that holds the key: on slow links a longer period frees bandwidth for codes, "
              "while routers still drop a dead replica on its first failed call",
         group=ADVANCED, type=positive_seconds, metavar="S")
-    config_ttl_s: float = setting(120.0, "lifetime of the run config record this node publishes; it re-publishes "
+    # 600 s, not 120: every node re-publishes, and each store's lookups carry every node's 1.5 kB copy;
+    # at 120 s (a refresh every 30 s) that was a quarter of an idle node's traffic (bench.idle_traffic)
+    config_ttl_s: float = setting(600.0, "lifetime of the run config record this node publishes; it re-publishes "
                                          "it every quarter of that, so it survives a lost refresh or two",
                                   group=ADVANCED, type=positive_seconds, metavar="S", hidden=True)
 

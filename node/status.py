@@ -67,7 +67,7 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     tokens_per_microbatch = run.train.microbatch_size * run.model.seq_len if run else None
 
     # without a config we do not know how many stages there are: look under every stage key
-    items = await stage_items(dht, run_id, run.model.n_stages if run else MAX_STAGES)
+    items = await stage_items(dht, run_id, range(run.model.n_stages if run else MAX_STAGES))
     now = get_dht_time()
     live: dict[str, dict] = {}
     ignored = []
