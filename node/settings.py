@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.admission import BAD_PEER_BAN_S, BAD_REQUESTS, BAD_WINDOW_S, JOINERS, STATE_OTHERS, STRANGERS
-from swarm.config import DEFAULT_RUN_ID
+from swarm.config import DEFAULT_RUN_ID, TrainConfig
 from swarm.deadlines import RETRY_BASE_S, RETRY_CAP_S
 from swarm.routing import BAN_BASE_S, BAN_MAX_S
 
@@ -215,7 +215,7 @@ class DeviceSettings:
 # --- a trainer (node/trainer.py, node/training_run.py) --------------------------------------------
 @dataclass(frozen=True)
 class TrainerSettings:
-    steps: int = setting(100, "optimizer steps to train", group=TRAINERS)
+    steps: int = setting(TrainConfig.steps, "optimizer steps to train", group=TRAINERS)  # one default, train-local's
     data: str | None = setting(None, "where this node keeps the run's data, if not at the run config's path (it must "
                                      "be the same files: names and sizes are checked)", group=TRAINERS,
                                metavar="PATH", type=str)
