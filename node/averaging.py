@@ -211,6 +211,10 @@ def _stage(control):
         return None
 
 
+async def _nothing(_dht, _node) -> None:
+    """A DHT call that does nothing (ReplicaAverager.shutdown's barrier)."""
+
+
 def _cancel(control) -> None:
     """Cancel an averaging round (StepControl) that may already be finished or cancelled."""
     try:
@@ -247,7 +251,7 @@ class ReplicaAverager:
                  settings: AveragingSettings = AveragingSettings(), tau: float | None = None,
                  iters: int = DEFAULT_ITERS):
         self.worker, self.every, self.count_replicas, self.metrics = worker, every, count_replicas, metrics
-        self.settings = settings
+        self.dht, self.settings = dht, settings
         self.closing, self._control, self._round = False, None, None
         self._idle = threading.Event()  # no all-reduce thread is running (shutdown waits for it)
         self._idle.set()
@@ -389,4 +393,10 @@ class ReplicaAverager:
         while control is not None and _stage(control) not in (None, AveragingStage.FINISHED) \
                 and time.monotonic() < deadline:
             time.sleep(0.05)  # the averager process leaves matchmaking (its DHT requests) on its own
+        # A request the averager process sent may still wait, unread, in the DHT process's pipe (a busy
+        # machine): one call of ours through the same pipe returns only after it was read.
+        try:
+            self.dht.run_coroutine(_nothing, return_future=True).result(timeout=grace_s)
+        except Exception:
+            pass
         self.averager.shutdown()
