@@ -460,14 +460,19 @@ def measure_throughput_mbit(lab: NetnsLab, src: int, dst: int, seconds: float = 
         res = json.loads(out)
         return res["bytes"] * 8 / res["seconds"] / 1e6
     finally:
-        for p in (sink, sender):
-            if p is not None:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-                for f in (p.stdout, p.stderr):
-                    if f is not None:
-                        f.close()
+        _reap(sink, sender)
+
+
+def _reap(*procs) -> None:
+    """Kill what is still running of these helper processes (their own groups) and close their pipes."""
+    for p in procs:
+        if p is not None:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            for f in (p.stdout, p.stderr):
+                if f is not None:
+                    f.close()
 
 
 # ------------------------------------------------------------------ round trips
@@ -518,14 +523,7 @@ def measure_rtt_ms(lab: NetnsLab, src: int, dst: int, n: int = 10, port: int = 5
             raise RuntimeError(f"pinger failed: {err}")
         return json.loads(out)
     finally:
-        for p in (echo, pinger):
-            if p is not None:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-                for f in (p.stdout, p.stderr):
-                    if f is not None:
-                        f.close()
+        _reap(echo, pinger)
 
 
 def prepare() -> str | None:
