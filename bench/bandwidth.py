@@ -31,10 +31,10 @@ import torch
 from bench.netns import NetnsLab, measure_throughput_mbit, prepare
 from bench.plotting import line_plot, machine_info, markdown_table, steady_tokens_per_s, write_json
 from node.runtime import identity_peer_id
-from node.local import Swarm, tail
+from node.local_swarm import Swarm, tail
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from swarm.trainer import LocalTrainer, wire_stats
+from swarm.local_trainer import LocalTrainer, wire_stats
 
 VARIANTS = {  # name -> (boundary, codec)
     "resbm-128x": ("resbm", "bf16"),

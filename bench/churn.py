@@ -59,7 +59,7 @@ from bench.plotting import line_plot, machine_info, markdown_table, smooth, writ
 from node.args import parse_run_config
 from node.runtime import identity_peer_id
 from node.lifeline import descendants
-from node.local import Swarm, tail
+from node.local_swarm import Swarm, tail
 
 SIZES = {
     "quick": dict(argv=["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",

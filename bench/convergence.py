@@ -1,7 +1,7 @@
 """Convergence benchmark: does ResBM at 128x compression train as well as an uncompressed pipeline?
 
 Every variant trains the same staged model for the same tokens on the same data and seed with the
-reference trainer (`swarm.trainer.LocalTrainer`, exactly the swarm's math, wire codec included):
+reference trainer (`swarm.local_trainer.LocalTrainer`, exactly the swarm's math, wire codec included):
 
     resbm-128x (AdamW, Muon), none (AdamW, Muon), bottleneck-128x, subspace-128x, int8 (full width),
     resbm-128x with the int8 wire codec
@@ -31,7 +31,7 @@ from bench.plotting import fmt, line_plot, machine_info, markdown_table, smooth,
 from node.runtime import resolve_device
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from swarm.trainer import LocalTrainer, param_overhead, timed_steps, wire_stats
+from swarm.local_trainer import LocalTrainer, param_overhead, timed_steps, wire_stats
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -82,7 +82,7 @@ def train(corpus, preset: dict, device: str, threads: int) -> dict:
     import torch
     from bench.plotting import steady_tokens_per_s
     from swarm.config import ModelConfig, RunConfig, TrainConfig
-    from swarm.trainer import LocalTrainer
+    from swarm.local_trainer import LocalTrainer
     torch.set_num_threads(threads)
     run = RunConfig(model=ModelConfig(vocab_size=corpus.vocab_size, **preset["model"]),
                     train=TrainConfig(**preset["train"]))

@@ -33,7 +33,7 @@ from bench.plotting import fmt, line_plot, machine_info, markdown_table, write_j
 from node.runtime import resolve_device
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from swarm.trainer import wire_stats
+from swarm.local_trainer import wire_stats
 
 RESULTS = Path(__file__).parent / "results"
 GOAL_GAP_PCT = 5.0

@@ -55,7 +55,7 @@ from statistics import mean
 from bench.bandwidth import cpu_jiffies, parse_bench_args
 from bench.netns import NetnsLab
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
-from node.local import Swarm, tail
+from node.local_swarm import Swarm, tail
 from node.runtime import identity_peer_id
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 

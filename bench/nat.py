@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench.netns import Host, NetnsLab, require_root_netns
 from bench.plotting import fmt, line_plot, machine_info, markdown_table, write_json
-from node.local import Swarm
+from node.local_swarm import Swarm
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 
 HOME_NET = "192.168.77"

@@ -31,7 +31,7 @@ from bench.plotting import line_plot, machine_info, markdown_table, steady_part,
 from node.args import positive_seconds
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from swarm.trainer import token_id_bytes, wire_stats
+from swarm.local_trainer import token_id_bytes, wire_stats
 from bench.wire_budget import code_bytes, link_bound_tokens_per_s
 
 TCP_GOODPUT = 1448 / 1514  # what of a tbf rate TCP payload gets (bench/netns.py)

@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.nat import lab_run
 from bench.netns import NetnsLab, require_root_netns, tbf_burst_bytes
 from bench.plotting import machine_info, write_json
-from node.local import Swarm
+from node.local_swarm import Swarm
 
 SIZE = dict(d=128, layers=6, heads=4, seq=64, batch=8)  # stage 1's state: a few MB, a minute or more at 0.5 Mbit/s
 BOOT, TRAINER, JOINER = 0, 1, 5

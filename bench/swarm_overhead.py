@@ -33,7 +33,7 @@ from bench.inproc import InprocSwarm
 from protocol.codec import encode, payload_nbytes
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from swarm.trainer import LocalTrainer
+from swarm.local_trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {

@@ -8,7 +8,7 @@ hivemind at module level)
     args.py           flags generated from the config dataclasses (run: swarm/config.py, node: settings.py)
     join.py           `join`: one replica of a stage (stage 0: a trainer); hands JoinSettings to lifecycle.py
     bootstrap.py      `bootstrap`: the DHT meeting point that publishes the run config
-    local.py          `local`: a whole multi-process swarm on this machine (Swarm: also the benches' and tests')
+    local_swarm.py    `local`: a whole multi-process swarm on this machine (Swarm: also the benches' and tests')
     train_local.py    `train-local`: the whole model in one process, the reference the swarm is checked against
     status.py         `status`: the stages x replicas table from the DHT records
     monitor.py        `monitor`: swarm-wide Prometheus gauges and a status page (monitor_metrics.py, monitor_page.py)

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from node import bootstrap, export, join, local, monitor, status, train_local
+from node import bootstrap, export, join, local_swarm, monitor, status, train_local
 from node.args import parse_command_line
 from node.runtime import identity_peer_id
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_local.add_parser(sub)
     bootstrap.add_parser(sub)
     join.add_parser(sub)
-    local.add_parser(sub)
+    local_swarm.add_parser(sub)
     status.add_parser(sub)
     monitor.add_parser(sub)
     export.add_parsers(sub)

@@ -38,7 +38,7 @@ def _raise_stop(signum, frame):
 
 
 def main(args) -> int:
-    from swarm.trainer import param_overhead, wire_stats  # (torch: not while building --help)
+    from swarm.local_trainer import param_overhead, wire_stats  # (torch: not while building --help)
     trainer, run, device = _build(args)
     ws = wire_stats(run.model)
     _describe(trainer, run, device, ws)
@@ -67,7 +67,7 @@ def _build(args):
     """(LocalTrainer, run config, device): from the flags, an export file or a checkpoint."""
     from swarm.data import open_corpus  # (torch: not while building --help)
     from swarm.export import load_export
-    from swarm.trainer import LocalTrainer
+    from swarm.local_trainer import LocalTrainer
     run = run_config_from_args(args)
     steps = run.train.steps
     device = resolve_device(args.device)
@@ -91,7 +91,7 @@ def _build(args):
 
 
 def _describe(trainer, run, device, ws: dict) -> None:
-    """Print what trains and what a boundary costs (`ws`: swarm.trainer.wire_stats)."""
+    """Print what trains and what a boundary costs (`ws`: swarm.local_trainer.wire_stats)."""
     corpus = trainer.corpus
     print(f"train-local: d={run.model.d_model} layers={run.model.n_layers} stages={run.model.n_stages} "
           f"boundary={run.model.boundary} b={ws['code_width']} codec={ws['wire_codec']} "

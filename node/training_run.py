@@ -12,7 +12,7 @@ from node.trainer import Stopped, Trainer
 from protocol import stage_role
 from protocol.errors import PeerUnavailable, RemoteError
 from swarm.data import open_corpus
-from swarm.trainer import param_overhead, wire_stats
+from swarm.local_trainer import param_overhead, wire_stats
 
 log = logging.getLogger("resbm.trainer")
 

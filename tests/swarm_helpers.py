@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from node.lifeline import descendants
-from node.local import stop_processes
+from node.local_swarm import stop_processes
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import pytest
 
 from node.announce import read_stage_records
 from node.dht import start_dht
-from node.local import stop_processes
+from node.local_swarm import stop_processes
 
 pytestmark = pytest.mark.swarm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,7 @@ import math
 
 from bench import convergence
 from swarm.config import RunConfig
-from swarm.trainer import wire_stats
+from swarm.local_trainer import wire_stats
 
 
 def test_quick_convergence_benchmark(tmp_path, capsys):

@@ -11,7 +11,7 @@ from node.state_sync import initial_state
 from swarm.checkpoint import atomic_write_bytes
 from swarm.data import ByteCorpus
 from swarm.stage_worker import StageWorker
-from swarm.trainer import LocalTrainer
+from swarm.local_trainer import LocalTrainer
 from bench.inproc import InprocSwarm
 from node.settings import TrainerSettings
 from test_swarm_parity import assert_params_equal, kill, params, tiny_run

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from node.args import parse_run_config
-from node.local import Swarm
+from node.local_swarm import Swarm
 from swarm.config import DEFAULT_RUN_ID, ModelConfig, RunConfig, TrainConfig
 from swarm.data import resolve_data
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.runtime import identity_peer_id
-from node.local import Swarm
+from node.local_swarm import Swarm
 from swarm_helpers import tiny_run, trainer_steps
 
 pytestmark = pytest.mark.swarm

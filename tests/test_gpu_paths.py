@@ -17,7 +17,7 @@ from swarm.data import ByteCorpus
 from swarm.optim import Muon
 from swarm.precision import PRECISIONS, LossScaler, autocast_dtype
 from swarm.stage_worker import StageWorker
-from swarm.trainer import LocalTrainer
+from swarm.local_trainer import LocalTrainer
 
 SHAPES = [(24, 8), (8, 16)]  # a tall and a wide matrix: Newton-Schulz transposes the tall one
 LR = 0.02

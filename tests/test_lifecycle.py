@@ -14,7 +14,7 @@ from node.announce import read_stage_records
 from node.args import parse_run_config
 from node.runtime import identity_peer_id
 from node.dht import start_dht
-from node.local import Swarm
+from node.local_swarm import Swarm
 
 pytestmark = pytest.mark.swarm
 TINY = ["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",

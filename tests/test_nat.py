@@ -16,7 +16,7 @@ import pytest
 
 from bench.nat import (BOOT, HOME_PORT, STAGE2, STAGE2_PORT, STARTUP_LABS, TRAINER, NatLab, peer_id_of,
                        require_nat_lab, stage2_addr, start_swarm, start_trainer)
-from node.local import Swarm
+from node.local_swarm import Swarm
 from tests.swarm_helpers import tiny_run
 
 REASON = require_nat_lab()

@@ -5,7 +5,7 @@ import torch
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.shards import batch_key, data_stream
-from swarm.trainer import LocalTrainer
+from swarm.local_trainer import LocalTrainer
 
 
 def draw(corpus, run, index: int, stream: int = 0, split: str = "train"):

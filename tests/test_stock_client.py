@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.local import Swarm
+from node.local_swarm import Swarm
 from swarm_helpers import trainer_steps, tiny_run
 
 pytestmark = pytest.mark.swarm

@@ -14,7 +14,7 @@ from protocol.codec import encode, encode_ints
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.model import lm_loss
-from swarm.trainer import LocalTrainer
+from swarm.local_trainer import LocalTrainer
 from bench.inproc import InprocSwarm
 from node.settings import TrainerSettings
 

@@ -11,7 +11,7 @@ import torch
 from swarm.checkpoint import atomic_save, load
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
-from swarm.trainer import LocalTrainer
+from swarm.local_trainer import LocalTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d-model", "64", "--layers", "2", "--heads", "2", "--stages", "2", "--ratio", "16",
