@@ -291,7 +291,7 @@ class ReplicaAverager:
         proposal = self.next_fragment
         self.averager.set_limits(round_limits(self.fragment_params[proposal], n, self.link.Bps))
         snapshot = await in_worker(self._snapshot)
-        outcome = await asyncio.get_running_loop().run_in_executor(None, lambda: self._all_reduce(proposal))
+        outcome = await asyncio.get_running_loop().run_in_executor(None, lambda: self._all_reduce(proposal, n))
         if outcome.group >= 2 and outcome.received > 0:
             await in_worker(lambda: self._apply(snapshot, outcome))
         self._account(step, n, outcome)
@@ -304,8 +304,9 @@ class ReplicaAverager:
                 dst.copy_(src)
         return snapshot
 
-    def _all_reduce(self, proposal: int) -> RoundOutcome:
-        """The all-reduce, in its own thread, proposing `proposal` as the fragment."""
+    def _all_reduce(self, proposal: int, replicas: int) -> RoundOutcome:
+        """The all-reduce, in its own thread, proposing `proposal` as the fragment; a round that ran but
+        returned no group (it ended in an error) is taken to have had every replica we counted."""
         if self.closing:
             return RoundOutcome(0)
         control = self._control = None
@@ -327,7 +328,7 @@ class ReplicaAverager:
         fragment, received, seconds = self.averager.report.tolist()
         if math.isnan(fragment):  # no all-reduce ran
             return RoundOutcome(0)
-        return RoundOutcome(len(group) if group else 2, int(fragment), received, seconds)
+        return RoundOutcome(len(group) if group else replicas, int(fragment), received, seconds)
 
     def _apply(self, snapshot: list[torch.Tensor], outcome: RoundOutcome) -> None:
         """Move each parameter of the averaged fragment by (averaged - snapshot): the round's
@@ -363,17 +364,17 @@ class ReplicaAverager:
             log.warning("averaging after step %d with %d replicas failed; continuing with local parameters",
                         step, replicas)
             return
-        params = self.fragment_params[outcome.fragment]
+        whole = round_wire_bytes(self.fragment_params[outcome.fragment], outcome.group)
         m.avg_group_size.set(outcome.group)
         m.avg_received.set(outcome.received)
-        m.avg_bytes.inc(round_wire_bytes(params, outcome.group) * outcome.received)
+        m.avg_bytes.inc(whole * outcome.received)
         m.avg_seconds.set(outcome.seconds)
         if outcome.complete:
             m.avg_rounds.inc()
-            self.link.observe(round_wire_bytes(params, outcome.group), outcome.seconds)
+            self.link.observe(whole, outcome.seconds)
         else:
             m.avg_partial.inc()
-            self.link.incomplete(round_wire_bytes(params, outcome.group) * outcome.received, outcome.seconds)
+            self.link.incomplete(whole * outcome.received, outcome.seconds)
             log.warning("averaging after step %d was partial: %.1f%% of fragment %d came back in %.1f s (the rest "
                         "keeps local values); next round's timeouts assume %.0f kB/s", step, 100 * outcome.received,
                         outcome.fragment, outcome.seconds, self.link.Bps / 1e3)
