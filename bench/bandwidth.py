@@ -85,10 +85,11 @@ def lab_hosts(n_stages: int, per_stage: int) -> list[tuple[str, int]]:
 
 
 def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget: float, per_stage: int = 1,
-                 node_args: tuple = (), rtt_ms: float = 0.0) -> dict:
+                 node_args: tuple = (), rtt_ms: float = 0.0, queue_ms: float = 50.0) -> dict:
     """One swarm on the route, every node (bootstrap, `per_stage` trainers, `per_stage` replicas of every
     later stage) in its own namespace; trains `steps` steps or until the time budget; `node_args` go to
-    every join; `rtt_ms` > 0 adds that round-trip time between every two nodes (NetnsLab's delay line).
+    every join; `rtt_ms` > 0 adds that round-trip time between every two nodes (NetnsLab's delay line);
+    `queue_ms`: how many ms of its rate each tbf queues (NetnsLab's latency_ms).
     Returns the trainers' summaries, each node's peer id, its link's bytes while training
     (`iface`) and the machine's CPU busy share meanwhile (`cpu_busy`), or `error`."""
     hosts = lab_hosts(run.model.n_stages, per_stage)
@@ -96,7 +97,7 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
     run_dir.mkdir(parents=True)
     ids = {name: identity_peer_id(str(run_dir / f"{name}.id")) for name, _ in hosts}
     run = replace(run, train=replace(run.train, trainers=tuple(ids[f"trainer{r}"] for r in range(per_stage))))
-    with NetnsLab(len(hosts) + 1, rate_mbit=rate or None, rtt_ms=rtt_ms) as lab:
+    with NetnsLab(len(hosts) + 1, rate_mbit=rate or None, rtt_ms=rtt_ms, latency_ms=queue_ms, count_peers=True) as lab:
         swarm = Swarm(run_dir, threads=1, run=run)
         wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731
         try:
@@ -113,9 +114,9 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
                         for r in range(per_stage)]
             for r in range(per_stage):
                 swarm.wait_for_line(f"trainer{r}", "training", 180)
-            before, cpu_before = [lab.link_bytes(i) for i in range(len(hosts) + 1)], cpu_jiffies()
+            before, cpu_before, peers_before = _link_counters(lab), cpu_jiffies(), _peer_counters(lab)
             _train_until(trainers, budget)
-            after, cpu_after = [lab.link_bytes(i) for i in range(len(hosts) + 1)], cpu_jiffies()
+            after, cpu_after, peers_after = _link_counters(lab), cpu_jiffies(), _peer_counters(lab)
         except RuntimeError as e:  # a node failed to start: report it, go on with the next run
             return {"error": str(e)[-2000:]}
         finally:
@@ -125,8 +126,22 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
         return {"error": "no trainer wrote a summary:\n" + tail(run_dir / "trainer0.log")}
     iface = {ids[name]: after[i] - before[i] for i, (name, _) in enumerate(hosts, 1)}
     busy, total = (a - b for a, b in zip(cpu_after, cpu_before))
+    names = ["bootstrap"] + [name for name, _ in hosts]
     return {"summaries": summaries, "names": {v: k for k, v in ids.items()}, "iface": iface,
-            "cpu_busy": busy / total if total else 0.0}
+            "cpu_busy": busy / total if total else 0.0,
+            "peer_bytes": {names[i]: {names[j]: {k: c[k] - peers_before[i][j][k] for k in c}
+                                      for j, c in peers_after[i].items()} for i in range(len(names))},
+            "ids": ids,
+            "stage_of": dict(hosts)}
+
+
+def _link_counters(lab: NetnsLab) -> list[int]:
+    return [lab.link_bytes(i) for i in range(len(lab.hosts))]
+
+
+def _peer_counters(lab: NetnsLab) -> list[dict]:
+    """Every host's bytes sent to and received from each other host so far."""
+    return [lab.peer_bytes(i) for i in range(len(lab.hosts))]
 
 
 def cpu_jiffies() -> tuple[int, int]:

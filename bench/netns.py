@@ -128,7 +128,9 @@ class NetnsLab:
 
     def __init__(self, n_hosts: int, rate_mbit: float | None = None, prefix: str | None = None,
                  subnet: str = "10.77.0.0/24", latency_ms: float = 50.0, grace_s: float = 3.0,
-                 rtt_ms: float = 0.0, one_way_ms: dict[tuple[int, int], float] | None = None):
+                 rtt_ms: float = 0.0, one_way_ms: dict[tuple[int, int], float] | None = None,
+                 count_peers: bool = False):
+        self.count_peers = count_peers  # per-peer byte counters (iptables) in every host: peer_bytes()
         self.prefix = prefix or PREFIX
         if not re.fullmatch(r"[a-z]{1,8}", self.prefix):
             raise ValueError("prefix must be 1-8 lowercase letters (cleanup_stale parses names)")
@@ -210,6 +212,12 @@ class NetnsLab:
             if self.rate_mbit is not None:
                 self._shape(h.name, "eth0")  # host -> switch (uplink)
                 self._shape(sw, f"p{i}")  # switch -> host (downlink)
+        if self.count_peers:
+            for h in self.hosts:
+                for other in self.hosts:
+                    if other is not h:  # rules without a target only count
+                        _run(["ip", "netns", "exec", h.name, "iptables", "-A", "INPUT", "-s", other.ip])
+                        _run(["ip", "netns", "exec", h.name, "iptables", "-A", "OUTPUT", "-d", other.ip])
         if self.routed:
             self._start_delay_line()
 
@@ -308,6 +316,21 @@ class NetnsLab:
         stats = "/sys/class/net/eth0/statistics"
         out = _run(self.exec_argv(i, ["cat", f"{stats}/tx_bytes", f"{stats}/rx_bytes"])).stdout.split()
         return sum(int(v) for v in out)
+
+    def peer_bytes(self, i: int) -> dict[int, dict[str, int]]:
+        """Bytes (IP packets) host ``i`` sent to and received from each other host so far, from the
+        iptables counters ``count_peers`` installed in its namespace. Sent bytes are counted before
+        its uplink's tbf, so they include packets the tbf dropped (and TCP sent again)."""
+        if not self.count_peers:
+            raise RuntimeError("the lab was built without count_peers")
+        index = {h.ip: j for j, h in enumerate(self.hosts)}
+        out = {j: {"sent": 0, "received": 0} for j in range(len(self.hosts)) if j != i}
+        for chain, col, key in (("INPUT", 6, "received"), ("OUTPUT", 7, "sent")):  # rules have no target
+            for line in _run(self.exec_argv(i, ["iptables", "-nvxL", chain])).stdout.splitlines()[2:]:
+                f = line.split()
+                if len(f) > col and f[col] in index:
+                    out[index[f[col]]][key] += int(f[1])
+        return out
 
     # --------------------------------------------------------------- cleanup
     def cleanup(self) -> None:

@@ -29,6 +29,7 @@ from statistics import mean
 from bench.bandwidth import compute_bound, parse_bench_args, swarm_in_lab
 from bench.plotting import line_plot, machine_info, markdown_table, steady_part, steady_tokens_per_s, write_json
 from node.args import positive_seconds
+from node.settings import RecordSettings
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.local_trainer import token_id_bytes, wire_stats
@@ -66,7 +67,29 @@ def predicted_link_bound(cfg: ModelConfig, rate_mbit: float, per_stage: int) -> 
     return link_bound_tokens_per_s(rate_mbit * 1e6 / 8 * TCP_GOODPUT, per_node, per_stage)
 
 
-def node_figures(summaries: list[dict], iface: dict) -> list[dict]:
+def traffic_by_peer(peers: dict, stage: int, stage_of: dict, tokens: int) -> dict:
+    """A node's bytes received and sent per handled token, by whom with: the adjacent stages (its data
+    path, plus DHT), its own stage (averaging, plus DHT), the bootstrap and the other stages (DHT only).
+    Received bytes crossed its link; sent bytes are counted before its uplink's tbf (drops included)."""
+    out = {kind: {"received": 0.0, "sent": 0.0} for kind in ("adjacent", "same stage", "bootstrap", "other stages")}
+    for name, c in peers.items():
+        other = stage_of.get(name)
+        kind = ("bootstrap" if other is None else "same stage" if other == stage
+                else "adjacent" if abs(other - stage) == 1 else "other stages")
+        for way in ("received", "sent"):
+            out[kind][way] += c[way] / tokens
+    return out
+
+
+def dropped_share(peer_bytes: dict, name: str) -> float:
+    """Of the bytes node `name` sent to other nodes, the share that never reached them: dropped by its
+    uplink's or their downlink's tbf queue, so sent again by TCP (the latter crossed its link twice)."""
+    sent = sum(c["sent"] for c in peer_bytes[name].values())
+    arrived = sum(peer_bytes[other][name]["received"] for other in peer_bytes[name])
+    return max(0.0, 1 - arrived / sent) if sent else 0.0
+
+
+def node_figures(summaries: list[dict], iface: dict, lab: dict | None = None) -> list[dict]:
     """Per node: role, message and interface bytes per handled token (nodes that answered `info`).
     Every trainer's summary is read: a trainer that finished first has left the DHT before the
     others list the nodes, but its own summary has its figures (the latest reading of a node wins)."""
@@ -78,8 +101,14 @@ def node_figures(summaries: list[dict], iface: dict) -> list[dict]:
     out = []
     for n in latest.values():
         msg = moved(n)
-        out.append({"stage": n["stage"], "role": n["role"], "peer_id": n["peer_id"], "tokens": n["tokens"],
-                    "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0), "averaging": n.get("averaging")})
+        fig = {"stage": n["stage"], "role": n["role"], "peer_id": n["peer_id"], "tokens": n["tokens"],
+               "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0), "averaging": n.get("averaging")}
+        name = {v: k for k, v in lab["ids"].items()}.get(n["peer_id"]) if lab else None
+        if lab and name in lab["peer_bytes"]:
+            fig["bytes_per_token_by_peer"] = traffic_by_peer(lab["peer_bytes"][name], n["stage"], lab["stage_of"],
+                                                             n["tokens"])
+            fig["dropped_share"] = dropped_share(lab["peer_bytes"], name)
+        out.append(fig)
     return out
 
 
@@ -122,20 +151,20 @@ def framing_overhead(nodes: list[dict]) -> float:
 
 
 def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float, overhead: float | None,
-            announce_s: float, rtt_ms: float = 0.0) -> dict:
+            announce_s: float, rtt_ms: float = 0.0, queue_ms: float = 50.0) -> dict:
     """One row: train in the lab, then turn the summary and the interface counters into figures."""
     run = run_config(size, every)
     row = {"per_stage": per_stage, "average_every": every, "link_mbit": size["rate"], "compute_bound_tokens_per_s":
            limit, "predicted_link_bound_tokens_per_s": predicted_link_bound(run.model, size["rate"], per_stage),
-           "announce_period_s": announce_s, "rtt_ms": rtt_ms}
+           "announce_period_s": announce_s, "rtt_ms": rtt_ms, "queue_ms": queue_ms}
     row["bound"] = "compute" if row["predicted_link_bound_tokens_per_s"] > limit else "link"
     res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage,
                        node_args=("--announce-period", str(announce_s), "--link-mbit", f"{size['rate']:g}"),
-                       rtt_ms=rtt_ms)
+                       rtt_ms=rtt_ms, queue_ms=queue_ms)
     if "error" in res or res["summaries"][0].get("error"):
         return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
     summaries = res["summaries"]
-    nodes = node_figures(summaries, res["iface"])
+    nodes = node_figures(summaries, res["iface"], res)
     measured_overhead = framing_overhead(nodes)
     # trainers feed in parallel and wait for nobody: the swarm's rate is the sum of their steady rates
     per_trainer = [steady_tokens_per_s(s["step_times"], size["warmup"], size["batch"] * size["seq"])
@@ -169,6 +198,28 @@ def table(runs: list[dict]) -> str:
                            "busiest B/tok", "middle B/tok", "trainer B/tok", "iface middle / trainer B/tok",
                            "averaging B/tok (payload / iface)", "averaging link share",
                            "rounds / partial / failed", "apart max", "staleness", "CPU busy", "steps", "error"], rows)
+
+
+def traffic_table(runs: list[dict]) -> str:
+    """Where a node's link goes, per row and role (mean over its replicas), in B per handled token:
+    its messages (the nodes' own counters), what it received from the adjacent stages (codes,
+    gradients, and DHT), from its own stage (averaging and DHT) and from the bootstrap and other stages
+    (DHT only), all it carried (interface), and the share of what it sent that a tbf queue dropped."""
+    rows = []
+    for r in runs:
+        for role in ("trainer", "middle", "tail"):
+            ns = [n for n in r.get("nodes", []) if n["role"] == role and "bytes_per_token_by_peer" in n]
+            if not ns:
+                continue
+            got = lambda kind: mean(n["bytes_per_token_by_peer"][kind]["received"] for n in ns)  # noqa: E731
+            rows.append([r["per_stage"], r["average_every"], role,
+                         f"{mean(n['message_bytes'] / n['tokens'] for n in ns):.1f}", f"{got('adjacent'):.1f}",
+                         f"{got('same stage'):.1f}", f"{got('bootstrap') + got('other stages'):.1f}",
+                         f"{mean(n['iface_bytes'] / n['tokens'] for n in ns):.1f}",
+                         f"{100 * mean(n['dropped_share'] for n in ns):.0f}%"])
+    return markdown_table(["per stage", "avg every", "role", "messages B/tok", "received: adjacent stages",
+                           "received: own stage", "received: DHT-only peers", "interface (both ways)",
+                           "sent, dropped by a tbf"], rows)
 
 
 def verdicts(runs: list[dict]) -> tuple[float | None, list[str]]:
@@ -238,11 +289,15 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="1 and 2 per stage, a few steps (~3 minutes)")
     g.add_argument("--scale", action="store_true", help="adds 3 per stage (10 namespaces; for more cores)")
-    p.add_argument("--announce-period", type=positive_seconds, default=5.0, metavar="S",
-                   help="every node's `join --announce-period` (its DHT record store period; default 5)")
+    p.add_argument("--announce-period", type=positive_seconds, default=RecordSettings().announce_period, metavar="S",
+                   help="every node's `join --announce-period` (its DHT record store period; default: the node's, "
+                        "%(default)g)")
     p.add_argument("--rtt-ms", type=float, default=0.0, metavar="MS",
                    help="round-trip time added to every path between two nodes (bench/netns.py's delay line; "
                         "default 0: none)")
+    p.add_argument("--queue-ms", type=float, default=50.0, metavar="MS",
+                   help="every tbf's queue in ms of its rate (default 50: ~7 kB at 0.5 Mbit/s, shallow; home "
+                        "routers often buffer 100s of ms)")
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/scaling.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
@@ -255,19 +310,22 @@ def main(argv=None) -> int:
         for per_stage, every in size["runs"]:
             print(f"[{per_stage} per stage, average_every {every}, {size['rate']:g} Mbit/s]", file=sys.stderr, flush=True)
             runs.append(measure(size, per_stage, every, Path(args.keep or tmp), limit, overhead, args.announce_period,
-                                args.rtt_ms))
+                                args.rtt_ms, args.queue_ms))
             if per_stage == 1 and "framing_overhead" in runs[-1]:
                 overhead = runs[-1]["framing_overhead"]  # no averaging with one replica: the baseline
     speedup, verdict = verdicts(runs)
     text = table(runs)
+    traffic = traffic_table(runs)
     print(f"\n{name}: d={size['d']}, {size['layers']} layers, {size['stages']} stages, ratio {size['ratio']}, "
           f"batch {size['batch']}x{size['seq']} in {size['micro']} microbatches; records stored every "
           f"{args.announce_period:g} s; tbf both ways, "
           f"{f'{args.rtt_ms:g} ms RTT added (delay line)' if args.rtt_ms else 'no latency emulation'}; "
-          f"B/tok = bytes sent + received per token the node handled\n\n{text}\n\n" + "\n".join(verdict))
+          f"tbf queues {args.queue_ms:g} ms; "
+          f"B/tok = bytes sent + received per token the node handled\n\n{text}\n\nWhere the links go (B per handled "
+          f"token; received = what crossed the node's downlink):\n\n{traffic}\n\n" + "\n".join(verdict))
     png = args.png_out or str(Path(args.json_out).with_suffix(".png"))
     write_json(args.json_out, {"size": name, "config": size, "runs": runs, "speedup_2": speedup, "verdict": verdict,
-                               "table": text, "machine": machine_info(), "latency_emulated": args.rtt_ms > 0,
+                               "table": text, "traffic_table": traffic, "machine": machine_info(), "latency_emulated": args.rtt_ms > 0,
                                "rtt_ms": args.rtt_ms,
                                "command": " ".join(["python -m bench.scaling", *(argv or sys.argv[1:])])})
     plot(png, runs)

@@ -118,10 +118,14 @@ class MonitoringSettings:
 # --- stage records (node/announce.py) ------------------------------------------------------------
 @dataclass(frozen=True)
 class RecordSettings:
+    # 15 s, not 5: each store costs ~1 KB per node holding the key and every read's answer carries every
+    # record of the key; at 5 s that was 6.2% of an idle node's 1 Mbit/s link (3.4% at 15 s,
+    # bench.idle_traffic) and a DHT share of a busy trainer's link that grew with the swarm
+    # (bench.scaling). Routers do not wait for records to drop a dead replica: its first failed call does.
     announce_period: float = setting(
-        5.0, "re-sign and store this node's stage record every S seconds; it expires after 3 S. Each store costs "
-             "the link ~1 KB per node that holds the key: on slow links a longer period frees bandwidth for codes, "
-             "while routers still drop a dead replica on its first failed call",
+        15.0, "re-sign and store this node's stage record every S seconds, and re-read the others' as often; "
+              "a record expires after 3 S. Shorter: joiners are found sooner, at ~1 KB per store per node that "
+              "holds the key; routers drop a dead replica on its first failed call either way",
         group=ADVANCED, type=positive_seconds, metavar="S")
     # 600 s, not 120: every node re-publishes, and each store's lookups carry every node's 1.5 kB copy;
     # at 120 s (a refresh every 30 s) that was a quarter of an idle node's traffic (bench.idle_traffic)

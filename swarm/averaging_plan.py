@@ -24,6 +24,11 @@ FLOOR_S = 5.0                     # plus this (matchmaking's last messages, the 
 # a part may wait this long beyond its transfer: its sender's link is busy with codes and its CPU
 # with compute (measured in the scaling lab: gaps past 11 s between 16 kB parts dropped a sender)
 PART_FLOOR_S = 20.0
+# ...and at least this share of the whole round: on a link the codes keep full, a thin averaging flow
+# loses packets and TCP backs off (retransmission timeouts doubling), so a part can be late by far
+# more than its transfer (measured: middle replicas' senders dropped after 22-24 s with 30-46% of
+# their segments retransmitted). The round's own timeout still bounds the round.
+SILENCE_SHARE = 0.5
 MIN_RATE = 8_000.0                # bytes/s: estimates never go below 64 kbit/s
 # The share of a link averaging is budgeted: on a link the codes keep busy (a link-bound pipeline
 # is the point of the design) averaging's flows get only what TCP leaves them, so a round is sized
@@ -78,13 +83,15 @@ class RoundLimits:
 def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
     """Part size and timeouts for averaging `params` values among `group` replicas on a link of
     `rate_Bps`: a part takes PART_S there; a sender shares its link with the group's other g-1
-    reducers, so its next part to one of them comes after (g-1) parts' time."""
+    reducers, so its next part to one of them comes after (g-1) parts' time; a silent sender is
+    dropped only after half the round."""
     rate = max(rate_Bps, MIN_RATE)
     part = int(min(MAX_PART, max(MIN_PART, rate * PART_S)))
     between_parts = part * max(group - 1, 1) / rate
-    sender = PART_FLOOR_S + SLACK * between_parts
+    total = FLOOR_S + SLACK * transfer_s(params, max(group, 2), rate)
+    sender = max(PART_FLOOR_S + SLACK * between_parts, SILENCE_SHARE * total)
     return RoundLimits(part_bytes=part, sender_timeout_s=sender, reducer_timeout_s=2 * sender,
-                       allreduce_timeout_s=FLOOR_S + SLACK * transfer_s(params, max(group, 2), rate))
+                       allreduce_timeout_s=total)
 
 
 class LinkRate:

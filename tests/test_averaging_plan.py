@@ -41,6 +41,9 @@ def test_limits_grow_with_the_fragment_and_shrink_with_the_link():
     big = round_limits(16_000_000, 2, mbit(0.5))
     assert big.allreduce_timeout_s > 400  # 32 MB at 62.5 kB/s is 256 s each way: no fixed 8 s
     assert round_limits(1, 8, mbit(0.5)).sender_timeout_s > round_limits(1, 2, mbit(0.5)).sender_timeout_s
+    # a sender on a busy link may fall silent for half the round before it is dropped
+    assert big.sender_timeout_s >= 0.5 * big.allreduce_timeout_s
+    assert big.sender_timeout_s < big.reducer_timeout_s
 
 
 def test_link_rate_learns_from_rounds_and_backs_off_on_incomplete_ones():

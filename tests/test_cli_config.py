@@ -111,8 +111,8 @@ def test_default_run_ids_are_defined_once():
 def test_the_record_period_defaults_to_5_s_and_takes_a_longer_one():
     from node.cli import build_parser
     p = build_parser()
-    assert p.parse_args(["join", "--stage", "1"]).announce_period == 5.0
-    assert p.parse_args(["join", "--stage", "1", "--announce-period", "15"]).announce_period == 15.0
+    assert p.parse_args(["join", "--stage", "1"]).announce_period == 15.0
+    assert p.parse_args(["join", "--stage", "1", "--announce-period", "5"]).announce_period == 5.0
 
 
 @pytest.mark.parametrize("period", ["0", "-5", "inf", "nan", "soon"])
@@ -132,12 +132,12 @@ def test_every_node_setting_is_a_flag_an_environment_variable_and_a_file_key(tmp
     default = parse_args(["join", "--stage", "1"], environ={})
     names = [f.name for cls in JOIN_COMPONENTS for f in dataclasses.fields(cls)]
     assert all(hasattr(default, n) for n in names), [n for n in names if not hasattr(default, n)]
-    env = {"RESBM_STAGE": "2", "RESBM_INITIAL_PEERS": f"{PEER} {PEER}", "RESBM_ANNOUNCE_PERIOD": "15",
+    env = {"RESBM_STAGE": "2", "RESBM_INITIAL_PEERS": f"{PEER} {PEER}", "RESBM_ANNOUNCE_PERIOD": "7",
            "RESBM_SYNC": "1", "RESBM_STALL_TIMEOUT": "60", "RESBM_PATIENCE_S": "1.5"}
     s = JoinSettings.from_args(parse_args(["join"], environ=env))
     assert (s.serve.stage, s.connect.initial_peers, s.records.announce_period, s.trainer.sync,
-            s.trainer.stall_timeout_s, s.route.patience_s) == (2, (PEER, PEER), 15.0, True, 60.0, 1.5)
-    assert s.records.ttl_s == 45.0 and s.records.read_s == 15.0  # derived from the record period
+            s.trainer.stall_timeout_s, s.route.patience_s) == (2, (PEER, PEER), 7.0, True, 60.0, 1.5)
+    assert s.records.ttl_s == 21.0 and s.records.read_s == 7.0  # derived from the record period
     toml = tmp_path / "node.toml"
     toml.write_text(f'stage = "auto"\nhost = "127.0.0.1"\nwindow = 3\n[connect]\ninitial-peers = ["{PEER}"]\n')
     s = JoinSettings.from_args(parse_args(["join", "--config-file", str(toml)], environ={}))

@@ -218,6 +218,8 @@ def stage_steps(peers: list[str]) -> dict[int, int]:
 
 
 def test_last_trainer_killed_stages_wait_and_a_restart_resumes_from_their_step(nodes):
+    # the stages' steps are read from their records (stage_steps): refreshed every 2 s here, not 15
+    nodes.env["RESBM_ANNOUNCE_PERIOD"] = "2"
     peers = training_swarm(nodes, "--save-every-min", "0.05")  # a trainer checkpoint every 3 s
     wait_until(lambda: SAVED.search(nodes.log("trainer")), 240, "a periodic trainer checkpoint of a trained step")
     helpers = nodes.kill9("trainer")  # mid-step, most likely: the stages hold its gradients

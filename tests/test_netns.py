@@ -42,13 +42,18 @@ def test_shaped_rate_is_accurate():
 
 
 def test_link_bytes_count_the_traffic_of_each_host():
-    with NetnsLab(3, rate_mbit=10) as lab:
+    with NetnsLab(3, rate_mbit=10, count_peers=True) as lab:
         before = [lab.link_bytes(i) for i in range(3)]
         got = measure_throughput_mbit(lab, 0, 1, seconds=1.0)
         moved = [lab.link_bytes(i) - b for i, b in zip(range(3), before)]
+        peers = [lab.peer_bytes(i) for i in range(3)]
     payload = got * 1e6 / 8 * 1.0  # at least what the sink counted, on both ends' links
     assert moved[0] >= payload and moved[1] >= payload, (moved, payload)
     assert moved[2] < 0.01 * payload  # a bystander's link saw next to nothing (a bridge floods only unknowns)
+    # per peer: what host 1 received from host 0 crossed both tbfs; host 0 counts what it sent before its
+    # own tbf (drops included), so at least as much; the bystander exchanged nothing with either
+    assert payload <= peers[1][0]["received"] <= peers[0][1]["sent"], peers
+    assert peers[2][0] == peers[2][1] == {"sent": 0, "received": 0} and peers[0][2]["sent"] == 0, peers
 
 
 def test_cleanup_removes_namespaces_and_processes():
