@@ -390,7 +390,6 @@ def swarm_figures(nodes: list[dict]) -> dict:
 def message_sizes(run: RunConfig, period: float) -> dict:
     """Bytes of one signed stage record and one signed config record as hivemind stores them (the
     StoreRequest protobuf, before libp2p/TLS/TCP framing), and of a stage key's GET answer per record."""
-    from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.dht.routing import DHTID
     from hivemind.dht.validation import DHTRecord
     from hivemind.proto import dht_pb2
@@ -398,9 +397,10 @@ def message_sizes(run: RunConfig, period: float) -> dict:
     from hivemind.utils.serializer import MSGPackSerializer
     from node.announce import owner_subkey
     from protocol.records import config_key, stage_key, stage_record
+    from protocol.signing import Ed25519RecordValidator
 
-    v, now = RSASignatureValidator(), get_dht_time()
-    peer_id = "Qm" + "A" * 44  # hivemind's peers have RSA identities: "Qm..." ids of 46 characters
+    v, now = Ed25519RecordValidator(), get_dht_time()
+    peer_id = "Qm" + "A" * 44  # libp2p peer ids of hivemind peers (RSA identities): "Qm..." ids of 46 characters
     node = dht_pb2.NodeInfo(node_id=DHTID.generate().to_bytes())
 
     def store(key: str, subkey, value) -> tuple[int, int]:

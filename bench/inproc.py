@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from hivemind.dht.crypto import RSASignatureValidator
-
 from node.announce import Announcer, publish_config
 from node.dht import start_dht, visible_maddrs
 from node.metrics import NodeMetrics
@@ -15,6 +13,7 @@ from node.runtime import SocketJanitor
 from node.stage_server import StageServer, measure_throughput
 from node.settings import TrainerSettings
 from node.trainer import Trainer
+from protocol.signing import Ed25519RecordValidator
 from swarm.stage_worker import StageWorker
 
 
@@ -37,7 +36,7 @@ class InprocSwarm:
         boot = start_dht(run.run_id)
         self.dhts.append(boot)
         self.peers = visible_maddrs(boot)
-        validator = RSASignatureValidator()
+        validator = Ed25519RecordValidator()
         assert await publish_config(boot, run.run_id, run.wire_dict(), run.fingerprint, validator)
         for k in range(run.model.n_stages):
             self.servers[k] = [await self._serve(k, validator) for _ in range(self.replicas.get(k, 1))]

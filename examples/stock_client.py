@@ -2,8 +2,11 @@
 
     python examples/stock_client.py --initial-peers /ip4/.../p2p/... --run-id my-run --stage 1 [--train] [--hostile]
 
-1. Discover the stage's replicas with one DHT get of "<run_id>.<stage>" (records are owner-signed,
-   so the DHT needs RSASignatureValidator to read them).
+1. Discover the stage's replicas with one DHT get of "<run_id>.<stage>". Records are owner-signed with
+   Ed25519 (protocol/signing.py): each value ends in its signature, which a DHT must strip before it
+   can decode the value, so the DHT gets a record validator: Ed25519Records below, 30 lines on
+   hivemind's public RecordValidatorBase API and `cryptography` (which hivemind installs), which
+   checks each signature and strips it.
 2. Run an eval forward of a random (batch, seq_len, b) code through a stock `RemoteExpert`.
 3. A stock backward through that RemoteExpert carries no metadata: the stage refuses it with a clear
    error (training goes through rpc_train) instead of counting it as some step's gradient.
@@ -18,21 +21,57 @@ Prints one JSON object with what happened.
 """
 import argparse
 import asyncio
+import base64
+import dataclasses
 import json
+import re
 import sys
 
 import msgpack
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hivemind import DHT
-from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.moe.client.expert import RemoteExpert, get_server_stub
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.moe.expert_uid import ExpertInfo
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
 
 LOOPBACK = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False, use_relay=False,
                 use_auto_relay=False)  # never probe beyond this host
+
+
+class Ed25519Records(RecordValidatorBase):
+    """resbm's owner-signed records: a record whose key or subkey holds "[ed25519:<key>]" (urlsafe base64
+    of an Ed25519 public key) has a value that ends in "[ed25519-sig:<signature>]" (urlsafe base64), made
+    by that key over msgpack((key, subkey, value without it, expiration)), as hivemind's own
+    RSASignatureValidator signs. Checks it and strips it; records without the marker pass unchanged."""
+    KEY, SIG = re.compile(rb"\[ed25519:(.*?)\]", re.S), re.compile(rb"\[ed25519-sig:(.*?)\]", re.S)
+
+    def validate(self, record: DHTRecord) -> bool:
+        keys = set(self.KEY.findall(record.key) + self.KEY.findall(record.subkey or b""))
+        if not keys:
+            return True
+        signatures = self.SIG.findall(record.value)
+        if len(keys) != 1 or len(signatures) != 1:
+            return False
+        unsigned = dataclasses.replace(record, value=self.strip_value(record))
+        signed = MSGPackSerializer.dumps(dataclasses.astuple(unsigned))
+        try:
+            Ed25519PublicKey.from_public_bytes(base64.urlsafe_b64decode(keys.pop())).verify(
+                base64.urlsafe_b64decode(signatures[0]), signed)
+        except Exception:  # a bad signature, or a key or signature that does not decode
+            return False
+        return True
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return self.SIG.sub(b"", record.value)
+
+    @property
+    def priority(self) -> int:
+        return 10  # before any validator that decodes the value
 
 
 def discover(dht: DHT, uid: str) -> list[dict]:
@@ -66,7 +105,7 @@ def main() -> int:
     args = p.parse_args()
 
     dht = DHT(initial_peers=args.initial_peers, start=True, client_mode=True, identity_path=args.identity,
-              record_validators=[RSASignatureValidator()], **LOOPBACK)
+              record_validators=[Ed25519Records()], **LOOPBACK)
     out = {"uid": f"{args.run_id}.{args.stage}"}
     try:
         replicas = discover(dht, out["uid"])

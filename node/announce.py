@@ -7,13 +7,13 @@ import time
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
-from hivemind.dht.crypto import RSASignatureValidator
 
 from node.run_config import load_config_file
 from node.settings import RecordSettings, ServeSettings
 from protocol import ARRIVING, PROTOCOL_VERSION, NodeState
 from protocol.fingerprint import describe_diff
 from protocol.records import StageRecord, config_key, stage_key, stage_record
+from protocol.signing import KEY_MARKER, Ed25519RecordValidator
 from swarm.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -23,18 +23,19 @@ MAX_CLOCK_SKEW_S = 30.0   # a record dated further in the future than this is ig
 
 
 def owned_by_its_peer(subkey, peer_id: str) -> bool:
-    """The subkey is "<peer id>[owner:<public key>]": signed by that key (the DHT's RSASignatureValidator
-    checks the signature) and naming the peer id the record claims. Unsigned subkeys are refused."""
-    return isinstance(subkey, bytes) and subkey.startswith(peer_id.encode() + b"[owner:") and subkey.endswith(b"]")
+    """The subkey is "<peer id>[ed25519:<public key>]": signed by that key (the DHT's Ed25519RecordValidator,
+    protocol/signing.py, checks the signature) and naming the peer id the record claims. Unsigned subkeys
+    (and RSA-signed ones of older releases) are refused."""
+    return isinstance(subkey, bytes) and subkey.startswith(peer_id.encode() + KEY_MARKER) and subkey.endswith(b"]")
 
 
-def owner_subkey(peer_id: str, validator: RSASignatureValidator) -> bytes:
-    # The owner's public key in the subkey makes hivemind accept only values signed by the owner.
+def owner_subkey(peer_id: str, validator: Ed25519RecordValidator) -> bytes:
+    # The owner's public key in the subkey makes the DHT accept only values signed by the owner.
     return peer_id.encode() + validator.local_public_key
 
 
 class Announcer:
-    def __init__(self, dht: DHT, run_id: str, peer_id: str, validator: RSASignatureValidator,
+    def __init__(self, dht: DHT, run_id: str, peer_id: str, validator: Ed25519RecordValidator,
                  settings: RecordSettings = RecordSettings(), relayed: bool | None = None):
         self.dht, self.run_id, self.peer_id, self.settings = dht, run_id, peer_id, settings
         # Behind NAT, others reach us through a relay (node/dht.py set dht.reachability): routers penalise that.
@@ -196,14 +197,14 @@ class RecordView:
         return [k for k in range(first, self.run.model.n_stages) if not self.records.get(k)]
 
 
-async def publish_config(dht: DHT, run_id: str, wire: dict, fingerprint: str, validator: RSASignatureValidator,
+async def publish_config(dht: DHT, run_id: str, wire: dict, fingerprint: str, validator: Ed25519RecordValidator,
                          ttl: float = RecordSettings.config_ttl_s) -> bool:
     value = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "config": wire, "updated": get_dht_time()}
     return await dht.store(config_key(run_id), value, get_dht_time() + ttl, subkey=validator.local_public_key,
                            return_future=True)
 
 
-async def keep_config_alive(dht: DHT, run, validator: RSASignatureValidator, ttl_s: float) -> None:
+async def keep_config_alive(dht: DHT, run, validator: Ed25519RecordValidator, ttl_s: float) -> None:
     """Re-publish the run config this node verified, signed by this node, every quarter of its
     lifetime `ttl_s` until cancelled: the config then lives as long as any node of the swarm does,
     not only as long as the bootstrap."""

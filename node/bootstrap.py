@@ -41,10 +41,10 @@ def main(args) -> int:
 
 
 async def _main(args, run) -> int:
-    from hivemind.dht.crypto import RSASignatureValidator  # (hivemind: not while building --help)
+    from protocol.signing import Ed25519RecordValidator  # (hivemind: not while building --help)
     from node.announce import keep_config_alive, publish_config
     from node.dht import start_dht_from_args, visible_maddrs
-    validator = RSASignatureValidator()
+    validator = Ed25519RecordValidator()
     janitor = SocketJanitor()
     stop = stop_event_on_signals(asyncio.get_running_loop())
     dht = refresher = None

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 from hivemind import DHT
 from hivemind.p2p import P2P
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
-from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.lifeline import watch_parent
@@ -25,6 +23,7 @@ from protocol import PROTOCOL_VERSION
 from protocol.contract import DIALBACK_HANDLER, PEER_METHODS, check_fields, pack_meta, refusal, unpack_meta
 from protocol.errors import PayloadError
 from protocol.records import make_schema
+from protocol.signing import Ed25519RecordValidator
 
 
 class AddressError(ValueError):
@@ -180,7 +179,7 @@ def start_dht_from_args(run_id: str, a) -> DHT:
 
 def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
               announce: list[str] | None = None, reachability: str = "off",
-              relays=(), relay_caps: RelayCaps = RelayCaps(), rsa_key: RSAPrivateKey | None = None,
+              relays=(), relay_caps: RelayCaps = RelayCaps(),
               startup_timeout: float = 20.0, client_mode: bool = False, relay_wait_s: float = 300.0) -> DHT:
     """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" starts with the mode that this
     node's addresses suggest (guess_reachability), then asks an initial peer to dial it back
@@ -193,7 +192,8 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
     check_port_free(host, port)
     if identity:
         os.makedirs(os.path.dirname(os.path.abspath(identity)), exist_ok=True)
-    validators = [RSASignatureValidator(rsa_key), SchemaValidator(make_schema(run_id), allow_extra_keys=True)]
+    # owner-signed records (this process's key: the Announcer's validators sign with the same one)
+    validators = [Ed25519RecordValidator(), SchemaValidator(make_schema(run_id), allow_extra_keys=True)]
 
     def launch(mode: str, port: int) -> DHT:
         kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [], relay_caps)

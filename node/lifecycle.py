@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from hivemind.dht.crypto import RSASignatureValidator
-
 from node.announce import Announcer, keep_config_alive, read_stage_records, resolve_run_config, watch_swarm
 from node.averaging import ReplicaAverager
 from node.dht import print_own_addrs, start_dht_from_args
@@ -35,6 +33,7 @@ from node.stage_server import StageServer, measure_throughput
 from node.state_sync import checkpoint_path, initial_state, periodic_checkpoints
 from node.training_run import train
 from protocol import LEFT, PROTOCOL_VERSION, NodeState
+from protocol.signing import Ed25519RecordValidator
 from swarm.balance import move_target, pick_stage, quality, stage_totals
 from swarm.checkpoint import atomic_write_bytes
 from swarm.memory import check_fits
@@ -123,10 +122,10 @@ class Node:
         self.device = resolve_device(s.device.device)
         self.metrics = NodeMetrics().serve(s.monitoring.metrics_port, s.monitoring.metrics_host)
         self.metrics.set_nominal(self.run_cfg)
-        self.announcer = Announcer(self.dht, run_id, self.peer_id, RSASignatureValidator(), s.records)
+        self.announcer = Announcer(self.dht, run_id, self.peer_id, Ed25519RecordValidator(), s.records)
         print_own_addrs(self.dht, "node")
         # every node re-publishes the run config it verified: joiners find it after the bootstrap is gone
-        self.config_task = asyncio.create_task(keep_config_alive(self.dht, self.run_cfg, RSASignatureValidator(),
+        self.config_task = asyncio.create_task(keep_config_alive(self.dht, self.run_cfg, Ed25519RecordValidator(),
                                                                   s.records.config_ttl_s))
 
     async def _first_stage(self) -> int:

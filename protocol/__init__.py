@@ -5,7 +5,8 @@ Nothing here knows about models or event loops; node/ moves these bytes, swarm/ 
 """
 import enum
 
-PROTOCOL_VERSION = 4  # 3: no step barrier (prepare, step and ledger calls are gone); 4: records carry `distance`
+PROTOCOL_VERSION = 5  # 3: no step barrier (prepare, step and ledger calls are gone); 4: records carry `distance`;
+#                       5: records signed with Ed25519 (protocol/signing.py) instead of RSA
 
 # Wire codecs of boundary codes (protocol/codec.py implements them); here so that configs and
 # `--help` can name them without importing torch.

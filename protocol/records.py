@@ -4,12 +4,14 @@
     {run_id}.{stage}    dictionary; subkey = "<peer id>" + owner public key; value: StageRecord
 
 The stage key is also the stage's hivemind expert uid: a hivemind client lists a stage's replicas
-with one `dht.get("<run_id>.<stage>")` (with RSASignatureValidator among its record validators, to
-read owner-signed subkeys), one subkey per replica, as Petals keys its module records.
+with one `dht.get("<run_id>.<stage>")` (with Ed25519RecordValidator, protocol/signing.py, among its
+record validators, to check and strip the owners' signatures), one subkey per replica, as Petals
+keys its module records.
 
-Stage records carry the owner's public key in their subkey, so hivemind's RSASignatureValidator
-only accepts values signed by that owner: no peer can overwrite another's record. The pydantic
-schemas (hivemind SchemaValidator, pydantic v1 API) reject malformed values before they are stored.
+Stage records carry the owner's Ed25519 public key in their subkey ("[ed25519:...]"), so
+Ed25519RecordValidator only accepts values signed by that owner: no peer can overwrite another's
+record. The pydantic schemas (hivemind SchemaValidator, pydantic v1 API) reject malformed values
+before they are stored.
 """
 from __future__ import annotations
 

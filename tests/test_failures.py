@@ -159,14 +159,14 @@ def test_only_replica_of_last_stage_killed_trainer_pauses_restart_resumes(nodes)
 
 
 def test_store_refusals_warn_only_when_the_record_cannot_be_read_back():
-    from hivemind.dht.crypto import RSASignatureValidator
     from node.announce import Announcer
     from node.dht import start_dht
     from node.runtime import SocketJanitor
+    from protocol.signing import Ed25519RecordValidator
     janitor, dht = SocketJanitor(), start_dht("fail")
 
     async def go():
-        ann = Announcer(dht, "fail", "QmMe", RSASignatureValidator())
+        ann = Announcer(dht, "fail", "QmMe", Ed25519RecordValidator())
         assert await ann.publish(1, "fp", 1.0, 0, 3, ttl=300) and await ann.readable(1)
         # A value with an older expiration than the stored one is refused, and the DHT keeps the previous
         # value: that newest record is then really not readable (the announcer warns). (Announcer.publish

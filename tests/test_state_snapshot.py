@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from hivemind.dht.crypto import RSASignatureValidator
 
 import node.stage_server as stage_server
 from node.announce import Announcer
@@ -15,6 +14,7 @@ from node.dht import start_dht, visible_maddrs
 from node.metrics import NodeMetrics
 from node.stage_server import StageServer, StateSnapshots
 from node.state_sync import download_state, initial_state
+from protocol.signing import Ed25519RecordValidator
 from swarm.stage_worker import StageWorker
 from tests.swarm_helpers import tiny_run
 
@@ -93,7 +93,7 @@ def test_joiner_retries_instead_of_initialising_while_a_replica_lives(caplog):
         async with replica_and_joiner(run) as (server, joiner, p2p):
             for _ in range(3):
                 _step(server.worker)
-            ann = Announcer(server.dht, run.run_id, server.peer_id, RSASignatureValidator())
+            ann = Announcer(server.dht, run.run_id, server.peer_id, Ed25519RecordValidator())
             assert await ann.publish(1, run.fingerprint, 1.0, 0, server.worker.applied_step, ttl=300)
             fresh = StageWorker(run, 1)
             # the replica is live (its record says so) but does not hand over its state yet

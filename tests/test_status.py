@@ -10,15 +10,15 @@ import sys
 import time
 
 import pytest
-from hivemind.dht.crypto import RSASignatureValidator
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 from node.announce import Announcer, owner_subkey, publish_config, read_stage_records
 from node.dht import start_dht, visible_maddrs
 from node.runtime import SocketJanitor
 from protocol import PROTOCOL_VERSION
 from protocol.records import stage_key, stage_record
+from protocol.signing import Ed25519RecordValidator
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 
 pytestmark = pytest.mark.swarm
@@ -31,7 +31,7 @@ RUN = RunConfig(model=ModelConfig(d_model=64, n_layers=3, n_heads=2, seq_len=32,
 def swarm_dht():
     janitor = SocketJanitor()
     dht = start_dht(RUN.run_id)
-    validator = RSASignatureValidator()
+    validator = Ed25519RecordValidator()
     now = get_dht_time()
 
     async def setup():
@@ -59,7 +59,7 @@ def swarm_dht():
         # Unprotected subkey (no owner key): the DHT stores it, readers must ignore it.
         assert await dht.store(key, rec("QmUnsigned", stage=2), now + 300, subkey=b"QmUnsigned", return_future=True)
         # Overwriting another owner's record: the DHT itself refuses (cannot sign for that key).
-        other = RSASignatureValidator(RSAPrivateKey())
+        other = Ed25519RecordValidator(Ed25519PrivateKey.generate())
         forged = rec("QmReplicaA", throughput=1e9)
         refused = not await dht.store(key, forged, now + 300, subkey=owner_subkey("QmReplicaA", other),
                                       return_future=True)
