@@ -204,7 +204,9 @@ def traffic_table(runs: list[dict]) -> str:
     """Where a node's link goes, per row and role (mean over its replicas), in B per handled token:
     its messages (the nodes' own counters), what it received from the adjacent stages (codes,
     gradients, and DHT), from its own stage (averaging and DHT) and from the bootstrap and other stages
-    (DHT only), all it carried (interface), and the share of what it sent that a tbf queue dropped."""
+    (DHT only), all it carried (interface), and the share of what it sent that a tbf queue dropped (TCP
+    sends it again; a drop at its own uplink costs its link nothing, one at the receiver's downlink costs
+    the bytes twice)."""
     rows = []
     for r in runs:
         for role in ("trainer", "middle", "tail"):
@@ -219,7 +221,7 @@ def traffic_table(runs: list[dict]) -> str:
                          f"{100 * mean(n['dropped_share'] for n in ns):.0f}%"])
     return markdown_table(["per stage", "avg every", "role", "messages B/tok", "received: adjacent stages",
                            "received: own stage", "received: DHT-only peers", "interface (both ways)",
-                           "sent, dropped by a tbf"], rows)
+                           "sent, then dropped by a tbf"], rows)
 
 
 def verdicts(runs: list[dict]) -> tuple[float | None, list[str]]:

@@ -41,7 +41,7 @@ from hivemind.utils.asyncio import as_aiter, azip
 
 from node.lifeline import watch_parent
 from node.settings import AveragingSettings
-from swarm.averaging_plan import (LinkRate, RoundLimits, fragment_count, mbit, round_limits, round_wire_bytes,
+from swarm.averaging_plan import (MAX_PART, MIN_PART, LinkRate, RoundLimits, fragment_count, mbit, round_limits, round_wire_bytes,
                                   split_fragments)
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
 
@@ -152,25 +152,29 @@ class RobustAverager(DecentralizedAverager):
         self.limits.copy_(torch.tensor([limits.part_bytes, limits.sender_timeout_s, limits.reducer_timeout_s,
                                         limits.allreduce_timeout_s], dtype=torch.float64))
 
-    def _agreed_fragment(self, group_info) -> int:
-        """The fragment the group's first peer proposed (every member reads the same peer), or 0 if
-        its proposal is not a valid fragment index."""
+    def _agreed(self, group_info) -> tuple[int, int | None]:
+        """The fragment and part size the group's first peer proposed (every member reads the same peer:
+        parts cut to different sizes do not match, and the round fails), falling back to fragment 0
+        and our own part size where its proposal is not valid."""
         try:
             user_data = self.serializer.loads(self.serializer.loads(group_info.gathered[0])[2])
-            k = user_data.get("fragment", 0) if isinstance(user_data, dict) else 0
         except Exception:
-            k = 0
-        return k if isinstance(k, int) and 0 <= k < len(self.fragments) else 0
+            user_data = None
+        user_data = user_data if isinstance(user_data, dict) else {}
+        k, part = user_data.get("fragment", 0), user_data.get("part_bytes")
+        k = k if isinstance(k, int) and 0 <= k < len(self.fragments) else 0
+        return k, part if isinstance(part, int) and MIN_PART <= part <= MAX_PART else None
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
-        fragment = self._agreed_fragment(group_info)
+        fragment, agreed_part = self._agreed(group_info)
         chosen = self.fragments[fragment]
         tensors = [tensors[i] for i in chosen]
         if kwargs.get("tensor_infos") is not None:
             kwargs["tensor_infos"] = tuple(kwargs["tensor_infos"][i] for i in chosen)
         part_bytes, sender_s, reducer_s, total_s = self.limits.tolist()
-        if not math.isnan(part_bytes):
-            kwargs.update(part_size_bytes=int(part_bytes), sender_timeout=sender_s, reducer_timeout=reducer_s)
+        if not math.isnan(part_bytes):  # timeouts are our own; the part size is the group's
+            kwargs.update(part_size_bytes=agreed_part or int(part_bytes), sender_timeout=sender_s,
+                          reducer_timeout=reducer_s)
         kwargs["peer_fractions"] = _equal_shares(kwargs["peer_fractions"])
         group_id = group_info.group_id if group_id is None else group_id
         runner = RobustAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
@@ -289,9 +293,11 @@ class ReplicaAverager:
         if n < 2:
             return None
         proposal = self.next_fragment
-        self.averager.set_limits(round_limits(self.fragment_params[proposal], n, self.link.Bps))
+        limits = round_limits(self.fragment_params[proposal], n, self.link.Bps)
+        self.averager.set_limits(limits)
         snapshot = await in_worker(self._snapshot)
-        outcome = await asyncio.get_running_loop().run_in_executor(None, lambda: self._all_reduce(proposal, n))
+        outcome = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._all_reduce(proposal, limits.part_bytes, n))
         if outcome.group >= 2 and outcome.received > 0:
             await in_worker(lambda: self._apply(snapshot, outcome))
         self._account(step, n, outcome)
@@ -304,8 +310,9 @@ class ReplicaAverager:
                 dst.copy_(src)
         return snapshot
 
-    def _all_reduce(self, proposal: int, replicas: int) -> RoundOutcome:
-        """The all-reduce, in its own thread, proposing `proposal` as the fragment; a round that ran but
+    def _all_reduce(self, proposal: int, part_bytes: int, replicas: int) -> RoundOutcome:
+        """The all-reduce, in its own thread, proposing `proposal` as the fragment and `part_bytes` as
+        the part size (the group takes its first peer's); a round that ran but
         returned no group (it ended in an error) is taken to have had every replica we counted."""
         if self.closing:
             return RoundOutcome(0)
@@ -315,7 +322,8 @@ class ReplicaAverager:
         try:
             # the wait for the result is bounded, so a shutdown mid-round cannot leave this thread
             # (and the process's exit) waiting forever on a helper that is gone
-            control = self._control = self.averager.step(gather={"fragment": proposal}, timeout=self.settings.gather_s,
+            control = self._control = self.averager.step(gather={"fragment": proposal, "part_bytes": part_bytes},
+                                                         timeout=self.settings.gather_s,
                                                          allow_retries=True, wait=False)
             group = control.result(timeout=self.settings.gather_s + self.averager.limits[3].item() + 5.0)
         except Exception as e:

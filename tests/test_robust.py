@@ -236,7 +236,8 @@ def test_a_partial_round_is_counted_as_partial_with_its_fraction():
 def test_two_replicas_average_one_agreed_fragment_per_round(monkeypatch):
     """With the parameters cut into 3 fragments, a round averages the same fragment on both replicas
     (the group's first peer's proposal), leaves the other fragments alone, and the next round takes
-    the next fragment; both rounds come back complete."""
+    the next fragment; both rounds come back complete, though the replicas' link estimates (so their
+    own part sizes) differ: the group cuts parts to its first peer's size."""
     import asyncio
     import types
 
@@ -249,7 +250,7 @@ def test_two_replicas_average_one_agreed_fragment_per_round(monkeypatch):
     monkeypatch.setattr(averaging, "fragment_count", lambda total: 3)
     janitor = SocketJanitor()
     gen = torch.Generator().manual_seed(5)
-    shapes = [(40,), (30, 2), (50,), (20,), (60,), (10, 3)]
+    shapes = [(30000,), (3000, 2), (25000,), (2000,), (20000,), (1000, 3)]  # tensors of several parts
     base = [torch.randn(s, generator=gen) for s in shapes]
     # replicas a little apart, as trained ones are (CenteredClip then returns their mean)
     own = [[t + 1e-3 * torch.randn(t.shape, generator=gen) for t in base] for _ in range(2)]
@@ -273,6 +274,7 @@ def test_two_replicas_average_one_agreed_fragment_per_round(monkeypatch):
             for i, d in enumerate(dhts)]
     try:
         assert [len(r.fragments) for r in reps] == [3, 3]
+        reps[0].link.Bps, reps[1].link.Bps = 8_000.0, 20_000.0  # parts of 16 kB and 40 kB by their own estimate
 
         async def rounds():
             done = []
