@@ -40,7 +40,7 @@ TCP_GOODPUT = 1448 / 1514  # what of a tbf rate TCP payload gets (bench/netns.py
 # cadence (TrainConfig.average_every), as a user's swarm does
 DEFAULT_EVERY = TrainConfig().average_every
 SIZES = {
-    "quick": dict(d=64, layers=3, heads=2, stages=3, ratio=8, seq=64, batch=16, micro=4, rate=0.5, steps=6,
+    "quick": dict(d=64, layers=3, heads=2, stages=3, ratio=8, seq=64, batch=16, micro=4, rate=0.5, steps=10,
                   warmup=2, budget=150, runs=[(1, 2), (2, 2)]),
     # (n, 0): the same row without averaging, for what averaging costs
     "default": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=23,
