@@ -131,7 +131,6 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
             "cpu_busy": busy / total if total else 0.0,
             "peer_bytes": {names[i]: {names[j]: {k: c[k] - peers_before[i][j][k] for k in c}
                                       for j, c in peers_after[i].items()} for i in range(len(names))},
-            "ids": ids,
             "stage_of": dict(hosts)}
 
 

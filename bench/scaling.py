@@ -103,8 +103,8 @@ def node_figures(summaries: list[dict], iface: dict, lab: dict | None = None) ->
         msg = moved(n)
         fig = {"stage": n["stage"], "role": n["role"], "peer_id": n["peer_id"], "tokens": n["tokens"],
                "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0), "averaging": n.get("averaging")}
-        name = {v: k for k, v in lab["ids"].items()}.get(n["peer_id"]) if lab else None
-        if lab and name in lab["peer_bytes"]:
+        name = lab["names"].get(n["peer_id"]) if lab else None
+        if name in (lab or {}).get("peer_bytes", {}):
             fig["bytes_per_token_by_peer"] = traffic_by_peer(lab["peer_bytes"][name], n["stage"], lab["stage_of"],
                                                              n["tokens"])
             fig["dropped_share"] = dropped_share(lab["peer_bytes"], name)

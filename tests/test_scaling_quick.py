@@ -45,6 +45,9 @@ def test_quick_scaling_json_is_complete_and_consistent(tmp_path):
         # every node of every stage answered, and its link (interface counters) carried at least its messages
         assert sorted(n["stage"] for n in r["nodes"]) == sorted(list(range(3)) * r["per_stage"])
         assert all(n["iface_bytes"] >= n["message_bytes"] > 0 for n in r["nodes"])
+        # the lab's per-peer counters: every node received its data path's bytes from an adjacent stage
+        assert all(n["bytes_per_token_by_peer"]["adjacent"]["received"] > 0 and 0 <= n["dropped_share"] < 1
+                   for n in r["nodes"]), [(n["role"], n.get("bytes_per_token_by_peer")) for n in r["nodes"]]
     by = {r["per_stage"]: r for r in runs}
     assert by[2]["averaging_bytes_per_token"] > 0  # the 2-per-stage quick row averages every 2 steps
     # ... and its replicas count what their rounds carried, and whether each came back whole
