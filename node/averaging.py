@@ -41,8 +41,8 @@ from hivemind.utils.asyncio import as_aiter, azip
 
 from node.lifeline import watch_parent
 from node.settings import AveragingSettings
-from swarm.averaging_plan import (MAX_PART, MIN_PART, LinkRate, RoundLimits, fragment_count, mbit, round_limits, round_wire_bytes,
-                                  split_fragments)
+from swarm.averaging_plan import (MAX_PART, MIN_PART, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
+                                  round_wire_bytes, split_fragments)
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,12 @@ class RobustAverager(DecentralizedAverager):
     def set_limits(self, limits: RoundLimits) -> None:
         self.limits.copy_(torch.tensor([limits.part_bytes, limits.sender_timeout_s, limits.reducer_timeout_s,
                                         limits.allreduce_timeout_s], dtype=torch.float64))
+
+    def proposal(self, fragment: int) -> dict:
+        """What this member proposes for the round (its gathered data): the fragment, and the part size
+        of the limits it was last given, if any. `_agreed` reads the group's first peer's."""
+        part = self.limits[0].item()
+        return {"fragment": fragment} if math.isnan(part) else {"fragment": fragment, "part_bytes": int(part)}
 
     def _agreed(self, group_info) -> tuple[int, int | None]:
         """The fragment and part size the group's first peer proposed (every member reads the same peer:
@@ -293,11 +299,9 @@ class ReplicaAverager:
         if n < 2:
             return None
         proposal = self.next_fragment
-        limits = round_limits(self.fragment_params[proposal], n, self.link.Bps)
-        self.averager.set_limits(limits)
+        self.averager.set_limits(round_limits(self.fragment_params[proposal], n, self.link.Bps))
         snapshot = await in_worker(self._snapshot)
-        outcome = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._all_reduce(proposal, limits.part_bytes, n))
+        outcome = await asyncio.get_running_loop().run_in_executor(None, lambda: self._all_reduce(proposal, n))
         if outcome.group >= 2 and outcome.received > 0:
             await in_worker(lambda: self._apply(snapshot, outcome))
         self._account(step, n, outcome)
@@ -310,9 +314,9 @@ class ReplicaAverager:
                 dst.copy_(src)
         return snapshot
 
-    def _all_reduce(self, proposal: int, part_bytes: int, replicas: int) -> RoundOutcome:
-        """The all-reduce, in its own thread, proposing `proposal` as the fragment and `part_bytes` as
-        the part size (the group takes its first peer's); a round that ran but
+    def _all_reduce(self, proposal: int, replicas: int) -> RoundOutcome:
+        """The all-reduce, in its own thread, proposing `proposal` as the fragment (with the part size of
+        the limits set for the round; the group takes its first peer's); a round that ran but
         returned no group (it ended in an error) is taken to have had every replica we counted."""
         if self.closing:
             return RoundOutcome(0)
@@ -322,9 +326,9 @@ class ReplicaAverager:
         try:
             # the wait for the result is bounded, so a shutdown mid-round cannot leave this thread
             # (and the process's exit) waiting forever on a helper that is gone
-            control = self._control = self.averager.step(gather={"fragment": proposal, "part_bytes": part_bytes},
-                                                         timeout=self.settings.gather_s,
-                                                         allow_retries=True, wait=False)
+            control = self._control = self.averager.step(gather=self.averager.proposal(proposal),
+                                                         timeout=self.settings.gather_s, allow_retries=True,
+                                                         wait=False)
             group = control.result(timeout=self.settings.gather_s + self.averager.limits[3].item() + 5.0)
         except Exception as e:
             _cancel(control)
