@@ -47,7 +47,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ from bench.plotting import line_plot, machine_info, markdown_table, smooth, writ
 from node.args import parse_run_config
 from node.runtime import identity_peer_id
 from node.lifeline import descendants
-from node.local_swarm import Swarm, tail
+from node.local_swarm import Swarm, tail, terminate
 
 SIZES = {
     "quick": dict(argv=["--d-model", "64", "--layers", "3", "--heads", "2", "--ratio", "16", "--seq-len", "32",
@@ -196,15 +195,8 @@ class ChurnSwarm:
     def stop_trainers(self, timeout: float = 90) -> None:
         """SIGTERM the live trainers: each finishes its step and writes its summary. (Not SIGINT: a node
         started from a background job inherits SIGINT ignored.)"""
-        live = [n["proc"] for k, n in self.nodes.items() if n["stage"] == 0 and self.alive(k)]
-        for proc in live:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in live:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:  # the swarm's stop ends it
-                pass
+        # one that does not stop within `timeout` is ended by the swarm's stop
+        terminate([n["proc"] for k, n in self.nodes.items() if n["stage"] == 0 and self.alive(k)], timeout)
 
 
 def clock() -> str:

@@ -112,10 +112,11 @@ class Swarm:
         stop_processes([proc for _, proc, _ in self.procs], grace)
 
 
-def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
-    """SIGTERM each node's main process (it stops its own hivemind helpers in order), wait, then
-    SIGKILL whatever is left in its process group: no orphan p2pd or workers."""
-    for proc in reversed(procs):
+def terminate(procs, grace: float) -> None:
+    """SIGTERM each live process in turn (a node stops its own hivemind helpers in order, a trainer
+    finishes its step and writes its summary), then wait up to `grace` seconds for them all."""
+    procs = list(procs)
+    for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -124,6 +125,12 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+    """SIGTERM each node's main process, last started first, wait, then SIGKILL whatever is left in
+    its process group: no orphan p2pd or workers."""
+    terminate(reversed(procs), grace)
     for proc in procs:
         _signal_group(proc, signal.SIGKILL)  # the group may still hold hivemind helpers
         try:
