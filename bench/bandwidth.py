@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.netns import NetnsLab, measure_throughput_mbit, prepare
+from bench.netns import CONGESTION, NetnsLab, measure_throughput_mbit, prepare
 from bench.plotting import line_plot, machine_info, markdown_table, steady_tokens_per_s, write_json
 from node.runtime import identity_peer_id
 from node.local_swarm import Swarm, tail
@@ -85,11 +85,13 @@ def lab_hosts(n_stages: int, per_stage: int) -> list[tuple[str, int]]:
 
 
 def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget: float, per_stage: int = 1,
-                 node_args: tuple = (), rtt_ms: float = 0.0, queue_ms: float = 50.0) -> dict:
+                 node_args: tuple = (), rtt_ms: float = 0.0, queue_ms: float = 50.0,
+                 congestion: str | None = CONGESTION) -> dict:
     """One swarm on the route, every node (bootstrap, `per_stage` trainers, `per_stage` replicas of every
     later stage) in its own namespace; trains `steps` steps or until the time budget; `node_args` go to
     every join; `rtt_ms` > 0 adds that round-trip time between every two nodes (NetnsLab's delay line);
-    `queue_ms`: how many ms of its rate each tbf queues (NetnsLab's latency_ms).
+    `queue_ms`: how many ms of its rate each tbf queues (NetnsLab's latency_ms); `congestion`: the
+    hosts' TCP congestion control (NetnsLab's).
     Returns the trainers' summaries, each node's peer id, its link's bytes while training
     (`iface`) and the machine's CPU busy share meanwhile (`cpu_busy`), or `error`."""
     hosts = lab_hosts(run.model.n_stages, per_stage)
@@ -97,7 +99,8 @@ def swarm_in_lab(run: RunConfig, rate: float, workdir: Path, steps: int, budget:
     run_dir.mkdir(parents=True)
     ids = {name: identity_peer_id(str(run_dir / f"{name}.id")) for name, _ in hosts}
     run = replace(run, train=replace(run.train, trainers=tuple(ids[f"trainer{r}"] for r in range(per_stage))))
-    with NetnsLab(len(hosts) + 1, rate_mbit=rate or None, rtt_ms=rtt_ms, latency_ms=queue_ms, count_peers=True) as lab:
+    with NetnsLab(len(hosts) + 1, rate_mbit=rate or None, rtt_ms=rtt_ms, latency_ms=queue_ms, count_peers=True,
+                   congestion=congestion) as lab:
         swarm = Swarm(run_dir, threads=1, run=run)
         wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731
         try:

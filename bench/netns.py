@@ -92,6 +92,15 @@ def _delete_netns(ns: str) -> None:
     _run(["ip", "netns", "delete", ns], check=False)
 
 
+# Hosts run a loss-based TCP, as volunteers' machines do: CUBIC is Linux's, Windows' and macOS's
+# default, and at these links' few-packet windows it runs in its Reno-friendly region; reno stands in
+# because a namespace may only pick from the machine's allowed list (here "reno bbr"). The machine this
+# lab was built on defaults to bbr: BBRv1 on a tbf measured bandwidths 10x the link and overshot its
+# few-packet queue, so 34-67% of what nodes sent was dropped, and connections closed mid-transfer
+# when a write waited past libp2p's 10 s (bench.scaling --congestion bbr shows it).
+CONGESTION = "reno"
+
+
 def tbf_burst_bytes(rate_mbit: float) -> int:
     """tbf bucket size: one 250 Hz tick of traffic (4 ms), at least 4 KiB.
 
@@ -129,7 +138,8 @@ class NetnsLab:
     def __init__(self, n_hosts: int, rate_mbit: float | None = None, prefix: str | None = None,
                  subnet: str = "10.77.0.0/24", latency_ms: float = 50.0, grace_s: float = 3.0,
                  rtt_ms: float = 0.0, one_way_ms: dict[tuple[int, int], float] | None = None,
-                 count_peers: bool = False):
+                 count_peers: bool = False, congestion: str | None = CONGESTION):
+        self.congestion = congestion  # every host's TCP congestion control (None: the machine's default)
         self.count_peers = count_peers  # per-peer byte counters (iptables) in every host: peer_bytes()
         self.prefix = prefix or PREFIX
         if not re.fullmatch(r"[a-z]{1,8}", self.prefix):
@@ -207,6 +217,8 @@ class NetnsLab:
                 self._ip(sw, "rule", "add", "iif", f"p{i}", "lookup", DELAY_TABLE, "pref", "100")
             else:
                 self._ip(sw, "link", "set", f"p{i}", "master", "br0", "up")
+            if self.congestion:
+                self._sysctl(h.name, f"net.ipv4.tcp_congestion_control={self.congestion}")
             self._ip(h.name, "addr", "add", f"{h.ip}/{self.net.prefixlen}", "dev", "eth0")
             self._ip(h.name, "link", "set", "eth0", "up")
             if self.rate_mbit is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from statistics import mean
 
 from bench.bandwidth import compute_bound, parse_bench_args, swarm_in_lab
+from bench.netns import CONGESTION
 from bench.plotting import line_plot, machine_info, markdown_table, steady_part, steady_tokens_per_s, write_json
 from node.args import positive_seconds
 from node.settings import RecordSettings
@@ -151,16 +152,16 @@ def framing_overhead(nodes: list[dict]) -> float:
 
 
 def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float, overhead: float | None,
-            announce_s: float, rtt_ms: float = 0.0, queue_ms: float = 50.0) -> dict:
+            announce_s: float, rtt_ms: float = 0.0, queue_ms: float = 50.0, congestion: str = CONGESTION) -> dict:
     """One row: train in the lab, then turn the summary and the interface counters into figures."""
     run = run_config(size, every)
     row = {"per_stage": per_stage, "average_every": every, "link_mbit": size["rate"], "compute_bound_tokens_per_s":
            limit, "predicted_link_bound_tokens_per_s": predicted_link_bound(run.model, size["rate"], per_stage),
-           "announce_period_s": announce_s, "rtt_ms": rtt_ms, "queue_ms": queue_ms}
+           "announce_period_s": announce_s, "rtt_ms": rtt_ms, "queue_ms": queue_ms, "congestion": congestion}
     row["bound"] = "compute" if row["predicted_link_bound_tokens_per_s"] > limit else "link"
     res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage,
                        node_args=("--announce-period", str(announce_s), "--link-mbit", f"{size['rate']:g}"),
-                       rtt_ms=rtt_ms, queue_ms=queue_ms)
+                       rtt_ms=rtt_ms, queue_ms=queue_ms, congestion=congestion)
     if "error" in res or res["summaries"][0].get("error"):
         return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
     summaries = res["summaries"]
@@ -300,6 +301,9 @@ def main(argv=None) -> int:
     p.add_argument("--queue-ms", type=float, default=50.0, metavar="MS",
                    help="every tbf's queue in ms of its rate (default 50: ~7 kB at 0.5 Mbit/s, shallow; home "
                         "routers often buffer 100s of ms)")
+    p.add_argument("--congestion", default=CONGESTION, choices=("reno", "bbr"),
+                   help="every node's TCP congestion control (default %(default)s: loss-based, as volunteers' "
+                        "CUBIC; bbr shows what BBRv1 does to the lab's short queues)")
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/scaling.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
@@ -312,7 +316,7 @@ def main(argv=None) -> int:
         for per_stage, every in size["runs"]:
             print(f"[{per_stage} per stage, average_every {every}, {size['rate']:g} Mbit/s]", file=sys.stderr, flush=True)
             runs.append(measure(size, per_stage, every, Path(args.keep or tmp), limit, overhead, args.announce_period,
-                                args.rtt_ms, args.queue_ms))
+                                args.rtt_ms, args.queue_ms, args.congestion))
             if per_stage == 1 and "framing_overhead" in runs[-1]:
                 overhead = runs[-1]["framing_overhead"]  # no averaging with one replica: the baseline
     speedup, verdict = verdicts(runs)
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
           f"batch {size['batch']}x{size['seq']} in {size['micro']} microbatches; records stored every "
           f"{args.announce_period:g} s; tbf both ways, "
           f"{f'{args.rtt_ms:g} ms RTT added (delay line)' if args.rtt_ms else 'no latency emulation'}; "
-          f"tbf queues {args.queue_ms:g} ms; "
+          f"tbf queues {args.queue_ms:g} ms; TCP {args.congestion}; "
           f"B/tok = bytes sent + received per token the node handled\n\n{text}\n\nWhere the links go (B per handled "
           f"token; received = what crossed the node's downlink):\n\n{traffic}\n\n" + "\n".join(verdict))
     png = args.png_out or str(Path(args.json_out).with_suffix(".png"))

@@ -41,6 +41,18 @@ def test_shaped_rate_is_accurate():
     assert got == pytest.approx(10, rel=0.2), got
 
 
+def test_hosts_run_the_labs_congestion_control_not_the_machines():
+    def congestion(lab):
+        return [subprocess.run(["ip", "netns", "exec", h.name, "sysctl", "-n", "net.ipv4.tcp_congestion_control"],
+                               capture_output=True, text=True, check=True).stdout.strip() for h in lab.hosts]
+
+    with NetnsLab(2, congestion="reno") as lab:
+        assert congestion(lab) == ["reno", "reno"]
+    machines = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()  # here: bbr
+    with NetnsLab(1, congestion=machines) as lab:
+        assert congestion(lab) == [machines]
+
+
 def test_link_bytes_count_the_traffic_of_each_host():
     with NetnsLab(3, rate_mbit=10, count_peers=True) as lab:
         before = [lab.link_bytes(i) for i in range(3)]
