@@ -1,7 +1,7 @@
 """What one replica-averaging round costs a stage, computed (not measured) from the scheme's
 arithmetic (swarm/averaging_plan.py): bytes one replica sends plus receives per round, and the
-seconds its link needs for them, under today's scheme (fp16, one fragment per round) next to the
-fp32 all-reduce of everything that ran before it.
+seconds its link needs for them, under today's scheme (fp16, one fragment per round, paced to a share
+of the link) next to the fp32 all-reduce of everything that ran before it.
 
     python -m bench.averaging_cost [--params N] [--group G] [--links 10,100] [--json-out F]
 
@@ -15,19 +15,21 @@ import sys
 from pathlib import Path
 
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
-from swarm.averaging_plan import FP32_BYTES, WIRE_BYTES, fragment_count, round_cost
+from swarm.averaging_plan import BUDGET_SHARE, FP32_BYTES, WIRE_BYTES, fragment_count, round_cost
 
-SCHEMES = (("fp32 all-reduce, all at once (before)", FP32_BYTES, False),
-           ("fp16, all at once", WIRE_BYTES, False),
-           ("fp16, one fragment per round (now)", WIRE_BYTES, True))
+SCHEMES = (("fp32 all-reduce, all at once, whole link (before)", FP32_BYTES, False, 1.0),
+           ("fp16, all at once, whole link", WIRE_BYTES, False, 1.0),
+           ("fp16, one fragment per round, whole link", WIRE_BYTES, True, 1.0),
+           (f"fp16, one fragment per round, paced to {BUDGET_SHARE:.0%} of the link (now)", WIRE_BYTES, True,
+            BUDGET_SHARE))
 
 
 def rows_for(params: int, group: int, links: list[float]) -> list[dict]:
     out = []
     for link in links:
-        for name, width, fragmented in SCHEMES:
+        for name, width, fragmented, share in SCHEMES:
             fragments = fragment_count(params) if fragmented else 1
-            out.append({"scheme": name, **round_cost(params, group, link, width, fragments)})
+            out.append({"scheme": name, **round_cost(params, group, link, width, fragments, share)})
     return out
 
 
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
                                "computed": True, "machine": machine_info(),
                                "command": " ".join(["python -m bench.averaging_cost", *(argv or sys.argv[1:])])})
     series = [{"label": name, "x": links, "y": [r["round_s"] for r in rows if r["scheme"] == name],
-               "style": {"marker": "o"}} for name, _, _ in SCHEMES]
+               "style": {"marker": "o"}} for name, *_ in SCHEMES]
     line_plot(str(Path(args.json_out).with_suffix(".png")),
               [{"title": f"seconds per averaging round, {args.params / 1e6:g}M-parameter stage", "xlabel": "Mbit/s",
                 "ylabel": "seconds (log)", "series": series, "logy": True, "logx": True}])

@@ -26,6 +26,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import InvalidStateError as FutureStateError
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -41,13 +42,14 @@ from hivemind.utils.asyncio import as_aiter, azip
 
 from node.lifeline import watch_parent
 from node.settings import AveragingSettings
-from swarm.averaging_plan import (MAX_PART, MIN_PART, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
+from swarm.averaging_plan import (MAX_PART, MIN_PART, WINDOW_PARTS, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
                                   round_wire_bytes, split_fragments)
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TAU = default_tau(3e-3, 10)
+WINDOW_POLL_S = 0.05  # how often a sender at its window looks for returned results
 
 
 class RobustPartReducer(TensorPartReducer):
@@ -110,14 +112,47 @@ class RobustPartReducer(TensorPartReducer):
         super().finalize()
 
 
+async def paced(messages, rate_Bps: float | None, returned=None, window: int = WINDOW_PARTS):
+    """All-reduce messages for one reducer, each yielded once the tensor bytes before it fit `rate_Bps`
+    (None: no pace) and, if `returned()` counts the results that reducer sent back, once fewer than
+    `window` parts are out without theirs: what waits in the connection stays a few parts, whatever
+    the link does meanwhile, so no write of the connection has to wait for a stalled TCP."""
+    start, sent, count = time.monotonic(), 0, 0
+    async for message in messages:
+        if rate_Bps:
+            await asyncio.sleep(max(0.0, start + sent / rate_Bps - time.monotonic()))
+        while returned is not None and count - returned() >= window:
+            await asyncio.sleep(WINDOW_POLL_S)
+        sent, count = sent + len(message.tensor_part.buffer), count + 1
+        yield message
+
+
 class RobustAllReduceRunner(AllReduceRunner):
-    def __init__(self, *, tau: float, iters: int, **kwargs):
+    """hivemind's all-reduce with RobustPartReducer, sending its parts at `send_Bps` (all reducers
+    together), a few parts ahead of the results, instead of as fast as the connection takes them:
+    a fragment pushed at once sits in TCP's send buffer of a busy link, and a write blocked 5-10 s
+    makes libp2p's yamux close the connection, every stream on it, mid-round."""
+
+    def __init__(self, *, tau: float, iters: int, send_Bps: float | None = None, **kwargs):
         super().__init__(**kwargs)
         plain = self.tensor_part_reducer
         plain.finished.set()  # retire it quietly (its finalize would warn that it received nothing)
         own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
         self.tensor_part_reducer = RobustPartReducer(plain.part_shapes, plain.num_senders, own_index=own,
                                                      tau=tau, iters=iters)
+        reducers = sum(1 for p, f in zip(self.ordered_peer_ids, self.peer_fractions) if f > 0 and p != self.peer_id)
+        self.per_reducer_Bps = send_Bps / max(reducers, 1) if send_Bps else None
+
+    def _results_from(self, peer_index: int) -> int:
+        """Results (averaged parts) the reducer at `peer_index` has sent back so far (read from hivemind's
+        container, which counts them in order)."""
+        return self.tensor_part_container._outputs_registered_by_peer[peer_index]
+
+    def _generate_input_for_peer(self, peer_index: int):
+        # a peer whose results come only after it sent everything (hivemind's client mode) has no window
+        windowed = not self.should_delay_results(self.peer_id)
+        return paced(super()._generate_input_for_peer(peer_index), self.per_reducer_Bps,
+                     (lambda: self._results_from(peer_index)) if windowed else None)
 
 
 def _equal_shares(peer_fractions) -> tuple:
@@ -138,7 +173,7 @@ class RobustAverager(DecentralizedAverager):
         self.fragments = [list(f) for f in fragments] if fragments else [list(range(len(averaged_tensors)))]
         # shared with the averager's process: the node writes the next round's limits (NaN: the
         # constructor's), the averager writes [fragment, fraction of it received, all-reduce seconds]
-        self.limits = torch.full((4,), float("nan"), dtype=torch.float64).share_memory_()
+        self.limits = torch.full((5,), float("nan"), dtype=torch.float64).share_memory_()
         self.report = torch.full((3,), float("nan"), dtype=torch.float64).share_memory_()
         super().__init__(averaged_tensors, dht, start=False, **kwargs)
         if start:
@@ -148,9 +183,19 @@ class RobustAverager(DecentralizedAverager):
         watch_parent(self._node_pid)  # exit with the node's main process, however it dies
         super().run()
 
+    async def _step(self, *, step, **kwargs):
+        """hivemind's, quiet about a round the node cancelled (at its shutdown) while the all-reduce
+        ran: hivemind then sets the result of the cancelled future, and its task's error was logged
+        as "Task exception was never retrieved" with a traceback, at every stop mid-round."""
+        try:
+            await super()._step(step=step, **kwargs)
+        except FutureStateError:
+            if not step.cancelled():
+                raise
+
     def set_limits(self, limits: RoundLimits) -> None:
         self.limits.copy_(torch.tensor([limits.part_bytes, limits.sender_timeout_s, limits.reducer_timeout_s,
-                                        limits.allreduce_timeout_s], dtype=torch.float64))
+                                        limits.allreduce_timeout_s, limits.send_Bps], dtype=torch.float64))
 
     def proposal(self, fragment: int) -> dict:
         """What this member proposes for the round (its gathered data): the fragment, and the part size
@@ -177,10 +222,10 @@ class RobustAverager(DecentralizedAverager):
         tensors = [tensors[i] for i in chosen]
         if kwargs.get("tensor_infos") is not None:
             kwargs["tensor_infos"] = tuple(kwargs["tensor_infos"][i] for i in chosen)
-        part_bytes, sender_s, reducer_s, total_s = self.limits.tolist()
-        if not math.isnan(part_bytes):  # timeouts are our own; the part size is the group's
+        part_bytes, sender_s, reducer_s, total_s, send_Bps = self.limits.tolist()
+        if not math.isnan(part_bytes):  # timeouts and pace are our own; the part size is the group's
             kwargs.update(part_size_bytes=agreed_part or int(part_bytes), sender_timeout=sender_s,
-                          reducer_timeout=reducer_s)
+                          reducer_timeout=reducer_s, send_Bps=send_Bps)
         kwargs["peer_fractions"] = _equal_shares(kwargs["peer_fractions"])
         group_id = group_info.group_id if group_id is None else group_id
         runner = RobustAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
@@ -269,7 +314,7 @@ class ReplicaAverager:
         self.fragments = split_fragments(numels, fragment_count(sum(numels)))
         self.fragment_params = [sum(numels[i] for i in f) for f in self.fragments]
         self.next_fragment = 0
-        self.link = LinkRate(mbit(settings.link_mbit))
+        self.link = LinkRate(mbit(settings.link_mbit), settings.link_share)
         self.distance: float | None = None   # at the last round that brought anything back
         self.distance_max = 0.0
         self.tau = tau if tau is not None else DEFAULT_TAU
@@ -383,7 +428,7 @@ class ReplicaAverager:
         m.avg_seconds.set(outcome.seconds)
         if outcome.complete:
             m.avg_rounds.inc()
-            self.link.observe(whole, outcome.seconds)
+            self.link.complete()
         else:
             m.avg_partial.inc()
             self.link.incomplete(whole * outcome.received, outcome.seconds)

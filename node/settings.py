@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.admission import BAD_PEER_BAN_S, BAD_REQUESTS, BAD_WINDOW_S, JOINERS, STATE_OTHERS, STRANGERS
+from swarm.averaging_plan import BUDGET_SHARE
 from swarm.config import DEFAULT_RUN_ID, TrainConfig
 from swarm.deadlines import RETRY_BASE_S, RETRY_CAP_S
 from swarm.routing import BAN_BASE_S, BAN_MAX_S
@@ -58,6 +59,17 @@ def positive_seconds(text) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def link_fraction(text) -> float:
+    """argparse type: a share of a link, above 0 and at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share of the link above 0 and at most 1, got {text!r}")
     return value
 
 
@@ -247,6 +259,9 @@ class AveragingSettings:
     link_mbit: float = setting(10.0, "this node's link rate per direction, in Mbit/s: replica averaging sizes its "
                                      "parts and timeouts from it until its own rounds have measured the link",
                                group=ADVANCED, metavar="MBIT")
+    link_share: float = setting(BUDGET_SHARE, "the share of that link replica averaging may use per direction: "
+                                              "its rounds are paced to it", group=ADVANCED, type=link_fraction,
+                                metavar="F")
     gather_s: float = setting(60.0, "an averaging round waits this long for the stage's other replicas (they "
                                     "reach their rounds at different moments)", group=ADVANCED, metavar="S",
                               hidden=True)

@@ -17,8 +17,11 @@ from typing import Sequence
 WIRE_BYTES = 2                    # fp16 on the wire (hivemind's Float16Compression)
 FP32_BYTES = 4                    # what the all-reduce sent before this scheme
 FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 32 MB in fp16, ~26 s at 10 Mbit/s
-PART_S = 2.0                      # target seconds on the link for one all-reduce part
-MIN_PART, MAX_PART = 16 << 10, 4 << 20
+PART_S = 1.0                      # a part takes about this long to one reducer at the paced rate
+# small parts: a sender's link may drain a few kB/s while the codes keep it full, and libp2p's yamux
+# closes a whole connection (every stream on it) when one write to TCP blocks 5-10 s
+MIN_PART, MAX_PART = 4 << 10, 4 << 20
+WINDOW_PARTS = 2                  # parts a sender has out to one reducer before their results return
 SLACK = 3.0                       # a round may take this many times its expected transfer time
 FLOOR_S = 5.0                     # plus this (matchmaking's last messages, the reducers' compute, RTTs)
 # a part may wait this long beyond its transfer: its sender's link is busy with codes and its CPU
@@ -29,11 +32,14 @@ PART_FLOOR_S = 20.0
 # more than its transfer (measured: middle replicas' senders dropped after 22-24 s with 30-46% of
 # their segments retransmitted). The round's own timeout still bounds the round.
 SILENCE_SHARE = 0.5
-MIN_RATE = 8_000.0                # bytes/s: estimates never go below 64 kbit/s
-# The share of a link averaging is budgeted: on a link the codes keep busy (a link-bound pipeline
-# is the point of the design) averaging's flows get only what TCP leaves them, so a round is sized
-# for this share of the declared rate, not all of it (measured: 10-15 kB/s of a busy 62.5 kB/s).
+MIN_RATE = 4_000.0                # bytes/s: estimates never go below 32 kbit/s
+# The share of a link averaging is budgeted, per direction: on a link the codes keep busy (a link-bound
+# pipeline is the point of the design) averaging's flows get only what TCP leaves them, so a round is
+# paced to this share of the declared rate, not all of it (measured: 10-15 kB/s of a busy 62.5 kB/s).
+# Unpaced, a round pushed a whole fragment into one TCP connection at once; it drained at 1-2 kB/s on a
+# busy 0.5 Mbit/s link, a write blocked past yamux's 10 s, and the connection closed mid-round.
 BUDGET_SHARE = 0.1
+GROWTH = 1.25                     # a complete round raises the rate by this factor, up to the budget
 
 
 def fragment_count(total_params: int, fragment_params: int = FRAGMENT_PARAMS) -> int:
@@ -60,10 +66,12 @@ def split_fragments(numels: Sequence[int], count: int) -> list[list[int]]:
 
 def round_wire_bytes(params: int, group: int, bytes_per_value: int = WIRE_BYTES) -> int:
     """Bytes one replica sends plus receives in a butterfly all-reduce of `params` values among
-    `group` replicas: (g-1)/g of its values go out to their reducers, as many come back as deltas."""
+    `group` replicas. As a sender, (g-1)/g of its values go out to their reducers and as many come
+    back as deltas; as the reducer of its own 1/g, it receives the g-1 others' copies of that part and
+    returns each its delta. So (g-1)/g of the values twice in each direction."""
     if group < 2:
         return 0
-    return 2 * params * bytes_per_value * (group - 1) // group
+    return 4 * params * bytes_per_value * (group - 1) // group
 
 
 def transfer_s(params: int, group: int, rate_Bps: float, bytes_per_value: int = WIRE_BYTES) -> float:
@@ -75,38 +83,42 @@ def transfer_s(params: int, group: int, rate_Bps: float, bytes_per_value: int = 
 class RoundLimits:
     """hivemind's all-reduce settings for one round, sized to the link instead of fixed seconds."""
     part_bytes: int
+    send_Bps: float           # a replica sends its own parts at this rate (all reducers together); the
+                              # deltas it returns as a reducer mirror its senders' pace: its uplink
+                              # carries about twice this, the round's rate
     sender_timeout_s: float   # a sender whose next part does not come within this is dropped
     reducer_timeout_s: float  # likewise for a reducer's next averaged part
     allreduce_timeout_s: float
 
 
 def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
-    """Part size and timeouts for averaging `params` values among `group` replicas on a link of
-    `rate_Bps`: a part takes PART_S there; a sender shares its link with the group's other g-1
-    reducers, so its next part to one of them comes after (g-1) parts' time; a silent sender is
-    dropped only after half the round."""
+    """Part size, pace and timeouts for averaging `params` values among `group` replicas at `rate_Bps`
+    per direction: own parts go out at half that rate (the returned deltas take the other half), split
+    over the g-1 other reducers, a part taking PART_S to one of them; a silent sender is dropped only
+    after half the round."""
     rate = max(rate_Bps, MIN_RATE)
-    part = int(min(MAX_PART, max(MIN_PART, rate * PART_S)))
-    between_parts = part * max(group - 1, 1) / rate
+    send = rate / 2
+    part = int(min(MAX_PART, max(MIN_PART, send / max(group - 1, 1) * PART_S)))
+    between_parts = part * max(group - 1, 1) / send
     total = FLOOR_S + SLACK * transfer_s(params, max(group, 2), rate)
     sender = max(PART_FLOOR_S + SLACK * between_parts, SILENCE_SHARE * total)
-    return RoundLimits(part_bytes=part, sender_timeout_s=sender, reducer_timeout_s=2 * sender,
+    return RoundLimits(part_bytes=part, send_Bps=send, sender_timeout_s=sender, reducer_timeout_s=2 * sender,
                        allreduce_timeout_s=total)
 
 
 class LinkRate:
-    """What the averaging's share of this node's link is believed to carry, in bytes/s per direction.
-    Starts at BUDGET_SHARE of the declared rate; each complete round replaces it with a moving average of what the
-    round achieved; a round that did not complete halves it, or falls to what it did achieve if that
-    was less, so the next round's timeouts grow at once to what the link showed."""
+    """The rate, in bytes/s per direction, averaging paces its rounds to (and sizes their timeouts
+    for). Starts at the budget, BUDGET_SHARE of the declared rate; like TCP's congestion window it
+    grows by GROWTH after each complete round, back up to the budget, and a round that did not complete
+    halves it, or lowers it to what that round did achieve if that was less, so the next round sends
+    more gently and its timeouts grow at once to what the link showed."""
 
-    def __init__(self, declared_Bps: float, weight: float = 0.5):
-        self.Bps, self.weight = max(float(declared_Bps) * BUDGET_SHARE, MIN_RATE), weight
+    def __init__(self, declared_Bps: float, share: float = BUDGET_SHARE):
+        self.budget = max(float(declared_Bps) * share, MIN_RATE)
+        self.Bps = self.budget
 
-    def observe(self, wire_bytes: int, seconds: float) -> None:
-        if wire_bytes > 0 and seconds > 0:
-            achieved = wire_bytes / 2 / seconds  # both directions at once
-            self.Bps = max(MIN_RATE, (1 - self.weight) * self.Bps + self.weight * achieved)
+    def complete(self) -> None:
+        self.Bps = min(self.budget, self.Bps * GROWTH)
 
     def incomplete(self, wire_bytes: int = 0, seconds: float = 0.0) -> None:
         achieved = wire_bytes / 2 / seconds if wire_bytes > 0 and seconds > 0 else float("inf")
@@ -118,10 +130,13 @@ def mbit(rate_mbit: float) -> float:
     return rate_mbit * 1e6 / 8
 
 
-def round_cost(params: int, group: int, rate_mbit: float, bytes_per_value: int, fragments: int = 1) -> dict:
-    """One round's bytes and transfer seconds for one replica (README's computed table)."""
-    per_round = math.ceil(params / fragments)
+def round_cost(params: int, group: int, rate_mbit: float, bytes_per_value: int, fragments: int = 1,
+               share: float = 1.0) -> dict:
+    """One round's bytes and transfer seconds for one replica using `share` of its link (README's
+    computed table)."""
+    per_round, rate = math.ceil(params / fragments), mbit(rate_mbit) * share
     return {"params": params, "group": group, "link_mbit": rate_mbit, "bytes_per_value": bytes_per_value,
-            "fragments": fragments, "round_bytes": round_wire_bytes(per_round, group, bytes_per_value),
-            "round_s": transfer_s(per_round, group, mbit(rate_mbit), bytes_per_value),
-            "all_fragments_s": transfer_s(params, group, mbit(rate_mbit), bytes_per_value)}
+            "fragments": fragments, "link_share": share,
+            "round_bytes": round_wire_bytes(per_round, group, bytes_per_value),
+            "round_s": transfer_s(per_round, group, rate, bytes_per_value),
+            "all_fragments_s": transfer_s(params, group, rate, bytes_per_value)}

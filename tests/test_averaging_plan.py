@@ -1,8 +1,9 @@
 """The averaging scheme's arithmetic (swarm/averaging_plan.py): fragments, bytes, limits, link rate."""
 import pytest
 
-from swarm.averaging_plan import (BUDGET_SHARE, FRAGMENT_PARAMS, LinkRate, fragment_count, mbit, round_cost, round_limits,
-                                  round_wire_bytes, split_fragments, transfer_s)
+from swarm.averaging_plan import (BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, LinkRate,
+                                  fragment_count, mbit, round_cost, round_limits, round_wire_bytes, split_fragments,
+                                  transfer_s)
 
 
 @pytest.mark.parametrize("numels,count", [([10] * 4, 2), ([100, 1, 1, 1], 3), ([1, 1, 1, 100], 2), ([5], 3),
@@ -27,9 +28,11 @@ def test_fragment_count_follows_parameters():
 
 def test_round_bytes_of_a_butterfly_all_reduce():
     assert round_wire_bytes(1000, 1) == 0  # alone: nothing to send
-    assert round_wire_bytes(1000, 2) == 2000  # half out in fp16, half back
-    assert round_wire_bytes(1000, 4, bytes_per_value=4) == 6000  # 3/4 out and back in fp32
-    assert transfer_s(1_000_000, 2, mbit(8)) == pytest.approx(1.0)  # 1 MB each way at 1 MB/s
+    # fp16, 2 replicas: half the values out to the other reducer, their deltas back, and the other's
+    # copy of our half in, its delta out: 1000 B each of four ways
+    assert round_wire_bytes(1000, 2) == 4000
+    assert round_wire_bytes(1000, 4, bytes_per_value=4) == 12000  # 3/4, four ways, in fp32
+    assert transfer_s(1_000_000, 2, mbit(8)) == pytest.approx(2.0)  # 2 MB each way at 1 MB/s
 
 
 def test_limits_grow_with_the_fragment_and_shrink_with_the_link():
@@ -39,34 +42,46 @@ def test_limits_grow_with_the_fragment_and_shrink_with_the_link():
     # a round's timeout covers its transfer at the link's rate with room to spare
     assert slow.allreduce_timeout_s > 2 * transfer_s(250_000, 2, mbit(0.5))
     big = round_limits(16_000_000, 2, mbit(0.5))
-    assert big.allreduce_timeout_s > 400  # 32 MB at 62.5 kB/s is 256 s each way: no fixed 8 s
-    assert round_limits(1, 8, mbit(0.5)).sender_timeout_s > round_limits(1, 2, mbit(0.5)).sender_timeout_s
+    assert big.allreduce_timeout_s > 800  # 32 MB at 62.5 kB/s is 512 s each way: no fixed 8 s
+    # parts are cut to each reducer's share of the pace: the next part to one comes as soon in a group of 8
+    assert round_limits(1, 8, mbit(0.5)).sender_timeout_s == pytest.approx(round_limits(1, 2, mbit(0.5)).sender_timeout_s, rel=1e-3)
     # a sender on a busy link may fall silent for half the round before it is dropped
     assert big.sender_timeout_s >= 0.5 * big.allreduce_timeout_s
     assert big.sender_timeout_s < big.reducer_timeout_s
 
 
-def test_link_rate_learns_from_rounds_and_backs_off_on_incomplete_ones():
+def test_rounds_are_paced_to_the_rate_in_small_parts():
+    slow = round_limits(262_000, 2, mbit(0.5) * BUDGET_SHARE)
+    assert slow.send_Bps == pytest.approx(max(MIN_RATE, mbit(0.5) * BUDGET_SHARE) / 2)  # deltas take the rest
+    assert slow.part_bytes == MIN_PART  # a few kB: one write never waits long on a busy link
+    three = round_limits(262_000, 3, mbit(100) * BUDGET_SHARE)
+    assert three.part_bytes == pytest.approx(three.send_Bps / 2 * PART_S, rel=1e-3)  # two reducers share it
+    # the round's timeout covers its transfer at the paced rate with room to spare
+    assert slow.allreduce_timeout_s > 2 * round_wire_bytes(262_000, 2) / 2 / max(MIN_RATE, mbit(0.5) * BUDGET_SHARE)
+
+
+def test_link_rate_backs_off_on_incomplete_rounds_and_grows_back_to_its_budget():
     link = LinkRate(mbit(10))
-    assert link.Bps == pytest.approx(BUDGET_SHARE * mbit(10))  # averaging's budgeted share of the link
-    link.observe(wire_bytes=2_000_000, seconds=10.0)  # achieved 100 kB/s each way
-    assert 100_000 < link.Bps < BUDGET_SHARE * mbit(10)
-    for _ in range(20):
-        link.observe(2_000_000, 10.0)
-    assert link.Bps == pytest.approx(100_000, rel=1e-3)
+    assert link.Bps == link.budget == pytest.approx(BUDGET_SHARE * mbit(10))  # averaging's share of the link
+    assert LinkRate(mbit(10), share=0.3).budget == pytest.approx(0.3 * mbit(10))
     link.incomplete()
-    assert link.Bps == pytest.approx(50_000, rel=1e-3)
+    assert link.Bps == pytest.approx(link.budget / 2)
     link.incomplete(wire_bytes=200_000, seconds=10.0)  # a partial round that moved 10 kB/s each way
     assert link.Bps == pytest.approx(10_000, rel=1e-3)
+    link.complete()
+    assert link.Bps == pytest.approx(10_000 * GROWTH, rel=1e-3)
+    for _ in range(30):
+        link.complete()
+    assert link.Bps == pytest.approx(link.budget)  # never above the budget
     for _ in range(100):
         link.incomplete()
-    assert link.Bps > 0  # floored, never zero
+    assert link.Bps == MIN_RATE  # floored, never zero
 
 
 def test_cost_table_halves_bytes_in_fp16_and_fragments_cut_rounds():
     fp32, fp16, frag = (round_cost(250_000_000, 2, 10, b, f) for b, f in ((4, 1), (2, 1), (2, 16)))
-    assert fp32["round_bytes"] == 2 * fp16["round_bytes"] == 1_000_000_000
-    assert fp32["round_s"] == pytest.approx(400)  # 500 MB each way at 1.25 MB/s
+    assert fp32["round_bytes"] == 2 * fp16["round_bytes"] == 2_000_000_000
+    assert fp32["round_s"] == pytest.approx(800)  # 1 GB each way at 1.25 MB/s
     assert frag["round_s"] == pytest.approx(fp16["round_s"] / 16) and frag["all_fragments_s"] == fp16["round_s"]
 
 

@@ -274,7 +274,8 @@ def test_two_replicas_average_one_agreed_fragment_per_round(monkeypatch):
             for i, d in enumerate(dhts)]
     try:
         assert [len(r.fragments) for r in reps] == [3, 3]
-        reps[0].link.Bps, reps[1].link.Bps = 8_000.0, 20_000.0  # parts of 16 kB and 40 kB by their own estimate
+        # parts of 8 kB and 20 kB by their own estimates
+        reps[0].link.Bps, reps[1].link.Bps = 16_000.0, 40_000.0
 
         async def rounds():
             done = []
@@ -301,3 +302,49 @@ def test_two_replicas_average_one_agreed_fragment_per_round(monkeypatch):
         assert {r.next_fragment for r in reps} == {(int(fragments[0]) + 1) % 3}
     finally:
         _shut_down(reps, dhts, janitor)
+
+
+def test_parts_go_out_at_the_pace_and_a_window_ahead_of_their_results():
+    """A sender's parts leave at its pace (bytes before a part / rate), not as fast as the stream takes
+    them, and never more than the window ahead of the results its reducer sent back."""
+    import asyncio
+    import time
+    import types
+
+    from node.averaging import paced
+
+    async def parts():
+        for size in (4000, 4000, 2000, 6000):
+            yield types.SimpleNamespace(tensor_part=types.SimpleNamespace(buffer=b"x" * size))
+
+    async def run():
+        start, times = time.monotonic(), []
+        async for _ in paced(parts(), 20_000.0):
+            times.append(time.monotonic() - start)
+        return times
+
+    times = asyncio.run(run())
+    assert times[0] < 0.1  # the first part at once
+    for t, before in zip(times[1:], (4000, 8000, 10000)):
+        assert t >= before / 20_000 - 1e-3, times
+    assert times[-1] < 0.5 + 0.3, times  # paced, not slower
+
+    async def windowed():
+        results, out = [0], []
+
+        async def reducer():  # sends a result back 0.2 s after it has two parts (it needs its partners')
+            while len(out) < 4:
+                await asyncio.sleep(0.01)
+                if len(out) - results[0] >= 2:
+                    await asyncio.sleep(0.2)
+                    results[0] += 1
+        task = asyncio.create_task(reducer())
+        start = time.monotonic()
+        async for _ in paced(parts(), None, returned=lambda: results[0], window=2):
+            out.append((time.monotonic() - start, results[0]))
+        await task
+        return out
+
+    out = asyncio.run(windowed())
+    assert [r for _, r in out] == [0, 0, 1, 2]  # the third part waited for the first result, the 4th for the 2nd
+    assert out[1][0] < 0.1 and out[2][0] >= 0.2 and out[3][0] >= 0.4, out
