@@ -30,7 +30,7 @@ from bench.bandwidth import compute_bound, parse_bench_args, swarm_in_lab
 from bench.netns import CONGESTION
 from bench.plotting import line_plot, machine_info, markdown_table, steady_part, steady_tokens_per_s, write_json
 from node.args import positive_seconds
-from node.settings import RecordSettings
+from node.settings import AveragingSettings, RecordSettings
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.local_trainer import token_id_bytes, wire_stats
@@ -41,13 +41,15 @@ TCP_GOODPUT = 1448 / 1514  # what of a tbf rate TCP payload gets (bench/netns.py
 # cadence (TrainConfig.average_every), as a user's swarm does
 DEFAULT_EVERY = TrainConfig().average_every
 SIZES = {
+    # quick: averaging every 2 steps at half the link, so that its 10 steps hold complete rounds
     "quick": dict(d=64, layers=3, heads=2, stages=3, ratio=8, seq=64, batch=16, micro=4, rate=0.5, steps=10,
-                  warmup=2, budget=150, runs=[(1, 2), (2, 2)]),
+                  warmup=2, budget=150, runs=[(1, 2), (2, 2)], link_share=0.5),
     # (n, 0): the same row without averaging, for what averaging costs
-    "default": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=23,
-                    warmup=3, budget=240, runs=[(1, DEFAULT_EVERY), (2, DEFAULT_EVERY), (2, 0)]),
-    "scale": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=23,
-                  warmup=3, budget=300, runs=[(1, DEFAULT_EVERY), (2, DEFAULT_EVERY), (3, DEFAULT_EVERY), (2, 0),
+    # 40 steps: a round paced to the node's default share of a 0.5 Mbit/s link takes 1-2 minutes
+    "default": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=40,
+                    warmup=3, budget=420, runs=[(1, DEFAULT_EVERY), (2, DEFAULT_EVERY), (2, 0)]),
+    "scale": dict(d=128, layers=3, heads=4, stages=3, ratio=8, seq=128, batch=32, micro=8, rate=0.5, steps=40,
+                  warmup=3, budget=500, runs=[(1, DEFAULT_EVERY), (2, DEFAULT_EVERY), (3, DEFAULT_EVERY), (2, 0),
                                               (3, 0)]),
 }
 
@@ -157,10 +159,12 @@ def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float,
     run = run_config(size, every)
     row = {"per_stage": per_stage, "average_every": every, "link_mbit": size["rate"], "compute_bound_tokens_per_s":
            limit, "predicted_link_bound_tokens_per_s": predicted_link_bound(run.model, size["rate"], per_stage),
-           "announce_period_s": announce_s, "rtt_ms": rtt_ms, "queue_ms": queue_ms, "congestion": congestion}
+           "announce_period_s": announce_s, "rtt_ms": rtt_ms, "queue_ms": queue_ms, "congestion": congestion,
+           "link_share": size.get("link_share", AveragingSettings().link_share)}
     row["bound"] = "compute" if row["predicted_link_bound_tokens_per_s"] > limit else "link"
     res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage,
-                       node_args=("--announce-period", str(announce_s), "--link-mbit", f"{size['rate']:g}"),
+                       node_args=("--announce-period", str(announce_s), "--link-mbit", f"{size['rate']:g}",
+                                  *(("--link-share", f"{size['link_share']:g}") if "link_share" in size else ())),
                        rtt_ms=rtt_ms, queue_ms=queue_ms, congestion=congestion)
     if "error" in res or res["summaries"][0].get("error"):
         return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
