@@ -256,8 +256,8 @@ class TrainerSettings:
 # --- replica averaging (node/averaging.py, swarm/averaging_plan.py) -------------------------------
 @dataclass(frozen=True)
 class AveragingSettings:
-    link_mbit: float = setting(10.0, "this node's link rate per direction, in Mbit/s: replica averaging sizes its "
-                                     "parts and timeouts from it until its own rounds have measured the link",
+    link_mbit: float = setting(10.0, "this node's link rate per direction, in Mbit/s: replica averaging is paced "
+                                     "to --link-share of it",
                                group=ADVANCED, metavar="MBIT")
     link_share: float = setting(BUDGET_SHARE, "the share of that link replica averaging may use per direction: "
                                               "its rounds are paced to it", group=ADVANCED, type=link_fraction,

@@ -16,7 +16,7 @@ from typing import Sequence
 
 WIRE_BYTES = 2                    # fp16 on the wire (hivemind's Float16Compression)
 FP32_BYTES = 4                    # what the all-reduce sent before this scheme
-FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 32 MB in fp16, ~26 s at 10 Mbit/s
+FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 32 MB in fp16
 PART_S = 1.0                      # a part takes about this long to one reducer at the paced rate
 # small parts: a sender's link may drain a few kB/s while the codes keep it full, and libp2p's yamux
 # closes a whole connection (every stream on it) when one write to TCP blocks 5-10 s
