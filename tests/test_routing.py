@@ -32,7 +32,11 @@ def test_ban_duration_is_capped_and_never_overflows():
     clock = Clock()
     r = router_with(["a"], clock, ban_base_s=1.0, ban_max_s=60.0)
     rep = replicas(r, 1)[0]
-    durations = [r.failed(rep) for _ in range(5000)]  # the head died at ~1030 failures
+    durations = []
+    for _ in range(5000):  # the head died at ~1030 failures, each after its ban ended
+        durations.append(r.failed(rep))
+        clock.t += durations[-1]
+    clock.t -= durations[-1]
     assert durations[:4] == [1.0, 2.0, 4.0, 8.0]
     assert max(durations) == 60.0 and durations[-1] == 60.0
     assert rep.banned_until == clock.t + 60.0
@@ -88,9 +92,22 @@ def test_success_resets_the_ban_exponent():
     r = router_with(["a"], clock)
     rep = replicas(r, 1)[0]
     for _ in range(10):
-        r.failed(rep)
+        clock.t += r.failed(rep)
     r.succeeded(rep, 0.1)
     assert r.failed(rep) == 1.0
+
+
+def test_calls_failing_together_during_a_ban_are_one_failure():
+    clock = Clock()
+    r = router_with(["a"], clock)
+    rep = replicas(r, 1)[0]
+    rep.inflight = 8
+    assert r.failed(rep) == 1.0  # the first of 8 calls in flight to fail bans it for 1 s
+    clock.t += 0.25
+    assert [r.failed(rep) for _ in range(7)] == [0.75] * 7  # the other 7: the same outage, no longer
+    assert rep.failures == 1 and rep.inflight == 0
+    clock.t += 0.75
+    assert r.failed(rep) == 2.0  # failing again after the ban ended: the next, longer ban
 
 
 def test_a_restarted_replica_with_the_same_identity_is_not_banned():
