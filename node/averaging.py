@@ -415,9 +415,8 @@ class ReplicaAverager:
     def _account(self, step: int, replicas: int, outcome: RoundOutcome) -> None:
         """Metrics, the link estimate and the next fragment, from what the round did."""
         m = self.metrics
-        if outcome.group < 2:
+        if outcome.group < 2:  # no group formed (partners busy or gone): says nothing about the link
             m.avg_failures.inc()
-            self.link.incomplete()
             log.warning("averaging after step %d with %d replicas failed; continuing with local parameters",
                         step, replicas)
             return

@@ -226,8 +226,10 @@ def test_a_partial_round_is_counted_as_partial_with_its_fraction():
         assert avg.link.Bps < believed  # the next round's timeouts grow
         avg._account(5, 2, RoundOutcome(group=2, fragment=0, received=1.0, seconds=0.001))
         assert sample("resbm_averaging_rounds_total") == 1 and sample("resbm_averaging_partial_rounds_total") == 1
+        paced = avg.link.Bps
         avg._account(6, 2, RoundOutcome(group=0))
         assert sample("resbm_averaging_failures_total") == 1
+        assert avg.link.Bps == paced  # no group formed: nothing was learned about the link
     finally:
         _shut_down([avg], [dht], janitor)
 
