@@ -96,8 +96,9 @@ def _delete_netns(ns: str) -> None:
 # default, and at these links' few-packet windows it runs in its Reno-friendly region; reno stands in
 # because a namespace may only pick from the machine's allowed list (here "reno bbr"). The machine this
 # lab was built on defaults to bbr: BBRv1 on a tbf measured bandwidths 10x the link and overshot its
-# few-packet queue, so 34-67% of what nodes sent was dropped, and connections closed mid-transfer
-# when a write waited past libp2p's 10 s (bench.scaling --congestion bbr shows it).
+# few-packet queue: 34-67% of what the scaling lab's nodes sent was dropped (16-35% with reno), and,
+# before averaging was paced, connections closed mid-round when a write waited past libp2p's 10 s
+# (bench.scaling --congestion bbr runs it). One flow alone gets the same goodput with either.
 CONGESTION = "reno"
 
 
@@ -124,8 +125,9 @@ class NetnsLab:
     """Context manager: ``n_hosts`` namespaces on one bridge, optionally shaped.
 
     ``latency_ms`` sizes each tbf queue (max queueing delay). 50 ms gave
-    accurate TCP rates from 1 to 1000 Mbit/s; 200 ms lost 15-20 % below
-    10 Mbit/s (deeper queue -> larger slow-start overshoot -> loss bursts).
+    accurate TCP rates from 1 to 1000 Mbit/s (measured with bbr hosts, where
+    200 ms lost 15-20 % below 10 Mbit/s); at 0.5 Mbit/s one flow gets
+    0.476 Mbit/s with reno at 50, 200 and 500 ms alike.
 
     ``rtt_ms`` > 0 adds that round-trip time to every path between two hosts (a delay line in the
     router namespace, rtt_ms / 2 each way); ``one_way_ms`` {(i, j): ms} overrides the delay of
