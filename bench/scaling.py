@@ -30,7 +30,7 @@ from bench.bandwidth import compute_bound, parse_bench_args, swarm_in_lab
 from bench.netns import CONGESTION
 from bench.plotting import line_plot, machine_info, markdown_table, steady_part, steady_tokens_per_s, write_json
 from node.args import positive_seconds
-from node.settings import AveragingSettings, RecordSettings
+from node.settings import AveragingSettings, RecordSettings, link_fraction
 from swarm.config import ModelConfig, RunConfig, TrainConfig
 from swarm.data import ByteCorpus
 from swarm.local_trainer import token_id_bytes, wire_stats
@@ -308,12 +308,17 @@ def main(argv=None) -> int:
     p.add_argument("--congestion", default=CONGESTION, choices=("reno", "bbr"),
                    help="every node's TCP congestion control (default %(default)s: loss-based, as volunteers' "
                         "CUBIC; bbr shows what BBRv1 does to the lab's short queues)")
+    p.add_argument("--link-share", type=link_fraction, default=None, metavar="F",
+                   help="every node's `join --link-share` (default: the node's, %s; --quick: 0.5)"
+                        % AveragingSettings().link_share)
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/scaling.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
     args, name, size = parse_bench_args(p, argv, SIZES)
     if size is None:
         return 2
+    if args.link_share is not None:
+        size = {**size, "link_share": args.link_share}
     limit = compute_bound(run_config(size, 100), ByteCorpus(), steps=3, warmup=1)
     runs, overhead = [], None
     with tempfile.TemporaryDirectory() as tmp:
