@@ -63,8 +63,10 @@ def test_link_bytes_count_the_traffic_of_each_host():
     assert moved[0] >= payload and moved[1] >= payload, (moved, payload)
     assert moved[2] < 0.01 * payload  # a bystander's link saw next to nothing (a bridge floods only unknowns)
     # per peer: what host 1 received from host 0 crossed both tbfs; host 0 counts what it sent before its
-    # own tbf (drops included), so at least as much; the bystander exchanged nothing with either
-    assert payload <= peers[1][0]["received"] <= peers[0][1]["sent"], peers
+    # own tbf (drops included), so about as much: a tbf cuts a GSO packet counted once at the sender into
+    # segments with headers of their own (52 of 1500 B, 3.5%; seen with reno: 0.4% more received than sent);
+    # the bystander exchanged nothing with either
+    assert payload <= peers[1][0]["received"] <= 1.035 * peers[0][1]["sent"], peers
     assert peers[2][0] == peers[2][1] == {"sent": 0, "received": 0} and peers[0][2]["sent"] == 0, peers
 
 
