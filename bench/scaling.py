@@ -157,14 +157,15 @@ def measure(size: dict, per_stage: int, every: int, workdir: Path, limit: float,
             announce_s: float, rtt_ms: float = 0.0, queue_ms: float = 50.0, congestion: str = CONGESTION) -> dict:
     """One row: train in the lab, then turn the summary and the interface counters into figures."""
     run = run_config(size, every)
+    share = size.get("link_share", AveragingSettings().link_share)
     row = {"per_stage": per_stage, "average_every": every, "link_mbit": size["rate"], "compute_bound_tokens_per_s":
            limit, "predicted_link_bound_tokens_per_s": predicted_link_bound(run.model, size["rate"], per_stage),
            "announce_period_s": announce_s, "rtt_ms": rtt_ms, "queue_ms": queue_ms, "congestion": congestion,
-           "link_share": size.get("link_share", AveragingSettings().link_share)}
+           "link_share": share}
     row["bound"] = "compute" if row["predicted_link_bound_tokens_per_s"] > limit else "link"
     res = swarm_in_lab(run, size["rate"], workdir, size["steps"], size["budget"], per_stage=per_stage,
                        node_args=("--announce-period", str(announce_s), "--link-mbit", f"{size['rate']:g}",
-                                  *(("--link-share", f"{size['link_share']:g}") if "link_share" in size else ())),
+                                  "--link-share", f"{share:g}"),
                        rtt_ms=rtt_ms, queue_ms=queue_ms, congestion=congestion)
     if "error" in res or res["summaries"][0].get("error"):
         return {**row, "error": res.get("error") or res["summaries"][0]["error"], "tokens_per_s": 0.0}
