@@ -33,11 +33,12 @@ class NextHop:
     and by this hop's own observations of the replicas."""
 
     def __init__(self, stage: int, run, view: RecordView, p2p, metrics, count=None,
-                 settings: RouteSettings = RouteSettings()):
+                 settings: RouteSettings = RouteSettings(), me: str | None = None):
         self.stage, self.run, self.view, self.metrics, self.settings = stage, run, view, metrics, settings
         self.client = StageClient(p2p, run)
         self.count = count or (lambda direction, n: None)   # the node's own byte counter
-        self.router = Router(run.model.n_stages, ban_base_s=settings.ban_base_s, ban_max_s=settings.ban_max_s)
+        # `me`: our peer id, our place in the slots the callers of `stage` split its replicas in (swarm/routing.py)
+        self.router = Router(run.model.n_stages, me=me, ban_base_s=settings.ban_base_s, ban_max_s=settings.ban_max_s)
         self.bytes = {"fwd": 0, "bwd": 0}         # whole messages across our boundary (stage-1 .. stage)
         self.codes = {"fwd": 0, "bwd": 0}         # of which codec bytes of codes, gradients and token ids
         self.tokens = 0

@@ -89,7 +89,8 @@ class StageServer(StageService):
         self.tokens_done = 0
         # the records that say who may call us (stage index - 1), and our next hop (stage index + 1)
         self.view = RecordView(dht, self.run, records, metrics) if dht is not None else None
-        self.next_hop = NextHop(self.index + 1, self.run, self.view, p2p, metrics, self.count_message, route) \
+        self.next_hop = NextHop(self.index + 1, self.run, self.view, p2p, metrics, self.count_message, route,
+                                me=peer_id or None) \
             if dht is not None and self.index + 1 < self.cfg.n_stages else None
         self.handlers = {"forward": self._on_forward, "train": self._on_train, "state": self._on_state}
         # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids and metadata.

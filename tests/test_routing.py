@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from swarm.routing import Router
+from swarm.routing import Router, slot_shares
 
 
 def replicas(router, stage: int) -> list:
@@ -138,3 +138,52 @@ def test_a_replica_that_looked_slow_still_gets_its_share():
     for _ in range(5):
         r.succeeded(b, 0.1)                  # its real speed, observed
     assert b.expected_seconds() < 0.3
+
+
+def test_slots_give_every_replica_the_same_load_and_each_caller_few_replicas():
+    for n, m in [(1, 1), (2, 2), (3, 3), (2, 3), (3, 2), (1, 3), (4, 3)]:
+        callers, reps = [f"c{i}" for i in range(n)], [f"r{j}" for j in range(m)]
+        shares = {c: slot_shares(c, callers, reps) for c in callers}
+        for c in callers:
+            assert sum(shares[c].values()) == pytest.approx(1.0)
+            assert sum(1 for v in shares[c].values() if v > 1e-12) <= -(-m // n) + 1
+        for rep in reps:
+            assert sum(shares[c][rep] for c in callers) == pytest.approx(n / m)
+    # as many callers as replicas: a one-to-one matching
+    assert slot_shares("c1", ["c0", "c1"], ["r1", "r0"]) == {"r0": 0.0, "r1": 1.0}
+    # a caller missing from the records it read still gets a slot
+    assert slot_shares("c9", ["c0"], ["r0", "r1"]) == {"r0": 0.0, "r1": 1.0}
+
+
+def test_a_caller_sends_mostly_into_its_slot_and_takes_over_when_it_is_banned():
+    clock = Clock()
+    r = Router(2, me="c0", rng=random.Random(0), clock=clock)
+    r.update(0, [{"peer_id": "c0"}, {"peer_id": "c1"}])
+    r.update(1, [{"peer_id": p, "throughput": 1.0} for p in ("r0", "r1")])
+
+    def picks(n=400):
+        counts = {"r0": 0, "r1": 0}
+        for _ in range(n):
+            rep = r.choose(1)
+            r.started(rep)
+            counts[rep.peer_id] += 1
+            r.succeeded(rep, 1.0)
+        return counts
+
+    home = picks()
+    assert home["r0"] >= 0.95 * 400, home  # c0's slot is r0; r1 keeps a trickle
+    assert home["r1"] > 0
+    # with 8 calls in flight at its slot's replica, the caller still sends most there
+    for _ in range(8):
+        r.started(r.stages[1]["r0"])
+    assert picks()["r0"] > 0.8 * 400
+    # its slot's replica banned: everything goes to the other
+    r.failed(r.stages[1]["r0"])
+    assert picks(50) == {"r0": 0, "r1": 50}
+    # without our own id, no slots: calls spread evenly
+    even = Router(2, rng=random.Random(0), clock=clock)
+    even.update(1, [{"peer_id": p, "throughput": 1.0} for p in ("r0", "r1")])
+    counts = {"r0": 0, "r1": 0}
+    for _ in range(400):
+        counts[even.choose(1).peer_id] += 1
+    assert 150 < counts["r0"] < 250
