@@ -105,7 +105,8 @@ def node_figures(summaries: list[dict], iface: dict, lab: dict | None = None) ->
     for n in latest.values():
         msg = moved(n)
         fig = {"stage": n["stage"], "role": n["role"], "peer_id": n["peer_id"], "tokens": n["tokens"],
-               "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0), "averaging": n.get("averaging")}
+               "message_bytes": msg, "iface_bytes": iface.get(n["peer_id"], 0), "averaging": n.get("averaging"),
+               "next_hop_calls": n.get("next_hop_calls", {})}
         name = lab["names"].get(n["peer_id"]) if lab else None
         if name in (lab or {}).get("peer_bytes", {}):
             fig["bytes_per_token_by_peer"] = traffic_by_peer(lab["peer_bytes"][name], n["stage"], lab["stage_of"],
@@ -224,10 +225,17 @@ def traffic_table(runs: list[dict]) -> str:
                          f"{mean(n['message_bytes'] / n['tokens'] for n in ns):.1f}", f"{got('adjacent'):.1f}",
                          f"{got('same stage'):.1f}", f"{got('bootstrap') + got('other stages'):.1f}",
                          f"{mean(n['iface_bytes'] / n['tokens'] for n in ns):.1f}",
-                         f"{100 * mean(n['dropped_share'] for n in ns):.0f}%"])
+                         f"{100 * mean(n['dropped_share'] for n in ns):.0f}%", main_replica_share(ns)])
     return markdown_table(["per stage", "avg every", "role", "messages B/tok", "received: adjacent stages",
                            "received: own stage", "received: DHT-only peers", "interface (both ways)",
-                           "sent, then dropped by a tbf"], rows)
+                           "sent, then dropped by a tbf", "calls to its main next replica"], rows)
+
+
+def main_replica_share(nodes: list[dict]) -> str:
+    """How a role's calls split over the next stage's replicas (the routing slots, swarm/routing.py):
+    the share of a node's calls that went to the replica it called most, mean over the role's nodes."""
+    shares = [max(c.values()) / sum(c.values()) for n in nodes if (c := n.get("next_hop_calls"))]
+    return f"{100 * mean(shares):.0f}%" if shares else "-"
 
 
 def verdicts(runs: list[dict]) -> tuple[float | None, list[str]]:

@@ -43,6 +43,7 @@ class NextHop:
         self.codes = {"fwd": 0, "bwd": 0}         # of which codec bytes of codes, gradients and token ids
         self.tokens = 0
         self.retries = 0
+        self.calls: dict[str, int] = {}           # train calls each replica answered: how ours split
         self._routed = -1                         # the view's read the router was last updated from
 
     # --- records -------------------------------------------------------------------------------
@@ -94,6 +95,7 @@ class NextHop:
             self.metrics.call_seconds.labels(str(self.stage), "train").observe(seconds)
             if not fields.get("eval"):
                 self._count(reply, sent, received, tokens)
+                self.calls[rep.peer_id] = self.calls.get(rep.peer_id, 0) + 1
             return reply, rep.peer_id
 
     def _check_route(self, reply: dict, peer: str) -> None:

@@ -424,6 +424,7 @@ class StageServer(StageService):
                           "state_bytes_received": self.state_bytes["received"],
                           "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
                           "tokens": self.tokens_done, "requests": self.requests,
+                          "next_hop_calls": dict(self.next_hop.calls) if self.next_hop is not None else {},
                           "averaging": self.averager.figures() if self.averager is not None else None}}
 
     @property

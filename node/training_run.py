@@ -121,5 +121,5 @@ async def node_info(trainer: Trainer) -> list[dict]:
             return {**entry, "error": str(e)}
         return {**entry, **{k: info.get(k) for k in (
             "bytes_sent", "bytes_received", "state_bytes_sent", "state_bytes_received", "payload_sent", "payload_received",
-            "tokens", "step", "averaging") if k in info}}
+            "tokens", "step", "averaging", "next_hop_calls") if k in info}}
     return list(await asyncio.gather(*(one(k, p) for k, p in peers)))

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from swarm.routing import Router, slot_shares
+from swarm.routing import CALLER_MEMORY_S, Router, slot_shares
 
 
 def replicas(router, stage: int) -> list:
@@ -187,3 +187,16 @@ def test_a_caller_sends_mostly_into_its_slot_and_takes_over_when_it_is_banned():
     for _ in range(400):
         counts[even.choose(1).peer_id] += 1
     assert 150 < counts["r0"] < 250
+
+
+def test_a_caller_missing_from_one_read_keeps_its_slot_for_a_while():
+    clock = Clock()
+    r = Router(2, me="c0", rng=random.Random(0), clock=clock)
+    r.update(1, [{"peer_id": p, "throughput": 1.0} for p in ("r0", "r1")])
+    r.update(0, [{"peer_id": "c0"}, {"peer_id": "c1"}])
+    clock.t += 10.0
+    r.update(0, [{"peer_id": "c0"}])  # a read of our own stage's key that returned only our record
+    assert r.slot(1, ["r0", "r1"]) == {"r0": 1.0, "r1": 0.0}
+    clock.t += CALLER_MEMORY_S
+    r.update(0, [{"peer_id": "c0"}])  # c1 not seen for longer than the memory: it left
+    assert r.slot(1, ["r0", "r1"]) == {"r0": 0.5, "r1": 0.5}  # alone: every replica alike
