@@ -26,6 +26,7 @@ counters, no unit for ratios. Which role updates what:
     resbm_train_loss, resbm_val_loss        trainer (only nodes that compute a loss export one)
     resbm_replicas{stage}                   all    replicas per stage seen in the DHT
     resbm_retries_total{stage}, resbm_bans_total{stage}   caller calls retried / replicas banned after failures
+    resbm_next_hop_calls_total{replica}   caller train calls each next-stage replica answered (the routing slots)
     resbm_rejected_payloads_total{reason}   stage  bad requests refused, by reason ("banned": from a banned peer)
     resbm_peer_bans_total                   stage  peers refused for a while after repeated bad requests
     resbm_averaging_rounds_total, resbm_averaging_failures_total, resbm_averaging_group_size,
@@ -91,6 +92,8 @@ class NodeMetrics:
         self.replicas = Gauge("resbm_replicas", "Replicas seen per stage (from DHT records)", ["stage"], registry=r)
         self._averaging_metrics(r)
         self.retries = Counter("resbm_retries_total", "Calls retried on another replica", ["stage"], registry=r)
+        self.next_hop_calls = Counter("resbm_next_hop_calls_total", "Train calls each replica of the next stage "
+                                      "answered (peer id)", ["replica"], registry=r)
         self.bans = Counter("resbm_bans_total", "Replicas banned after a failure", ["stage"], registry=r)
         self.rejected = Counter("resbm_rejected_payloads_total", "Requests rejected, by reason", ["reason"],
                                 registry=r)

@@ -96,6 +96,7 @@ class NextHop:
             if not fields.get("eval"):
                 self._count(reply, sent, received, tokens)
                 self.calls[rep.peer_id] = self.calls.get(rep.peer_id, 0) + 1
+                self.metrics.next_hop_calls.labels(rep.peer_id).inc()
             return reply, rep.peer_id
 
     def _check_route(self, reply: dict, peer: str) -> None:

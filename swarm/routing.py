@@ -15,10 +15,9 @@ before it -- split the stage's replicas among themselves in contiguous slots, ca
 [r/n, (r+1)/n) of the replicas laid out in peer-id order (`slot_shares`), and each replica's weight above
 is multiplied by (its share of this caller's slot + SLOT_FLOOR). Every caller derives the same layout
 from the same records, so the slots cover each replica equally and nobody herds, and with as many
-callers as replicas each caller talks mostly to one replica: measured in the scaling lab (2 per stage,
-0.5 Mbit/s links), chains pinned this way carried 1704 tokens/s against 1648 with every caller
-spreading over every replica, since fewer TCP flows share each link's small queue (fewer drops, fewer
-ACKs and retransmissions). The floor keeps a little traffic, and the latency estimates, on the other
+callers as replicas each caller talks mostly to one replica, and fewer TCP flows share each link's
+queue (fewer drops, ACKs and retransmissions): in the scaling lab (0.5 Mbit/s links, no averaging) 2
+and 3 per stage went from 1.89x and 2.67x the tokens/s of 1 per stage to 1.97x and 2.76x. The floor keeps a little traffic, and the latency estimates, on the other
 replicas, and a banned replica leaves the layout at once (the others take its slot).
 The replica's advertised queue is not used: it is up to a record period old, and every caller reads
 the same value, so callers that trusted it all piled onto the replica that looked idle; a caller's

@@ -91,6 +91,7 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
         losses = query(url, "resbm_train_loss")
         staleness = query(url, "sum by (instance) (resbm_staleness_updates_count) > 0")
         sides = query(url, "sum by (instance, boundary, direction, pass) (resbm_wire_bytes_total) > 0")
+        calls = query(url, "resbm_next_hop_calls_total > 0")
         jobs = {r["metric"]["job"] for r in query(url, "up")}
         dashboard = {}
         for expr in dashboard_exprs():  # every query of the Grafana dashboard is valid PromQL here
@@ -122,6 +123,10 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
     # every node that runs backwards says how stale their forwards were
     assert {r["metric"]["instance"] for r in staleness} == set(targets), staleness
     assert_boundary_sides(sides, trainers, stage1, stage2)
+    # every node with a next stage counts its calls by the replica that answered (here, the only one)
+    assert {r["metric"]["instance"] for r in calls} == trainers | stage1, calls
+    replicas = {int(r["metric"]["stage"]): r["metric"]["peer_id"] for r in info}
+    assert {r["metric"]["replica"] for r in calls} == {replicas[1], replicas[2]}, (calls, replicas)
     assert sorted(int(r["metric"]["stage"]) for r in info) == [0] * TRAINERS + list(range(1, STAGES))
     assert {r["metric"]["fingerprint"] for r in info} and all(r["metric"]["peer_id"] for r in info)
     assert jobs == {"resbm-local"}
