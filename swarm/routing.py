@@ -17,8 +17,9 @@ is multiplied by (its share of this caller's slot + SLOT_FLOOR). Every caller de
 from the same records, so the slots cover each replica equally and nobody herds, and with as many
 callers as replicas each caller talks mostly to one replica, and fewer TCP flows share each link's
 queue (fewer drops, ACKs and retransmissions): in the scaling lab (0.5 Mbit/s links, no averaging) 2
-and 3 per stage went from 1.89x and 2.67x the tokens/s of 1 per stage to 1.97x and 2.76x. The floor keeps a little traffic, and the latency estimates, on the other
-replicas, and a banned replica leaves the layout at once (the others take its slot).
+and 3 per stage went from 1.89x and 2.67x the tokens/s of 1 per stage to 1.97x and 2.76x. The floor
+keeps a little traffic, and the latency estimates, on the other replicas, and a banned replica leaves
+the layout at once (the others take its slot).
 The replica's advertised queue is not used: it is up to a record period old, and every caller reads
 the same value, so callers that trusted it all piled onto the replica that looked idle; a caller's
 own in-flight count is exact, and each caller spreading its own tasks spreads everyone's. A failed replica is
@@ -80,8 +81,9 @@ def slot_shares(me: str, callers, replicas) -> dict[str, float]:
 
 
 class Router:
-    def __init__(self, n_stages: int, *, me: str | None = None, ban_base_s: float = BAN_BASE_S, ban_max_s: float = BAN_MAX_S, ema: float = 0.3,
-                 rng: random.Random | None = None, clock=time.monotonic):
+    def __init__(self, n_stages: int, *, me: str | None = None, ban_base_s: float = BAN_BASE_S,
+                 ban_max_s: float = BAN_MAX_S, ema: float = 0.3, rng: random.Random | None = None,
+                 clock=time.monotonic):
         self.n_stages, self.me = n_stages, me
         self.ban_base_s, self.ban_max_s, self.ema = ban_base_s, ban_max_s, ema
         self.rng = rng or random.Random()
@@ -115,7 +117,8 @@ class Router:
 
     def choose(self, stage: int, exclude=()) -> Replica | None:
         """A replica of `stage` neither banned nor in `exclude`, drawn with probability proportional to
-        (its share of this caller's slot + SLOT_FLOOR) / its expected finish time; None if there is none (see `next_unban_in` for how long to wait)."""
+        (its share of this caller's slot + SLOT_FLOOR) / its expected finish time; None if there is none
+        (see `next_unban_in` for how long to wait)."""
         usable = [r for r in self.stages[stage].values() if r.peer_id not in exclude and not self.is_banned(r)]
         if not usable:
             return None
