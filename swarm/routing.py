@@ -42,9 +42,10 @@ BAN_BASE_S, BAN_MAX_S = 1.0, 60.0  # a failed replica's first ban, and the longe
 RELAY_PENALTY = 2.0    # a relayed replica's expected seconds per task are multiplied by this
 SLOT_FLOOR = 0.01      # weight factor of a replica outside this caller's slot (one inside: up to 1 + this)
 # A caller counts in the slots while it was in a record read this recently: a node's periodic read of
-# its own stage's key may return only its own record (its DHT cache of its own store), so one read
-# without a caller does not mean it left (measured: trainers that lost each other this way sent 25-34%
-# of their calls outside their slots)
+# its own stage's key sometimes returned only its own record (seen in the scaling lab; the cause is not
+# pinned down, most likely the node's own DHT copy of the key, which a periodic read prefers: see
+# node/announce.py stage_items), so one read without a caller does not mean it left (trainers that lost
+# each other this way sent 25-34% of their calls outside their slots)
 CALLER_MEMORY_S = 60.0
 
 
