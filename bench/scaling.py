@@ -41,8 +41,9 @@ TCP_GOODPUT = 1448 / 1514  # what of a tbf rate TCP payload gets (bench/netns.py
 # cadence (TrainConfig.average_every), as a user's swarm does
 DEFAULT_EVERY = TrainConfig().average_every
 SIZES = {
-    # quick: averaging every 2 steps at half the link, so that its 10 steps hold complete rounds
-    "quick": dict(d=64, layers=3, heads=2, stages=3, ratio=8, seq=64, batch=16, micro=4, rate=0.5, steps=10,
+    # quick: averaging every 2 steps at half the link; a round there takes 10-20 s (as long as 10-20
+    # steps), so 30 steps hold complete rounds on every stage (10 held one, or none on a slow machine)
+    "quick": dict(d=64, layers=3, heads=2, stages=3, ratio=8, seq=64, batch=16, micro=4, rate=0.5, steps=30,
                   warmup=2, budget=150, runs=[(1, 2), (2, 2)], link_share=0.5),
     # (n, 0): the same row without averaging, for what averaging costs
     # 40 steps: a round paced to the node's default share of a 0.5 Mbit/s link takes 1-2 minutes
