@@ -2,7 +2,8 @@
 one fragment of its parameters with the others through hivemind's DecentralizedAverager (butterfly
 all-reduce among the replicas found in the DHT), in the background: training never waits for a round
 (ReplicaAverager). What a round carries, in how many bytes and within which timeouts, is
-swarm/averaging_plan.py's arithmetic: fp16 on the wire, parts and timeouts sized to the link.
+swarm/averaging_plan.py's arithmetic: 8-bit blocks on the wire (protocol/averaging_codec.py), parts
+and timeouts sized to the link.
 
 Robustness: hivemind 1.1.12 has no CenteredClip, so `RobustAverager` swaps the plain weighted
 mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
@@ -10,8 +11,8 @@ mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
     drops copies with NaN/inf, and clips each copy's pull to tau per coordinate and iteration, so
     one replica sending NaN, huge or sign-flipped parameters shifts the part by at most
     2*iters*tau/n (swarm.robust.influence_bound); peers' self-declared weights are ignored;
-  * every replica receives the same reduced part from its reducer (as a delta from its own fp16
-    copy), so replicas end a round equal up to their own fp16 rounding;
+  * every replica receives the same reduced part from its reducer (as a delta from its own 8-bit
+    copy), so replicas end a round equal up to their own 8-bit rounding;
   * a reducer could itself lie: a receiver applies at most (iters+1)*tau per coordinate of any
     result and ignores non-finite values (swarm.robust.bounded_update), so even a malicious
     reducer moves a stage by a bounded amount per round;
@@ -32,7 +33,6 @@ from typing import Optional, Sequence
 
 import torch
 from hivemind import DHT
-from hivemind.compression import Float16Compression
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.control import AveragingStage
@@ -41,6 +41,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
 from node.lifeline import watch_parent
+from protocol.averaging_codec import AVERAGING_COMPRESSION
 from node.settings import AveragingSettings
 from swarm.averaging_plan import (MAX_PART, MIN_PART, WINDOW_PARTS, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
                                   round_wire_bytes, split_fragments)
@@ -323,7 +324,7 @@ class ReplicaAverager:
         # round comes due meanwhile skips it, so it averages at the pace of the slowest partner
         self.averager = RobustAverager(
             [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
-            tau=self.tau, iters=iters, fragments=self.fragments, compression=Float16Compression(),
+            tau=self.tau, iters=iters, fragments=self.fragments, compression=AVERAGING_COMPRESSION,
             min_group_size=2, min_matchmaking_time=settings.matchmaking_s,
             request_timeout=0.5 * settings.matchmaking_s, allreduce_timeout=None,
             allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)

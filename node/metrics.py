@@ -110,7 +110,7 @@ class NodeMetrics:
         self.avg_received = Gauge("resbm_averaging_received_fraction", "Fraction of its fragment the last averaging "
                                   "round got back (1: complete)", registry=r)
         self.avg_bytes = Counter("resbm_averaging_bytes_total", "Payload bytes replica averaging sent plus received "
-                                 "(fp16 parts and deltas, before libp2p framing)", registry=r)
+                                 "(8-bit parts and deltas, before libp2p framing)", registry=r)
         self.avg_seconds = Gauge("resbm_averaging_round_seconds", "Duration of the last averaging round's all-reduce",
                                  registry=r)
         self.avg_group_size = Gauge("resbm_averaging_group_size", "Replicas in the last averaging round", registry=r)

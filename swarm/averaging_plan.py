@@ -2,11 +2,12 @@
 many bytes that puts on a replica's link, and how long a round may take there. Pure rules, no
 network: node/averaging.py runs the rounds with them.
 
-The scheme (docs/averaging.md): Streaming-DiLoCo-style fragments, one fragment per round, 16-bit on
-the wire. A replica sends its fragment in fp16 to the part reducers and gets back each part's
-(robust mean - its own fp16 copy), also in fp16, which it adds to its fp32 parameters. So the group's
-mean is kept exactly, and replicas after a round differ only by their own fp16 rounding (at most
-2^-11 of a parameter), which does not accumulate from round to round.
+The scheme (docs/averaging.md): Streaming-DiLoCo-style fragments, one fragment per round, 8-bit on
+the wire. A replica sends its fragment as int8 blocks (protocol/averaging_codec.py) to the part
+reducers and gets back each part's (robust mean - its own decoded copy), also 8-bit, which it adds to
+its fp32 parameters. So the group's mean is kept exactly, and replicas after a round differ only by
+their own rounding (at most 1/254 of the largest value of its block of 256), which does not accumulate
+from round to round.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-WIRE_BYTES = 2                    # fp16 on the wire (hivemind's Float16Compression)
+WIRE_BYTES = 1 + 2 / 256          # int8 blocks of 256 with a bf16 scale (protocol/averaging_codec.py)
+FP16_BYTES = 2                    # what a round sent until the 8-bit blocks
 FP32_BYTES = 4                    # what the all-reduce sent before this scheme
-FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 32 MB in fp16
+FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 16 MB in 8-bit blocks
 PART_S = 1.0                      # a part takes about this long to one reducer at the paced rate
 # small parts: a sender's link may drain a few kB/s while the codes keep it full, and libp2p's yamux
 # closes a whole connection (every stream on it) when one write to TCP blocks 5-10 s
@@ -32,13 +34,16 @@ PART_FLOOR_S = 20.0
 # more than its transfer (measured: middle replicas' senders dropped after 22-24 s with 30-46% of
 # their segments retransmitted). The round's own timeout still bounds the round.
 SILENCE_SHARE = 0.5
-MIN_RATE = 4_000.0                # bytes/s: estimates never go below 32 kbit/s
+MIN_RATE = 1_000.0                # bytes/s: estimates never go below 8 kbit/s (nor a share's budget)
 # The share of a link averaging is budgeted, per direction: on a link the codes keep busy (a link-bound
 # pipeline is the point of the design) averaging's flows get only what TCP leaves them, so a round is
 # paced to this share of the declared rate, not all of it (measured: 10-15 kB/s of a busy 62.5 kB/s).
 # Unpaced, a round pushed a whole fragment into one TCP connection at once; it drained at 1-2 kB/s on a
 # busy 0.5 Mbit/s link, a write blocked past yamux's 10 s, and the connection closed mid-round.
-BUDGET_SHARE = 0.1
+# On a link the codes keep full this share is what averaging costs the data path (measured: 10% cost
+# the scaling lab 8-12% of its tokens/s). 5% in 8-bit blocks averages as many parameters per second
+# as 10% did in fp16.
+BUDGET_SHARE = 0.05
 GROWTH = 1.25                     # a complete round raises the rate by this factor, up to the budget
 
 
@@ -64,17 +69,17 @@ def split_fragments(numels: Sequence[int], count: int) -> list[list[int]]:
     return groups
 
 
-def round_wire_bytes(params: int, group: int, bytes_per_value: int = WIRE_BYTES) -> int:
+def round_wire_bytes(params: int, group: int, bytes_per_value: float = WIRE_BYTES) -> int:
     """Bytes one replica sends plus receives in a butterfly all-reduce of `params` values among
     `group` replicas. As a sender, (g-1)/g of its values go out to their reducers and as many come
     back as deltas; as the reducer of its own 1/g, it receives the g-1 others' copies of that part and
     returns each its delta. So (g-1)/g of the values twice in each direction."""
     if group < 2:
         return 0
-    return 4 * params * bytes_per_value * (group - 1) // group
+    return int(4 * params * bytes_per_value * (group - 1) // group)
 
 
-def transfer_s(params: int, group: int, rate_Bps: float, bytes_per_value: int = WIRE_BYTES) -> float:
+def transfer_s(params: int, group: int, rate_Bps: float, bytes_per_value: float = WIRE_BYTES) -> float:
     """Seconds the transfer of one round takes on a full-duplex link of `rate_Bps` per direction."""
     return round_wire_bytes(params, group, bytes_per_value) / 2 / rate_Bps
 
@@ -130,7 +135,7 @@ def mbit(rate_mbit: float) -> float:
     return rate_mbit * 1e6 / 8
 
 
-def round_cost(params: int, group: int, rate_mbit: float, bytes_per_value: int, fragments: int = 1,
+def round_cost(params: int, group: int, rate_mbit: float, bytes_per_value: float, fragments: int = 1,
                share: float = 1.0) -> dict:
     """One round's bytes and transfer seconds for one replica using `share` of its link (README's
     computed table)."""

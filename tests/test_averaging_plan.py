@@ -1,7 +1,7 @@
 """The averaging scheme's arithmetic (swarm/averaging_plan.py): fragments, bytes, limits, link rate."""
 import pytest
 
-from swarm.averaging_plan import (BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, LinkRate,
+from swarm.averaging_plan import (BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, WIRE_BYTES, LinkRate,
                                   fragment_count, mbit, round_cost, round_limits, round_wire_bytes, split_fragments,
                                   transfer_s)
 
@@ -28,11 +28,12 @@ def test_fragment_count_follows_parameters():
 
 def test_round_bytes_of_a_butterfly_all_reduce():
     assert round_wire_bytes(1000, 1) == 0  # alone: nothing to send
-    # fp16, 2 replicas: half the values out to the other reducer, their deltas back, and the other's
-    # copy of our half in, its delta out: 1000 B each of four ways
-    assert round_wire_bytes(1000, 2) == 4000
+    # 2 replicas: half the values out to the other reducer, their deltas back, and the other's copy of
+    # our half in, its delta out: 500 values each of four ways, in 8-bit blocks (a bf16 scale per 256)
+    assert round_wire_bytes(1000, 2) == int(4 * 500 * (1 + 2 / 256)) == 2015
+    assert round_wire_bytes(1000, 2, bytes_per_value=2) == 4000  # fp16
     assert round_wire_bytes(1000, 4, bytes_per_value=4) == 12000  # 3/4, four ways, in fp32
-    assert transfer_s(1_000_000, 2, mbit(8)) == pytest.approx(2.0)  # 2 MB each way at 1 MB/s
+    assert transfer_s(1_000_000, 2, mbit(8), bytes_per_value=2) == pytest.approx(2.0)  # 2 MB each way at 1 MB/s
 
 
 def test_limits_grow_with_the_fragment_and_shrink_with_the_link():
@@ -42,7 +43,7 @@ def test_limits_grow_with_the_fragment_and_shrink_with_the_link():
     # a round's timeout covers its transfer at the link's rate with room to spare
     assert slow.allreduce_timeout_s > 2 * transfer_s(250_000, 2, mbit(0.5))
     big = round_limits(16_000_000, 2, mbit(0.5))
-    assert big.allreduce_timeout_s > 800  # 32 MB at 62.5 kB/s is 512 s each way: no fixed 8 s
+    assert big.allreduce_timeout_s > 400  # 16 MB at 62.5 kB/s is 258 s each way: no fixed 8 s
     # parts are cut to each reducer's share of the pace: the next part to one comes as soon in a group of 8
     assert round_limits(1, 8, mbit(0.5)).sender_timeout_s == pytest.approx(round_limits(1, 2, mbit(0.5)).sender_timeout_s, rel=1e-3)
     # a sender on a busy link may fall silent for half the round before it is dropped
@@ -78,9 +79,10 @@ def test_link_rate_backs_off_on_incomplete_rounds_and_grows_back_to_its_budget()
     assert link.Bps == MIN_RATE  # floored, never zero
 
 
-def test_cost_table_halves_bytes_in_fp16_and_fragments_cut_rounds():
-    fp32, fp16, frag = (round_cost(250_000_000, 2, 10, b, f) for b, f in ((4, 1), (2, 1), (2, 16)))
+def test_cost_table_halves_bytes_in_fp16_and_again_in_8_bit_and_fragments_cut_rounds():
+    fp32, fp16, frag, int8 = (round_cost(250_000_000, 2, 10, b, f) for b, f in ((4, 1), (2, 1), (2, 16), (WIRE_BYTES, 16)))
     assert fp32["round_bytes"] == 2 * fp16["round_bytes"] == 2_000_000_000
+    assert frag["round_bytes"] / int8["round_bytes"] == pytest.approx(2 / WIRE_BYTES, rel=1e-6) and WIRE_BYTES < 1.01
     assert fp32["round_s"] == pytest.approx(800)  # 1 GB each way at 1.25 MB/s
     assert frag["round_s"] == pytest.approx(fp16["round_s"] / 16) and frag["all_fragments_s"] == fp16["round_s"]
 
@@ -93,5 +95,6 @@ def test_cost_bench_writes_its_computed_table(tmp_path):
     out = json.loads((tmp_path / "c.json").read_text())
     before, now = out["rows"][0], out["rows"][-1]
     assert out["computed"] and now["fragments"] == 2 and before["fragments"] == 1
-    assert now["round_bytes"] * 4 == before["round_bytes"]  # half the values per round, half the bytes each
+    # half the values per round, about a quarter of the bytes each (8-bit blocks against fp32)
+    assert before["round_bytes"] / now["round_bytes"] == pytest.approx(2 * 4 / WIRE_BYTES, rel=1e-6)
     assert (tmp_path / "c.png").stat().st_size > 0
