@@ -182,6 +182,11 @@ class RobustAverager(DecentralizedAverager):
 
     def run(self):
         watch_parent(self._node_pid)  # exit with the node's main process, however it dies
+        # Rebuild torch's thread pool here, once, before the all-reduce's threads run torch ops: a fork
+        # leaves it to be rebuilt by its first user, and two threads doing so at once fail ("Invalid
+        # thread pool!", seen in the scaling lab: a middle replica's part stream died in its first round
+        # and both replicas' rounds came back partial after the senders' timeout)
+        torch.set_num_threads(torch.get_num_threads())
         super().run()
 
     async def _step(self, *, step, **kwargs):

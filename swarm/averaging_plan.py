@@ -34,7 +34,8 @@ PART_FLOOR_S = 20.0
 # more than its transfer (measured: middle replicas' senders dropped after 22-24 s with 30-46% of
 # their segments retransmitted). The round's own timeout still bounds the round.
 SILENCE_SHARE = 0.5
-MIN_RATE = 1_000.0                # bytes/s: estimates never go below 8 kbit/s (nor a share's budget)
+MIN_RATE = 1_000.0                # bytes/s: no budget or estimate goes below 8 kbit/s
+BACKOFF_FLOOR = 0.25              # ...nor an estimate below this share of its budget
 # The share of a link averaging is budgeted, per direction: on a link the codes keep busy (a link-bound
 # pipeline is the point of the design) averaging's flows get only what TCP leaves them, so a round is
 # paced to this share of the declared rate, not all of it (measured: 10-15 kB/s of a busy 62.5 kB/s).
@@ -116,7 +117,8 @@ class LinkRate:
     for). Starts at the budget, BUDGET_SHARE of the declared rate; like TCP's congestion window it
     grows by GROWTH after each complete round, back up to the budget, and a round that did not complete
     halves it, or lowers it to what that round did achieve if that was less, so the next round sends
-    more gently and its timeouts grow at once to what the link showed."""
+    more gently and its timeouts grow at once to what the link showed, down to a quarter of the
+    budget (a round whose partner stalled or left shows a rate that says nothing about the link)."""
 
     def __init__(self, declared_Bps: float, share: float = BUDGET_SHARE):
         self.budget = max(float(declared_Bps) * share, MIN_RATE)
@@ -127,7 +129,7 @@ class LinkRate:
 
     def incomplete(self, wire_bytes: int = 0, seconds: float = 0.0) -> None:
         achieved = wire_bytes / 2 / seconds if wire_bytes > 0 and seconds > 0 else float("inf")
-        self.Bps = max(MIN_RATE, min(self.Bps / 2, achieved))
+        self.Bps = max(MIN_RATE, BACKOFF_FLOOR * self.budget, min(self.Bps / 2, achieved))
 
 
 def mbit(rate_mbit: float) -> float:

@@ -1,7 +1,7 @@
 """The averaging scheme's arithmetic (swarm/averaging_plan.py): fragments, bytes, limits, link rate."""
 import pytest
 
-from swarm.averaging_plan import (BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, WIRE_BYTES, LinkRate,
+from swarm.averaging_plan import (BACKOFF_FLOOR, BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, WIRE_BYTES, LinkRate,
                                   fragment_count, mbit, round_cost, round_limits, round_wire_bytes, split_fragments,
                                   transfer_s)
 
@@ -65,18 +65,22 @@ def test_link_rate_backs_off_on_incomplete_rounds_and_grows_back_to_its_budget()
     link = LinkRate(mbit(10))
     assert link.Bps == link.budget == pytest.approx(BUDGET_SHARE * mbit(10))  # averaging's share of the link
     assert LinkRate(mbit(10), share=0.3).budget == pytest.approx(0.3 * mbit(10))
-    link.incomplete()
-    assert link.Bps == pytest.approx(link.budget / 2)
-    link.incomplete(wire_bytes=200_000, seconds=10.0)  # a partial round that moved 10 kB/s each way
-    assert link.Bps == pytest.approx(10_000, rel=1e-3)
+    link.incomplete(wire_bytes=400_000, seconds=10.0)  # a partial round that moved 20 kB/s each way
+    assert link.Bps == pytest.approx(20_000, rel=1e-3)  # below half the budget of 62.5 kB/s
     link.complete()
-    assert link.Bps == pytest.approx(10_000 * GROWTH, rel=1e-3)
+    assert link.Bps == pytest.approx(20_000 * GROWTH, rel=1e-3)
+    halved = LinkRate(mbit(10))
+    halved.incomplete()  # no rate measured: half the last one
+    assert halved.Bps == pytest.approx(halved.budget / 2)
     for _ in range(30):
         link.complete()
     assert link.Bps == pytest.approx(link.budget)  # never above the budget
     for _ in range(100):
         link.incomplete()
-    assert link.Bps == MIN_RATE  # floored, never zero
+    assert link.Bps == pytest.approx(BACKOFF_FLOOR * link.budget)  # floored at a share of the budget
+    thin = LinkRate(mbit(0.5), share=0.01)
+    thin.incomplete(wire_bytes=10, seconds=10.0)
+    assert thin.budget == thin.Bps == MIN_RATE  # 1% of 0.5 Mbit/s is 625 B/s: never below 8 kbit/s
 
 
 def test_cost_table_halves_bytes_in_fp16_and_again_in_8_bit_and_fragments_cut_rounds():
