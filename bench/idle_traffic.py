@@ -9,7 +9,8 @@ model. Once every node serves (the second replica of a stage has downloaded its 
 period has passed, each namespace's interface counters (eth0 tx and rx bytes: every frame on its
 shaped link, TCP/IP, TLS, yamux and libp2p framing included) are read every few seconds over a
 window. Nothing feeds microbatches, so what the links carry is the background: stage-record stores
-(every `--announce-period`), reads of the others' records (watch_swarm, once per period), the run
+(every `--announce-period`), reads of its own stage's records (watch_swarm, once per period; with no
+DHT cache a node that does not hold the key asks a holder), the run
 config's keep-alive (every RESBM_CONFIG_TTL_S / 4 = 30 s), hivemind's DHT upkeep, libp2p's own
 messages and, if any, averaging matchmaking.
 
@@ -29,13 +30,8 @@ payload bytes of its requests and answers; the rest of the interface bytes is fr
 TLS, TCP/IP headers, ACKs). `--breakdown` (on by default, off with --quick) adds rows at the first
 period with one background task removed: `no-config-refresh` (RESBM_CONFIG_TTL_S=86400: each node
 publishes the config once, at start), `no-averager` (average_every=0: no DecentralizedAverager
-process), and two proposals measured through the hook, not node/'s behaviour:
-`proposal-no-cache-on-store` (hivemind DHTNode.create(cache_on_store=False)) and
-`proposal-own-stage-read` (node.announce.watch_swarm reads only its own stage's key, the only one it
-uses, instead of every stage's). With two periods, each
-node's bytes/s are also split into a part per record period and a part independent of it
-(rate = fixed + per_period_bytes / period, solved from the two rows). The stage-0 key is empty in
-this lab (no trainers), so every node's watch_swarm read of it misses and walks the DHT each period.
+process). With two periods, each node's bytes/s are also split into a part per record period and a
+part independent of it (rate = fixed + per_period_bytes / period, solved from the two rows).
 
 Writes bench/results/idle_traffic.json and .png. Needs root.
 """
@@ -72,14 +68,8 @@ VARIANTS = {  # name -> (extra environment of every node, average_every or None 
     "default": ({}, None),
     "no-config-refresh": ({"RESBM_CONFIG_TTL_S": "86400"}, None),
     "no-averager": ({}, 0),
-    # not what node/ does: a proposal measured through the hook (HOOK), hivemind's DHTNode.create(cache_on_store=False)
-    "proposal-no-cache-on-store": ({"RESBM_IDLE_DHT_KWARGS": '{"cache_on_store": false}'}, None),
-    # node.announce.watch_swarm reading only its own stage's key (it only uses that one), patched in by HOOK
-    "proposal-own-stage-read": ({"RESBM_IDLE_OWN_STAGE_READ": "1"}, None),
 }
-# --breakdown's rows (proposal-no-cache-on-store is left out: it changed nothing, 5.90% vs 5.65% of a stage
-# node's link, within the spread of repeated default rows, 5.65-5.91%)
-BREAKDOWN = ["no-config-refresh", "no-averager", "proposal-own-stage-read"]
+BREAKDOWN = ["no-config-refresh", "no-averager"]  # --breakdown's rows
 SAMPLE_S = 5.0
 
 # --count-rpcs: a sitecustomize.py put on every node's PYTHONPATH (the bench writes it into its work folder;
@@ -90,48 +80,6 @@ SAMPLE_S = 5.0
 # averager processes) writes its counters, keyed by its network namespace, to the folder every second.
 HOOK = r"""
 import os
-if os.environ.get("RESBM_IDLE_DHT_KWARGS"):  # a proposal's check: extra hivemind DHTNode.create options
-    import json
-    from hivemind.dht.node import DHTNode
-    _create, _extra = DHTNode.create.__func__, json.loads(os.environ["RESBM_IDLE_DHT_KWARGS"])
-
-    async def create(cls, *args, **kwargs):
-        return await _create(cls, *args, **{**kwargs, **_extra})
-    DHTNode.create = classmethod(create)
-if os.environ.get("RESBM_IDLE_OWN_STAGE_READ"):  # a proposal's check: watch_swarm reads its own stage's key only
-    import asyncio, builtins, sys
-    _import = builtins.__import__
-
-    def _own_stage_watch(m):
-        async def watch_swarm(dht, run, *args):
-            if len(args) == 3:  # (stage, joining callable, period)
-                stage, tell, period_s = args
-            else:               # (server, period), an older signature
-                server, period_s = args
-                stage = server.index
-                tell = lambda peers: setattr(server.admission, "joining", peers)  # noqa: E731
-            while True:
-                try:
-                    found = await dht.get(m.stage_key(run.run_id, stage), latest=False, return_future=True)
-                    now, joining = m.get_dht_time(), set()
-                    for sub, item in (found.value.items() if found is not None and isinstance(found.value, dict)
-                                      else ()):
-                        rec, why = m.classify(sub, item.value, now, run.fingerprint, m.PROTOCOL_VERSION, stage)
-                        if rec is not None and (not why or why.startswith(m.NOT_SERVING)) and rec["state"] in m.ARRIVING:
-                            joining.add(rec["peer_id"])
-                    tell(joining)
-                except Exception:
-                    pass
-                await asyncio.sleep(period_s)
-        return watch_swarm
-
-    def _patching_import(name, globals=None, locals=None, fromlist=(), level=0):
-        module = _import(name, globals, locals, fromlist, level)
-        m = sys.modules.get("node.announce")
-        if m is not None and hasattr(m, "watch_swarm") and not getattr(m, "_own_stage_read", False):
-            m._own_stage_read, m.watch_swarm = True, _own_stage_watch(m)
-        return module
-    builtins.__import__ = _patching_import
 if os.environ.get("RESBM_RPC_COUNT_DIR"):
     import json, threading, time
     from hivemind.p2p.p2p_daemon_bindings import p2pclient
@@ -294,8 +242,6 @@ def measure(size: dict, period: float, variant: str, workdir: Path, rate: float,
     run_dir = workdir / tag
     run_dir.mkdir(parents=True)
     counts_dir = None
-    if "RESBM_IDLE_DHT_KWARGS" in env or "RESBM_IDLE_OWN_STAGE_READ" in env:
-        env = {**env, **write_hook(run_dir)}
     if count_rpcs:
         env = {**env, **install_hook(run_dir)}
         counts_dir = Path(env["RESBM_RPC_COUNT_DIR"])

@@ -30,6 +30,15 @@ class AddressError(ValueError):
     pass
 
 
+# No DHT caches. A read that does not ask for the latest was answered by a cached copy of an earlier
+# answer while any record in it lived, and our own stores kept that copy alive (they update our record
+# in it): a replica that joined since, or a trainer whose record had expired from the copy, was missing
+# from a node's periodic reads (in the scaling lab trainers that lost each other sent 25-34% of their
+# calls outside their routing slots; tests/test_dht_cache.py). A key's holders, which every store
+# reaches, answer instead: our own storage where we hold the key.
+NO_CACHE = dict(cache_locally=False, cache_nearest=0, cache_on_store=False)
+
+
 class OwnedDHT(DHT):
     """hivemind's DHT whose process (and its p2pd) exits when the node's main process dies. `p2pd_flags`
     are extra p2pd command-line flags that hivemind.P2P.create has no parameter for (relay service caps)."""
@@ -201,7 +210,8 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
         try:
             dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators,
                            host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,
-                           p2pd_flags=flags, startup_timeout=startup_timeout, await_ready=True, **kwargs)
+                           p2pd_flags=flags, startup_timeout=startup_timeout, await_ready=True, **NO_CACHE,
+                           **kwargs)
         except Exception as e:
             where = f" (initial peers: {', '.join(peers)})" if peers else ""
             raise ConnectionError(f"could not start the DHT peer{where}: {type(e).__name__}: {e}") from e

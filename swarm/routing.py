@@ -41,11 +41,11 @@ MAX_BAN_EXPONENT = 30  # 2**30 s is far beyond any sane ban_max_s; keeps 2**n a 
 BAN_BASE_S, BAN_MAX_S = 1.0, 60.0  # a failed replica's first ban, and the longest (node/settings.py RouteSettings)
 RELAY_PENALTY = 2.0    # a relayed replica's expected seconds per task are multiplied by this
 SLOT_FLOOR = 0.01      # weight factor of a replica outside this caller's slot (one inside: up to 1 + this)
-# A caller counts in the slots while it was in a record read this recently: a node's periodic read of
-# its own stage's key sometimes returned only its own record (seen in the scaling lab; the cause is not
-# pinned down, most likely the node's own DHT copy of the key, which a periodic read prefers: see
-# node/announce.py stage_items), so one read without a caller does not mean it left (trainers that lost
-# each other this way sent 25-34% of their calls outside their slots)
+# A caller counts in the slots while it was in a record read this recently, so one read that misses it
+# does not move every slot. Such reads were common in the scaling lab until the DHT's caches were
+# turned off (node/dht.py NO_CACHE: a cached copy of an earlier answer missed later records): trainers
+# that lost each other sent 25-34% of their calls outside their slots. A DHT read can still miss a
+# record (a holder that missed a store).
 CALLER_MEMORY_S = 60.0
 
 
