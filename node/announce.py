@@ -88,8 +88,8 @@ async def stage_items(dht: DHT, run_id: str, stages, fresh: bool = True) -> list
     `fresh`: walk the DHT for the newest copy of each key, asking every holder (each answers with every
     record of the key). Otherwise any holder's copy will do, our own first: none of our traffic where
     we hold the key (in a small swarm most peers do), else the first holder's answer (start_dht keeps
-    no caches: a cached copy of an earlier answer missed later records). A walk per key every few seconds was half of an
-    idle node's link traffic (README, bench.scaling)."""
+    no caches: a cached copy of an earlier answer missed later records). A walk per key every few
+    seconds was half of an idle node's link traffic (README, bench.scaling)."""
     async def one(k):
         found = await dht.get(stage_key(run_id, k), latest=fresh, return_future=True)
         return [(k, sub, item) for sub, item in found.value.items()] \

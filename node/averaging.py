@@ -41,8 +41,8 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
 from node.lifeline import watch_parent
-from protocol.averaging_codec import AVERAGING_COMPRESSION
 from node.settings import AveragingSettings
+from protocol.averaging_codec import AVERAGING_COMPRESSION
 from swarm.averaging_plan import (MAX_PART, MIN_PART, WINDOW_PARTS, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
                                   round_wire_bytes, split_fragments)
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
