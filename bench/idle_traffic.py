@@ -10,9 +10,9 @@ period has passed, each namespace's interface counters (eth0 tx and rx bytes: ev
 shaped link, TCP/IP, TLS, yamux and libp2p framing included) are read every few seconds over a
 window. Nothing feeds microbatches, so what the links carry is the background: stage-record stores
 (every `--announce-period`), reads of its own stage's records (watch_swarm, once per period; with no
-DHT cache a node that does not hold the key asks a holder), the run
-config's keep-alive (every RESBM_CONFIG_TTL_S / 4 = 30 s), hivemind's DHT upkeep, libp2p's own
-messages and, if any, averaging matchmaking.
+DHT cache a node that does not hold the key asks a holder), the run config's keep-alive (every
+RESBM_CONFIG_TTL_S / 4 = 30 s), hivemind's DHT upkeep, libp2p's own messages and, if any, averaging
+matchmaking.
 
 Trainers: a trainer (`join --stage 0`) cannot idle. With `--steps 0` it waits for every stage,
 trains nothing, writes its summary and leaves (node/trainer_loop.py: the loop ends at once; the
