@@ -43,7 +43,7 @@ from hivemind.utils.asyncio import as_aiter, azip
 from node.lifeline import watch_parent
 from node.settings import AveragingSettings
 from protocol.averaging_codec import AVERAGING_COMPRESSION
-from swarm.averaging_plan import (MAX_PART, MIN_PART, WINDOW_PARTS, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
+from swarm.averaging_plan import (MAX_PART, MIN_PART, WINDOW_PARTS, Cadence, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
                                   round_wire_bytes, split_fragments)
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
 
@@ -189,6 +189,18 @@ class RobustAverager(DecentralizedAverager):
         torch.set_num_threads(torch.get_num_threads())
         super().run()
 
+    async def _shutdown(self, timeout: Optional[float]) -> None:
+        """hivemind's, which calls `finalize` on its running groups: in 1.1.12 those are futures of
+        all-reduce runners, so every stop mid-round ended the averager's thread with an AttributeError
+        traceback (seen in the scaling lab's logs). Finalizes the runners and cancels the rest."""
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        for group in self._running_groups.values():
+            if group.done() and not group.cancelled() and group.exception() is None:
+                group.result().finalize(cancel=True)
+            else:
+                group.cancel()
+
     async def _step(self, *, step, **kwargs):
         """hivemind's, quiet about a round the node cancelled (at its shutdown) while the all-reduce
         ran: hivemind then sets the result of the cancelled future, and its task's error was logged
@@ -301,7 +313,8 @@ class RoundOutcome:
 class ReplicaAverager:
     """Background averaging of one replica's parameters with the other replicas of its stage.
 
-    Every `every` local steps a round starts in the background: the parameters are snapshotted
+    `every` local steps after the last round started (or at once after it, if it ran longer;
+    swarm.averaging_plan.Cadence) a round starts in the background: the parameters are snapshotted
     between two microbatches, the all-reduce of one fragment (swarm/averaging_plan.py) runs in its
     own thread while training goes on, and the result is applied as a delta (averaged - snapshot), so
     the updates this replica made during the round are kept. A round that finds no partner or fails
@@ -311,7 +324,7 @@ class ReplicaAverager:
     def __init__(self, dht: DHT, run_id: str, stage: int, worker, every: int, count_replicas, metrics,
                  settings: AveragingSettings = AveragingSettings(), tau: float | None = None,
                  iters: int = DEFAULT_ITERS):
-        self.worker, self.every, self.count_replicas, self.metrics = worker, every, count_replicas, metrics
+        self.worker, self.cadence, self.count_replicas, self.metrics = worker, Cadence(every), count_replicas, metrics
         self.dht, self.settings = dht, settings
         self.closing, self._control, self._round = False, None, None
         self._idle = threading.Event()  # no all-reduce thread is running (shutdown waits for it)
@@ -336,12 +349,11 @@ class ReplicaAverager:
 
     def after_step(self, step: int, in_worker) -> None:
         """Called after each local step (on the event loop); `in_worker(fn)` runs fn between two
-        microbatches of the worker. Starts a background round when one is due and none is running."""
-        if not self.every or (step + 1) % self.every or self.closing:
+        microbatches of the worker. Starts a background round when one is due (Cadence) and none is
+        running."""
+        if self.closing or not self.cadence.due(step) or (self._round is not None and not self._round.done()):
             return
-        if self._round is not None and not self._round.done():
-            log.info("averaging due after step %d, but the last round is still running: skipped", step)
-            return
+        self.cadence.started(step)
         self._round = asyncio.create_task(self.average(step, in_worker))
 
     async def average(self, step: int, in_worker) -> bool | None:
@@ -434,6 +446,8 @@ class ReplicaAverager:
         if outcome.complete:
             m.avg_rounds.inc()
             self.link.complete()
+            log.info("averaging after step %d: fragment %d averaged with %d replicas in %.1f s", step,
+                     outcome.fragment, outcome.group, outcome.seconds)
         else:
             m.avg_partial.inc()
             self.link.incomplete(whole * outcome.received, outcome.seconds)

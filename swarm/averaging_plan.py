@@ -132,6 +132,24 @@ class LinkRate:
         self.Bps = max(MIN_RATE, BACKOFF_FLOOR * self.budget, min(self.Bps / 2, achieved))
 
 
+class Cadence:
+    """When a replica's next averaging round starts: at the first local step once `every` steps have
+    passed since its last round started, and no round is running. So a round that outlasts `every`
+    steps is followed at once, not at the next multiple of `every`: replicas that ran a round together
+    finish it together and look for the next one together, and a replica that found no group (its
+    partners had formed one without it) looks again at its next step, so it is there when they come
+    free (at 3 per stage a third replica used to miss every round of the scaling lab)."""
+
+    def __init__(self, every: int):
+        self.every, self.next = every, every - 1
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step >= self.next
+
+    def started(self, step: int) -> None:
+        self.next = step + self.every
+
+
 def mbit(rate_mbit: float) -> float:
     """Bytes per second of a link of `rate_mbit` Mbit/s."""
     return rate_mbit * 1e6 / 8

@@ -1,7 +1,8 @@
 """The averaging scheme's arithmetic (swarm/averaging_plan.py): fragments, bytes, limits, link rate."""
 import pytest
 
-from swarm.averaging_plan import (BACKOFF_FLOOR, BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, WIRE_BYTES, LinkRate,
+from swarm.averaging_plan import (BACKOFF_FLOOR, BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, WIRE_BYTES, Cadence,
+                                  LinkRate,
                                   fragment_count, mbit, round_cost, round_limits, round_wire_bytes, split_fragments,
                                   transfer_s)
 
@@ -81,6 +82,18 @@ def test_link_rate_backs_off_on_incomplete_rounds_and_grows_back_to_its_budget()
     thin = LinkRate(mbit(0.5), share=0.01)
     thin.incomplete(wire_bytes=10, seconds=10.0)
     assert thin.budget == thin.Bps == MIN_RATE  # 1% of 0.5 Mbit/s is 625 B/s: never below 8 kbit/s
+
+
+def test_cadence_waits_every_steps_from_a_rounds_start_and_follows_a_long_round_at_once():
+    cadence = Cadence(10)
+    assert [s for s in range(12) if cadence.due(s)] == [9, 10, 11]  # first after 10 local steps
+    cadence.started(9)
+    assert [s for s in range(10, 25) if cadence.due(s)] == list(range(19, 25))
+    cadence.started(19)  # a round that outlasts 10 steps: due at the first step after it ends (step 35),
+    assert cadence.due(35) and not cadence.due(28)  # not at the next multiple of 10 (39)
+    cadence.started(35)  # whatever a round did (found no group, ran long), the next is due `every` steps after its start
+    assert not cadence.due(44) and cadence.due(45)
+    assert not any(Cadence(0).due(s) for s in range(100))  # averaging off
 
 
 def test_cost_table_halves_bytes_in_fp16_and_again_in_8_bit_and_fragments_cut_rounds():

@@ -169,6 +169,37 @@ def test_robust_all_reduce_bounds_one_bad_replica():
             assert moved <= influence_bound(TAU, 3, ITERS) + spread, (attack, moved)
 
 
+def test_an_averager_stopped_mid_round_finalizes_its_running_all_reduce():
+    """hivemind 1.1.12's averager shutdown calls `finalize` on its running groups, which are futures of
+    all-reduce runners: a node stopped mid-round printed an AttributeError traceback from its averager's
+    thread (seen in the scaling lab's logs). RobustAverager's finalizes the runners and cancels the
+    groups still forming."""
+    import asyncio
+    import types
+
+    from hivemind.averaging import DecentralizedAverager
+
+    from node.averaging import RobustAverager
+
+    async def go(shutdown):
+        finalized = []
+        runner = types.SimpleNamespace(finalize=lambda **kw: finalized.append(kw))
+        running, forming, failed = (asyncio.get_running_loop().create_future() for _ in range(3))
+        running.set_result(runner)
+        failed.set_exception(RuntimeError("the all-reduce failed"))
+        averager = types.SimpleNamespace(client_mode=True, _running_groups={b"a": running, b"b": forming,
+                                                                              b"c": failed})
+        try:
+            await asyncio.wait_for(shutdown(averager, 1.0), 5)
+        finally:
+            failed.exception()  # retrieved: asyncio would log it as never retrieved
+        return finalized, forming.cancelled()
+
+    assert asyncio.run(go(RobustAverager._shutdown)) == ([{"cancel": True}], True)
+    with pytest.raises(AttributeError, match="finalize"):  # what hivemind's own does with the same groups
+        asyncio.run(go(DecentralizedAverager._shutdown))
+
+
 def test_a_round_without_a_group_is_reported_once_without_hiveminds_traceback():
     """hivemind's averager logs the traceback of a round that found no group on its last try;
     node.averaging already reports it in one line. Other errors keep their traceback."""
