@@ -135,16 +135,23 @@ def row_figures(nodes: list[dict], overhead: float) -> dict:
 
 
 def averaging_figures(nodes: list[dict], tokens_per_s: float, per_stage: int, rate_mbit: float) -> dict:
-    """The replicas' own averaging counts: rounds (complete, partial, failed), payload bytes per token
-    per replica and their share of a replica's link (both directions), the largest replica distance."""
+    """The replicas' own averaging counts: rounds (complete, partial, failed, still running when the
+    run ended), the rounds that formed a group by its size (each replica counts its own), payload
+    bytes per token per replica and their share of a replica's link (both directions), the largest
+    replica distance."""
     reps = [n for n in nodes if n.get("averaging")]
     if not reps:
         return {}
     a = lambda key: [n["averaging"][key] or 0.0 for n in reps]  # noqa: E731
     per_token = mean(n["averaging"]["bytes"] / n["tokens"] for n in reps)
     replica_Bps = per_token * tokens_per_s / per_stage  # a replica handles 1/n of the swarm's tokens
+    groups = {}
+    for n in reps:
+        for size, count in (n["averaging"].get("groups") or {}).items():
+            groups[int(size)] = groups.get(int(size), 0) + count
     return {"averaging_rounds": sum(a("rounds")), "averaging_partial_rounds": sum(a("partial")),
-            "averaging_failed_rounds": sum(a("failures")), "averaging_payload_bytes_per_token": per_token,
+            "averaging_failed_rounds": sum(a("failures")), "averaging_in_flight": sum(map(bool, a("in_flight"))),
+            "averaging_groups": dict(sorted(groups.items())), "averaging_payload_bytes_per_token": per_token,
             "averaging_link_share": replica_Bps / (2 * rate_mbit * 1e6 / 8),
             "replica_distance_max": max(a("distance_max"))}
 
@@ -198,14 +205,16 @@ def table(runs: list[dict]) -> str:
              f"{f(r, 'averaging_payload_bytes_per_token', '.1f')} / {f(r, 'averaging_bytes_per_token', '.1f')}",
              f"{100 * r.get('averaging_link_share', 0.0):.1f}%",
              f"{r.get('averaging_rounds', 0):.0f} / {r.get('averaging_partial_rounds', 0):.0f} / "
-             f"{r.get('averaging_failed_rounds', 0):.0f}",
+             f"{r.get('averaging_failed_rounds', 0):.0f} / {r.get('averaging_in_flight', 0):.0f}",
+             ", ".join(f"{c}x{g}" for g, c in r.get("averaging_groups", {}).items()) or "-",
              f"{100 * r.get('replica_distance_max', 0.0):.2f}%", f(r, "staleness", ".2f"),
              f"{100 * r.get('cpu_busy', 0.0):.0f}%",
              r.get("steps", 0), r.get("error", "")[:60]] for r in runs]
     return markdown_table(["per stage", "avg every", "link Mbit/s", "tokens/s", "compute-bound", "link bound (codes)",
                            "busiest B/tok", "middle B/tok", "trainer B/tok", "iface middle / trainer B/tok",
                            "averaging B/tok (payload / iface)", "averaging link share",
-                           "rounds / partial / failed", "apart max", "staleness", "CPU busy", "steps", "error"], rows)
+                           "rounds / partial / failed / running at the end", "groups (rounds x replicas)",
+                           "apart max", "staleness", "CPU busy", "steps", "error"], rows)
 
 
 def traffic_table(runs: list[dict]) -> str:
@@ -281,7 +290,8 @@ def averaging_verdicts(runs: list[dict]) -> list[str]:
                        f"replica = {100 * share:.1f}% of its link (goal <= 10%): {'met' if share <= 0.1 else 'MISSED'}; "
                        f"rounds {r['averaging_rounds']:.0f} complete, {partial:.0f} partial (goal 0): "
                        f"{'met' if partial == 0 and r['averaging_rounds'] else 'MISSED'}, "
-                       f"{r['averaging_failed_rounds']:.0f} failed; replicas apart at most "
+                       f"{r['averaging_failed_rounds']:.0f} failed, {r.get('averaging_in_flight', 0):.0f} still "
+                       f"running at the end; replicas apart at most "
                        f"{100 * r['replica_distance_max']:.2f}%")
     return out
 

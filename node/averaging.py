@@ -335,6 +335,7 @@ class ReplicaAverager:
         self.next_fragment = 0
         self.link = LinkRate(mbit(settings.link_mbit), settings.link_share)
         self.distance: float | None = None   # at the last round that brought anything back
+        self.groups: dict[int, int] = {}      # rounds that formed a group, by its size
         self.distance_max = 0.0
         self.tau = tau if tau is not None else DEFAULT_TAU
         # replicas reach their rounds at different moments (each steps on its own microbatches): a
@@ -428,7 +429,8 @@ class ReplicaAverager:
                 "partial": sample("resbm_averaging_partial_rounds_total"),
                 "failures": sample("resbm_averaging_failures_total"), "bytes": sample("resbm_averaging_bytes_total"),
                 "distance": self.distance, "distance_max": self.distance_max, "fragments": len(self.fragments),
-                "link_estimate_Bps": self.link.Bps}
+                "link_estimate_Bps": self.link.Bps, "groups": {str(g): c for g, c in sorted(self.groups.items())},
+                "in_flight": self._round is not None and not self._round.done()}
 
     def _account(self, step: int, replicas: int, outcome: RoundOutcome) -> None:
         """Metrics, the link estimate and the next fragment, from what the round did."""
@@ -439,6 +441,7 @@ class ReplicaAverager:
                         step, replicas)
             return
         whole = round_wire_bytes(self.fragment_params[outcome.fragment], outcome.group)
+        self.groups[outcome.group] = self.groups.get(outcome.group, 0) + 1
         m.avg_group_size.set(outcome.group)
         m.avg_received.set(outcome.received)
         m.avg_bytes.inc(whole * outcome.received)

@@ -53,6 +53,10 @@ def test_quick_scaling_json_is_complete_and_consistent(tmp_path):
     # ... and its replicas count what their rounds carried, and whether each came back whole
     assert by[2]["averaging_rounds"] + by[2]["averaging_partial_rounds"] > 0, by[2]
     assert by[2]["averaging_payload_bytes_per_token"] > 0 and 0 < by[2]["averaging_link_share"] < 1
+    # every round that formed a group was a pair (2 replicas per stage), counted by each of the two
+    groups = by[2]["averaging_groups"]
+    assert set(groups) == {"2"} and groups["2"] == by[2]["averaging_rounds"] + by[2]["averaging_partial_rounds"]
+    assert 0 <= by[2]["averaging_in_flight"] <= 6, by[2]
     assert out["speedup_2"] == pytest.approx(by[2]["tokens_per_s"] / by[1]["tokens_per_s"])
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert _our_namespaces() <= before  # nothing left behind

@@ -185,10 +185,14 @@ def test_two_replicas_share_traffic_and_average_in_the_background():
                        for r in reps]
             received = [r.averager.metrics.registry.get_sample_value("resbm_averaging_received_fraction")
                         for r in reps]
+            figures = [r.averager.figures() for r in reps]
             return (rounds, quiet, distance, partial, received, [r.tokens_done for r in reps], before,
-                    [r.worker.stage.state_dict() for r in reps])
+                    [r.worker.stage.state_dict() for r in reps], figures)
 
-    rounds, quiet, distance, partial, received, tokens, (a0, b0), (a, b) = asyncio.run(go())
+    rounds, quiet, distance, partial, received, tokens, (a0, b0), (a, b), figures = asyncio.run(go())
+    # every round that ran was a pair, the quiet one included, and none is left running
+    assert [f["groups"] for f in figures] == [{"2": r + 1} for r in rounds], figures
+    assert not any(f["in_flight"] for f in figures), figures
     assert all(t > 0 for t in tokens), tokens  # both replicas got microbatches
     assert all(r >= 1 for r in rounds), rounds  # rounds ran while the trainer trained
     assert quiet == [True, True]
