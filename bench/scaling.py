@@ -55,6 +55,18 @@ SIZES = {
 }
 
 
+def row_spec(text: str) -> tuple[int, int]:
+    """argparse type for --rows: 'N:E', N volunteers per stage averaging every E steps (0: off)."""
+    try:
+        per_stage, every = (int(x) for x in text.split(":"))
+    except ValueError:
+        per_stage = every = -1
+    if per_stage < 1 or every < 0:
+        raise argparse.ArgumentTypeError(f"expected PER_STAGE:AVERAGE_EVERY (e.g. 2:10, or 2:0 without averaging), "
+                                         f"got {text!r}")
+    return per_stage, every
+
+
 def run_config(size: dict, average_every: int) -> RunConfig:
     model = ModelConfig(d_model=size["d"], n_layers=size["layers"], n_heads=size["heads"], seq_len=size["seq"],
                         n_stages=size["stages"], ratio=size["ratio"])
@@ -331,6 +343,9 @@ def main(argv=None) -> int:
     p.add_argument("--link-share", type=link_fraction, default=None, metavar="F",
                    help="every node's `join --link-share` (default: the node's, %s; --quick: 0.5)"
                         % AveragingSettings().link_share)
+    p.add_argument("--rows", type=row_spec, nargs="+", default=None, metavar="N:E",
+                   help="run only these rows, N per stage averaging every E steps (0: off), e.g. --rows 2:10 2:0 "
+                        "(default: the size's; ratios to 1 per stage need a 1:E row first)")
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/scaling.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
@@ -339,6 +354,8 @@ def main(argv=None) -> int:
         return 2
     if args.link_share is not None:
         size = {**size, "link_share": args.link_share}
+    if args.rows:
+        size = {**size, "runs": args.rows}
     limit = compute_bound(run_config(size, 100), ByteCorpus(), steps=3, warmup=1)
     runs, overhead = [], None
     with tempfile.TemporaryDirectory() as tmp:

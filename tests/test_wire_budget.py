@@ -1,4 +1,6 @@
 """Per-node link arithmetic of the neighbour route (the model bench.scaling checks its figures against)."""
+import argparse
+
 import pytest
 
 from bench.wire_budget import Link, averaging_bytes, code_bytes, hub_codes_per_token, link_bound_tokens_per_s
@@ -41,3 +43,12 @@ def test_hub_codes_grow_with_stages():
     assert [hub_codes_per_token(s) for s in (2, 3, 4, 8)] == [2, 5, 8, 20]
     with pytest.raises(ValueError):
         hub_codes_per_token(1)
+
+
+def test_scaling_rows_are_read_as_per_stage_and_cadence_and_bad_ones_refused():
+    from bench.scaling import row_spec
+
+    assert row_spec("2:10") == (2, 10) and row_spec("3:0") == (3, 0)
+    for bad in ("2", "0:10", "2:-1", "a:b", "2:10:1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="PER_STAGE:AVERAGE_EVERY"):
+            row_spec(bad)
