@@ -174,7 +174,7 @@ class RobustAverager(DecentralizedAverager):
         self.fragments = [list(f) for f in fragments] if fragments else [list(range(len(averaged_tensors)))]
         # shared with the averager's process: the node writes the next round's limits (NaN: the
         # constructor's), the averager writes [fragment, fraction of it received, all-reduce seconds]
-        self.limits = torch.full((5,), float("nan"), dtype=torch.float64).share_memory_()
+        self.limits = torch.full((6,), float("nan"), dtype=torch.float64).share_memory_()
         self.report = torch.full((3,), float("nan"), dtype=torch.float64).share_memory_()
         super().__init__(averaged_tensors, dht, start=False, **kwargs)
         if start:
@@ -205,6 +205,11 @@ class RobustAverager(DecentralizedAverager):
         """hivemind's, quiet about a round the node cancelled (at its shutdown) while the all-reduce
         ran: hivemind then sets the result of the cancelled future, and its task's error was logged
         as "Task exception was never retrieved" with a traceback, at every stop mid-round."""
+        group = self.limits[5].item()
+        if not math.isnan(group):
+            # a group that has every replica of the stage starts at once; one short of them waits for the
+            # rest until its leader's declared time (min_matchmaking_time), then starts with what it has
+            self._matchmaking.target_group_size = int(group)
         try:
             await super()._step(step=step, **kwargs)
         except FutureStateError:
@@ -213,7 +218,8 @@ class RobustAverager(DecentralizedAverager):
 
     def set_limits(self, limits: RoundLimits) -> None:
         self.limits.copy_(torch.tensor([limits.part_bytes, limits.sender_timeout_s, limits.reducer_timeout_s,
-                                        limits.allreduce_timeout_s, limits.send_Bps], dtype=torch.float64))
+                                        limits.allreduce_timeout_s, limits.send_Bps, limits.group],
+                                       dtype=torch.float64))
 
     def proposal(self, fragment: int) -> dict:
         """What this member proposes for the round (its gathered data): the fragment, and the part size
@@ -240,7 +246,7 @@ class RobustAverager(DecentralizedAverager):
         tensors = [tensors[i] for i in chosen]
         if kwargs.get("tensor_infos") is not None:
             kwargs["tensor_infos"] = tuple(kwargs["tensor_infos"][i] for i in chosen)
-        part_bytes, sender_s, reducer_s, total_s, send_Bps = self.limits.tolist()
+        part_bytes, sender_s, reducer_s, total_s, send_Bps, _ = self.limits.tolist()
         if not math.isnan(part_bytes):  # timeouts and pace are our own; the part size is the group's
             kwargs.update(part_size_bytes=agreed_part or int(part_bytes), sender_timeout=sender_s,
                           reducer_timeout=reducer_s, send_Bps=send_Bps)

@@ -265,10 +265,13 @@ class AveragingSettings:
     gather_s: float = setting(60.0, "an averaging round waits this long for the stage's other replicas (they "
                                     "reach their rounds at different moments)", group=ADVANCED, metavar="S",
                               hidden=True)
-    # 5 s, not hivemind's 1-2 s: on a link the codes keep busy a matchmaking request waits behind them
-    # (in the scaling lab at 3 per stage, rounds with 1 s found no group: 9 of 9 failed)
-    matchmaking_s: float = setting(5.0, "the least time an averaging round spends forming its group", group=ADVANCED,
-                                   metavar="S", hidden=True)
+    # Not hivemind's 1-2 s: on a link the codes keep busy a matchmaking request waits behind them (in the
+    # scaling lab at 3 per stage, rounds with 1 s found no group: 9 of 9 failed). 15 s, as hivemind's
+    # Optimizer: a group with every replica starts at once (node/averaging.py sets the target), so this
+    # only bounds how long a group short of one waits for it; with 5 s a replica that reached its round
+    # a few seconds after two others, or joined a leader just after its declared time, found no group.
+    matchmaking_s: float = setting(15.0, "the longest an averaging group short of some of the stage's replicas waits "
+                                         "for them", group=ADVANCED, metavar="S", hidden=True)
 
 
 # --- a whole `join` process -----------------------------------------------------------------------

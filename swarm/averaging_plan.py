@@ -95,6 +95,7 @@ class RoundLimits:
     sender_timeout_s: float   # a sender whose next part does not come within this is dropped
     reducer_timeout_s: float  # likewise for a reducer's next averaged part
     allreduce_timeout_s: float
+    group: int                # the replicas the round is for: a group starts as soon as it has them all
 
 
 def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
@@ -109,7 +110,7 @@ def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
     total = FLOOR_S + SLACK * transfer_s(params, max(group, 2), rate)
     sender = max(PART_FLOOR_S + SLACK * between_parts, SILENCE_SHARE * total)
     return RoundLimits(part_bytes=part, send_Bps=send, sender_timeout_s=sender, reducer_timeout_s=2 * sender,
-                       allreduce_timeout_s=total)
+                       allreduce_timeout_s=total, group=group)
 
 
 class LinkRate:

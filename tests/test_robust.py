@@ -1,5 +1,6 @@
 """Robust replica averaging: CenteredClip on its own, then inside a real hivemind all-reduce where
 one of three replicas sends sign-flipped huge or NaN parameters."""
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -167,6 +168,38 @@ def test_robust_all_reduce_bounds_one_bad_replica():
             assert moved < 1e-5, moved  # the NaN replica is dropped: the plain mean of the honest two
         else:
             assert moved <= influence_bound(TAU, 3, ITERS) + spread, (attack, moved)
+
+
+@pytest.mark.swarm
+def test_a_replica_that_comes_late_joins_the_group_which_starts_once_it_has_every_replica():
+    """Two replicas look for a group, the third 6 s later: with the round's target of 3 (set_limits)
+    the group waits for it, and starts as soon as it has all 3 rather than at its leader's declared
+    time (min_matchmaking_time, 15 s here as the node's default)."""
+    from node.averaging import RobustAverager
+    from node.dht import start_dht, visible_maddrs
+    from node.runtime import SocketJanitor
+    from swarm.averaging_plan import round_limits
+
+    janitor = SocketJanitor()
+    dhts, averagers = [], []
+    try:
+        for _ in range(3):
+            dhts.append(start_dht("late", visible_maddrs(dhts[0]) if dhts else ()))
+        for i, dht in enumerate(dhts):
+            averagers.append(RobustAverager([torch.full((1000,), float(i))], dht, tau=TAU, iters=ITERS,
+                                            prefix="late", min_group_size=2, min_matchmaking_time=15.0,
+                                            request_timeout=3.0))
+            averagers[-1].set_limits(round_limits(1000, 3, 1e6))
+        start = time.monotonic()
+        early = [a.step(timeout=40, wait=False) for a in averagers[:2]]
+        time.sleep(6.0)
+        late = averagers[2].step(timeout=40, wait=False)
+        groups = [c.result(timeout=60) for c in early + [late]]
+        took = time.monotonic() - start
+    finally:
+        _shut_down(averagers, dhts, janitor)
+    assert all(g is not None and len(g) == 3 for g in groups), groups
+    assert took < 14.0, took  # it did not wait for the leader's 15 s
 
 
 def test_an_averager_stopped_mid_round_finalizes_its_running_all_reduce():
