@@ -202,9 +202,10 @@ class RobustAverager(DecentralizedAverager):
                 group.cancel()
 
     async def _step(self, *, step, **kwargs):
-        """hivemind's, quiet about a round the node cancelled (at its shutdown) while the all-reduce
-        ran: hivemind then sets the result of the cancelled future, and its task's error was logged
-        as "Task exception was never retrieved" with a traceback, at every stop mid-round."""
+        """hivemind's, for the group the node set in the round's limits, and quiet about a round the
+        node cancelled (at its shutdown) while the all-reduce ran: hivemind then sets the result of the
+        cancelled future, and its task's error was logged as "Task exception was never retrieved" with
+        a traceback, at every stop mid-round."""
         group = self.limits[5].item()
         if not math.isnan(group):
             # a group that has every replica of the stage starts at once; one short of them waits for the
