@@ -355,11 +355,16 @@ class ReplicaAverager:
             request_timeout=0.5 * settings.matchmaking_s, allreduce_timeout=None,
             allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)
 
+    @property
+    def running(self) -> bool:
+        """A round is under way (matchmaking, all-reduce or applying its result)."""
+        return self._round is not None and not self._round.done()
+
     def after_step(self, step: int, in_worker) -> None:
         """Called after each local step (on the event loop); `in_worker(fn)` runs fn between two
         microbatches of the worker. Starts a background round when one is due (Cadence) and none is
         running."""
-        if self.closing or not self.cadence.due(step) or (self._round is not None and not self._round.done()):
+        if self.closing or not self.cadence.due(step) or self.running:
             return
         self.cadence.started(step)
         self._round = asyncio.create_task(self.average(step, in_worker))
@@ -437,7 +442,7 @@ class ReplicaAverager:
                 "failures": sample("resbm_averaging_failures_total"), "bytes": sample("resbm_averaging_bytes_total"),
                 "distance": self.distance, "distance_max": self.distance_max, "fragments": len(self.fragments),
                 "link_estimate_Bps": self.link.Bps, "groups": {str(g): c for g, c in sorted(self.groups.items())},
-                "in_flight": self._round is not None and not self._round.done()}
+                "in_flight": self.running}
 
     def _account(self, step: int, replicas: int, outcome: RoundOutcome) -> None:
         """Metrics, the link estimate and the next fragment, from what the round did."""
