@@ -51,6 +51,23 @@ def assert_boundary_sides(series: list[dict], trainers: set, stage1: set, stage2
     assert {key[0] for key in seen} == {"0", "1"}, seen
 
 
+KEY_PANELS = ("Training throughput", "Compression vs bf16 at width d", "Replicas per stage", "Train loss")
+
+
+def panels_shown(url: str, patience_s: float = 30.0) -> dict[str, list]:
+    """Every query of the Grafana dashboard, run as Grafana would (valid PromQL here, or `query`
+    raises). Asked again, as a dashboard refreshes, until the key panels show something or
+    `patience_s` passes: on a loaded 2-core machine a 1 s scrape can time out a few times in a row,
+    and a rate then has too few samples for a moment. $__rate_interval is 4 scrapes at the least in
+    Grafana; 10 s here."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shown = {expr: query(url, expr.replace("$__rate_interval", "10s")) for expr in dashboard_exprs()}
+        if all(shown[dashboard_exprs(key)[0]] for key in KEY_PANELS) or time.monotonic() > deadline:
+            return shown
+        time.sleep(1.0)
+
+
 def test_real_prometheus_scrapes_every_node(tmp_path):
     prom_bin = require_prometheus()
     n_nodes = TRAINERS + STAGES - 1
@@ -93,9 +110,8 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
         sides = query(url, "sum by (instance, boundary, direction, pass) (resbm_wire_bytes_total) > 0")
         calls = query(url, "resbm_next_hop_calls_total > 0")
         jobs = {r["metric"]["job"] for r in query(url, "up")}
-        dashboard = {}
-        for expr in dashboard_exprs():  # every query of the Grafana dashboard is valid PromQL here
-            dashboard[expr] = query(url, expr.replace("$__rate_interval", "10s"))
+        dashboard = panels_shown(url)
+        scrapes = by_instance(query(url, "count_over_time(up[30s])"))  # for a failure message: missed scrapes
     finally:
         nodes = sorted(set(nodes) | set(children(swarm.pid)))
         stop_group(swarm, grace=60)
@@ -130,9 +146,9 @@ def test_real_prometheus_scrapes_every_node(tmp_path):
     assert sorted(int(r["metric"]["stage"]) for r in info) == [0] * TRAINERS + list(range(1, STAGES))
     assert {r["metric"]["fingerprint"] for r in info} and all(r["metric"]["peer_id"] for r in info)
     assert jobs == {"resbm-local"}
-    for key in ("Training throughput", "Compression vs bf16 at width d", "Replicas per stage", "Train loss"):
+    for key in KEY_PANELS:
         expr = next(iter(dashboard_exprs(key)))
-        assert dashboard[expr], f"dashboard panel {key!r} shows nothing: {expr}"
+        assert dashboard[expr], f"dashboard panel {key!r} shows nothing: {expr}; scrapes in the last 30 s: {scrapes}"
     assert swarm.returncode == 130, f"`local` should stop on SIGTERM with 130, got {swarm.returncode}:\n{log_tail}"
     ports = json.loads((tmp_path / "local.json").read_text())["metrics_ports"]
     assert ports == {"trainer0": base, "trainer1": base + 1, "stage1-0": base + 2, "stage2-0": base + 3}, ports
