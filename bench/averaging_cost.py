@@ -1,7 +1,7 @@
 """What one replica-averaging round costs a stage, computed (not measured) from the scheme's
 arithmetic (swarm/averaging_plan.py): bytes one replica sends plus receives per round, and the
-seconds its link needs for them, under today's scheme (8-bit blocks, one fragment per round, paced to
-a share of the link) next to the fp32 all-reduce of everything that ran before it.
+seconds its link needs for them, under today's scheme (anchored rounds in 4-bit blocks, one fragment
+per round, paced to a share of the link) next to the fp32 all-reduce of everything that ran before it.
 
     python -m bench.averaging_cost [--params N] [--group G] [--links 10,100] [--json-out F]
 
@@ -15,14 +15,17 @@ import sys
 from pathlib import Path
 
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
-from swarm.averaging_plan import BUDGET_SHARE, FP16_BYTES, FP32_BYTES, WIRE_BYTES, fragment_count, round_cost
+from swarm.averaging_plan import (ANCHORED_BYTES, BUDGET_SHARE, FP16_BYTES, FP32_BYTES, FULL_BYTES, fragment_count,
+                                  round_cost)
 
 SCHEMES = (("fp32 all-reduce, all at once, whole link (before)", FP32_BYTES, False, 1.0),
            ("fp16, all at once, whole link", FP16_BYTES, False, 1.0),
            ("fp16, one fragment per round, whole link", FP16_BYTES, True, 1.0),
            ("fp16, one fragment per round, paced to 10% of the link (until 8-bit)", FP16_BYTES, True, 0.1),
-           (f"8-bit blocks, one fragment per round, paced to {BUDGET_SHARE:.0%} of the link (now)", WIRE_BYTES, True,
-            BUDGET_SHARE))
+           ("8-bit blocks, one fragment per round, paced to 5% of the link (until anchored rounds)", FULL_BYTES, True,
+            0.05),
+           (f"anchored 4-bit blocks, one fragment per round, paced to {BUDGET_SHARE:.1%} of the link (now)",
+            ANCHORED_BYTES, True, BUDGET_SHARE))
 
 
 def rows_for(params: int, group: int, links: list[float]) -> list[dict]:

@@ -148,7 +148,8 @@ def row_figures(nodes: list[dict], overhead: float) -> dict:
 
 def averaging_figures(nodes: list[dict], tokens_per_s: float, per_stage: int, rate_mbit: float) -> dict:
     """The replicas' own averaging counts: rounds (complete, partial, failed, still running when the
-    run ended), the rounds that formed a group by its size (each replica counts its own), payload
+    run ended), the rounds that formed a group by its size and by kind (anchored or full; each replica
+    counts its own), payload
     bytes per token per replica and their share of a replica's link (both directions), the largest
     replica distance."""
     reps = [n for n in nodes if n.get("averaging")]
@@ -157,13 +158,16 @@ def averaging_figures(nodes: list[dict], tokens_per_s: float, per_stage: int, ra
     a = lambda key: [n["averaging"][key] or 0.0 for n in reps]  # noqa: E731
     per_token = mean(n["averaging"]["bytes"] / n["tokens"] for n in reps)
     replica_Bps = per_token * tokens_per_s / per_stage  # a replica handles 1/n of the swarm's tokens
-    groups = {}
+    groups, kinds = {}, {}
     for n in reps:
         for size, count in (n["averaging"].get("groups") or {}).items():
             groups[int(size)] = groups.get(int(size), 0) + count
+        for kind, count in (n["averaging"].get("kinds") or {}).items():
+            kinds[kind] = kinds.get(kind, 0) + count
     return {"averaging_rounds": sum(a("rounds")), "averaging_partial_rounds": sum(a("partial")),
             "averaging_failed_rounds": sum(a("failures")), "averaging_in_flight": sum(map(bool, a("in_flight"))),
-            "averaging_groups": dict(sorted(groups.items())), "averaging_payload_bytes_per_token": per_token,
+            "averaging_groups": dict(sorted(groups.items())), "averaging_kinds": dict(sorted(kinds.items())),
+            "averaging_payload_bytes_per_token": per_token,
             "averaging_link_share": replica_Bps / (2 * rate_mbit * 1e6 / 8),
             "replica_distance_max": max(a("distance_max"))}
 
@@ -219,6 +223,8 @@ def table(runs: list[dict]) -> str:
              f"{r.get('averaging_rounds', 0):.0f} / {r.get('averaging_partial_rounds', 0):.0f} / "
              f"{r.get('averaging_failed_rounds', 0):.0f} / {r.get('averaging_in_flight', 0):.0f}",
              ", ".join(f"{c}x{g}" for g, c in r.get("averaging_groups", {}).items()) or "-",
+             " / ".join(str(r.get("averaging_kinds", {}).get(k, 0)) for k in ("anchored", "full"))
+             if r.get("averaging_groups") else "-",
              f"{100 * r.get('replica_distance_max', 0.0):.2f}%", f(r, "staleness", ".2f"),
              f"{100 * r.get('cpu_busy', 0.0):.0f}%",
              r.get("steps", 0), r.get("error", "")[:60]] for r in runs]
@@ -226,6 +232,7 @@ def table(runs: list[dict]) -> str:
                            "busiest B/tok", "middle B/tok", "trainer B/tok", "iface middle / trainer B/tok",
                            "averaging B/tok (payload / iface)", "averaging link share",
                            "rounds / partial / failed / running at the end", "groups (rounds x replicas)",
+                           "anchored / full",
                            "apart max", "staleness", "CPU busy", "steps", "error"], rows)
 
 

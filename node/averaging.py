@@ -2,8 +2,15 @@
 one fragment of its parameters with the others through hivemind's DecentralizedAverager (butterfly
 all-reduce among the replicas found in the DHT), in the background: training never waits for a round
 (ReplicaAverager). What a round carries, in how many bytes and within which timeouts, is
-swarm/averaging_plan.py's arithmetic: 8-bit blocks on the wire (protocol/averaging_codec.py), parts
-and timeouts sized to the link.
+swarm/averaging_plan.py's arithmetic: parts and timeouts sized to the link.
+
+Anchored rounds (Streaming DiLoCo's shared outer parameters): every replica keeps an anchor of its
+parameters, the group's last result, identical on every replica, and a round averages each replica's
+change since it in 4-bit blocks (protocol/averaging_codec.py); the result (the mean change) reaches
+every replica as the same bytes, so the new anchor is again identical everywhere. Members publish a
+digest of each fragment's anchor with their proposal; when the group's digests of the round's
+fragment differ (a replica restarted from its checkpoint, a partial round, a reducer's result out of
+bounds), the round is full: the parameters themselves in 8-bit blocks, whose mean becomes the anchor.
 
 Robustness: hivemind 1.1.12 has no CenteredClip, so `RobustAverager` swaps the plain weighted
 mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
@@ -11,8 +18,8 @@ mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
     drops copies with NaN/inf, and clips each copy's pull to tau per coordinate and iteration, so
     one replica sending NaN, huge or sign-flipped parameters shifts the part by at most
     2*iters*tau/n (swarm.robust.influence_bound); peers' self-declared weights are ignored;
-  * every replica receives the same reduced part from its reducer (as a delta from its own 8-bit
-    copy), so replicas end a round equal up to their own 8-bit rounding;
+  * every replica receives the same reduced part from its reducer, as the same bytes, so replicas
+    end a round equal at the moment of its snapshot;
   * a reducer could itself lie: a receiver applies at most (iters+1)*tau per coordinate of any
     result and ignores non-finite values (swarm.robust.bounded_update), so even a malicious
     reducer moves a stage by a bounded amount per round;
@@ -22,6 +29,7 @@ mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -37,12 +45,14 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 
 from node.lifeline import watch_parent
 from node.settings import AveragingSettings
-from protocol.averaging_codec import AVERAGING_COMPRESSION
+from protocol.averaging_codec import ANCHORED, FULL, BlockCodec, bytes_per_value
 from swarm.averaging_plan import (MAX_PART, MIN_PART, WINDOW_PARTS, Cadence, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
                                   round_wire_bytes, split_fragments)
 from swarm.robust import DEFAULT_ITERS, bounded_update, default_tau, robust_mean
@@ -54,12 +64,14 @@ WINDOW_POLL_S = 0.05  # how often a sender at its window looks for returned resu
 
 
 class RobustPartReducer(TensorPartReducer):
-    """hivemind's TensorPartReducer, but each part is the CenteredClip of the senders' copies."""
+    """hivemind's TensorPartReducer, but each part is the CenteredClip of the senders' copies, encoded
+    once in `codec`: `wire[part]` is what every sender gets back, and the part's result is its decoding."""
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, own_index: Optional[int],
-                 tau: float, iters: int):
-        self.own_index, self.tau, self.iters = own_index, tau, iters
+                 tau: float, iters: int, codec: BlockCodec):
+        self.own_index, self.tau, self.iters, self.codec = own_index, tau, iters, codec
         self.contributions: dict[int, torch.Tensor] = {}
+        self.wire: list = []
         self.dropped = 0
         super().__init__(part_shapes, num_senders)
 
@@ -103,7 +115,8 @@ class RobustPartReducer(TensorPartReducer):
                 self.dropped += dropped
             else:
                 result = torch.zeros(self.part_shapes[self.current_part_index])
-            self.current_part_future.set_result(result)
+            self.wire.append(self.codec.compress(torch.nan_to_num(result), None))
+            self.current_part_future.set_result(self.codec.extract(self.wire[-1]))
             self.reset_accumulators()
 
 
@@ -129,18 +142,21 @@ async def paced(messages, rate_Bps: float | None, returned=None, window: int = W
 
 
 class RobustAllReduceRunner(AllReduceRunner):
-    """hivemind's all-reduce with RobustPartReducer, sending its parts at `send_Bps` (all reducers
-    together), a few parts ahead of the results, instead of as fast as the connection takes them:
-    a fragment pushed at once sits in TCP's send buffer of a busy link, and a write blocked 5-10 s
-    makes libp2p's yamux close the connection, every stream on it, mid-round."""
+    """hivemind's all-reduce with RobustPartReducer, returning each part's mean itself (the same bytes
+    to every sender) instead of each sender's delta from its own copy, and yielding the averaged
+    tensors, not deltas (a part whose reducer failed: the sender's own values). It sends its parts at
+    `send_Bps` (all reducers together), a few parts ahead of the results, instead of as fast as the
+    connection takes them: a fragment pushed at once sits in TCP's send buffer of a busy link, and a
+    write blocked 5-10 s makes libp2p's yamux close the connection, every stream on it, mid-round."""
 
-    def __init__(self, *, tau: float, iters: int, send_Bps: float | None = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *, tau: float, iters: int, compression: BlockCodec, send_Bps: float | None = None, **kwargs):
+        super().__init__(compression=compression, **kwargs)
+        self.tensor_part_container.return_deltas = False  # a failed reducer's parts: our own values
         plain = self.tensor_part_reducer
         plain.finished.set()  # retire it quietly (its finalize would warn that it received nothing)
         own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
         self.tensor_part_reducer = RobustPartReducer(plain.part_shapes, plain.num_senders, own_index=own,
-                                                     tau=tau, iters=iters)
+                                                     tau=tau, iters=iters, codec=compression)
         reducers = sum(1 for p, f in zip(self.ordered_peer_ids, self.peer_fractions) if f > 0 and p != self.peer_id)
         self.per_reducer_Bps = send_Bps / max(reducers, 1) if send_Bps else None
 
@@ -148,6 +164,35 @@ class RobustAllReduceRunner(AllReduceRunner):
         """Results (averaged parts) the reducer at `peer_index` has sent back so far (read from hivemind's
         container, which counts them in order)."""
         return self.tensor_part_container._outputs_registered_by_peer[peer_index]
+
+    async def _communicate_with_peer(self, peer_id):
+        """hivemind's; our own part's result is registered as the mean itself, as a remote reducer's is."""
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        peer_index, sender_index = self.ordered_peer_ids.index(peer_id), self.sender_peer_ids.index(peer_id)
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            mean = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
+                                                                  weight=self.weight)
+            self.tensor_part_container.register_processed_part(peer_index, part_index, mean)
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        """hivemind's, returning each part's encoded mean (RobustPartReducer.wire) instead of
+        (mean - the sender's copy) encoded anew for each sender."""
+        part_index = 0
+        try:
+            async for tensor_part, weight in amap_in_executor(
+                    lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight), stream,
+                    max_prefetch=self.tensor_part_container.prefetch):
+                try:
+                    await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+                    part_index += 1
+                except BannedException:
+                    break  # banned meanwhile: nothing more of its is aggregated
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
+                                                  tensor_part=self.tensor_part_reducer.wire[part_index - 1])
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
 
     def _generate_input_for_peer(self, peer_index: int):
         # a peer whose results come only after it sent everything (hivemind's client mode) has no window
@@ -163,8 +208,9 @@ def _equal_shares(peer_fractions) -> tuple:
 
 class RobustAverager(DecentralizedAverager):
     """DecentralizedAverager whose all-reduce is CenteredClip with bounded application, over one
-    fragment of its tensors per round (the fragment the group's first peer proposed), with part size
-    and timeouts the node sets before each round (`set_limits`), and a report of what came back."""
+    fragment of its tensors per round (the fragment the group's first peer proposed), anchored when
+    the group's anchors of it agree and full otherwise, with part size and timeouts the node sets
+    before each round (`set_limits`), and a report of what came back."""
 
     def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS,
                  fragments: Sequence[Sequence[int]] | None = None, start: bool = True, **kwargs):
@@ -173,9 +219,15 @@ class RobustAverager(DecentralizedAverager):
         self.update_bound = (self.iters + 1) * self.tau
         self.fragments = [list(f) for f in fragments] if fragments else [list(range(len(averaged_tensors)))]
         # shared with the averager's process: the node writes the next round's limits (NaN: the
-        # constructor's), the averager writes [fragment, fraction of it received, all-reduce seconds]
+        # constructor's), the averager writes [fragment, fraction of it received, all-reduce seconds,
+        # 1 if the round was anchored else 0]
         self.limits = torch.full((6,), float("nan"), dtype=torch.float64).share_memory_()
-        self.report = torch.full((3,), float("nan"), dtype=torch.float64).share_memory_()
+        self.report = torch.full((4,), float("nan"), dtype=torch.float64).share_memory_()
+        # the anchor starts at the parameters given: replicas that start from the run's initial
+        # weights (or load them from a peer, who started from the same) agree from the first round
+        self.anchors = [t.detach().clone().float().share_memory_() for t in averaged_tensors]
+        self.digests = torch.tensor([_digest([self.anchors[i] for i in f]) for f in self.fragments],
+                                    dtype=torch.int64).share_memory_()
         super().__init__(averaged_tensors, dht, start=False, **kwargs)
         if start:
             self.run_in_background(await_ready=True)
@@ -223,28 +275,41 @@ class RobustAverager(DecentralizedAverager):
                                        dtype=torch.float64))
 
     def proposal(self, fragment: int) -> dict:
-        """What this member proposes for the round (its gathered data): the fragment, and the part size
-        of the limits it was last given, if any. `_agreed` reads the group's first peer's."""
+        """What this member proposes for the round (its gathered data): the fragment, the digests of
+        its anchors, and the part size of the limits it was last given, if any."""
         part = self.limits[0].item()
-        return {"fragment": fragment} if math.isnan(part) else {"fragment": fragment, "part_bytes": int(part)}
+        proposal = {"fragment": fragment, "anchors": self.digests.tolist()}
+        return proposal if math.isnan(part) else {**proposal, "part_bytes": int(part)}
 
-    def _agreed(self, group_info) -> tuple[int, int | None]:
+    def _agreed(self, group_info) -> tuple[int, int | None, bool]:
         """The fragment and part size the group's first peer proposed (every member reads the same peer:
         parts cut to different sizes do not match, and the round fails), falling back to fragment 0
-        and our own part size where its proposal is not valid."""
-        try:
-            user_data = self.serializer.loads(self.serializer.loads(group_info.gathered[0])[2])
-        except Exception:
-            user_data = None
-        user_data = user_data if isinstance(user_data, dict) else {}
-        k, part = user_data.get("fragment", 0), user_data.get("part_bytes")
+        and our own part size where its proposal is not valid; and whether the round is anchored:
+        every member's digest of that fragment's anchor is the same (each member decides alike, from
+        the same gathered proposals)."""
+        proposals = []
+        for gathered in group_info.gathered:
+            try:
+                user_data = self.serializer.loads(self.serializer.loads(gathered)[2])
+            except Exception:
+                user_data = None
+            proposals.append(user_data if isinstance(user_data, dict) else {})
+        k, part = proposals[0].get("fragment", 0), proposals[0].get("part_bytes")
         k = k if isinstance(k, int) and 0 <= k < len(self.fragments) else 0
-        return k, part if isinstance(part, int) and MIN_PART <= part <= MAX_PART else None
+        digests = [p.get("anchors") for p in proposals]
+        anchored = all(isinstance(d, list) and len(d) == len(self.fragments) for d in digests) \
+            and len({d[k] for d in digests}) == 1
+        return k, part if isinstance(part, int) and MIN_PART <= part <= MAX_PART else None, anchored
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
-        fragment, agreed_part = self._agreed(group_info)
+        """One round over the agreed fragment: anchored (each replica's change since the shared anchor,
+        4-bit) or full (the parameters, 8-bit). Either way the fragment's parameters end as the new
+        anchor where results came back, and as they were where none did."""
+        fragment, agreed_part, anchored = self._agreed(group_info)
         chosen = self.fragments[fragment]
-        tensors = [tensors[i] for i in chosen]
+        params, anchors = [tensors[i] for i in chosen], [self.anchors[i] for i in chosen]
+        tensors = [p - a for p, a in zip(params, anchors)] if anchored else params
+        kwargs["compression"] = ANCHORED if anchored else FULL
         if kwargs.get("tensor_infos") is not None:
             kwargs["tensor_infos"] = tuple(kwargs["tensor_infos"][i] for i in chosen)
         part_bytes, sender_s, reducer_s, total_s, send_Bps, _ = self.limits.tolist()
@@ -264,23 +329,48 @@ class RobustAverager(DecentralizedAverager):
             return
         applied, started = [0], time.monotonic()
         try:
-            await asyncio.wait_for(self._apply_updates(tensors, runner, applied),
+            await asyncio.wait_for(self._apply_results(tensors, runner, applied),
                                    None if math.isnan(total_s) else total_s)
         except asyncio.TimeoutError:  # what came back stays applied; the node reports the round as partial
             log.info("averaging: the all-reduce ran past its %.0f s; keeping the parts that came back", total_s)
         finally:
+            with torch.no_grad():
+                for param, anchor, result in zip(params, anchors, tensors):
+                    if anchored:
+                        anchor.add_(result)
+                        param.copy_(anchor)
+                    else:
+                        anchor.copy_(param)
+            self.digests[fragment] = _digest(anchors)
             total = sum(t.numel() for t in tensors)
             received = max(0, applied[0] - runner.tensor_part_container.failed_size) / max(total, 1)
-            self.report.copy_(torch.tensor([fragment, received, time.monotonic() - started], dtype=torch.float64))
+            self.report.copy_(torch.tensor([fragment, received, time.monotonic() - started, anchored],
+                                           dtype=torch.float64))
 
-    async def _apply_updates(self, tensors, runner, applied: list) -> None:
-        """Add each part's (bounded) update as it arrives; a part whose reducer failed comes as zeros
-        (hivemind), which `applied` counts and the report subtracts."""
-        async for tensor, update in azip(as_aiter(*tensors), runner):
-            tensor.add_(bounded_update(update, self.update_bound).to(tensor.dtype), alpha=self._averaging_alpha)
+    async def _apply_results(self, tensors, runner, applied: list) -> None:
+        """Set each tensor to its averaged result as it arrives, exactly (the same values on every
+        replica), unless that moves a coordinate by more than the update bound or the result is not
+        finite: then move by the bounded update (the anchor then differs from the group's, and the
+        next round of the fragment is full). A part whose reducer failed comes as our own values,
+        which `applied` counts and the report subtracts."""
+        async for tensor, result in azip(as_aiter(*tensors), runner):
+            update = result.to(tensor.dtype) - tensor
+            bounded = bounded_update(update, self.update_bound).to(tensor.dtype)
+            if torch.equal(bounded, update):
+                tensor.copy_(result)
+            else:
+                tensor.add_(bounded)
             applied[0] += tensor.numel()
             self.last_updated = get_dht_time()
             self._state_updated.set()
+
+
+def _digest(tensors: Sequence[torch.Tensor]) -> int:
+    """8 bytes of BLAKE2b over the tensors' values: equal anchors give equal digests on any replica."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().contiguous().float().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 def _stage(control):
@@ -311,6 +401,11 @@ class RoundOutcome:
     fragment: int = -1
     received: float = 0.0   # fraction of the fragment whose averaged values came back
     seconds: float = 0.0    # the all-reduce's duration (after the group formed)
+    anchored: bool = False  # changes since the shared anchor in 4-bit blocks, else parameters in 8-bit
+
+    @property
+    def codec(self) -> BlockCodec:
+        return ANCHORED if self.anchored else FULL
 
     @property
     def complete(self) -> bool:
@@ -343,6 +438,7 @@ class ReplicaAverager:
         self.link = LinkRate(mbit(settings.link_mbit), settings.link_share)
         self.distance: float | None = None   # at the last round that brought anything back
         self.groups: dict[int, int] = {}      # rounds that formed a group, by its size
+        self.kinds: dict[str, int] = {}       # ...and by kind: anchored or full
         self.distance_max = 0.0
         self.tau = tau if tau is not None else DEFAULT_TAU
         # replicas reach their rounds at different moments (each steps on its own microbatches): a
@@ -350,7 +446,7 @@ class ReplicaAverager:
         # round comes due meanwhile skips it, so it averages at the pace of the slowest partner
         self.averager = RobustAverager(
             [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
-            tau=self.tau, iters=iters, fragments=self.fragments, compression=AVERAGING_COMPRESSION,
+            tau=self.tau, iters=iters, fragments=self.fragments, compression=FULL,
             min_group_size=2, min_matchmaking_time=settings.matchmaking_s,
             request_timeout=0.5 * settings.matchmaking_s, allreduce_timeout=None,
             allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)
@@ -413,10 +509,10 @@ class ReplicaAverager:
             group = None
         finally:
             self._idle.set()
-        fragment, received, seconds = self.averager.report.tolist()
+        fragment, received, seconds, anchored = self.averager.report.tolist()
         if math.isnan(fragment):  # no all-reduce ran
             return RoundOutcome(0)
-        return RoundOutcome(len(group) if group else replicas, int(fragment), received, seconds)
+        return RoundOutcome(len(group) if group else replicas, int(fragment), received, seconds, anchored == 1)
 
     def _apply(self, snapshot: list[torch.Tensor], outcome: RoundOutcome) -> None:
         """Move each parameter of the averaged fragment by (averaged - snapshot): the round's
@@ -442,6 +538,7 @@ class ReplicaAverager:
                 "failures": sample("resbm_averaging_failures_total"), "bytes": sample("resbm_averaging_bytes_total"),
                 "distance": self.distance, "distance_max": self.distance_max, "fragments": len(self.fragments),
                 "link_estimate_Bps": self.link.Bps, "groups": {str(g): c for g, c in sorted(self.groups.items())},
+                "kinds": dict(sorted(self.kinds.items())),
                 "in_flight": self.running}
 
     def _account(self, step: int, replicas: int, outcome: RoundOutcome) -> None:
@@ -452,7 +549,10 @@ class ReplicaAverager:
             log.warning("averaging after step %d with %d replicas failed; continuing with local parameters",
                         step, replicas)
             return
-        whole = round_wire_bytes(self.fragment_params[outcome.fragment], outcome.group)
+        whole = round_wire_bytes(self.fragment_params[outcome.fragment], outcome.group,
+                                 bytes_per_value(outcome.codec.kind))
+        kind = "anchored" if outcome.anchored else "full"
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
         self.groups[outcome.group] = self.groups.get(outcome.group, 0) + 1
         m.avg_group_size.set(outcome.group)
         m.avg_received.set(outcome.received)
@@ -461,8 +561,8 @@ class ReplicaAverager:
         if outcome.complete:
             m.avg_rounds.inc()
             self.link.complete()
-            log.info("averaging after step %d: fragment %d averaged with %d replicas in %.1f s", step,
-                     outcome.fragment, outcome.group, outcome.seconds)
+            log.info("averaging after step %d: fragment %d averaged (%s) with %d replicas in %.1f s", step,
+                     outcome.fragment, kind, outcome.group, outcome.seconds)
         else:
             m.avg_partial.inc()
             self.link.incomplete(whole * outcome.received, outcome.seconds)

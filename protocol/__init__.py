@@ -10,7 +10,7 @@ PROTOCOL_VERSION = 5  # 3: no step barrier (prepare, step and ledger calls are g
 
 # Wire codecs of boundary codes (protocol/codec.py implements them); here so that configs and
 # `--help` can name them without importing torch.
-CODECS = ("fp32", "bf16", "fp16", "fp8", "int8", "int8ch", "int4ch")
+CODECS = ("fp32", "bf16", "fp16", "fp8", "int8", "int8ch", "int4", "int4ch")
 
 MAX_STAGES = 64  # stage keys the schema validator knows (a run may have fewer stages)
 

@@ -11,6 +11,7 @@ functions serve the reference trainer (`roundtrip`, pure torch, any device) and 
             precision and below ~1e-3 become 0, so it suits codes, not their gradients)
     int8    1 byte/value + one bf16 scale per token (symmetric absmax / 127)
     int8ch  1 byte/value + one bf16 scale per channel, shared by every token of the message
+    int4    1/2 byte/value (packed as int4ch) + one bf16 scale per token (symmetric absmax / 7)
     int4ch  1/2 byte/value (two values per byte, low nibble first) + one bf16 scale per channel
 
 Why per-channel scales: at a narrow code (b = 2..16 values per token) a per-token scale costs as
@@ -36,9 +37,10 @@ from protocol import CODECS  # noqa: F401  (re-exported: the codec names are par
 from protocol.errors import PayloadError
 
 # Bits per value on the wire, and the largest quantized magnitude of the integer codecs.
-_VALUE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int8ch": 8, "int4ch": 4}
-_QMAX = {"int8": 127, "int8ch": 127, "int4ch": 7}
-PER_TOKEN_SCALED = ("int8",)
+_VALUE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int8ch": 8, "int4": 4, "int4ch": 4}
+_QMAX = {"int8": 127, "int8ch": 127, "int4": 7, "int4ch": 7}
+PER_TOKEN_SCALED = ("int8", "int4")
+PACKED = ("int4", "int4ch")  # two values per byte
 SHARED_SCALED = ("int8ch", "int4ch")  # scales shared by all tokens of one message
 _SCALE_BYTES = 2  # one bf16 per scale
 _FLOAT_MAX = {"fp16": 65504.0, "fp8": 448.0}
@@ -100,7 +102,7 @@ def int_codec_for(vocab_size: int) -> str:
 
 
 def _absmax(x: torch.Tensor, codec: str) -> torch.Tensor:
-    """Per-token absmax [..., 1] (int8) or per-channel absmax over every token [width] (*ch codecs)."""
+    """Per-token absmax [..., 1] (int8, int4) or per-channel absmax over every token [width] (*ch codecs)."""
     if codec in PER_TOKEN_SCALED:
         return x.abs().amax(dim=-1, keepdim=True)
     flat = x.reshape(-1, x.shape[-1])
@@ -110,7 +112,7 @@ def _absmax(x: torch.Tensor, codec: str) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float tensor -> (payload tensor in its wire dtype, bf16 scales or None). int4ch values are
+    """Float tensor -> (payload tensor in its wire dtype, bf16 scales or None). int4 values are
     held unpacked in an int8 tensor here; `encode` packs them two per byte."""
     check_codec(codec)
     x = x.detach()
@@ -176,7 +178,7 @@ def encode(x: torch.Tensor, codec: str) -> dict:
     if not torch.isfinite(x).all():
         raise ValueError("refusing to encode a tensor with NaN or inf values")
     payload, scale = quantize(x, codec)
-    data = _pack_int4(payload) if codec == "int4ch" else _raw_bytes(payload)
+    data = _pack_int4(payload) if codec in PACKED else _raw_bytes(payload)
     msg = {"codec": codec, "shape": list(x.shape), "data": data}
     if scale is not None:
         msg["scale"] = _raw_bytes(scale)
@@ -219,7 +221,7 @@ def _check_len(raw: bytes, expected: int, what: str, shape, codec: str) -> None:
 
 def _decode_payload(data: bytes, codec: str, shape: list[int]) -> torch.Tensor:
     n = math.prod(shape)
-    if codec == "int4ch":
+    if codec in PACKED:
         return torch.from_numpy(_unpack_int4(data, n).reshape(shape))
     payload = torch.from_numpy(np.frombuffer(data, dtype=_NP_DTYPE[codec]).reshape(shape).copy())
     return payload.view(_VIEW_AS[codec]) if codec in _VIEW_AS else payload

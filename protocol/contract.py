@@ -31,7 +31,7 @@ INT_TENSORS = ("tokens", "targets")
 STATE_CHUNK = 2 << 20        # bytes of serialized state per `state` reply (unary messages stay < 4 MiB)
 MAX_METADATA = 1 << 16       # bytes of msgpack metadata a request may carry
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn", "int8": "int8",
-           "int8ch": "int8", "int4ch": "uint8", "u8": "uint8", "u16": "uint16", "i32": "int32"}  # int4ch: packed
+           "int8ch": "int8", "int4": "uint8", "int4ch": "uint8", "u8": "uint8", "u16": "uint16", "i32": "int32"}  # int4*: packed
 STOCK_CODECS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # what a stock client may send
 
 

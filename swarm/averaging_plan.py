@@ -2,12 +2,12 @@
 many bytes that puts on a replica's link, and how long a round may take there. Pure rules, no
 network: node/averaging.py runs the rounds with them.
 
-The scheme (docs/averaging.md): Streaming-DiLoCo-style fragments, one fragment per round, 8-bit on
-the wire. A replica sends its fragment as int8 blocks (protocol/averaging_codec.py) to the part
-reducers and gets back each part's (robust mean - its own decoded copy), also 8-bit, which it adds to
-its fp32 parameters. So the group's mean is kept exactly, and replicas after a round differ only by
-their own rounding (at most 1/254 of the largest value of its block of 256), which does not accumulate
-from round to round.
+The scheme (docs/averaging.md): Streaming-DiLoCo-style fragments, one fragment per round. Replicas
+keep an identical anchor (the group's last mean) and a round averages each one's change since it in
+4-bit blocks (ANCHORED_BYTES per value); the mean change reaches every replica as the same bytes, so
+the anchor stays identical. A group whose anchors of the fragment differ (a joiner from its own
+checkpoint, a partial round) averages the parameters themselves, in 8-bit blocks (FULL_BYTES), and
+their mean becomes the anchor. Timeouts are sized for the full kind, the larger.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-WIRE_BYTES = 1 + 2 / 256          # int8 blocks of 256 with a bf16 scale (protocol/averaging_codec.py)
+FULL_BYTES = 1 + 2 / 256          # int8 blocks of 256 with a bf16 scale (protocol/averaging_codec.py)
+ANCHORED_BYTES = 0.5 + 2 / 128    # int4 blocks of 128 with a bf16 scale: an anchored round's changes
 FP16_BYTES = 2                    # what a round sent until the 8-bit blocks
 FP32_BYTES = 4                    # what the all-reduce sent before this scheme
 FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 16 MB in 8-bit blocks
@@ -42,9 +43,9 @@ BACKOFF_FLOOR = 0.25              # ...nor an estimate below this share of its b
 # Unpaced, a round pushed a whole fragment into one TCP connection at once; it drained at 1-2 kB/s on a
 # busy 0.5 Mbit/s link, a write blocked past yamux's 10 s, and the connection closed mid-round.
 # On a link the codes keep full this share is what averaging costs the data path (measured: 10% cost
-# the scaling lab 8-12% of its tokens/s). 5% in 8-bit blocks averages as many parameters per second
-# as 10% did in fp16.
-BUDGET_SHARE = 0.05
+# the scaling lab 8-12% of its tokens/s, 5% cost it 5-6%). 2.5% in anchored 4-bit rounds averages as
+# many parameters per second as 5% did in 8-bit blocks, and 10% in fp16.
+BUDGET_SHARE = 0.025
 GROWTH = 1.25                     # a complete round raises the rate by this factor, up to the budget
 
 
@@ -70,7 +71,7 @@ def split_fragments(numels: Sequence[int], count: int) -> list[list[int]]:
     return groups
 
 
-def round_wire_bytes(params: int, group: int, bytes_per_value: float = WIRE_BYTES) -> int:
+def round_wire_bytes(params: int, group: int, bytes_per_value: float = FULL_BYTES) -> int:
     """Bytes one replica sends plus receives in a butterfly all-reduce of `params` values among
     `group` replicas. As a sender, (g-1)/g of its values go out to their reducers and as many come
     back as deltas; as the reducer of its own 1/g, it receives the g-1 others' copies of that part and
@@ -80,7 +81,7 @@ def round_wire_bytes(params: int, group: int, bytes_per_value: float = WIRE_BYTE
     return int(4 * params * bytes_per_value * (group - 1) // group)
 
 
-def transfer_s(params: int, group: int, rate_Bps: float, bytes_per_value: float = WIRE_BYTES) -> float:
+def transfer_s(params: int, group: int, rate_Bps: float, bytes_per_value: float = FULL_BYTES) -> float:
     """Seconds the transfer of one round takes on a full-duplex link of `rate_Bps` per direction."""
     return round_wire_bytes(params, group, bytes_per_value) / 2 / rate_Bps
 

@@ -1,5 +1,6 @@
 """Replica averaging's wire format (protocol/averaging_codec.py), through hivemind's own serializers:
-8-bit blocks, within 1/254 of each block's largest value, half the bytes of fp16, bad input refused."""
+8-bit blocks within 1/254 and 4-bit blocks within 1/14 of each block's largest value, their sizes
+as the plan counts them, bad input refused."""
 import math
 
 import pytest
@@ -7,34 +8,39 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
-from protocol.averaging_codec import AVERAGING_COMPRESSION, BLOCK, bytes_per_value
+from protocol.averaging_codec import ANCHORED, BLOCKS, FULL, bytes_per_value
 from protocol.errors import PayloadError
-from swarm.averaging_plan import WIRE_BYTES
+from swarm.averaging_plan import ANCHORED_BYTES, FULL_BYTES
 
 KIND = runtime_pb2.CompressionType.BLOCKWISE_8BIT
+QMAX = {"int8": 127, "int4": 7}
 
 
-@pytest.mark.parametrize("shape", [(0,), (5,), (3, 300), (2, 2, BLOCK)])
-def test_parts_round_trip_within_their_blocks_rounding(shape):
+@pytest.mark.parametrize("codec", [FULL, ANCHORED], ids=lambda c: c.kind)
+@pytest.mark.parametrize("shape", [(0,), (5,), (3, 300), (2, 2, 256)])
+def test_parts_round_trip_within_their_blocks_rounding(codec, shape):
+    block = BLOCKS[codec.kind]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g) * 0.02
-    if x.numel() > BLOCK:
-        x.view(-1)[BLOCK:BLOCK + 8] = 1.0  # a block of larger values (a LayerNorm's) leaves the others' rounding alone
-    wire = serialize_torch_tensor(x, KIND)  # hivemind's table now holds our codec: no bitsandbytes needed
-    assert len(wire.buffer) == math.ceil(x.numel() / BLOCK) * (BLOCK + 2)
-    y = deserialize_torch_tensor(wire)
+    if x.numel() > block:
+        x.view(-1)[block:block + 8] = 1.0  # a block of larger values (a LayerNorm's) leaves the others' rounding alone
+    wire = codec.compress(x, None)
+    assert wire.compression == KIND  # hivemind's table holds our decoder for it: no bitsandbytes needed
+    assert len(wire.buffer) == 1 + math.ceil(x.numel() / block) * round(block * bytes_per_value(codec.kind))
+    y = deserialize_torch_tensor(wire)  # hivemind's deserializer finds the kind in the first byte
     assert y.shape == x.shape and y.dtype == x.dtype
     flat_x, flat_y = x.reshape(-1), y.reshape(-1)
-    for start in range(0, x.numel(), BLOCK):
-        block = flat_x[start:start + BLOCK]
-        err = (flat_y[start:start + BLOCK] - block).abs().max()
-        assert err <= block.abs().max() / 254 * (1 + 2 ** -7) + 1e-12, (start, err)
+    for start in range(0, x.numel(), block):
+        part = flat_x[start:start + block]
+        err = (flat_y[start:start + block] - part).abs().max()
+        assert err <= part.abs().max() / (2 * QMAX[codec.kind]) * (1 + 2 ** -7) + 1e-12, (start, err)
 
 
-def test_half_the_bytes_of_fp16_and_the_plan_counts_them():
-    assert bytes_per_value() == WIRE_BYTES < 1.01
+def test_sizes_are_the_plans_and_anchored_parts_half_of_full():
+    assert bytes_per_value("int8") == FULL_BYTES < 1.01 and bytes_per_value("int4") == ANCHORED_BYTES < 0.52
     info = CompressionInfo.from_tensor(torch.zeros(10))
-    assert AVERAGING_COMPRESSION.estimate_compression_ratio(info) == pytest.approx(WIRE_BYTES / 4)  # how hivemind sizes parts
+    assert FULL.estimate_compression_ratio(info) == pytest.approx(FULL_BYTES / 4)  # how hivemind sizes parts
+    assert ANCHORED.estimate_compression_ratio(info) == pytest.approx(ANCHORED_BYTES / 4)
 
 
 def test_bad_parts_are_refused_with_a_reason():
@@ -50,3 +56,6 @@ def test_bad_parts_are_refused_with_a_reason():
     huge = runtime_pb2.Tensor(compression=KIND, buffer=good.buffer, size=[1 << 15, 1 << 15], dtype="float32")
     with pytest.raises(PayloadError, match="exceed"):
         deserialize_torch_tensor(huge)
+    for buffer in (b"", bytes([7]) + good.buffer[1:]):  # no kind, or one that does not exist
+        with pytest.raises(PayloadError, match="kind"):
+            deserialize_torch_tensor(runtime_pb2.Tensor(compression=KIND, buffer=buffer, size=[300], dtype="float32"))

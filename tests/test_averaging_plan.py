@@ -1,7 +1,7 @@
 """The averaging scheme's arithmetic (swarm/averaging_plan.py): fragments, bytes, limits, link rate."""
 import pytest
 
-from swarm.averaging_plan import (BACKOFF_FLOOR, BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, WIRE_BYTES, Cadence,
+from swarm.averaging_plan import (BACKOFF_FLOOR, BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, ANCHORED_BYTES, FULL_BYTES, Cadence,
                                   LinkRate,
                                   fragment_count, mbit, round_cost, round_limits, round_wire_bytes, split_fragments,
                                   transfer_s)
@@ -66,6 +66,7 @@ def test_link_rate_backs_off_on_incomplete_rounds_and_grows_back_to_its_budget()
     link = LinkRate(mbit(10))
     assert link.Bps == link.budget == pytest.approx(BUDGET_SHARE * mbit(10))  # averaging's share of the link
     assert LinkRate(mbit(10), share=0.3).budget == pytest.approx(0.3 * mbit(10))
+    link = LinkRate(mbit(10), share=0.05)
     link.incomplete(wire_bytes=400_000, seconds=10.0)  # a partial round that moved 20 kB/s each way
     assert link.Bps == pytest.approx(20_000, rel=1e-3)  # below half the budget of 62.5 kB/s
     link.complete()
@@ -96,10 +97,13 @@ def test_cadence_waits_every_steps_from_a_rounds_start_and_follows_a_long_round_
     assert not any(Cadence(0).due(s) for s in range(100))  # averaging off
 
 
-def test_cost_table_halves_bytes_in_fp16_and_again_in_8_bit_and_fragments_cut_rounds():
-    fp32, fp16, frag, int8 = (round_cost(250_000_000, 2, 10, b, f) for b, f in ((4, 1), (2, 1), (2, 16), (WIRE_BYTES, 16)))
+def test_cost_table_halves_bytes_in_fp16_in_8_bit_and_in_anchored_4_bit_and_fragments_cut_rounds():
+    fp32, fp16, frag, int8, int4 = (round_cost(250_000_000, 2, 10, b, f) for b, f in (
+        (4, 1), (2, 1), (2, 16), (FULL_BYTES, 16), (ANCHORED_BYTES, 16)))
     assert fp32["round_bytes"] == 2 * fp16["round_bytes"] == 2_000_000_000
-    assert frag["round_bytes"] / int8["round_bytes"] == pytest.approx(2 / WIRE_BYTES, rel=1e-6) and WIRE_BYTES < 1.01
+    assert frag["round_bytes"] / int8["round_bytes"] == pytest.approx(2 / FULL_BYTES, rel=1e-6) and FULL_BYTES < 1.01
+    assert int8["round_bytes"] / int4["round_bytes"] == pytest.approx(FULL_BYTES / ANCHORED_BYTES, rel=1e-6)
+    assert FULL_BYTES / ANCHORED_BYTES > 1.95
     assert fp32["round_s"] == pytest.approx(800)  # 1 GB each way at 1.25 MB/s
     assert frag["round_s"] == pytest.approx(fp16["round_s"] / 16) and frag["all_fragments_s"] == fp16["round_s"]
 
@@ -112,6 +116,6 @@ def test_cost_bench_writes_its_computed_table(tmp_path):
     out = json.loads((tmp_path / "c.json").read_text())
     before, now = out["rows"][0], out["rows"][-1]
     assert out["computed"] and now["fragments"] == 2 and before["fragments"] == 1
-    # half the values per round, about a quarter of the bytes each (8-bit blocks against fp32)
-    assert before["round_bytes"] / now["round_bytes"] == pytest.approx(2 * 4 / WIRE_BYTES, rel=1e-6)
+    # half the values per round, about an eighth of the bytes each (anchored 4-bit blocks against fp32)
+    assert before["round_bytes"] / now["round_bytes"] == pytest.approx(2 * 4 / ANCHORED_BYTES, rel=1e-6)
     assert (tmp_path / "c.png").stat().st_size > 0

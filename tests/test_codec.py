@@ -6,14 +6,14 @@ from protocol.codec import (CODECS, bytes_per_token, decode, decode_ints, encode
                             payload_nbytes, roundtrip)
 from protocol.errors import PayloadError
 
-# Worst-case relative error per value, as a fraction of the token's absmax (int8), of the channel's
+# Worst-case relative error per value, as a fraction of the token's absmax (int8, int4), of the channel's
 # absmax over all tokens (int8ch, int4ch) or of |x|. The 1 + 2^-7 is the bf16 scale's round-up.
 BOUNDS = {"fp32": 0.0, "bf16": 2 ** -8, "fp16": 2 ** -11, "fp8": 2 ** -4, "int8": 0.5 / 127 * (1 + 2 ** -7),
-          "int8ch": 0.5 / 127 * (1 + 2 ** -7), "int4ch": 0.5 / 7 * (1 + 2 ** -7)}
+          "int8ch": 0.5 / 127 * (1 + 2 ** -7), "int4": 0.5 / 7 * (1 + 2 ** -7), "int4ch": 0.5 / 7 * (1 + 2 ** -7)}
 
 
 def _relative_error(x, y, codec):
-    if codec == "int8":
+    if codec in ("int8", "int4"):
         return (y - x).abs() / x.abs().amax(-1, keepdim=True)
     if codec in ("int8ch", "int4ch"):
         return (y - x).abs() / x.abs().reshape(-1, x.shape[-1]).amax(0)
@@ -43,6 +43,7 @@ def test_bytes_per_token_of_narrow_codes():
     assert bytes_per_token("int4ch", 8, 512) == 4 + 16 / 512
     assert bytes_per_token("int8ch", 4, 512) == 4 + 8 / 512
     assert bytes_per_token("int8", 4) == bytes_per_token("int8", 4, 512) == 6  # per-token scale
+    assert bytes_per_token("int4", 8) == 4 + 2 and message_nbytes("int4", [2, 3]) == 3 + 4  # 6 nibbles, 2 scales
     assert bytes_per_token("int4ch", 2, 64) == 68 / 64  # 1 data byte per token + 2 scales (4 bytes) per message
     assert message_nbytes("int4ch", [3, 3]) == 5 + 6  # 9 nibbles -> 5 bytes, 3 scales
     with pytest.raises(ValueError, match="pass tokens"):

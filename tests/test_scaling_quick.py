@@ -56,6 +56,7 @@ def test_quick_scaling_json_is_complete_and_consistent(tmp_path):
     # every round that formed a group was a pair (2 replicas per stage), counted by each of the two
     groups = by[2]["averaging_groups"]
     assert set(groups) == {"2"} and groups["2"] == by[2]["averaging_rounds"] + by[2]["averaging_partial_rounds"]
+    assert sum(by[2]["averaging_kinds"].values()) == groups["2"], by[2]  # each anchored or full
     assert 0 <= by[2]["averaging_in_flight"] <= 6, by[2]
     assert out["speedup_2"] == pytest.approx(by[2]["tokens_per_s"] / by[1]["tokens_per_s"])
     assert (tmp_path / "s.png").stat().st_size > 1000

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from protocol.codec import bytes_per_token
 from swarm.config import ModelConfig, RunConfig, TrainConfig
@@ -193,20 +192,21 @@ def test_two_replicas_share_traffic_and_average_in_the_background():
     # every round that ran was a pair, the quiet one included, and none is left running
     assert [f["groups"] for f in figures] == [{"2": r + 1} for r in rounds], figures
     assert not any(f["in_flight"] for f in figures), figures
+    # the replicas start from the run's initial weights, so their anchors agree: rounds are anchored
+    # (4-bit changes since the anchor), unless one came back partial (its next round is full)
+    assert all(f["kinds"].get("anchored", 0) >= 1 and sum(f["kinds"].values()) == r + 1
+               for f, r in zip(figures, rounds)), figures
     assert all(t > 0 for t in tokens), tokens  # both replicas got microbatches
     assert all(r >= 1 for r in rounds), rounds  # rounds ran while the trainer trained
     assert quiet == [True, True]
-    # they had drifted apart since the last background round, by the same amount from their mean
-    assert all(0 < d < 0.5 for d in distance) and distance[0] == pytest.approx(distance[1], rel=1e-3), distance
+    # they had drifted apart since the last background round, by about the same amount from their
+    # mean (the mean change comes back in 4-bit blocks: not quite the mean)
+    assert all(0 < d < 0.5 for d in distance) and distance[0] == pytest.approx(distance[1], rel=0.05), distance
     assert partial == [0, 0] and received == [1.0, 1.0], (partial, received)
     for n in a:
-        # 8-bit blocks on the wire round each value by at most 1/254 of its block's largest (scales are
-        # rounded up to bf16: 1 + 2^-7): a replica keeps its own rounding of its parameters, and the
-        # delta it gets back (about their gap) is rounded too; blocks lie within parts, so the
-        # tensor's largest value bounds every block's
-        largest = torch.maximum(a0[n].abs().max(), b0[n].abs().max())
-        bound = 2 * (largest + (a0[n] - b0[n]).abs().max()) / 254 * (1 + 2 ** -7) + 1e-7
-        bad = (a[n] - b[n]).abs() > bound
+        # both end the quiet round at the same anchor, the group's result as the same bytes; each
+        # reaches it as its own `snapshot + (result - snapshot)`, equal up to float rounding
+        bad = (a[n] - b[n]).abs() > 1e-6 * (1 + a[n].abs())
         assert not bad.any(), (n, a[n][bad][:5], b[n][bad][:5], int(bad.sum()), a[n].numel())
 
 
