@@ -71,6 +71,7 @@ def swarm_row(preset: dict, corpus, device: str, steps: int, eval_every: int, tr
                swarm_tokens_per_s=swarm.get("swarm_tokens_per_s"), wall_s=swarm["wall_s"],
                averaging_rounds=sum(r["rounds"] or 0 for r in rounds),
                averaging_partial_rounds=sum(r["partial"] or 0 for r in rounds),
+               averaging_kinds={k: sum((r.get("kinds") or {}).get(k, 0) for r in rounds) for k in ("anchored", "full")},
                replica_distance_max=max((r["distance_max"] or 0.0 for r in rounds), default=None),
                skipped_microbatches=sum(t.get("skipped_microbatches") or 0 for t in swarm.get("trainers", [])))
     return row

@@ -433,3 +433,20 @@ def test_parts_go_out_at_the_pace_and_a_window_ahead_of_their_results():
     out = asyncio.run(windowed())
     assert [r for _, r in out] == [0, 0, 1, 2]  # the third part waited for the first result, the 4th for the 2nd
     assert out[1][0] < 0.1 and out[2][0] >= 0.2 and out[3][0] >= 0.4, out
+
+
+@pytest.mark.swarm
+def test_anchored_rounds_put_about_half_the_bytes_of_a_full_round_on_the_wire(tmp_path):
+    """bench.averaging_wire, small: loopback's byte counter (read from outside the processes) sees
+    the first round (replicas apart: full, 8-bit parameters) carry about twice the bytes of the
+    anchored rounds after it (4-bit changes), and never less than the replicas count as payload."""
+    import json
+
+    from bench.averaging_wire import main
+    assert main(["--params", "64000", "--rounds", "3", "--json-out", str(tmp_path / "w.json")]) == 0
+    rows = json.loads((tmp_path / "w.json").read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["full", "anchored", "anchored"], rows
+    assert all(r["wire_bytes"] >= r["payload_bytes"] > 0 for r in rows), rows
+    full, anchored = rows[0]["wire_bytes"], max(r["wire_bytes"] for r in rows[1:])
+    assert 1.6 < full / anchored < 2.1, rows
+    assert (tmp_path / "w.png").stat().st_size > 0
