@@ -74,8 +74,8 @@ def split_fragments(numels: Sequence[int], count: int) -> list[list[int]]:
 def round_wire_bytes(params: int, group: int, bytes_per_value: float = FULL_BYTES) -> int:
     """Bytes one replica sends plus receives in a butterfly all-reduce of `params` values among
     `group` replicas. As a sender, (g-1)/g of its values go out to their reducers and as many come
-    back as deltas; as the reducer of its own 1/g, it receives the g-1 others' copies of that part and
-    returns each its delta. So (g-1)/g of the values twice in each direction."""
+    back as results; as the reducer of its own 1/g, it receives the g-1 others' copies of that part and
+    returns each the result. So (g-1)/g of the values twice in each direction."""
     if group < 2:
         return 0
     return int(4 * params * bytes_per_value * (group - 1) // group)
@@ -91,7 +91,7 @@ class RoundLimits:
     """hivemind's all-reduce settings for one round, sized to the link instead of fixed seconds."""
     part_bytes: int
     send_Bps: float           # a replica sends its own parts at this rate (all reducers together); the
-                              # deltas it returns as a reducer mirror its senders' pace: its uplink
+                              # results it returns as a reducer mirror its senders' pace: its uplink
                               # carries about twice this, the round's rate
     sender_timeout_s: float   # a sender whose next part does not come within this is dropped
     reducer_timeout_s: float  # likewise for a reducer's next averaged part
@@ -101,7 +101,7 @@ class RoundLimits:
 
 def round_limits(params: int, group: int, rate_Bps: float) -> RoundLimits:
     """Part size, pace and timeouts for averaging `params` values among `group` replicas at `rate_Bps`
-    per direction: own parts go out at half that rate (the returned deltas take the other half), split
+    per direction: own parts go out at half that rate (the returned results take the other half), split
     over the g-1 other reducers, a part taking PART_S to one of them; a silent sender is dropped only
     after half the round."""
     rate = max(rate_Bps, MIN_RATE)

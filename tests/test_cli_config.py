@@ -64,7 +64,7 @@ def test_bad_values_exit_with_the_config_message():
     with pytest.raises(SystemExit, match="microbatches=3 must divide batch_size=16"):
         parse_run_config(["--microbatches", "3"])
     with pytest.raises(SystemExit):  # argparse refuses a codec it does not know
-        parse_run_config(["--codec", "int4"])
+        parse_run_config(["--codec", "int3"])
 
 
 def test_help_imports_neither_torch_nor_hivemind():
