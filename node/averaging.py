@@ -297,8 +297,8 @@ class RobustAverager(DecentralizedAverager):
         k, part = proposals[0].get("fragment", 0), proposals[0].get("part_bytes")
         k = k if isinstance(k, int) and 0 <= k < len(self.fragments) else 0
         digests = [p.get("anchors") for p in proposals]
-        anchored = all(isinstance(d, list) and len(d) == len(self.fragments) for d in digests) \
-            and len({d[k] for d in digests}) == 1
+        anchored = all(isinstance(d, list) and len(d) == len(self.fragments) and type(d[k]) is int for d in digests) \
+            and len({d[k] for d in digests}) == 1  # a malformed proposal makes the round full, never fails it
         return k, part if isinstance(part, int) and MIN_PART <= part <= MAX_PART else None, anchored
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):

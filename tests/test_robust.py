@@ -450,3 +450,29 @@ def test_anchored_rounds_put_about_half_the_bytes_of_a_full_round_on_the_wire(tm
     full, anchored = rows[0]["wire_bytes"], max(r["wire_bytes"] for r in rows[1:])
     assert 1.6 < full / anchored < 2.1, rows
     assert (tmp_path / "w.png").stat().st_size > 0
+
+
+def test_a_round_is_anchored_only_when_every_members_digest_of_its_fragment_agrees():
+    """The group's first peer picks the fragment; the round is anchored when every member's digest of
+    that fragment's anchor is the same int, and full when one differs, is missing or is malformed
+    (a peer's bad proposal makes the round full, it never fails it)."""
+    import types
+
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from node.averaging import RobustAverager
+
+    me = types.SimpleNamespace(serializer=MSGPackSerializer, fragments=[[0], [1], [2]])
+
+    def agreed(*proposals):
+        gathered = [MSGPackSerializer.dumps((1.0, 0, MSGPackSerializer.dumps(p))) for p in proposals]
+        return RobustAverager._agreed(me, types.SimpleNamespace(gathered=gathered))
+
+    same = {"fragment": 1, "anchors": [7, 8, 9], "part_bytes": 8192}
+    assert agreed(same, {**same, "fragment": 2}) == (1, 8192, True)  # the first peer's fragment and part size
+    assert agreed(same, {**same, "anchors": [7, 5, 9]})[2] is False   # fragment 1's anchors differ
+    assert agreed(same, {**same, "anchors": [1, 8, 2]})[2] is True    # other fragments' do not matter
+    for bad in ({"fragment": 1}, {**same, "anchors": [7, 8]}, {**same, "anchors": [7, [8], 9]},
+                {**same, "anchors": "789"}, "not a dict"):
+        assert agreed(same, bad)[2] is False, bad
+    assert agreed({"fragment": 9, "anchors": [7, 8, 9], "part_bytes": 1}, same) == (0, None, True)  # invalid: own
