@@ -404,6 +404,10 @@ class RoundOutcome:
     anchored: bool = False  # changes since the shared anchor in 4-bit blocks, else parameters in 8-bit
 
     @property
+    def kind(self) -> str:
+        return "anchored" if self.anchored else "full"
+
+    @property
     def codec(self) -> BlockCodec:
         return ANCHORED if self.anchored else FULL
 
@@ -551,8 +555,7 @@ class ReplicaAverager:
             return
         whole = round_wire_bytes(self.fragment_params[outcome.fragment], outcome.group,
                                  bytes_per_value(outcome.codec.kind))
-        kind = "anchored" if outcome.anchored else "full"
-        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.kinds[outcome.kind] = self.kinds.get(outcome.kind, 0) + 1
         self.groups[outcome.group] = self.groups.get(outcome.group, 0) + 1
         m.avg_group_size.set(outcome.group)
         m.avg_received.set(outcome.received)
@@ -562,7 +565,7 @@ class ReplicaAverager:
             m.avg_rounds.inc()
             self.link.complete()
             log.info("averaging after step %d: fragment %d averaged (%s) with %d replicas in %.1f s", step,
-                     outcome.fragment, kind, outcome.group, outcome.seconds)
+                     outcome.fragment, outcome.kind, outcome.group, outcome.seconds)
         else:
             m.avg_partial.inc()
             self.link.incomplete(whole * outcome.received, outcome.seconds)
