@@ -1,7 +1,7 @@
 """What averaging rounds put on the wire, measured from outside: two replicas (real DHTs and
 averagers, as a node runs them) average on loopback with nothing else running, and the loopback
 interface's byte counter is read around each round. Replicas that start apart run a full round
-first (8-bit parameters: their anchors differ), then anchored rounds (4-bit changes since the
+first (8-bit parameters: their anchors differ), then anchored rounds (2-bit changes since the
 anchor they now share), each after a few simulated local steps.
 
     python -m bench.averaging_wire [--params N] [--rounds R] [--link-mbit M] [--json-out F]

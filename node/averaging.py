@@ -6,8 +6,10 @@ swarm/averaging_plan.py's arithmetic: parts and timeouts sized to the link.
 
 Anchored rounds (Streaming DiLoCo's shared outer parameters): every replica keeps an anchor of its
 parameters, the group's last result, identical on every replica, and a round averages each replica's
-change since it in 4-bit blocks (protocol/averaging_codec.py); the result (the mean change) reaches
-every replica as the same bytes, so the new anchor is again identical everywhere. Members publish a
+change since it in 2-bit blocks (protocol/averaging_codec.py); the result (the mean change) reaches
+every replica as the same bytes, so the new anchor is again identical everywhere. What the 2 bits
+lost of a replica's change stays in its parameters (error feedback: they end the round at the new
+anchor plus that residual), so its next round sends it; nothing a replica learned is dropped. Members publish a
 digest of each fragment's anchor with their proposal; when the group's digests of the round's
 fragment differ (a replica restarted from its checkpoint, a partial round, a reducer's result out of
 bounds), the round is full: the parameters themselves in 8-bit blocks, whose mean becomes the anchor.
@@ -52,6 +54,7 @@ from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 
 from node.lifeline import watch_parent
 from node.settings import AveragingSettings
+from protocol import PROTOCOL_VERSION
 from protocol.averaging_codec import ANCHORED, FULL, BlockCodec, bytes_per_value
 from swarm.averaging_plan import (MAX_PART, MIN_PART, WINDOW_PARTS, Cadence, LinkRate, RoundLimits, fragment_count, mbit, round_limits,
                                   round_wire_bytes, split_fragments)
@@ -68,10 +71,12 @@ class RobustPartReducer(TensorPartReducer):
     once in `codec`: `wire[part]` is what every sender gets back, and the part's result is its decoding."""
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, own_index: Optional[int],
-                 tau: float, iters: int, codec: BlockCodec):
+                 tau: float, iters: int, codec: BlockCodec, keep_leftovers: bool = False):
         self.own_index, self.tau, self.iters, self.codec = own_index, tau, iters, codec
         self.contributions: dict[int, torch.Tensor] = {}
         self.wire: list = []
+        # with error feedback: per part, what its encoding left out of the mean, times its contributors
+        self.leftovers: Optional[dict[int, torch.Tensor]] = {} if keep_leftovers else None
         self.dropped = 0
         super().__init__(part_shapes, num_senders)
 
@@ -115,8 +120,12 @@ class RobustPartReducer(TensorPartReducer):
                 self.dropped += dropped
             else:
                 result = torch.zeros(self.part_shapes[self.current_part_index])
-            self.wire.append(self.codec.compress(torch.nan_to_num(result), None))
-            self.current_part_future.set_result(self.codec.extract(self.wire[-1]))
+            result = torch.nan_to_num(result)
+            self.wire.append(self.codec.compress(result, None))
+            decoded = self.codec.extract(self.wire[-1])
+            if self.leftovers is not None:
+                self.leftovers[self.current_part_index] = (result - decoded) * len(order)
+            self.current_part_future.set_result(decoded)
             self.reset_accumulators()
 
 
@@ -147,18 +156,51 @@ class RobustAllReduceRunner(AllReduceRunner):
     tensors, not deltas (a part whose reducer failed: the sender's own values). It sends its parts at
     `send_Bps` (all reducers together), a few parts ahead of the results, instead of as fast as the
     connection takes them: a fragment pushed at once sits in TCP's send buffer of a busy link, and a
-    write blocked 5-10 s makes libp2p's yamux close the connection, every stream on it, mid-round."""
+    write blocked 5-10 s makes libp2p's yamux close the connection, every stream on it, mid-round.
 
-    def __init__(self, *, tau: float, iters: int, compression: BlockCodec, send_Bps: float | None = None, **kwargs):
+    With `residuals` (zeros shaped like the tensors; anchored rounds), error feedback: every part sent
+    to another reducer is set, in place, to its decoding (a part is a view of the round's tensors, and
+    an int2 decoding re-encodes to the same bytes), and the residual keeps what that lost; for each part
+    this peer reduces, the residual keeps what encoding the mean lost, times the part's contributors
+    (each applies the encoded mean, so that much of their sum would be lost). The group's parameters
+    then sum to what they would with exact rounds."""
+
+    def __init__(self, *, tau: float, iters: int, compression: BlockCodec, send_Bps: float | None = None,
+                 residuals: Optional[Sequence[torch.Tensor]] = None, **kwargs):
         super().__init__(compression=compression, **kwargs)
         self.tensor_part_container.return_deltas = False  # a failed reducer's parts: our own values
         plain = self.tensor_part_reducer
         plain.finished.set()  # retire it quietly (its finalize would warn that it received nothing)
         own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
         self.tensor_part_reducer = RobustPartReducer(plain.part_shapes, plain.num_senders, own_index=own,
-                                                     tau=tau, iters=iters, codec=compression)
+                                                     tau=tau, iters=iters, codec=compression,
+                                                     keep_leftovers=residuals is not None)
         reducers = sum(1 for p, f in zip(self.ordered_peer_ids, self.peer_fractions) if f > 0 and p != self.peer_id)
         self.per_reducer_Bps = send_Bps / max(reducers, 1) if send_Bps else None
+        self.residual_parts = self._feed_back(residuals) if residuals is not None else None
+
+    @torch.no_grad()
+    def _feed_back(self, residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Round the parts for other reducers to what the wire carries, keeping the difference in
+        `residuals`; returns the residual's view of each of our own parts. The container's parts
+        follow the tensors' order, peer after peer (hivemind cuts them so), which pairs them with views
+        of the residuals cut to the same lengths."""
+        container, own_index = self.tensor_part_container, self.ordered_peer_ids.index(self.peer_id)
+        flat = (r.view(-1) for r in residuals)
+        tensor, offset, own = next(flat, None), 0, []
+        for peer_index, parts in enumerate(container._input_parts_by_peer):
+            for part, info in parts:
+                while tensor is not None and offset == tensor.numel() and part.numel():
+                    tensor, offset = next(flat, None), 0
+                residual = tensor[offset:offset + part.numel()]
+                offset += part.numel()
+                if peer_index == own_index:
+                    own.append(residual)
+                else:
+                    residual.copy_(part)
+                    part.copy_(container.compression.extract(container.compression.compress(part, info)))
+                    residual.sub_(part)
+        return own
 
     def _results_from(self, peer_index: int) -> int:
         """Results (averaged parts) the reducer at `peer_index` has sent back so far (read from hivemind's
@@ -173,6 +215,8 @@ class RobustAllReduceRunner(AllReduceRunner):
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
             mean = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
                                                                   weight=self.weight)
+            if self.residual_parts is not None:
+                self.residual_parts[part_index].add_(self.tensor_part_reducer.leftovers.pop(part_index))
             self.tensor_part_container.register_processed_part(peer_index, part_index, mean)
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
@@ -318,9 +362,10 @@ class RobustAverager(DecentralizedAverager):
                           reducer_timeout=reducer_s, send_Bps=send_Bps)
         kwargs["peer_fractions"] = _equal_shares(kwargs["peer_fractions"])
         group_id = group_info.group_id if group_id is None else group_id
+        residuals = [torch.zeros_like(t) for t in tensors] if anchored else None  # error feedback
         runner = RobustAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                        group_id=group_id, ordered_peer_ids=group_info.peer_ids, tau=self.tau,
-                                       iters=self.iters, **kwargs)
+                                       iters=self.iters, residuals=residuals, **kwargs)
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
@@ -335,10 +380,10 @@ class RobustAverager(DecentralizedAverager):
             log.info("averaging: the all-reduce ran past its %.0f s; keeping the parts that came back", total_s)
         finally:
             with torch.no_grad():
-                for param, anchor, result in zip(params, anchors, tensors):
-                    if anchored:
+                for param, anchor, result, residual in zip(params, anchors, tensors, residuals or tensors):
+                    if anchored:  # a part that did not come back holds what we sent: the param stays as it was
                         anchor.add_(result)
-                        param.copy_(anchor)
+                        param.copy_(anchor).add_(residual)
                     else:
                         anchor.copy_(param)
             self.digests[fragment] = _digest(anchors)
@@ -401,7 +446,7 @@ class RoundOutcome:
     fragment: int = -1
     received: float = 0.0   # fraction of the fragment whose averaged values came back
     seconds: float = 0.0    # the all-reduce's duration (after the group formed)
-    anchored: bool = False  # changes since the shared anchor in 4-bit blocks, else parameters in 8-bit
+    anchored: bool = False  # changes since the shared anchor in 2-bit blocks, else parameters in 8-bit
 
     @property
     def kind(self) -> str:
@@ -449,7 +494,7 @@ class ReplicaAverager:
         # round waits for partners in the background, up to gather_s; a faster replica whose next
         # round comes due meanwhile skips it, so it averages at the pace of the slowest partner
         self.averager = RobustAverager(
-            [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_stage{stage}",
+            [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_v{PROTOCOL_VERSION}_stage{stage}",
             tau=self.tau, iters=iters, fragments=self.fragments, compression=FULL,
             min_group_size=2, min_matchmaking_time=settings.matchmaking_s,
             request_timeout=0.5 * settings.matchmaking_s, allreduce_timeout=None,

@@ -5,8 +5,10 @@ Nothing here knows about models or event loops; node/ moves these bytes, swarm/ 
 """
 import enum
 
-PROTOCOL_VERSION = 5  # 3: no step barrier (prepare, step and ledger calls are gone); 4: records carry `distance`;
-#                       5: records signed with Ed25519 (protocol/signing.py) instead of RSA
+PROTOCOL_VERSION = 6  # 3: no step barrier (prepare, step and ledger calls are gone); 4: records carry `distance`;
+#                       5: records signed with Ed25519 (protocol/signing.py) instead of RSA;
+#                       6: anchored averaging rounds carry 2-bit changes (protocol/averaging_codec.py), and
+#                          averaging groups are keyed by this version, so replicas of two versions never mix
 
 # Wire codecs of boundary codes (protocol/codec.py implements them); here so that configs and
 # `--help` can name them without importing torch.

@@ -123,13 +123,13 @@ def quantize(x: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor | 
     qmax = _QMAX[codec]
     xf = x.float()
     absmax = _absmax(xf, codec)
-    scale = _round_up_bf16(absmax / qmax)
+    scale = round_up_bf16(absmax / qmax)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(absmax))
     q = torch.round(xf / safe).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
-def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+def round_up_bf16(x: torch.Tensor) -> torch.Tensor:
     """Smallest bf16 >= x, for finite x >= 0 (the next bf16 above a positive one is its bits + 1)."""
     y = x.to(torch.bfloat16)
     bumped = (y.view(torch.int16) + 1).view(torch.bfloat16)

@@ -4,10 +4,11 @@ network: node/averaging.py runs the rounds with them.
 
 The scheme (docs/averaging.md): Streaming-DiLoCo-style fragments, one fragment per round. Replicas
 keep an identical anchor (the group's last mean) and a round averages each one's change since it in
-4-bit blocks (ANCHORED_BYTES per value); the mean change reaches every replica as the same bytes, so
-the anchor stays identical. A group whose anchors of the fragment differ (a joiner from its own
-checkpoint, a partial round) averages the parameters themselves, in 8-bit blocks (FULL_BYTES), and
-their mean becomes the anchor. Timeouts are sized for the full kind, the larger.
+2-bit blocks (ANCHORED_BYTES per value; what the 2 bits lose, the replica sends with its next
+change); the mean change reaches every replica as the same bytes, so the anchor stays identical. A
+group whose anchors of the fragment differ (a joiner from its own checkpoint, a partial round)
+averages the parameters themselves, in 8-bit blocks (FULL_BYTES), and their mean becomes the anchor.
+Timeouts are sized for the full kind, the larger.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 FULL_BYTES = 1 + 2 / 256          # int8 blocks of 256 with a bf16 scale (protocol/averaging_codec.py)
-ANCHORED_BYTES = 0.5 + 2 / 128    # int4 blocks of 128 with a bf16 scale: an anchored round's changes
+ANCHORED_BYTES = 0.25 + 2 / 128   # int2 blocks of 128 with a bf16 scale: an anchored round's changes
 FP16_BYTES = 2                    # what a round sent until the 8-bit blocks
 FP32_BYTES = 4                    # what the all-reduce sent before this scheme
 FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 16 MB in 8-bit blocks
@@ -43,9 +44,9 @@ BACKOFF_FLOOR = 0.25              # ...nor an estimate below this share of its b
 # Unpaced, a round pushed a whole fragment into one TCP connection at once; it drained at 1-2 kB/s on a
 # busy 0.5 Mbit/s link, a write blocked past yamux's 10 s, and the connection closed mid-round.
 # On a link the codes keep full this share is what averaging costs the data path (measured: 10% cost
-# the scaling lab 8-12% of its tokens/s, 5% cost it 5-6%). 2.5% in anchored 4-bit rounds averages as
-# many parameters per second as 5% did in 8-bit blocks, and 10% in fp16.
-BUDGET_SHARE = 0.025
+# the scaling lab 8-12% of its tokens/s, 5% cost it 5-6%, 2.5% 3-4%). 1.25% in anchored 2-bit rounds
+# averages about as many parameters per second as 2.5% did in 4-bit, 5% in 8-bit and 10% in fp16.
+BUDGET_SHARE = 0.0125
 GROWTH = 1.25                     # a complete round raises the rate by this factor, up to the budget
 
 

@@ -1,6 +1,6 @@
 """Replica averaging's wire format (protocol/averaging_codec.py), through hivemind's own serializers:
-8-bit blocks within 1/254 and 4-bit blocks within 1/14 of each block's largest value, their sizes
-as the plan counts them, bad input refused."""
+8-bit blocks within 1/254 and 2-bit blocks within 1/3 of each block's largest value, 2-bit parts
+that re-encode to their own bytes, their sizes as the plan counts them, bad input refused."""
 import math
 
 import pytest
@@ -13,7 +13,7 @@ from protocol.errors import PayloadError
 from swarm.averaging_plan import ANCHORED_BYTES, FULL_BYTES
 
 KIND = runtime_pb2.CompressionType.BLOCKWISE_8BIT
-QMAX = {"int8": 127, "int4": 7}
+STEPS = {"int8": 254, "int2": 3}  # the worst error is a block's largest value over this
 
 
 @pytest.mark.parametrize("codec", [FULL, ANCHORED], ids=lambda c: c.kind)
@@ -33,11 +33,23 @@ def test_parts_round_trip_within_their_blocks_rounding(codec, shape):
     for start in range(0, x.numel(), block):
         part = flat_x[start:start + block]
         err = (flat_y[start:start + block] - part).abs().max()
-        assert err <= part.abs().max() / (2 * QMAX[codec.kind]) * (1 + 2 ** -7) + 1e-12, (start, err)
+        assert err <= part.abs().max() / STEPS[codec.kind] * (1 + 2 ** -7) + 1e-12, (start, err)
 
 
-def test_sizes_are_the_plans_and_anchored_parts_half_of_full():
-    assert bytes_per_value("int8") == FULL_BYTES < 1.01 and bytes_per_value("int4") == ANCHORED_BYTES < 0.52
+def test_a_decoded_2_bit_part_encodes_to_the_same_bytes():
+    """What error feedback relies on: a sender that sets its change to the decoding of its part knows
+    exactly what went on the wire, since the part it then sends is byte for byte the same."""
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 127, 128, 300, 4096):
+        x = torch.randn(n, generator=g) * torch.rand(n, generator=g) * 1e-2
+        x[: n // 3] = 0.0  # blocks (or their starts) with no change at all
+        wire = ANCHORED.compress(x, None)
+        assert ANCHORED.compress(ANCHORED.extract(wire), None).buffer == wire.buffer, n
+
+
+def test_sizes_are_the_plans_and_anchored_parts_about_a_quarter_of_full():
+    assert bytes_per_value("int8") == FULL_BYTES < 1.01 and bytes_per_value("int2") == ANCHORED_BYTES < 0.27
+    assert FULL_BYTES / ANCHORED_BYTES > 3.7
     info = CompressionInfo.from_tensor(torch.zeros(10))
     assert FULL.estimate_compression_ratio(info) == pytest.approx(FULL_BYTES / 4)  # how hivemind sizes parts
     assert ANCHORED.estimate_compression_ratio(info) == pytest.approx(ANCHORED_BYTES / 4)
@@ -56,6 +68,11 @@ def test_bad_parts_are_refused_with_a_reason():
     huge = runtime_pb2.Tensor(compression=KIND, buffer=good.buffer, size=[1 << 15, 1 << 15], dtype="float32")
     with pytest.raises(PayloadError, match="exceed"):
         deserialize_torch_tensor(huge)
-    for buffer in (b"", bytes([7]) + good.buffer[1:]):  # no kind, or one that does not exist
+    # no kind, one that does not exist, or protocol 5's int4 (byte 1)
+    for buffer in (b"", bytes([7]) + good.buffer[1:], bytes([1]) + good.buffer[1:]):
         with pytest.raises(PayloadError, match="kind"):
             deserialize_torch_tensor(runtime_pb2.Tensor(compression=KIND, buffer=buffer, size=[300], dtype="float32"))
+    two_bit = ANCHORED.compress(torch.ones(300), None)
+    for buffer, why in ((two_bit.buffer[:-1], "size"), (two_bit.buffer[:-2] + b"\xff\x7f", "finite")):  # a NaN scale
+        with pytest.raises(PayloadError, match=why):
+            ANCHORED.extract(runtime_pb2.Tensor(compression=KIND, buffer=buffer, size=[300], dtype="float32"))

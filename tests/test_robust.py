@@ -308,8 +308,9 @@ def test_two_replicas_average_one_agreed_fragment_per_round_full_then_anchored(m
     the next fragment; every round comes back complete, though the replicas' link estimates (so their
     own part sizes) differ: the group cuts parts to its first peer's size. The replicas start apart,
     so each fragment's first round is full (their anchors differ) and ends with both at the mean;
-    the 4th round, on the first fragment again after some local steps, is anchored (4-bit changes
-    since the shared anchor) and ends with both at anchor + mean change."""
+    the 4th round, on the first fragment again after some local steps, is anchored (2-bit changes
+    since the shared anchor): both end with the same new anchor, each within the 2-bit roundings of
+    the mean, and with error feedback the two sum to exactly what they summed to before."""
     import asyncio
     import types
 
@@ -373,16 +374,22 @@ def test_two_replicas_average_one_agreed_fragment_per_round_full_then_anchored(m
                 if i not in reps[0].fragments[fragment]:  # not this round's fragment: untouched
                     assert torch.equal(a, before[0][i]) and torch.equal(b, before[1][i]), (k, i)
                     continue
-                # both replicas end at the group's result, the same bytes (up to float rounding of
-                # their own `+ (result - snapshot)`), within two roundings of the mean: of the
-                # other's copy and of the result
-                assert torch.allclose(a, b, rtol=0, atol=1e-6), (k, i)
                 start = anchors.get(i, torch.zeros_like(a)) if anchored else torch.zeros_like(a)
                 sent = [before[0][i] - start, before[1][i] - start]  # what each replica shipped
                 largest = torch.maximum(sent[0].abs().max(), sent[1].abs().max()) + (sent[0] - sent[1]).abs().max()
-                tol = 2 * largest / (14 if anchored else 254) * (1 + 2 ** -7) + 1e-6
-                assert ((a - (before[0][i] + before[1][i]) / 2).abs() <= tol).all(), (k, i, anchored)
-                anchors[i] = a.clone()
+                # within two roundings of the mean: of the other's copy and of the result (int2: a third
+                # of a block's largest value each, int8: 1/254)
+                tol = 2 * largest / (3 if anchored else 254) * (1 + 2 ** -7) + 1e-6
+                mean = (before[0][i] + before[1][i]) / 2
+                assert ((a - mean).abs() <= tol).all() and ((b - mean).abs() <= tol).all(), (k, i, anchored)
+                if anchored:  # one new anchor; what the 2 bits lost stays in the replicas, not lost
+                    assert torch.equal(reps[0].averager.anchors[i], reps[1].averager.anchors[i]), (k, i)
+                    assert torch.allclose(a + b, 2 * mean, rtol=0, atol=1e-6), (k, i)
+                    assert not torch.allclose(a, b, rtol=0, atol=1e-6), (k, i)  # each keeps its own residual
+                else:  # both at the group's result, the same bytes (up to float rounding of their own
+                    # `+ (result - snapshot)`)
+                    assert torch.allclose(a, b, rtol=0, atol=1e-6), (k, i)
+                anchors[i] = reps[0].averager.anchors[i].clone()
         assert [r.kinds for r in reps] == [{"anchored": 1, "full": 3}] * 2
         assert {r.next_fragment for r in reps} == {1}
     finally:
@@ -436,10 +443,11 @@ def test_parts_go_out_at_the_pace_and_a_window_ahead_of_their_results():
 
 
 @pytest.mark.swarm
-def test_anchored_rounds_put_about_half_the_bytes_of_a_full_round_on_the_wire(tmp_path):
+def test_anchored_rounds_put_about_a_quarter_of_the_bytes_of_a_full_round_on_the_wire(tmp_path):
     """bench.averaging_wire, small: loopback's byte counter (read from outside the processes) sees
-    the first round (replicas apart: full, 8-bit parameters) carry about twice the bytes of the
-    anchored rounds after it (4-bit changes), and never less than the replicas count as payload."""
+    the first round (replicas apart: full, 8-bit parameters) carry about 3x the bytes of the anchored
+    rounds after it (2-bit changes: 3.8x the payload, but matchmaking's ~20 kB weigh on rounds this
+    small), and never less than the replicas count as payload."""
     import json
 
     from bench.averaging_wire import main
@@ -448,7 +456,7 @@ def test_anchored_rounds_put_about_half_the_bytes_of_a_full_round_on_the_wire(tm
     assert [r["kind"] for r in rows] == ["full", "anchored", "anchored"], rows
     assert all(r["wire_bytes"] >= r["payload_bytes"] > 0 for r in rows), rows
     full, anchored = rows[0]["wire_bytes"], max(r["wire_bytes"] for r in rows[1:])
-    assert 1.6 < full / anchored < 2.1, rows
+    assert 2.5 < full / anchored < 4.0, rows
     assert (tmp_path / "w.png").stat().st_size > 0
 
 
