@@ -1,6 +1,6 @@
 """What one replica-averaging round costs a stage, computed (not measured) from the scheme's
 arithmetic (swarm/averaging_plan.py): bytes one replica sends plus receives per round, and the
-seconds its link needs for them, under today's scheme (anchored rounds in 4-bit blocks, one fragment
+seconds its link needs for them, under today's scheme (anchored rounds in 2-bit blocks, one fragment
 per round, paced to a share of the link) next to the fp32 all-reduce of everything that ran before it.
 
     python -m bench.averaging_cost [--params N] [--group G] [--links 10,100] [--json-out F]
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from bench.plotting import line_plot, machine_info, markdown_table, write_json
-from swarm.averaging_plan import (ANCHORED_BYTES, BUDGET_SHARE, FP16_BYTES, FP32_BYTES, FULL_BYTES, fragment_count,
-                                  round_cost)
+from swarm.averaging_plan import (ANCHORED_BYTES, BUDGET_SHARE, FP16_BYTES, FP32_BYTES, FULL_BYTES, INT4_BYTES,
+                                  fragment_count, round_cost)
 
 SCHEMES = (("fp32 all-reduce, all at once, whole link (before)", FP32_BYTES, False, 1.0),
            ("fp16, all at once, whole link", FP16_BYTES, False, 1.0),
@@ -24,7 +24,9 @@ SCHEMES = (("fp32 all-reduce, all at once, whole link (before)", FP32_BYTES, Fal
            ("fp16, one fragment per round, paced to 10% of the link (until 8-bit)", FP16_BYTES, True, 0.1),
            ("8-bit blocks, one fragment per round, paced to 5% of the link (until anchored rounds)", FULL_BYTES, True,
             0.05),
-           (f"anchored 4-bit blocks, one fragment per round, paced to {BUDGET_SHARE:.1%} of the link (now)",
+           ("anchored 4-bit blocks, one fragment per round, paced to 2.5% of the link (until 2-bit)", INT4_BYTES,
+            True, 0.025),
+           (f"anchored 2-bit blocks, one fragment per round, paced to {BUDGET_SHARE:.2%} of the link (now)",
             ANCHORED_BYTES, True, BUDGET_SHARE))
 
 

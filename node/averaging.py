@@ -9,10 +9,11 @@ parameters, the group's last result, identical on every replica, and a round ave
 change since it in 2-bit blocks (protocol/averaging_codec.py); the result (the mean change) reaches
 every replica as the same bytes, so the new anchor is again identical everywhere. What the 2 bits
 lost of a replica's change stays in its parameters (error feedback: they end the round at the new
-anchor plus that residual), so its next round sends it; nothing a replica learned is dropped. Members publish a
-digest of each fragment's anchor with their proposal; when the group's digests of the round's
-fragment differ (a replica restarted from its checkpoint, a partial round, a reducer's result out of
-bounds), the round is full: the parameters themselves in 8-bit blocks, whose mean becomes the anchor.
+anchor plus that residual), so its next round sends it; nothing a replica learned is dropped.
+Members publish a digest of each fragment's anchor with their proposal; when the group's digests of
+the round's fragment differ (a replica restarted from its checkpoint, a partial round, a reducer's
+result out of bounds), the round is full: the parameters themselves in 8-bit blocks, whose mean
+becomes the anchor.
 
 Robustness: hivemind 1.1.12 has no CenteredClip, so `RobustAverager` swaps the plain weighted
 mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
@@ -347,8 +348,8 @@ class RobustAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
         """One round over the agreed fragment: anchored (each replica's change since the shared anchor,
-        4-bit) or full (the parameters, 8-bit). Either way the fragment's parameters end as the new
-        anchor where results came back, and as they were where none did."""
+        2-bit) or full (the parameters, 8-bit). Where results came back the fragment's parameters end
+        as the new anchor (anchored: plus this replica's residual), and as they were where none did."""
         fragment, agreed_part, anchored = self._agreed(group_info)
         chosen = self.fragments[fragment]
         params, anchors = [tensors[i] for i in chosen], [self.anchors[i] for i in chosen]

@@ -18,6 +18,7 @@ from typing import Sequence
 
 FULL_BYTES = 1 + 2 / 256          # int8 blocks of 256 with a bf16 scale (protocol/averaging_codec.py)
 ANCHORED_BYTES = 0.25 + 2 / 128   # int2 blocks of 128 with a bf16 scale: an anchored round's changes
+INT4_BYTES = 0.5 + 2 / 128        # what an anchored round sent until the 2-bit blocks (int4 blocks of 128)
 FP16_BYTES = 2                    # what a round sent until the 8-bit blocks
 FP32_BYTES = 4                    # what the all-reduce sent before this scheme
 FRAGMENT_PARAMS = 16_000_000      # parameters per fragment: 16 MB in 8-bit blocks

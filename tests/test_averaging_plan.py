@@ -1,7 +1,7 @@
 """The averaging scheme's arithmetic (swarm/averaging_plan.py): fragments, bytes, limits, link rate."""
 import pytest
 
-from swarm.averaging_plan import (BACKOFF_FLOOR, BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, ANCHORED_BYTES, FULL_BYTES, Cadence,
+from swarm.averaging_plan import (BACKOFF_FLOOR, BUDGET_SHARE, FRAGMENT_PARAMS, GROWTH, MIN_PART, MIN_RATE, PART_S, ANCHORED_BYTES, FULL_BYTES, INT4_BYTES, Cadence,
                                   LinkRate,
                                   fragment_count, mbit, round_cost, round_limits, round_wire_bytes, split_fragments,
                                   transfer_s)
@@ -97,13 +97,14 @@ def test_cadence_waits_every_steps_from_a_rounds_start_and_follows_a_long_round_
     assert not any(Cadence(0).due(s) for s in range(100))  # averaging off
 
 
-def test_cost_table_halves_bytes_in_fp16_in_8_bit_and_in_anchored_4_bit_and_fragments_cut_rounds():
-    fp32, fp16, frag, int8, int4 = (round_cost(250_000_000, 2, 10, b, f) for b, f in (
-        (4, 1), (2, 1), (2, 16), (FULL_BYTES, 16), (ANCHORED_BYTES, 16)))
+def test_cost_table_halves_bytes_in_fp16_in_8_bit_in_4_bit_and_in_anchored_2_bit_and_fragments_cut_rounds():
+    fp32, fp16, frag, int8, int4, int2 = (round_cost(250_000_000, 2, 10, b, f) for b, f in (
+        (4, 1), (2, 1), (2, 16), (FULL_BYTES, 16), (INT4_BYTES, 16), (ANCHORED_BYTES, 16)))
     assert fp32["round_bytes"] == 2 * fp16["round_bytes"] == 2_000_000_000
     assert frag["round_bytes"] / int8["round_bytes"] == pytest.approx(2 / FULL_BYTES, rel=1e-6) and FULL_BYTES < 1.01
-    assert int8["round_bytes"] / int4["round_bytes"] == pytest.approx(FULL_BYTES / ANCHORED_BYTES, rel=1e-6)
-    assert FULL_BYTES / ANCHORED_BYTES > 1.95
+    assert int8["round_bytes"] / int4["round_bytes"] == pytest.approx(FULL_BYTES / INT4_BYTES, rel=1e-6)
+    assert int4["round_bytes"] / int2["round_bytes"] == pytest.approx(INT4_BYTES / ANCHORED_BYTES, rel=1e-6)
+    assert FULL_BYTES / INT4_BYTES > 1.95 and INT4_BYTES / ANCHORED_BYTES > 1.9
     assert fp32["round_s"] == pytest.approx(800)  # 1 GB each way at 1.25 MB/s
     assert frag["round_s"] == pytest.approx(fp16["round_s"] / 16) and frag["all_fragments_s"] == fp16["round_s"]
 
@@ -116,6 +117,6 @@ def test_cost_bench_writes_its_computed_table(tmp_path):
     out = json.loads((tmp_path / "c.json").read_text())
     before, now = out["rows"][0], out["rows"][-1]
     assert out["computed"] and now["fragments"] == 2 and before["fragments"] == 1
-    # half the values per round, about an eighth of the bytes each (anchored 4-bit blocks against fp32)
+    # half the values per round, about a 15th of the bytes each (anchored 2-bit blocks against fp32)
     assert before["round_bytes"] / now["round_bytes"] == pytest.approx(2 * 4 / ANCHORED_BYTES, rel=1e-6)
     assert (tmp_path / "c.png").stat().st_size > 0
