@@ -22,7 +22,7 @@ mean of each all-reduce part for swarm.robust's coordinate-wise CenteredClip:
     one replica sending NaN, huge or sign-flipped parameters shifts the part by at most
     2*iters*tau/n (swarm.robust.influence_bound); peers' self-declared weights are ignored;
   * every replica receives the same reduced part from its reducer, as the same bytes, so replicas
-    end a round equal at the moment of its snapshot;
+    end a round at the same anchor (full rounds: equal; anchored: each plus its own residual);
   * a reducer could itself lie: a receiver applies at most (iters+1)*tau per coordinate of any
     result and ignores non-finite values (swarm.robust.bounded_update), so even a malicious
     reducer moves a stage by a bounded amount per round;
