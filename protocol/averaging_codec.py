@@ -64,7 +64,7 @@ def _decode_int2(payload: bytes, blocks: int) -> torch.Tensor:
         return torch.zeros(0, BLOCKS["int2"])
     packed = torch.frombuffer(bytearray(payload[:data_bytes]), dtype=torch.uint8)
     scale = torch.frombuffer(bytearray(payload[data_bytes:]), dtype=torch.int16).view(torch.bfloat16).float()
-    if (not torch.isfinite(scale).all() or (scale < 0).any()):
+    if not torch.isfinite(scale).all() or (scale < 0).any():
         raise PayloadError("nonfinite", "int2 scales must be finite and non-negative")
     codes = torch.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).view(blocks, -1)
     return (codes.float() - _LEVELS) * scale.view(-1, 1)
