@@ -159,15 +159,15 @@ class RobustAllReduceRunner(AllReduceRunner):
     connection takes them: a fragment pushed at once sits in TCP's send buffer of a busy link, and a
     write blocked 5-10 s makes libp2p's yamux close the connection, every stream on it, mid-round.
 
-    With `residuals` (zeros shaped like the tensors; anchored rounds), error feedback: every part sent
-    to another reducer is set, in place, to its decoding (a part is a view of the round's tensors, and
-    an int2 decoding re-encodes to the same bytes), and the residual keeps what that lost; for each part
-    this peer reduces, the residual keeps what encoding the mean lost, times the part's contributors
-    (each applies the encoded mean, so that much of their sum would be lost). The group's parameters
-    then sum to what they would with exact rounds."""
+    With `error_feedback` (anchored rounds) and `feed_back(residuals)` called before the round runs:
+    every part sent to another reducer is set, in place, to its decoding (a part is a view of the
+    round's tensors, and an int2 decoding re-encodes to the same bytes), and the residual keeps what
+    that lost; for each part this peer reduces, the residual keeps what encoding the mean lost, times
+    the part's contributors (each applies the encoded mean, so that much of their sum would be lost).
+    The group's parameters then sum to what they would with exact rounds."""
 
     def __init__(self, *, tau: float, iters: int, compression: BlockCodec, send_Bps: float | None = None,
-                 residuals: Optional[Sequence[torch.Tensor]] = None, **kwargs):
+                 error_feedback: bool = False, **kwargs):
         super().__init__(compression=compression, **kwargs)
         self.tensor_part_container.return_deltas = False  # a failed reducer's parts: our own values
         plain = self.tensor_part_reducer
@@ -175,17 +175,18 @@ class RobustAllReduceRunner(AllReduceRunner):
         own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
         self.tensor_part_reducer = RobustPartReducer(plain.part_shapes, plain.num_senders, own_index=own,
                                                      tau=tau, iters=iters, codec=compression,
-                                                     keep_leftovers=residuals is not None)
+                                                     keep_leftovers=error_feedback)
         reducers = sum(1 for p, f in zip(self.ordered_peer_ids, self.peer_fractions) if f > 0 and p != self.peer_id)
         self.per_reducer_Bps = send_Bps / max(reducers, 1) if send_Bps else None
-        self.residual_parts = self._feed_back(residuals) if residuals is not None else None
+        self.residual_parts: Optional[list[torch.Tensor]] = None  # the residual's view of each own part
 
     @torch.no_grad()
-    def _feed_back(self, residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def feed_back(self, residuals: Sequence[torch.Tensor]) -> None:
         """Round the parts for other reducers to what the wire carries, keeping the difference in
-        `residuals`; returns the residual's view of each of our own parts. The container's parts
-        follow the tensors' order, peer after peer (hivemind cuts them so), which pairs them with views
-        of the residuals cut to the same lengths."""
+        `residuals` (zeros shaped like the round's tensors), and keep the residual's view of each of
+        our own parts for the leftovers. The container's parts follow the tensors' order, peer after
+        peer (hivemind cuts them so), which pairs them with views of the residuals cut to the same
+        lengths."""
         container, own_index = self.tensor_part_container, self.ordered_peer_ids.index(self.peer_id)
         flat = (r.view(-1) for r in residuals)
         tensor, offset, own = next(flat, None), 0, []
@@ -201,7 +202,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                     residual.copy_(part)
                     part.copy_(container.compression.extract(container.compression.compress(part, info)))
                     residual.sub_(part)
-        return own
+        self.residual_parts = own
 
     def _results_from(self, peer_index: int) -> int:
         """Results (averaged parts) the reducer at `peer_index` has sent back so far (read from hivemind's
@@ -363,10 +364,12 @@ class RobustAverager(DecentralizedAverager):
                           reducer_timeout=reducer_s, send_Bps=send_Bps)
         kwargs["peer_fractions"] = _equal_shares(kwargs["peer_fractions"])
         group_id = group_info.group_id if group_id is None else group_id
-        residuals = [torch.zeros_like(t) for t in tensors] if anchored else None  # error feedback
         runner = RobustAllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                        group_id=group_id, ordered_peer_ids=group_info.peer_ids, tau=self.tau,
-                                       iters=self.iters, residuals=residuals, **kwargs)
+                                       iters=self.iters, error_feedback=anchored, **kwargs)
+        if anchored:  # rounding the outgoing parts is a pass over the fragment: off this event loop
+            residuals = [torch.zeros_like(t) for t in tensors]
+            await asyncio.get_running_loop().run_in_executor(None, runner.feed_back, residuals)
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
@@ -381,11 +384,12 @@ class RobustAverager(DecentralizedAverager):
             log.info("averaging: the all-reduce ran past its %.0f s; keeping the parts that came back", total_s)
         finally:
             with torch.no_grad():
-                for param, anchor, result, residual in zip(params, anchors, tensors, residuals or tensors):
-                    if anchored:  # a part that did not come back holds what we sent: the param stays as it was
+                if anchored:  # a part that did not come back holds what we sent: the param stays as it was
+                    for param, anchor, result, residual in zip(params, anchors, tensors, residuals):
                         anchor.add_(result)
                         param.copy_(anchor).add_(residual)
-                    else:
+                else:
+                    for param, anchor in zip(params, anchors):
                         anchor.copy_(param)
             self.digests[fragment] = _digest(anchors)
             total = sum(t.numel() for t in tensors)
