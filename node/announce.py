@@ -8,6 +8,7 @@ import time
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
+from node.dht import QUICK_READ, STORE_WALK
 from node.run_config import load_config_file
 from node.settings import RecordSettings, ServeSettings
 from protocol import ARRIVING, PROTOCOL_VERSION, NodeState
@@ -58,7 +59,7 @@ class Announcer:
         expires = self.expires[stage] = max(get_dht_time() + ttl, self.expires.get(stage, 0.0) + 1e-3)
         self.last_updated = value["updated"]
         return await self.dht.store(stage_key(self.run_id, stage), value, expires, subkey=self.subkey,
-                                    return_future=True)
+                                    return_future=True, **STORE_WALK)
 
     async def readable(self, stage: int) -> bool:
         """Whether our newest record can be read back. hivemind's store() reports the answer of the
@@ -91,7 +92,7 @@ async def stage_items(dht: DHT, run_id: str, stages, fresh: bool = True) -> list
     no caches: a cached copy of an earlier answer missed later records). A walk per key every few
     seconds was half of an idle node's link traffic (README, bench.scaling)."""
     async def one(k):
-        found = await dht.get(stage_key(run_id, k), latest=fresh, return_future=True)
+        found = await dht.get(stage_key(run_id, k), latest=fresh, return_future=True, **({} if fresh else QUICK_READ))
         return [(k, sub, item) for sub, item in found.value.items()] \
             if found is not None and isinstance(found.value, dict) else []
     return [row for rows in await asyncio.gather(*(one(k) for k in stages)) for row in rows]
@@ -202,7 +203,7 @@ async def publish_config(dht: DHT, run_id: str, wire: dict, fingerprint: str, va
                          ttl: float = RecordSettings.config_ttl_s) -> bool:
     value = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "config": wire, "updated": get_dht_time()}
     return await dht.store(config_key(run_id), value, get_dht_time() + ttl, subkey=validator.local_public_key,
-                           return_future=True)
+                           return_future=True, **STORE_WALK)
 
 
 async def keep_config_alive(dht: DHT, run, validator: Ed25519RecordValidator, ttl_s: float) -> None:

@@ -38,6 +38,16 @@ class AddressError(ValueError):
 # reaches, answer instead: our own storage where we hold the key.
 NO_CACHE = dict(cache_locally=False, cache_nearest=0, cache_on_store=False)
 
+# How far our periodic DHT calls walk. Every DHT find is answered with the key's whole value (every
+# replica's record of a stage) and up to 20 peers. hivemind's defaults walk a beam of 20 nodes for a
+# store (every node of a swarm that small) and start 4 finds at once for a read, so a stage node of a
+# 10-node swarm answered and asked 0.7-0.8 finds per second, 1.3-1.4 kB/s each way, most of its idle
+# traffic (bench.idle_traffic --scale). A store needs its RECORD_REPLICAS nearest nodes; a read that
+# need not be the latest stops at the first holder, which the nearest known node nearly always is.
+RECORD_REPLICAS = 5                        # holders of each key (hivemind's default, written once here)
+STORE_WALK = dict(beam_size=RECORD_REPLICAS)
+QUICK_READ = dict(num_workers=1)
+
 
 class OwnedDHT(DHT):
     """hivemind's DHT whose process (and its p2pd) exits when the node's main process dies. `p2pd_flags`
@@ -211,6 +221,7 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
             dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators,
                            host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,
                            p2pd_flags=flags, startup_timeout=startup_timeout, await_ready=True, **NO_CACHE,
+                           num_replicas=RECORD_REPLICAS,
                            **kwargs)
         except Exception as e:
             where = f" (initial peers: {', '.join(peers)})" if peers else ""
