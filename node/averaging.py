@@ -53,6 +53,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 
+from node.group_keys import PacedGroupKeys
 from node.lifeline import watch_parent
 from node.settings import AveragingSettings
 from protocol import PROTOCOL_VERSION
@@ -259,8 +260,9 @@ class RobustAverager(DecentralizedAverager):
     before each round (`set_limits`), and a report of what came back."""
 
     def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS,
-                 fragments: Sequence[Sequence[int]] | None = None, start: bool = True, **kwargs):
-        self.tau, self.iters = float(tau), int(iters)
+                 fragments: Sequence[Sequence[int]] | None = None, group_poll_s: float = AveragingSettings.group_poll_s, start: bool = True,
+                 **kwargs):
+        self.tau, self.iters, self.group_poll_s = float(tau), int(iters), group_poll_s
         self._node_pid = os.getpid()
         self.update_bound = (self.iters + 1) * self.tau
         self.fragments = [list(f) for f in fragments] if fragments else [list(range(len(averaged_tensors)))]
@@ -304,6 +306,10 @@ class RobustAverager(DecentralizedAverager):
         node cancelled (at its shutdown) while the all-reduce ran: hivemind then sets the result of the
         cancelled future, and its task's error was logged as "Task exception was never retrieved" with
         a traceback, at every stop mid-round."""
+        if not isinstance(self._matchmaking.group_key_manager, PacedGroupKeys):  # before its first search
+            # a quarter of the declared wait at most: a group still finds a partner who declared late
+            poll_s = min(self.group_poll_s, self.matchmaking_kwargs["min_matchmaking_time"] / 4)
+            self._matchmaking.group_key_manager = PacedGroupKeys(self._matchmaking.group_key_manager, poll_s)
         group = self.limits[5].item()
         if not math.isnan(group):
             # a group that has every replica of the stage starts at once; one short of them waits for the
@@ -501,7 +507,7 @@ class ReplicaAverager:
         self.averager = RobustAverager(
             [p.detach().cpu().clone() for p in worker.params], dht=dht, prefix=f"{run_id}_avg_v{PROTOCOL_VERSION}_stage{stage}",
             tau=self.tau, iters=iters, fragments=self.fragments, compression=FULL,
-            min_group_size=2, min_matchmaking_time=settings.matchmaking_s,
+            min_group_size=2, min_matchmaking_time=settings.matchmaking_s, group_poll_s=settings.group_poll_s,
             request_timeout=0.5 * settings.matchmaking_s, allreduce_timeout=None,
             allow_state_sharing=False, start=True)  # state transfer is our own `state` RPC (node/state_sync.py)
 

@@ -272,6 +272,9 @@ class AveragingSettings:
     # a few seconds after two others, or joined a leader just after its declared time, found no group.
     matchmaking_s: float = setting(15.0, "the longest an averaging group short of some of the stage's replicas waits "
                                          "for them", group=ADVANCED, metavar="S", hidden=True)
+    # hivemind re-reads the group key as soon as each read answers while a replica waits (node/group_keys.py)
+    group_poll_s: float = setting(2.0, "a replica waiting for its averaging group reads the group's DHT key at most "
+                                       "this often", group=ADVANCED, metavar="S", hidden=True)
 
 
 # --- a whole `join` process -----------------------------------------------------------------------
