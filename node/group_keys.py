@@ -46,6 +46,6 @@ class PacedGroupKeys(GroupKeyManager):
                 continue
             try:
                 out.append((PeerID(key), item.expiration_time))
-            except Exception:  # a malformed subkey from some peer: not an averager
+            except TypeError:  # a subkey of another type from some peer: not an averager
                 continue
         return out
