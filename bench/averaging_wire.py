@@ -2,9 +2,12 @@
 averagers, as a node runs them) average on loopback with nothing else running, and the loopback
 interface's byte counter is read around each round. Replicas that start apart run a full round
 first (8-bit parameters: their anchors differ), then anchored rounds (2-bit changes since the
-anchor they now share), each after a few simulated local steps.
+anchor they now share), each after a few simulated local steps. A last anchored round has the
+second replica reach it `--late` seconds after the first, as replicas that step on their own
+microbatches do: what the first puts on the wire while it waits is matchmaking's (its DHT reads of
+the group key, paced by node/group_keys.py).
 
-    python -m bench.averaging_wire [--params N] [--rounds R] [--link-mbit M] [--json-out F]
+    python -m bench.averaging_wire [--params N] [--rounds R] [--late S] [--link-mbit M] [--json-out F]
 
 "payload" is the replicas' own count (sent plus received, so each byte crossing counts twice; the
 table halves it); "wire" is everything loopback carried meanwhile: the parts, their framing
@@ -42,26 +45,32 @@ def _replica(params: list[torch.Tensor]):
     return types.SimpleNamespace(params=params, change_weights=change_weights)
 
 
-async def _rounds(reps, count: int, gen: torch.Generator) -> list[dict]:
+async def _rounds(reps, lates: list[float], gen: torch.Generator) -> list[dict]:
+    """One round per entry of `lates`: the second replica reaches it that many seconds after the first."""
     async def in_worker(fn):
         return fn()
 
+    async def average(r, k, late):
+        await asyncio.sleep(late)
+        return await r.average(k, in_worker)
+
     rows = []
-    for k in range(count):
+    for k, late in enumerate(lates):
         for r in reps:  # each replica's own local steps since the last round
             r.worker.change_weights(lambda ps: [p.add_(2e-3 * torch.randn(p.shape, generator=gen)) for p in ps])
         payload, kinds, wire, start = [r.figures()["bytes"] or 0.0 for r in reps], [dict(r.kinds) for r in reps], \
             loopback_bytes(), time.monotonic()
-        ok = await asyncio.gather(*(r.average(k, in_worker) for r in reps))
+        ok = await asyncio.gather(average(reps[0], k, 0.0), average(reps[1], k, late))
         wire, seconds = loopback_bytes() - wire, time.monotonic() - start
         sent = sum((r.figures()["bytes"] or 0.0) - p for r, p in zip(reps, payload)) / 2
         kind = [k for k, c in reps[0].kinds.items() if c != kinds[0].get(k, 0)]
-        rows.append({"round": k, "complete": all(ok), "kind": kind[0] if len(kind) == 1 else "?", "seconds": seconds,
-                     "payload_bytes": sent, "wire_bytes": wire, "wire_per_payload": wire / sent if sent else None})
+        rows.append({"round": k, "complete": all(ok), "kind": kind[0] if len(kind) == 1 else "?", "late_s": late,
+                     "seconds": seconds, "payload_bytes": sent, "wire_bytes": wire,
+                     "wire_per_payload": wire / sent if sent else None})
     return rows
 
 
-def measure(params: int, rounds: int, link_mbit: float) -> list[dict]:
+def measure(params: int, rounds: int, link_mbit: float, late_s: float, matchmaking_s: float = 15.0) -> list[dict]:
     from node.averaging import ReplicaAverager
     from node.dht import start_dht, visible_maddrs
     from node.metrics import NodeMetrics
@@ -80,8 +89,9 @@ def measure(params: int, rounds: int, link_mbit: float) -> list[dict]:
         dhts.append(start_dht("wire"))
         dhts.append(start_dht("wire", visible_maddrs(dhts[0])))
         reps = [ReplicaAverager(d, "wire", 1, _replica(p), 1, two, NodeMetrics(),
-                                AveragingSettings(link_mbit=link_mbit, matchmaking_s=5.0)) for d, p in zip(dhts, start)]
-        return asyncio.run(_rounds(reps, rounds, gen))
+                                AveragingSettings(link_mbit=link_mbit, matchmaking_s=matchmaking_s))
+                for d, p in zip(dhts, start)]
+        return asyncio.run(_rounds(reps, [0.0] * rounds + ([late_s] if late_s > 0 else []), gen))
     finally:
         for r in reps:
             r.shutdown()
@@ -94,13 +104,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=int, default=256_000, help="parameters per replica (default 256k: "
                    "bench.scaling's stage; more for bigger hardware)")
-    p.add_argument("--rounds", type=int, default=4, help="rounds: the first full, the rest anchored")
+    p.add_argument("--rounds", type=int, default=4, help="rounds with both replicas on time: the first full, the "
+                                                          "rest anchored")
     p.add_argument("--link-mbit", type=float, default=10.0, help="the replicas' declared link (paces the rounds)")
+    p.add_argument("--late", type=float, default=10.0, metavar="S",
+                   help="one more anchored round, which the second replica reaches S seconds after the first "
+                        "(0: none; below the default 15 s matchmaking wait)")
     p.add_argument("--json-out", default="bench/results/averaging_wire.json")
     args = p.parse_args(argv)
-    rows = measure(args.params, args.rounds, args.link_mbit)
-    text = markdown_table(["round", "kind", "complete", "seconds", "payload bytes", "loopback bytes", "wire / payload"],
-                          [[r["round"], r["kind"], r["complete"], f"{r['seconds']:.1f}", f"{r['payload_bytes']:,.0f}",
+    rows = measure(args.params, args.rounds, args.link_mbit, args.late)
+    text = markdown_table(["round", "kind", "partner late s", "complete", "seconds", "payload bytes", "loopback bytes",
+                           "wire / payload"],
+                          [[r["round"], r["kind"], f"{r['late_s']:g}", r["complete"], f"{r['seconds']:.1f}",
+                            f"{r['payload_bytes']:,.0f}",
                             f"{r['wire_bytes']:,}", f"{r['wire_per_payload']:.2f}" if r["wire_per_payload"] else "-"]
                            for r in rows])
     print(f"averaging rounds of {args.params:,} parameters between 2 replicas on loopback\n\n{text}")
