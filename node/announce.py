@@ -8,7 +8,7 @@ import time
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from node.dht import QUICK_READ, STORE_WALK
+from node.dht import HOLDERS_WALK, QUICK_READ
 from node.run_config import load_config_file
 from node.settings import RecordSettings, ServeSettings
 from protocol import ARRIVING, PROTOCOL_VERSION, NodeState
@@ -59,7 +59,7 @@ class Announcer:
         expires = self.expires[stage] = max(get_dht_time() + ttl, self.expires.get(stage, 0.0) + 1e-3)
         self.last_updated = value["updated"]
         return await self.dht.store(stage_key(self.run_id, stage), value, expires, subkey=self.subkey,
-                                    return_future=True, **STORE_WALK)
+                                    return_future=True, **HOLDERS_WALK)
 
     async def readable(self, stage: int) -> bool:
         """Whether our newest record can be read back. hivemind's store() reports the answer of the
@@ -203,7 +203,7 @@ async def publish_config(dht: DHT, run_id: str, wire: dict, fingerprint: str, va
                          ttl: float = RecordSettings.config_ttl_s) -> bool:
     value = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "config": wire, "updated": get_dht_time()}
     return await dht.store(config_key(run_id), value, get_dht_time() + ttl, subkey=validator.local_public_key,
-                           return_future=True, **STORE_WALK)
+                           return_future=True, **HOLDERS_WALK)
 
 
 async def keep_config_alive(dht: DHT, run, validator: Ed25519RecordValidator, ttl_s: float) -> None:

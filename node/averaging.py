@@ -260,8 +260,8 @@ class RobustAverager(DecentralizedAverager):
     before each round (`set_limits`), and a report of what came back."""
 
     def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS,
-                 fragments: Sequence[Sequence[int]] | None = None, group_poll_s: float = AveragingSettings.group_poll_s, start: bool = True,
-                 **kwargs):
+                 fragments: Sequence[Sequence[int]] | None = None,
+                 group_poll_s: float = AveragingSettings.group_poll_s, start: bool = True, **kwargs):
         self.tau, self.iters, self.group_poll_s = float(tau), int(iters), group_poll_s
         self._node_pid = os.getpid()
         self.update_bound = (self.iters + 1) * self.tau

@@ -42,10 +42,11 @@ NO_CACHE = dict(cache_locally=False, cache_nearest=0, cache_on_store=False)
 # replica's record of a stage) and up to 20 peers. hivemind's defaults walk a beam of 20 nodes for a
 # store (every node of a swarm that small) and start 4 finds at once for a read, so a stage node of a
 # 10-node swarm answered and asked 0.7-0.8 finds per second, 1.3-1.4 kB/s each way, most of its idle
-# traffic (bench.idle_traffic --scale). A store needs its RECORD_REPLICAS nearest nodes; a read that
-# need not be the latest stops at the first holder, which the nearest known node nearly always is.
+# traffic (bench.idle_traffic --scale). A store, and a read of the latest copy, need only the key's
+# RECORD_REPLICAS holders (its nearest nodes); a read that need not be the latest stops at the first
+# holder, which the nearest known node nearly always is.
 RECORD_REPLICAS = 5                        # holders of each key (hivemind's default, written once here)
-STORE_WALK = dict(beam_size=RECORD_REPLICAS)
+HOLDERS_WALK = dict(beam_size=RECORD_REPLICAS)
 QUICK_READ = dict(num_workers=1)
 
 

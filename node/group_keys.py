@@ -16,12 +16,12 @@ import numpy as np
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.p2p import PeerID
 
-from node.dht import STORE_WALK
-
-HOLDERS_WALK = dict(beam_size=STORE_WALK["beam_size"])  # the latest copy: ask every holder, not every node
+from node.dht import HOLDERS_WALK
 
 
 class PacedGroupKeys(GroupKeyManager):
+    """`base`'s keys, read at most every `poll_s`; reads and declarations walk to the key's holders."""
+
     def __init__(self, base: GroupKeyManager, poll_s: float):
         super().__init__(base.dht, base.prefix, base.group_bits, base.target_group_size)
         self.poll_s = poll_s
@@ -32,7 +32,7 @@ class PacedGroupKeys(GroupKeyManager):
         if not looking_for_group:  # hivemind's rule: a withdrawal must outlive the declaration it replaces
             expiration_time = float(np.nextafter(expiration_time, float("inf")))
         return await self.dht.store(key=group_key, subkey=peer_id.to_bytes(), value=looking_for_group,
-                                    expiration_time=expiration_time, return_future=True, **STORE_WALK)
+                                    expiration_time=expiration_time, return_future=True, **HOLDERS_WALK)
 
     async def get_averagers(self, group_key: str, only_active: bool) -> list[tuple[PeerID, float]]:
         await asyncio.sleep(max(0.0, self.last_read + self.poll_s - time.monotonic()))
