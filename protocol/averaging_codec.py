@@ -44,7 +44,12 @@ _LEVELS = 1.5                        # int2 codes 0..3 stand for (code - 1.5) * 
 def bytes_per_value(kind: str) -> float:
     """Wire bytes per averaged value of `kind` (scales included; the one kind byte per part aside)."""
     block = BLOCKS[kind]
-    return (message_nbytes(kind, [1, block]) if kind == "int8" else block // 4 + 2) / block
+    return (message_nbytes(kind, [1, block]) if kind == "int8" else _int2_nbytes(1)) / block
+
+
+def _int2_nbytes(blocks: int) -> int:
+    """Packed codes (a quarter byte per value), then a bf16 scale per block."""
+    return blocks * (BLOCKS["int2"] // 4 + 2)
 
 
 def _encode_int2(blocks: torch.Tensor) -> bytes:
@@ -57,9 +62,9 @@ def _encode_int2(blocks: torch.Tensor) -> bytes:
 
 
 def _decode_int2(payload: bytes, blocks: int) -> torch.Tensor:
+    if len(payload) != _int2_nbytes(blocks):
+        raise PayloadError("size", f"{len(payload)} bytes for {blocks} int2 blocks, expected {_int2_nbytes(blocks)}")
     data_bytes = blocks * BLOCKS["int2"] // 4
-    if len(payload) != data_bytes + 2 * blocks:
-        raise PayloadError("size", f"{len(payload)} bytes for {blocks} int2 blocks, expected {data_bytes + 2 * blocks}")
     if not blocks:
         return torch.zeros(0, BLOCKS["int2"])
     packed = torch.frombuffer(bytearray(payload[:data_bytes]), dtype=torch.uint8)
