@@ -70,7 +70,7 @@ async def _rounds(reps, lates: list[float], gen: torch.Generator) -> list[dict]:
     return rows
 
 
-def measure(params: int, rounds: int, link_mbit: float, late_s: float, matchmaking_s: float = 15.0) -> list[dict]:
+def measure(params: int, rounds: int, link_mbit: float, late_s: float) -> list[dict]:
     from node.averaging import ReplicaAverager
     from node.dht import start_dht, visible_maddrs
     from node.metrics import NodeMetrics
@@ -89,8 +89,7 @@ def measure(params: int, rounds: int, link_mbit: float, late_s: float, matchmaki
         dhts.append(start_dht("wire"))
         dhts.append(start_dht("wire", visible_maddrs(dhts[0])))
         reps = [ReplicaAverager(d, "wire", 1, _replica(p), 1, two, NodeMetrics(),
-                                AveragingSettings(link_mbit=link_mbit, matchmaking_s=matchmaking_s))
-                for d, p in zip(dhts, start)]
+                                AveragingSettings(link_mbit=link_mbit)) for d, p in zip(dhts, start)]
         return asyncio.run(_rounds(reps, [0.0] * rounds + ([late_s] if late_s > 0 else []), gen))
     finally:
         for r in reps:

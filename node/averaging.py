@@ -262,7 +262,7 @@ class RobustAverager(DecentralizedAverager):
     def __init__(self, averaged_tensors, dht: DHT, *, tau: float, iters: int = DEFAULT_ITERS,
                  fragments: Sequence[Sequence[int]] | None = None,
                  group_poll_s: float = AveragingSettings.group_poll_s, start: bool = True, **kwargs):
-        self.tau, self.iters, self.group_poll_s = float(tau), int(iters), group_poll_s
+        self.tau, self.iters = float(tau), int(iters)
         self._node_pid = os.getpid()
         self.update_bound = (self.iters + 1) * self.tau
         self.fragments = [list(f) for f in fragments] if fragments else [list(range(len(averaged_tensors)))]
@@ -277,6 +277,8 @@ class RobustAverager(DecentralizedAverager):
         self.digests = torch.tensor([_digest([self.anchors[i] for i in f]) for f in self.fragments],
                                     dtype=torch.int64).share_memory_()
         super().__init__(averaged_tensors, dht, start=False, **kwargs)
+        # a quarter of the declared wait at most: a group still finds a partner who declared late
+        self.group_poll_s = min(group_poll_s, self.matchmaking_kwargs["min_matchmaking_time"] / 4)
         if start:
             self.run_in_background(await_ready=True)
 
@@ -307,9 +309,8 @@ class RobustAverager(DecentralizedAverager):
         cancelled future, and its task's error was logged as "Task exception was never retrieved" with
         a traceback, at every stop mid-round."""
         if not isinstance(self._matchmaking.group_key_manager, PacedGroupKeys):  # before its first search
-            # a quarter of the declared wait at most: a group still finds a partner who declared late
-            poll_s = min(self.group_poll_s, self.matchmaking_kwargs["min_matchmaking_time"] / 4)
-            self._matchmaking.group_key_manager = PacedGroupKeys(self._matchmaking.group_key_manager, poll_s)
+            self._matchmaking.group_key_manager = PacedGroupKeys(self._matchmaking.group_key_manager,
+                                                                 self.group_poll_s)
         group = self.limits[5].item()
         if not math.isnan(group):
             # a group that has every replica of the stage starts at once; one short of them waits for the

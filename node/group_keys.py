@@ -10,9 +10,9 @@ the waiting replica's reads costs the group no time."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
-import numpy as np
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.p2p import PeerID
 
@@ -30,7 +30,7 @@ class PacedGroupKeys(GroupKeyManager):
     async def declare_averager(self, group_key: str, peer_id: PeerID, expiration_time: float,
                                looking_for_group: bool = True) -> bool:
         if not looking_for_group:  # hivemind's rule: a withdrawal must outlive the declaration it replaces
-            expiration_time = float(np.nextafter(expiration_time, float("inf")))
+            expiration_time = math.nextafter(expiration_time, math.inf)
         return await self.dht.store(key=group_key, subkey=peer_id.to_bytes(), value=looking_for_group,
                                     expiration_time=expiration_time, return_future=True, **HOLDERS_WALK)
 
