@@ -55,6 +55,7 @@ from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 
 from node.group_keys import PacedGroupKeys
 from node.lifeline import watch_parent
+from node.metrics import AVERAGING_KINDS
 from node.settings import AveragingSettings
 from protocol import PROTOCOL_VERSION
 from protocol.averaging_codec import ANCHORED, FULL, BlockCodec, bytes_per_value
@@ -499,7 +500,6 @@ class ReplicaAverager:
         self.link = LinkRate(mbit(settings.link_mbit), settings.link_share)
         self.distance: float | None = None   # at the last round that brought anything back
         self.groups: dict[int, int] = {}      # rounds that formed a group, by its size
-        self.kinds: dict[str, int] = {}       # ...and by kind: anchored or full
         self.distance_max = 0.0
         self.tau = tau if tau is not None else DEFAULT_TAU
         # replicas reach their rounds at different moments (each steps on its own microbatches): a
@@ -591,15 +591,24 @@ class ReplicaAverager:
         self.metrics.avg_change.set(change)
         self.distance, self.distance_max = distance, max(self.distance_max, distance)
 
+    def _rounds(self, metric: str, kind: str) -> float:
+        return self.metrics.registry.get_sample_value(metric, {"kind": kind})
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """Rounds that brought anything back (complete or partial), by kind."""
+        return {k: int(self._rounds("resbm_averaging_rounds_total", k) +
+                       self._rounds("resbm_averaging_partial_rounds_total", k)) for k in AVERAGING_KINDS}
+
     def figures(self) -> dict:
         """This replica's averaging so far, for `info` (run summaries, benches)."""
         sample = self.metrics.registry.get_sample_value
-        return {"rounds": sample("resbm_averaging_rounds_total"),
-                "partial": sample("resbm_averaging_partial_rounds_total"),
+        return {"rounds": sum(self._rounds("resbm_averaging_rounds_total", k) for k in AVERAGING_KINDS),
+                "partial": sum(self._rounds("resbm_averaging_partial_rounds_total", k) for k in AVERAGING_KINDS),
                 "failures": sample("resbm_averaging_failures_total"), "bytes": sample("resbm_averaging_bytes_total"),
                 "distance": self.distance, "distance_max": self.distance_max, "fragments": len(self.fragments),
                 "link_estimate_Bps": self.link.Bps, "groups": {str(g): c for g, c in sorted(self.groups.items())},
-                "kinds": dict(sorted(self.kinds.items())),
+                "kinds": {k: n for k, n in self.kinds.items() if n},
                 "in_flight": self.running}
 
     def _account(self, step: int, replicas: int, outcome: RoundOutcome) -> None:
@@ -612,19 +621,18 @@ class ReplicaAverager:
             return
         whole = round_wire_bytes(self.fragment_params[outcome.fragment], outcome.group,
                                  bytes_per_value(outcome.codec.kind))
-        self.kinds[outcome.kind] = self.kinds.get(outcome.kind, 0) + 1
         self.groups[outcome.group] = self.groups.get(outcome.group, 0) + 1
         m.avg_group_size.set(outcome.group)
         m.avg_received.set(outcome.received)
         m.avg_bytes.inc(whole * outcome.received)
         m.avg_seconds.set(outcome.seconds)
         if outcome.complete:
-            m.avg_rounds.inc()
+            m.avg_rounds.labels(outcome.kind).inc()
             self.link.complete()
             log.info("averaging after step %d: fragment %d averaged (%s) with %d replicas in %.1f s", step,
                      outcome.fragment, outcome.kind, outcome.group, outcome.seconds)
         else:
-            m.avg_partial.inc()
+            m.avg_partial.labels(outcome.kind).inc()
             self.link.incomplete(whole * outcome.received, outcome.seconds)
             log.warning("averaging after step %d was partial: %.1f%% of fragment %d came back in %.1f s (the rest "
                         "keeps local values); next round's timeouts assume %.0f kB/s", step, 100 * outcome.received,

@@ -29,10 +29,11 @@ counters, no unit for ratios. Which role updates what:
     resbm_next_hop_calls_total{replica}   caller train calls each next-stage replica answered (the routing slots)
     resbm_rejected_payloads_total{reason}   stage  bad requests refused, by reason ("banned": from a banned peer)
     resbm_peer_bans_total                   stage  peers refused for a while after repeated bad requests
-    resbm_averaging_rounds_total, resbm_averaging_failures_total, resbm_averaging_group_size,
+    resbm_averaging_rounds_total{kind}, resbm_averaging_failures_total, resbm_averaging_group_size,
     resbm_averaging_max_change              stage  replica averaging (robust CenteredClip all-reduce)
-    resbm_averaging_partial_rounds_total, resbm_averaging_received_fraction, resbm_averaging_bytes_total,
+    resbm_averaging_partial_rounds_total{kind}, resbm_averaging_received_fraction, resbm_averaging_bytes_total,
     resbm_averaging_round_seconds           stage  rounds that got only part of their fragment back, and sizes
+                                                   (kind: anchored, 2-bit changes; full, 8-bit parameters)
     resbm_replica_distance                  both   ||group average - own parameters|| / ||own||, at the last round
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from protocol.codec import bytes_per_token
 
+AVERAGING_KINDS = ("anchored", "full")  # an averaging round's two kinds (node/averaging.py)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -103,10 +105,15 @@ class NodeMetrics:
 
     def _averaging_metrics(self, r: CollectorRegistry) -> None:
         """Replica averaging's metrics (node/averaging.py)."""
-        self.avg_rounds = Counter("resbm_averaging_rounds_total", "Successful replica averaging rounds", registry=r)
+        self.avg_rounds = Counter("resbm_averaging_rounds_total", "Complete replica averaging rounds, by kind "
+                                  "(anchored: 2-bit changes since the shared anchor; full: 8-bit parameters)",
+                                  ["kind"], registry=r)
         self.avg_failures = Counter("resbm_averaging_failures_total", "Failed replica averaging rounds", registry=r)
         self.avg_partial = Counter("resbm_averaging_partial_rounds_total", "Averaging rounds in which only part of "
-                                   "the fragment came back (the rest kept local values)", registry=r)
+                                   "the fragment came back (the rest kept local values), by kind", ["kind"], registry=r)
+        for kind in AVERAGING_KINDS:  # exported at 0 before the first round of each kind
+            self.avg_rounds.labels(kind)
+            self.avg_partial.labels(kind)
         self.avg_received = Gauge("resbm_averaging_received_fraction", "Fraction of its fragment the last averaging "
                                   "round got back (1: complete)", registry=r)
         self.avg_bytes = Counter("resbm_averaging_bytes_total", "Payload bytes replica averaging sent plus received "

@@ -285,14 +285,19 @@ def test_a_partial_round_is_counted_as_partial_with_its_fraction():
                           settings=AveragingSettings(link_mbit=1.0))
     try:
         sample = metrics.registry.get_sample_value
+
+        def rounds(metric):  # full rounds here: these outcomes are not anchored
+            assert sample(metric, {"kind": "anchored"}) == 0
+            return sample(metric, {"kind": "full"})
         believed = avg.link.Bps
         avg._account(4, 2, RoundOutcome(group=2, fragment=0, received=0.4, seconds=3.0))
-        assert sample("resbm_averaging_partial_rounds_total") == 1 and sample("resbm_averaging_rounds_total") == 0
+        assert rounds("resbm_averaging_partial_rounds_total") == 1 and rounds("resbm_averaging_rounds_total") == 0
         assert sample("resbm_averaging_received_fraction") == pytest.approx(0.4)
         assert sample("resbm_averaging_bytes_total") == pytest.approx(0.4 * round_wire_bytes(1000, 2))
         assert avg.link.Bps < believed  # the next round's timeouts grow
         avg._account(5, 2, RoundOutcome(group=2, fragment=0, received=1.0, seconds=0.001))
-        assert sample("resbm_averaging_rounds_total") == 1 and sample("resbm_averaging_partial_rounds_total") == 1
+        assert rounds("resbm_averaging_rounds_total") == 1 and rounds("resbm_averaging_partial_rounds_total") == 1
+        assert avg.figures()["kinds"] == {"full": 2} and avg.figures()["rounds"] == 1
         paced = avg.link.Bps
         avg._account(6, 2, RoundOutcome(group=0))
         assert sample("resbm_averaging_failures_total") == 1

@@ -178,15 +178,14 @@ def test_two_replicas_share_traffic_and_average_in_the_background():
             reps = sw.servers[1]
             background = [r.averager._round for r in reps]
             await asyncio.gather(*(t for t in background if t is not None), return_exceptions=True)
-            rounds = [r.averager.metrics.registry.get_sample_value("resbm_averaging_rounds_total") for r in reps]
+            rounds = [r.averager.figures()["rounds"] for r in reps]
             def trained(r):  # what the averager averages, in its order
                 return {n: p.detach().clone() for n, p in r.worker.stage.named_parameters() if p.requires_grad}
             before = [trained(r) for r in reps]
             anchors_before = [t.clone() for t in reps[0].averager.averager.anchors]
             quiet = await asyncio.gather(*(r.averager.average(99, r.in_worker) for r in reps))
             distance = [r.averager.metrics.registry.get_sample_value("resbm_replica_distance") for r in reps]
-            partial = [r.averager.metrics.registry.get_sample_value("resbm_averaging_partial_rounds_total")
-                       for r in reps]
+            partial = [r.averager.figures()["partial"] for r in reps]
             received = [r.averager.metrics.registry.get_sample_value("resbm_averaging_received_fraction")
                         for r in reps]
             figures = [r.averager.figures() for r in reps]
