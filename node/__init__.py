@@ -22,13 +22,15 @@ A node's runtime
     lifecycle.py      a node's life: joining -> loading -> serving -> draining (-> moving), one loop
     dht.py            starting the DHT peer: addresses, reachability and NAT relays
     announce.py       DHT records: our stage record, everyone's (RecordView, the one record filter), the run config
-    stage_server.py   serving a stage: validate every request, compute in one worker thread, count bytes
+    request_gate.py   every call's checks (contract, uid, envelope, size), refusals, bans, message counts
+    stage_server.py   serving a stage: decode codes, compute in one worker thread, call the next stage
     admission.py      who gets a stage's compute and state when many ask at once
     client.py         calling a replica: requests built from protocol/contract.py, replies checked
     route.py          the next hop of a microbatch: pick a replica (swarm/routing.py), call it, reroute
     trainer.py        a trainer's window of microbatches in flight: draw, walk the route, apply the gradient
     training_run.py   a trainer's run: steps, validation, status line and summary
     averaging.py      replicas of a stage average their parameters in the background
+    group_keys.py     averaging matchmaking's reads of its group key, paced, walking only to the key's holders
     state_sync.py     where a stage's state comes from at start (a live replica, a checkpoint) and checkpoints
     metrics.py        the node's Prometheus metrics
     progress.py       the status line, the run's curves and the summary JSON

@@ -1,10 +1,10 @@
-"""Serving one stage as a hivemind expert: validate every request, compute in one worker thread, count bytes.
+"""Serving one stage as a hivemind expert: decode a call's codes, compute in one worker thread, call the
+next stage, count bytes.
 
 The stage answers under hivemind ConnectionHandler's handler names (so a stock RemoteExpert reaches
 rpc_info / rpc_forward / rpc_backward) plus the project's own rpc_* calls; protocol/contract.py
-describes every call. A bad request is the sender's problem: it gets a refusal saying what was
-wrong, it is counted by reason, a peer that keeps sending them is refused for a while, and everyone
-else is still served.
+describes every call. Every call first passes node/request_gate.py (the checks every request gets,
+refusals and bans); what is left here is what a stage does with a good one.
 """
 from __future__ import annotations
 
@@ -19,26 +19,23 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from protocol import PROTOCOL_VERSION
 from protocol.codec import decode, decode_ints, encode, payload_nbytes
-from protocol.contract import (METHODS, STATE_CHUNK, check_envelope, check_fields, join_stream_parts, pack_meta,
-                               refusal, stock_tensors, tensors_from_proto, tensors_to_proto, unpack_meta)
+from protocol.contract import STATE_CHUNK, Method
 from protocol.errors import NoRoute, PayloadError, RemoteError
 from protocol.records import stage_key
 from protocol.service import StageService
-from node.admission import Admission, BadPeerTracker
+from node.admission import Admission
 from node.announce import RecordView
+from node.request_gate import RequestGate
 from node.route import NextHop
 from node.settings import RecordSettings, RouteSettings, ServeSettings
 from swarm.deadlines import Deadline
 from swarm.stage_worker import StageWorker
 
 log = logging.getLogger(__name__)
-STREAM_PART = 1 << 20  # bytes per part of a streamed reply
-NOT_THE_PEERS_FAULT = ("busy", "deadline", "unavailable", "downstream")  # refusals that earn the caller no strike
 
 class RateMeter:
     """Tokens per compute-second over the last `window` observations (forward and backward)."""
@@ -75,14 +72,11 @@ class StageServer(StageService):
         self.max_batch = self.run.train.batch_size
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.index}")
         self.averager = averager
-        self.inflight = 0
         self.compute = RateMeter()
         self.bytes = {"sent": 0, "received": 0}
         self.state_bytes = {"sent": 0, "received": 0}
         self.snapshots = StateSnapshots()  # of the state, for joiners' downloads
         self.payload = {"sent": 0, "received": 0}
-        self.requests = 0
-        self.bad_peers = BadPeerTracker(serve.bad_requests, serve.bad_window_s, serve.bad_peer_ban_s)
         self.admission = Admission(self.run.train.trainers, per_peer=2 * self.run.train.microbatches + 4,
                                    strangers=serve.strangers, joiners=serve.joiner_downloads,
                                    state_others=serve.other_downloads)
@@ -94,7 +88,15 @@ class StageServer(StageService):
             if dht is not None and self.index + 1 < self.cfg.n_stages else None
         self.handlers = {"forward": self._on_forward, "train": self._on_train, "state": self._on_state}
         # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids and metadata.
-        self.max_request = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
+        max_request = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
+        self.gate = RequestGate(self.uid, self.index, self.methods, self.fingerprint, max_request, metrics,
+                                handle=self._handle, on_served=self._account, count_message=self.count_message,
+                                serve=serve)
+
+    @property
+    def inflight(self) -> int:
+        """Calls being served now (the record's queue)."""
+        return self.gate.inflight
 
     # --- accounting ----------------------------------------------------------------------------
     def count_message(self, direction: str, n: int, method: str = "") -> None:
@@ -116,14 +118,6 @@ class StageServer(StageService):
                                           ("backward", "sent", sent, codes[1])):
             self.metrics.count_boundary(n, code, self.index - 1, direction, pass_, tokens, self.cfg.d_model)
 
-    def rejected(self, err: PayloadError, peer) -> None:
-        self.metrics.rejected.labels(err.reason).inc()
-        if err.reason in NOT_THE_PEERS_FAULT:  # our capacity or our next hop: no strike against the caller
-            return
-        if self.bad_peers.record(str(peer)):
-            self.metrics.peer_bans.inc()
-            log.warning("peer %s sent too many bad requests; refusing it for %.0fs", peer, self.bad_peers.ban_s)
-
     @property
     def throughput(self) -> float:
         """Microbatches per second this replica's compute sustains (forward + backward)."""
@@ -136,132 +130,39 @@ class StageServer(StageService):
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self.info()))
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("forward", request, context)
+        return await self.gate.serve("forward", request, context)
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("backward", request, context)  # refused: training goes through rpc_train
+        return await self.gate.serve("backward", request, context)  # refused: training goes through rpc_train
 
     async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                                  context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for part in self._serve_stream("forward", requests, context):
+        async for part in self.gate.serve_stream("forward", requests, context):
             yield part
 
     async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                                   context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for part in self._serve_stream("backward", requests, context):
+        async for part in self.gate.serve_stream("backward", requests, context):
             yield part
 
     async def rpc_train(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("train", request, context)
+        return await self.gate.serve("train", request, context)
 
     async def rpc_train_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                                context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for part in self._serve_stream("train", requests, context):
+        async for part in self.gate.serve_stream("train", requests, context):
             yield part
 
     async def rpc_state(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve("state", request, context)
+        return await self.gate.serve("state", request, context)
 
-    # --- dispatch ------------------------------------------------------------------------------
-    async def _serve(self, name: str, request, context: P2PContext, error: PayloadError | None = None):
-        peer = context.remote_id
-        self.count_message("received", request.ByteSize(), name)
-        stock = not request.metadata
-        started = time.perf_counter()
-        self.inflight += 1
-        self.metrics.queue.set(self.inflight)
-        try:
-            if error is not None:
-                raise error
-            if self.bad_peers.is_banned(str(peer)):
-                self.metrics.rejected.labels("banned").inc()
-                return self._refuse("banned", "too many bad requests from your peer id; refused for a while", stock)
-            method = self._method(name, stock)
-            fields, tensors = self._parse(method, request, stock)
-            await self._authorize(method, fields, peer)
-            with self.admission.slot(name, str(peer)):
-                reply_fields, reply_tensors = await self.handlers[name](fields, tensors, str(peer))
-            protos, index = tensors_to_proto(reply_tensors, runtime_pb2)
-            response = runtime_pb2.ExpertResponse(tensors=protos,
-                                                  metadata=pack_meta({"ok": True, "tensors": index, **reply_fields}))
-            self.requests += 1
-            self._account(name, fields, tensors, reply_tensors, request.ByteSize(), response.ByteSize())
-        except PayloadError as e:
-            self.rejected(e, peer)
-            return self._refuse(e.reason, e.detail, stock)
-        except Exception as e:  # our bug, not the peer's: report it, keep serving
-            log.exception("stage %d failed on %s", self.index, name)
-            return self._refuse("internal", f"{type(e).__name__}: {e}", stock)
-        finally:
-            self.inflight -= 1
-            self.metrics.queue.set(self.inflight)
-            self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - started)
-        self.count_message("sent", response.ByteSize(), name)
-        return response
-
-    def _refuse(self, reason: str, message: str, stock: bool):
-        if stock:  # a stock hivemind client reads handler errors as text: make the text say it all
-            raise PayloadError(reason, message)
-        response = runtime_pb2.ExpertResponse(metadata=pack_meta(refusal(reason, message)))
-        self.count_message("sent", response.ByteSize())
-        return response
-
-    async def _serve_stream(self, name: str, requests, context: P2PContext):
-        """Streaming variant for large tensors: gather the parts (bounded), serve, split the reply."""
-        request, error = await self._gather(requests)
-        response = await self._serve(name, request, context, error)
-        parts = [p for t in response.tensors for p in split_for_streaming(t, STREAM_PART)]
-        yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=response.metadata)
-        for part in parts[1:]:
-            yield runtime_pb2.ExpertResponse(tensors=[part])
-
-    async def _gather(self, requests) -> tuple[runtime_pb2.ExpertRequest, PayloadError | None]:
-        """The streamed request joined into one, or what was wrong with it (uid and metadata of the
-        first part are kept, so the refusal goes back the way the caller reads it)."""
-        first, parts, total = None, [], 0
-        try:
-            async for req in requests:
-                total += req.ByteSize()
-                first = first or req
-                if total > self.max_request:
-                    raise PayloadError("size", f"streamed request exceeds this stage's limit of {self.max_request} "
-                                               f"bytes")
-                parts.extend(req.tensors)
-            if first is None:
-                raise PayloadError("malformed", "empty request stream")
-        except PayloadError as e:
-            head = runtime_pb2.ExpertRequest(uid=first.uid, metadata=first.metadata) if first else \
-                runtime_pb2.ExpertRequest()
-            return head, e
-        return runtime_pb2.ExpertRequest(uid=first.uid, metadata=first.metadata, tensors=join_stream_parts(parts)), None
-
-    def _method(self, name: str, stock: bool):
-        if name not in METHODS:  # hivemind's rpc_backward: a stock client's training call
-            missing = "needs ExpertRequest.metadata and " if stock else ""
-            raise PayloadError("method" if not stock else "metadata",
-                               f"{name!r} is not served: training {missing}goes through rpc_train (one nested "
-                               f"forward-then-backward call; see protocol/contract.py), so that every gradient "
-                               f"belongs to a known microbatch of a known step")
-        return METHODS[name]
-
-    def _parse(self, method, request, stock: bool) -> tuple[dict, dict]:
-        if request.uid != self.uid:
-            raise PayloadError("uid", f"this peer serves expert {self.uid!r}, not {request.uid!r}")
-        if method.name not in self.methods:
-            raise PayloadError("method", f"this node (stage {self.index}) serves only {', '.join(self.methods)}")
-        if stock:
-            if method.name != "forward":
-                raise PayloadError("metadata", f"{method.name!r} needs ExpertRequest.metadata (msgpack: v, fp, "
-                                               f"tensors and the call's fields; see protocol/contract.py)")
-            return {"stock": True}, stock_tensors(request.tensors, ("x",))
-        meta = unpack_meta(request.metadata)
-        check_envelope(meta, self.fingerprint)
-        fields = check_fields(method.fields, meta)
-        return fields, tensors_from_proto(request.tensors, meta.get("tensors", []), method.tensor_names())
-
-    async def _authorize(self, method, fields: dict, peer) -> None:
+    # --- what a good request gets -------------------------------------------------------------
+    async def _handle(self, method: Method, fields: dict, tensors: dict, peer: str) -> tuple[dict, dict]:
+        """A request the gate let through: who may call it, a slot for it, then its handler."""
         if method.name == "train" and not fields["eval"]:
-            await self._authorize_train(fields, str(peer))
+            await self._authorize_train(fields, peer)
+        with self.admission.slot(method.name, peer):
+            return await self.handlers[method.name](fields, tensors, peer)
 
     async def _authorize_train(self, f: dict, peer: str) -> None:
         """A microbatch comes from its owner (stage 1) or from a replica of the previous stage, and
@@ -423,7 +324,7 @@ class StageServer(StageService):
                           "state_bytes_sent": self.state_bytes["sent"],
                           "state_bytes_received": self.state_bytes["received"],
                           "payload_sent": self.payload["sent"], "payload_received": self.payload["received"],
-                          "tokens": self.tokens_done, "requests": self.requests,
+                          "tokens": self.tokens_done, "requests": self.gate.requests,
                           "next_hop_calls": dict(self.next_hop.calls) if self.next_hop is not None else {},
                           "averaging": self.averager.figures() if self.averager is not None else None}}
 

@@ -225,14 +225,14 @@ def test_malformed_payloads_are_refused_counted_and_banned():
         h = await Harness().start()
         try:
             for server in h.servers.values():  # first: every case individually, no ban in the way
-                server.bad_peers = BadPeerTracker(limit=10**9)
+                server.gate.bad_peers = BadPeerTracker(limit=10**9)
             cases = malformed_cases(str(h.attacker.peer_id))
             reasons = {name: reason_of(await h.send(h.attacker, case)) for name, case, _ in cases}
             ok = await h.valid(h.honest)
             still = await h.valid(h.attacker)  # not banned with the lenient tracker: still served
 
             # then the real policy: 20 bad requests within a minute -> refused for a while
-            h.servers[1].bad_peers = BadPeerTracker()
+            h.servers[1].gate.bad_peers = BadPeerTracker()
             for _ in range(20):
                 await h.send(h.attacker, fwd(x=code(2, 32, 64)))
             banned = reason_of(await h.send(h.attacker, fwd()))
@@ -271,7 +271,7 @@ def test_memory_stays_bounded_under_500_bad_requests():
     async def go():
         h = await Harness().start()
         try:
-            h.servers[1].bad_peers = BadPeerTracker(limit=10**9)  # every request reaches full validation
+            h.servers[1].gate.bad_peers = BadPeerTracker(limit=10**9)  # every request reaches full validation
             big = fwd(x=code(2, 32, B, data=os.urandom(3 << 20)))  # near the 4 MiB message limit
             cases = [case for _, case, _ in malformed_cases(str(h.attacker.peer_id)) if case[1] == 1]
             for _ in range(20):  # warm up allocator, caches, the stream machinery
@@ -298,7 +298,7 @@ def test_memory_stays_bounded_under_500_bad_requests():
 def test_request_limit_follows_the_stage_schema():
     server = StageServer(StageWorker(RUN, 1), NodeMetrics())
     biggest_valid = train("QmOwner", x=code(8, 32, B, codec="bf16"), targets=targets(8, 32))[2].ByteSize()
-    assert biggest_valid < server.max_request < 4 << 20  # a few MiB at most
+    assert biggest_valid < server.gate.max_request < 4 << 20  # a few MiB at most
 
 
 def test_trainer_refuses_bad_replies_and_reroutes_to_an_honest_replica():
@@ -360,7 +360,7 @@ def test_streamed_requests_are_served_and_bounded():
         h = await Harness().start()
         try:
             ok = await stream(h, fwd()[2], 100)
-            too_big = await stream(h, fwd(x=code(2, 32, B, data=os.urandom(h.servers[1].max_request)))[2], 1 << 20)
+            too_big = await stream(h, fwd(x=code(2, 32, B, data=os.urandom(h.servers[1].gate.max_request)))[2], 1 << 20)
             return ok, too_big
         finally:
             await h.stop()
