@@ -39,7 +39,7 @@ class Announcer:
     def __init__(self, dht: DHT, run_id: str, peer_id: str, validator: Ed25519RecordValidator,
                  settings: RecordSettings = RecordSettings(), relayed: bool | None = None):
         self.dht, self.run_id, self.peer_id, self.settings = dht, run_id, peer_id, settings
-        # Behind NAT, others reach us through a relay (node/dht.py set dht.reachability): routers penalise that.
+        # Behind NAT, others reach us through a relay (node/dht.py's OwnedDHT.reachability): routers penalise that.
         self.relayed = relayed if relayed is not None else getattr(dht, "reachability", None) == "private"
         self.subkey = owner_subkey(peer_id, validator)
         self.started = get_dht_time()

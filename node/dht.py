@@ -52,10 +52,12 @@ QUICK_READ = dict(num_workers=1)
 
 class OwnedDHT(DHT):
     """hivemind's DHT whose process (and its p2pd) exits when the node's main process dies. `p2pd_flags`
-    are extra p2pd command-line flags that hivemind.P2P.create has no parameter for (relay service caps)."""
+    are extra p2pd command-line flags that hivemind.P2P.create has no parameter for (relay service caps).
+    `reachability`: the mode its p2pd was started in (REACHABILITY; "private": reached through a relay)."""
 
-    def __init__(self, *args, p2pd_flags: dict | None = None, **kwargs):
+    def __init__(self, *args, p2pd_flags: dict | None = None, reachability: str = "off", **kwargs):
         self._p2pd_flags = dict(p2pd_flags or {})
+        self.reachability = reachability
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
@@ -205,7 +207,7 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
     node's addresses suggest (guess_reachability), then asks an initial peer to dial it back
     (probe_reachability) and restarts in the other mode if the dial-back disagrees; "private" is relayed
     through `relays` (by default the initial peers); "off" (the default for library callers and tests)
-    keeps every NAT helper off. The chosen mode is `dht.reachability`; a public node answers others'
+    keeps every NAT helper off. The chosen mode is the DHT's `reachability`; a public node answers others'
     dial-back probes. `client_mode`: read and write, but answer no DHT request (others keep this peer
     out of their routing tables), as a watcher such as `monitor` should."""
     peers = parse_initial_peers(initial_peers)
@@ -219,7 +221,7 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
         kwargs, flags = p2p_options(mode, parse_initial_peers(relays) or peers if mode == "private" else [], relay_caps)
         kwargs["client_mode"] = kwargs.get("client_mode", False) or client_mode
         try:
-            dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators,
+            dht = OwnedDHT(initial_peers=peers, start=True, record_validators=validators, reachability=mode,
                            host_maddrs=host_maddrs(host, port), announce_maddrs=announce, identity_path=identity,
                            p2pd_flags=flags, startup_timeout=startup_timeout, await_ready=True, **NO_CACHE,
                            num_replicas=RECORD_REPLICAS,
@@ -249,7 +251,6 @@ def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: i
             _wait_port_free(host, port)
             mode = probed
             dht = launch(mode, port)
-    dht.reachability = mode
     if mode == "public":
         dht.run_coroutine(_serve_dialback)
     if mode == "private":
