@@ -19,6 +19,7 @@ from hivemind.dht.schema import SchemaValidator
 from hivemind.utils.multiaddr import Multiaddr
 
 from node.lifeline import watch_parent
+from node.settings import REACHABILITY, ConnectSettings
 from protocol import PROTOCOL_VERSION
 from protocol.contract import DIALBACK_HANDLER, PEER_METHODS, check_fields, pack_meta, refusal, unpack_meta
 from protocol.errors import PayloadError
@@ -114,18 +115,15 @@ def check_port_free(host: str, port: int) -> None:
                                f"or node running with --port {port}? Stop it or choose another port") from None
 
 
-REACHABILITY = ("auto", "public", "private", "off")
-
-
 @dataclass(frozen=True)
 class RelayCaps:
     """Relay service caps (p2pd -relay* flags) of a public node. A relayed stage moves a few KB of codes
     per microbatch, so a relay needs few, small buffers; reservations are cheap (one per home node).
     Worst case memory: max_reservations x max_circuits x 2 x buffer_bytes (64 x 16 x 2 x 1 MiB = 2 GiB,
     only if every home node held every circuit at once; p2pd's 16 MiB default would make it 32 GiB)."""
-    max_reservations: int = 64        # home nodes one relay accepts (p2pd default 128); 0: relay for nobody
-    max_circuits: int = 16            # relayed connections per home node at once (p2pd default 16)
-    buffer_bytes: int = 1 << 20       # per relayed connection and direction (p2pd default 16 MiB)
+    max_reservations: int = ConnectSettings.relay_max_reservations  # home nodes one relay accepts (p2pd: 128)
+    max_circuits: int = ConnectSettings.relay_max_circuits  # relayed connections per home node at once (p2pd: 16)
+    buffer_bytes: int = ConnectSettings.relay_buffer_kib * 1024  # per connection and direction (p2pd: 16 MiB)
     data_limit_bytes: int = 1 << 32   # per relayed connection before the relay resets it (p2pd default)
     time_limit: str = "24h"           # per relayed connection (p2pd's 30 min default would cut a long run)
 
@@ -202,7 +200,8 @@ def start_dht_from_args(run_id: str, a) -> DHT:
 def start_dht(run_id: str, initial_peers=(), *, host: str = "127.0.0.1", port: int = 0, identity: str | None = None,
               announce: list[str] | None = None, reachability: str = "off",
               relays=(), relay_caps: RelayCaps = RelayCaps(),
-              startup_timeout: float = 20.0, client_mode: bool = False, relay_wait_s: float = 300.0) -> DHT:
+              startup_timeout: float = 20.0, client_mode: bool = False,
+              relay_wait_s: float = ConnectSettings.relay_wait_s) -> DHT:
     """A DHT peer for run `run_id`. `reachability` (REACHABILITY): "auto" starts with the mode that this
     node's addresses suggest (guess_reachability), then asks an initial peer to dial it back
     (probe_reachability) and restarts in the other mode if the dial-back disagrees; "private" is relayed
