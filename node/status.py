@@ -47,21 +47,9 @@ def add_reader_args(p) -> None:
 async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     """One JSON-able picture of the swarm (see `render_table` for the fields)."""
     from hivemind.utils import get_dht_time
-    from node.announce import classify, fetch_config, stage_items  # (hivemind: not while building --help)
+    from node.announce import stage_items  # (hivemind: not while building --help)
 
-    deadline = time.monotonic() + config_timeout
-    published = await fetch_config(dht, run_id)
-    while published is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        published = await fetch_config(dht, run_id)
-    run, error = None, None
-    if published is None:
-        error = f"no run config for run {run_id!r} in the DHT (is its bootstrap up? is --run-id right?)"
-    else:
-        try:
-            run = RunConfig.from_wire_dict(published["config"])
-        except (ConfigError, KeyError, TypeError) as e:
-            error = f"the published run config is malformed: {e}"
+    published, run, error = await _published_run(dht, run_id, config_timeout)
     fingerprint = run.fingerprint if run else None
     version = published.get("version") if published else None
     tokens_per_microbatch = run.train.microbatch_size * run.model.seq_len if run else None
@@ -69,19 +57,7 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
     # without a config we do not know how many stages there are: look under every stage key
     items = await stage_items(dht, run_id, range(run.model.n_stages if run else MAX_STAGES))
     now = get_dht_time()
-    live: dict[str, dict] = {}
-    ignored = []
-    for _, subkey, item in items:
-        rec, why = classify(subkey, item.value, now, fingerprint, version if version is not None else PROTOCOL_VERSION)
-        if rec is None or why:
-            rec = rec or {}
-            ignored.append({"peer_id": rec.get("peer_id"), "stage": rec.get("stage"), "reason": why or "malformed",
-                            "state": rec.get("state"), "fingerprint": rec.get("fingerprint"),
-                            "version": rec.get("version")})
-            continue
-        if rec["peer_id"] in live and live[rec["peer_id"]]["updated"] >= rec["updated"]:
-            continue
-        live[rec["peer_id"]] = rec
+    live, ignored = _sort_records(items, now, fingerprint, version if version is not None else PROTOCOL_VERSION)
 
     n_stages = run.model.n_stages if run else 1 + max([r["stage"] for r in live.values()], default=0)
     stages = []
@@ -104,6 +80,42 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
             "dht_time": now, "stages": stages, "missing_stages": missing,
             "replicas_total": sum(len(s["replicas"]) for s in stages), "ignored_records": ignored,
             "ok": error is None and not missing, "error": error}
+
+
+async def _published_run(dht, run_id: str, timeout: float) -> tuple[dict | None, RunConfig | None, str | None]:
+    """The run config record (waiting up to `timeout` for it), the run config it holds, and what was
+    wrong if there is none."""
+    from node.announce import fetch_config
+    deadline = time.monotonic() + timeout
+    published = await fetch_config(dht, run_id)
+    while published is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        published = await fetch_config(dht, run_id)
+    if published is None:
+        return None, None, f"no run config for run {run_id!r} in the DHT (is its bootstrap up? is --run-id right?)"
+    try:
+        return published, RunConfig.from_wire_dict(published["config"]), None
+    except (ConfigError, KeyError, TypeError) as e:
+        return published, None, f"the published run config is malformed: {e}"
+
+
+def _sort_records(items, now: float, fingerprint: str | None, version: int) -> tuple[dict[str, dict], list[dict]]:
+    """The newest usable record of each peer, and the records ignored with the reason why."""
+    from node.announce import classify
+    live: dict[str, dict] = {}
+    ignored = []
+    for _, subkey, item in items:
+        rec, why = classify(subkey, item.value, now, fingerprint, version)
+        if rec is None or why:
+            rec = rec or {}
+            ignored.append({"peer_id": rec.get("peer_id"), "stage": rec.get("stage"), "reason": why or "malformed",
+                            "state": rec.get("state"), "fingerprint": rec.get("fingerprint"),
+                            "version": rec.get("version")})
+            continue
+        if rec["peer_id"] in live and live[rec["peer_id"]]["updated"] >= rec["updated"]:
+            continue
+        live[rec["peer_id"]] = rec
+    return live, ignored
 
 
 # --- printing ----------------------------------------------------------------------------------
