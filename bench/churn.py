@@ -15,8 +15,9 @@ of phases in one swarm:
   bootstrap     the bootstrap dies for good: the swarm keeps training, and a replica killed after it
                 rejoins through other peers.
 Only the main pid is killed: its hivemind helpers and p2pd must die by themselves (node/lifeline.py);
-every kill checks that none is left. For each kill: role, time, and the pause (seconds until the
-swarm's step counter, the highest resbm_optimizer_step of the live nodes, moves again).
+every kill checks that none is left. For each kill: role, time, and the pause (seconds until a node
+that lived through the kill applies a step: its own resbm_optimizer_step moves. Not the swarm's
+highest step: replicas step on their own, and the victim may have held it).
 
 What each kill did to the microbatches in flight comes from every node's /metrics, scraped every
 tick and once just before each kill (counters of a killed life are kept at their last scrape):
@@ -36,7 +37,9 @@ RATE_BEFORE_S before it (a kill soon after another one keeps that one's rate); "
 next kill. (A restarted trainer redraws its stream from its first microbatch under the same keys,
 which the stages remember: a replica that added a key refuses it as a duplicate until it passes its
 last life.)
-Reports the loss (sampled from the trainers' resbm_train_loss). Prints tables, writes JSON and a PNG.
+Reports the loss (sampled from the trainers' resbm_train_loss) and the replicas' averaging rounds by
+kind (resbm_averaging_rounds_total{kind}: a restarted replica's first round is full, 8-bit parameters,
+as its anchor is not its partner's; partial rounds apart). Prints tables, writes JSON and a PNG.
 """
 from __future__ import annotations
 
@@ -78,13 +81,21 @@ _LOSS = re.compile(r"^resbm_train_loss (\S+)$", re.M)
 _WINDOW = re.compile(r"training \d+ steps from step -?\d+, (\d+) microbatches in flight")
 # per-life counters summed over the swarm (a label's lines summed): see the docstring
 COUNTERS = {"completed": "resbm_samples_total", "skipped": "resbm_skipped_microbatches_total",
-            "rerouted": "resbm_retries_total", "duplicates": "resbm_duplicate_microbatches_total"}
+            "rerouted": "resbm_retries_total", "duplicates": "resbm_duplicate_microbatches_total",
+            # averaging rounds as each replica counts them (a round of 2: 2): a restarted replica's
+            # anchor differs from its partner's, so its next round is full
+            "anchored_rounds": 'resbm_averaging_rounds_total{kind="anchored"}',
+            "full_rounds": 'resbm_averaging_rounds_total{kind="full"}',
+            "partial_rounds": "resbm_averaging_partial_rounds_total"}
 FATE_S, RATE_BEFORE_S, RECOVER_WINDOW_S, RECOVERED = 10.0, 10.0, 5.0, 0.8
 
 
-def metric(text: str, name: str) -> float:
-    """Sum of a metric's samples in a Prometheus text page, over its labels (0 when absent)."""
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+def metric(text: str, selector: str) -> float:
+    """Sum of a metric's samples in a Prometheus text page (0 when absent), over its labels or, for
+    `name{label="value"}`, over the samples with that label."""
+    name, _, label = selector.partition("{")
+    return sum(float(v) for labels, v in re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.M)
+               if not label or label.rstrip("}") in labels.split(","))
 
 
 def free_port() -> int:
@@ -107,6 +118,7 @@ class ChurnSwarm:
         self.nodes: dict[str, dict] = {}          # name -> stage, argv, peer_id, metrics port, lives, proc
         self.counts: dict[str, dict] = {}         # "name.life" -> its COUNTERS at its last scrape
         self.queues: dict[str, float] = {}        # live node -> resbm_queue_depth at the last scrape
+        self.steps: dict[str, float] = {}         # "name.life" -> its resbm_optimizer_step at the last scrape
 
     def start_all(self) -> None:
         self.peers = self.swarm.start_bootstrap()
@@ -164,7 +176,7 @@ class ChurnSwarm:
     def step(self) -> tuple[int, list[float]]:
         """The swarm's step counter (highest applied step of the live nodes) and the trainers' last losses;
         every live node's counters and queue depth are kept (self.counts, self.queues)."""
-        steps, losses, self.queues = [], [], {}
+        steps, losses, self.queues, self.steps = [], [], {}, {}
         for name, node in self.nodes.items():
             if not self.alive(name):
                 continue
@@ -172,7 +184,10 @@ class ChurnSwarm:
                 text = urllib.request.urlopen(f"http://127.0.0.1:{node['metrics']}/metrics", timeout=2).read().decode()
             except OSError:
                 continue
-            steps += [float(v) for v in _STEP.findall(text)]
+            own = [float(v) for v in _STEP.findall(text)]
+            steps += own
+            if own:
+                self.steps[f"{name}.{node['lives']}"] = own[-1]
             losses += [v for v in map(float, _LOSS.findall(text)) if v > 0]  # 0: no step yet; nan: none finished
             counts = {k: metric(text, m) for k, m in COUNTERS.items()}
             # a trainer's samples are its finished microbatches (counted after their backward); a stage's: not ours
@@ -244,6 +259,7 @@ class Timeline:
         self.cs, self.t0 = cs, time.monotonic()
         self.samples: list[tuple[float, int, float | None]] = []   # (t, step, mean trainer loss)
         self.flow: list[tuple[float, dict]] = []                    # (t, ChurnSwarm.totals()) per tick
+        self.life_steps: list[tuple[float, dict]] = []              # (t, every live node's own step) per tick
         self.kills: list[dict] = []
         self.due: list[tuple[float, str, list | None]] = []         # (t, node, new initial peers)
         self.down: set[str] = set()                                 # killed and not restarted yet
@@ -256,6 +272,7 @@ class Timeline:
         step, losses = self.cs.step()
         self.samples.append((round(self.now(), 2), step, sum(losses) / len(losses) if losses else None))
         self.flow.append((self.samples[-1][0], self.cs.totals()))
+        self.life_steps.append((self.samples[-1][0], dict(self.cs.steps)))
         for due in [d for d in self.due if d[0] <= self.now()]:
             self.due.remove(due)
             self.restart(due[1], due[2])
@@ -290,7 +307,9 @@ class Timeline:
                 "beyond_stage0": int(sum(q for n, q in cs.queues.items() if cs.nodes[n]["stage"] == 1)),
                 "at_victim": windows[name] if name in windows else int(cs.queues.get(name, 0)),
                 "lost": windows.get(name, 0),
-                "trainers_training": sorted(n for n, w in windows.items() if w and n != name)}
+                "trainers_training": sorted(n for n, w in windows.items() if w and n != name),
+                # the other nodes' own steps (node.life): training moved again when one of them steps
+                "steps_of_others": {life: v for life, v in cs.steps.items() if life.split(".")[0] != name}}
         kill.update(self.cs.crash(name))
         self.kills.append(kill)
         self.down.add(name)
@@ -311,6 +330,21 @@ class Timeline:
         end = self.now() + timeout
         while self.now() < end:
             if self.tick() > beyond:
+                return True
+            time.sleep(0.4)
+        return False
+
+    @staticmethod
+    def moved(kill: dict, steps: dict) -> bool:
+        """Has a node that lived through `kill` (the same life) stepped since? Replicas step on their
+        own, so the swarm-wide highest step is no clock: the victim may have held it."""
+        return any(steps.get(life, v) > v for life, v in kill["steps_of_others"].items())
+
+    def wait_moved_since(self, kill: dict, timeout: float) -> bool:
+        end = self.now() + timeout
+        while self.now() < end:
+            self.tick()
+            if self.moved(kill, self.life_steps[-1][1]):
                 return True
             time.sleep(0.4)
         return False
@@ -360,9 +394,9 @@ class Timeline:
         return (inside[-1][1] - inside[0][1]) / max(1e-9, inside[-1][0] - inside[0][0]) if len(inside) > 1 else 0.0
 
     def pauses(self) -> None:
-        """Seconds from each kill until the step counter passes the step it showed at the kill."""
+        """Seconds from each kill until a node that lived through it stepped (`moved`)."""
         for k in self.kills:
-            moved = next((t for t, s, _ in self.samples if t > k["t"] and s > k["step"]), None)
+            moved = next((t for t, steps in self.life_steps if t > k["t"] and self.moved(k, steps)), None)
             k["pause_s"] = round(moved - k["t"], 2) if moved is not None else None
             if moved is not None and k.get("restarted_t", moved) < moved:  # the pause lasted until it was back
                 k["after_restart_s"] = round(moved - k["restarted_t"], 2)
@@ -432,7 +466,7 @@ def last_of_group(tl: Timeline, phase: str, names: list[str], hold: float, settl
     tl.sleep(hold)
     for name in reversed(names):
         tl.restart(name)
-    tl.wait_moves(tl.kills[-1]["step"], 240)
+    tl.wait_moved_since(tl.kills[-1], 240)
     # trained again: a step's worth of microbatches finished since the restarts (the walks in flight at the
     # kills were resolved during the hold)
     tl.wait_trained(tl.flow[-1][1]["completed"] + tl.cs.run.train.microbatches, 240)
@@ -552,9 +586,12 @@ def report(runs: dict, steady_rate: float) -> tuple[str, str, list[str]]:
         curve = [loss for _, loss in loss_by_step(r["samples"])]
         run_rows.append([label, f"{r['rate']:.3f}", f"{r['rate'] / steady_rate:.2f}" if steady_rate else "-",
                          r["counted"]["skipped"], r["recomputed"],
+                         f"{r['counted']['anchored_rounds']} / {r['counted']['full_rounds']} / "
+                         f"{r['counted']['partial_rounds']}",
                          len(r["exits"]),
                          f"{mean(curve[:5]):.3f}", f"{mean(curve[-5:]):.3f}"])
     runs_md = markdown_table(["run", "steps/s", "vs no churn", "lost in flight (skipped)", "recomputed (stale)",
+                              "averaging anchored / full / partial (per replica)",
                               "exited unkilled", "first-5 loss", "last-5 loss"], run_rows)
     return runs_md, kills, verdict(churned, steady_rate, runs["no churn"]["trainer_rate"])
 

@@ -276,6 +276,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def print_report(preset: dict, results: list[dict], trend: list[dict], main_md: str, trend_md: str, tgts: list[dict],
+                 steps: int, trend_steps: int, where: str) -> None:
+    m, tok, ratio = preset["model"], preset["train"], preset["model"]["ratio"]
+    print(f"## Convergence: d={m['d_model']}, {m['n_layers']} layers, {m['n_stages']} stages, seq {m['seq_len']}, "
+          f"batch {tok['batch_size']} ({tok['microbatches']} microbatches), {steps} steps = "
+          f"{results[0]['tokens']} tokens per variant, byte-level ({where})\n")
+    print("Val loss on a fixed set of " f"{preset['eval_batches']} validation microbatches. Wire bytes per token per "
+          "boundary; compression = bf16 at full width d (2d bytes) / forward bytes.\n")
+    print(main_md + "\n")
+    if trend:
+        tr = trend[0]["resbm"]["config"]
+        print(f"## d-trend: resbm-{ratio}x vs none (AdamW), {trend[0]['n_layers']} layers, {tr['model.n_stages']} "
+              f"stages, seq {tr['model.seq_len']}, batch {tr['train.batch_size']}, {trend_steps} steps, "
+              f"n_heads = d/64\n")
+        print(trend_md + "\n")
+    print(render_targets(tgts))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     name = "quick" if args.quick else "scale" if args.scale else "default"
@@ -290,6 +308,7 @@ def main(argv=None) -> int:
         raise SystemExit("error: --steps must be >= 1")
 
     t0 = time.perf_counter()
+    command = shlex.join([sys.executable, "-m", "bench.convergence", *(sys.argv[1:] if argv is None else argv)])
     corpus = ByteCorpus(args.data)
     ratio = preset["model"]["ratio"]
     log(f"bench.convergence ({name}): {len(variants(ratio))} variants x {steps} steps, d-trend "
@@ -304,37 +323,22 @@ def main(argv=None) -> int:
         # its own file: the main results stay as the last full run left them
         write_json(Path(args.json_out).with_name("convergence_swarm.json"),
                    {"benchmark": "convergence", "preset": name, "swarm": swarm, "steps": steps,
-                    "machine": machine_info(device), "data": corpus.name,
-                    "command": shlex.join([sys.executable, "-m", "bench.convergence", *(sys.argv[1:] if argv is None
-                                                                                        else argv)])})
+                    "machine": machine_info(device), "data": corpus.name, "command": command})
         return 0
     results = run_main(preset, corpus, str(device), steps, eval_every)
     trend = run_trend(preset, corpus, str(device), trend_steps) if trend_steps else []
     wall = time.perf_counter() - t0
 
-    m, tok = preset["model"], preset["train"]
     main_md = render_main(main_rows(results))
     trend_md = render_trend(trend_rows(trend)) if trend else ""
     tgts = targets(results, ratio)
-    print(f"## Convergence: d={m['d_model']}, {m['n_layers']} layers, {m['n_stages']} stages, seq {m['seq_len']}, "
-          f"batch {tok['batch_size']} ({tok['microbatches']} microbatches), {steps} steps = "
-          f"{results[0]['tokens']} tokens per variant, byte-level ({corpus.name}), device {device}\n")
-    print("Val loss on a fixed set of " f"{preset['eval_batches']} validation microbatches. Wire bytes per token per "
-          "boundary; compression = bf16 at full width d (2d bytes) / forward bytes.\n")
-    print(main_md + "\n")
-    if trend:
-        tr = trend[0]["resbm"]["config"]
-        print(f"## d-trend: resbm-{ratio}x vs none (AdamW), {trend[0]['n_layers']} layers, {tr['model.n_stages']} "
-              f"stages, seq {tr['model.seq_len']}, batch {tr['train.batch_size']}, {trend_steps} steps, "
-              f"n_heads = d/64\n")
-        print(trend_md + "\n")
-    print(render_targets(tgts))
+    print_report(preset, results, trend, main_md, trend_md, tgts, steps, trend_steps, f"{corpus.name}, device {device}")
     print(f"\nwall time {wall:.0f} s")
 
-    plot(args.png_out, results, trend, f"bench.convergence ({name}): d={m['d_model']}, ratio {ratio}, {steps} steps")
+    plot(args.png_out, results, trend, f"bench.convergence ({name}): d={preset['model']['d_model']}, ratio {ratio}, "
+                                        f"{steps} steps")
     write_json(args.json_out, {
-        "benchmark": "convergence", "preset": name, "command": shlex.join([sys.executable, "-m", "bench.convergence",
-                                                                            *(sys.argv[1:] if argv is None else argv)]),
+        "benchmark": "convergence", "preset": name, "command": command,
         "machine": {**machine_info(device), "float32_matmul_precision": torch.get_float32_matmul_precision()},
         "data": corpus.name, "settings": {**preset, "steps": steps, "eval_every": eval_every, "trend_steps": trend_steps},
         "wall_time_s": wall, "variants": results, "trend": trend, "swarm": swarm,

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from statistics import mean
@@ -251,55 +252,34 @@ def measure(size: dict, period: float, variant: str, workdir: Path, rate: float,
     run = replace(run, train=replace(run.train, trainers=(identity_peer_id(str(run_dir / "trainer0.id")),)))
     row = {"variant": variant, "announce_period_s": period, "rate_mbit": rate, "window_s": window,
            "settle_s": settle, "average_every": run.train.average_every, "env": env}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # Swarm.start hands our environment to every node
-    try:
-        with NetnsLab(len(nodes) + 1, rate_mbit=rate) as lab:
-            swarm = Swarm(run_dir, threads=1, run=run)
-            wrap = lambda i: (lambda cmd: lab.exec_argv(i, cmd))  # noqa: E731
-            try:
-                t_start = time.monotonic()
-                peers = swarm.start_bootstrap(host=lab.hosts[0].ip, wrap=wrap(0))
-                for i, (name, stage) in enumerate(nodes[1:], 1):
-                    swarm.start_stage(name, stage, peers, host=lab.hosts[i].ip, wrap=wrap(i),
-                                      extra=["--checkpoint-dir", "", "--announce-period", f"{period:g}"])
-                for name, _ in nodes[1:]:
-                    swarm.wait_for_line(name, "serving", size["start_timeout"])
-                row["start_s"] = round(time.monotonic() - t_start, 1)
-                time.sleep(settle)
-                ns_of_host = {subprocess.run(lab.exec_argv(i, ["readlink", "/proc/self/ns/net"]), check=True,
-                                             capture_output=True, text=True).stdout.strip().strip("net:[]"): name
-                              for i, (name, _) in enumerate(nodes)}
-                rpc0 = read_rpc_counts(counts_dir) if counts_dir else {}
-                samples, cpu0 = [], cpu_jiffies()
-                t0 = time.monotonic()
-                while True:
-                    now = time.monotonic() - t0
-                    samples.append((now, [iface_counters(lab, i) for i in range(len(nodes))]))
-                    if now >= window:
-                        break
-                    time.sleep(min(SAMPLE_S, max(0.0, window - (time.monotonic() - t0))))
-                busy, total = (a - b for a, b in zip(cpu_jiffies(), cpu0))
-                if counts_dir:
-                    time.sleep(1.2)  # every process has dumped its counters since the window closed
-                    row["rpcs"] = rpc_window(rpc0, read_rpc_counts(counts_dir), ns_of_host,
-                                             samples[-1][0] - samples[0][0] + 1.2)
-                for name, proc, _ in swarm.procs:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited during the window (code {proc.returncode}):\n"
-                                           f"{tail(swarm.run_dir / f'{name}.log')}")
-                if probe:
-                    row["trainer_probe"] = probe_trainer(swarm, lab, trainer_host, peers)
-            except RuntimeError as e:
-                return {**row, "error": str(e)[-2000:]}
-            finally:
-                swarm.stop()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environment(env), NetnsLab(len(nodes) + 1, rate_mbit=rate) as lab:
+        swarm = Swarm(run_dir, threads=1, run=run)
+        try:
+            t_start = time.monotonic()
+            peers = start_nodes(swarm, lab, nodes, period, size["start_timeout"])
+            row["start_s"] = round(time.monotonic() - t_start, 1)
+            time.sleep(settle)
+            ns_of_host = {subprocess.run(lab.exec_argv(i, ["readlink", "/proc/self/ns/net"]), check=True,
+                                         capture_output=True, text=True).stdout.strip().strip("net:[]"): name
+                          for i, (name, _) in enumerate(nodes)}
+            rpc0 = read_rpc_counts(counts_dir) if counts_dir else {}
+            cpu0 = cpu_jiffies()
+            samples = sample_window(lab, len(nodes), window)
+            busy, total = (a - b for a, b in zip(cpu_jiffies(), cpu0))
+            if counts_dir:
+                time.sleep(1.2)  # every process has dumped its counters since the window closed
+                row["rpcs"] = rpc_window(rpc0, read_rpc_counts(counts_dir), ns_of_host,
+                                         samples[-1][0] - samples[0][0] + 1.2)
+            for name, proc, _ in swarm.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited during the window (code {proc.returncode}):\n"
+                                       f"{tail(swarm.run_dir / f'{name}.log')}")
+            if probe:
+                row["trainer_probe"] = probe_trainer(swarm, lab, trainer_host, peers)
+        except RuntimeError as e:
+            return {**row, "error": str(e)[-2000:]}
+        finally:
+            swarm.stop()
     row["cpu_busy"] = busy / total if total else 0.0
     row["nodes"] = node_rows(nodes, samples, rate)
     for n in row["nodes"]:
@@ -308,6 +288,46 @@ def measure(size: dict, period: float, variant: str, workdir: Path, rate: float,
         n["rpc_payload_rx_Bps"] = sum(k["rx_Bps"] for k in kinds.values())
     row.update(swarm_figures(row["nodes"]))
     return row
+
+
+def start_nodes(swarm: Swarm, lab: NetnsLab, nodes: list[tuple[str, int]], period: float, timeout: float) -> list[str]:
+    """The bootstrap in the lab's first namespace, then one node per namespace, until every one serves;
+    returns the bootstrap's addresses."""
+    def wrap(i):
+        return lambda cmd: lab.exec_argv(i, cmd)
+    peers = swarm.start_bootstrap(host=lab.hosts[0].ip, wrap=wrap(0))
+    for i, (name, stage) in enumerate(nodes[1:], 1):
+        swarm.start_stage(name, stage, peers, host=lab.hosts[i].ip, wrap=wrap(i),
+                          extra=["--checkpoint-dir", "", "--announce-period", f"{period:g}"])
+    for name, _ in nodes[1:]:
+        swarm.wait_for_line(name, "serving", timeout)
+    return peers
+
+
+@contextmanager
+def environment(env: dict):
+    """`env` in os.environ while the block runs (Swarm.start hands our environment to every node)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sample_window(lab: NetnsLab, hosts: int, window: float) -> list:
+    """(seconds into the window, every host's interface counters), every SAMPLE_S, both ends included."""
+    samples, t0 = [], time.monotonic()
+    while True:
+        now = time.monotonic() - t0
+        samples.append((now, [iface_counters(lab, i) for i in range(hosts)]))
+        if now >= window:
+            return samples
+        time.sleep(min(SAMPLE_S, max(0.0, window - (time.monotonic() - t0))))
 
 
 def node_rows(nodes: list[tuple[str, int]], samples: list, rate: float) -> list[dict]:
@@ -489,7 +509,7 @@ def our_p2pd(workdir: Path) -> list[str]:
     return [line for line in out.splitlines() if str(workdir) in line]
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="one 30 s window at the default period (< 3 minutes)")
@@ -508,7 +528,37 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="keep the nodes' logs in this folder")
     p.add_argument("--json-out", default="bench/results/idle_traffic.json")
     p.add_argument("--png-out", default=None, help="default: the JSON's path with .png")
-    args, name, size = parse_bench_args(p, argv, SIZES)
+    return p
+
+
+def print_details(rows: list[dict], split: dict | None, sizes: dict, probe: dict | None) -> tuple[dict, list[str]]:
+    """Message sizes, where the bytes go, the period split, what each removed task was worth and the
+    trainer probe; returns the RPC tables and the differences, for the JSON."""
+    print(f"\none signed stage record: {sizes['stage_record_item_bytes']} B as stored "
+          f"({sizes['stage_record_store_request_bytes']} B StoreRequest); the config record: "
+          f"{sizes['config_item_bytes']} B ({sizes['config_store_request_bytes']} B StoreRequest)")
+    rpc_tables = {f"{r['variant']} {r['announce_period_s']:g} s": rpc_table(r) for r in rows
+                  if r.get("rpcs") and "nodes" in r}
+    for label, text in rpc_tables.items():
+        print(f"\nwhere the bytes go ({label}; payload = serialized protobufs, mean of the stage nodes):\n{text}")
+    if split:
+        print(f"\nsplit from the {split['periods'][0]:g} s and {split['periods'][1]:g} s rows "
+              f"(rate = fixed + bytes per period / period):")
+        print(markdown_table(["node", "tx B per period", "rx B per period", "tx fixed B/s", "rx fixed B/s"],
+                             [[e["node"], f"{e['tx_bytes_per_period']:.0f}", f"{e['rx_bytes_per_period']:.0f}",
+                               f"{e['tx_fixed_Bps']:.0f}", f"{e['rx_fixed_Bps']:.0f}"] for e in split["nodes"]]))
+    diffs = differences(rows, split)
+    if diffs:
+        print("\n" + "\n".join(diffs))
+    if probe:
+        print(f"\ntrainer probe (join --stage 0 --steps 0): "
+              f"{'stayed (idles)' if probe['stayed'] else 'left with exit code ' + str(probe['exit_code'])} after "
+              f"{probe['seconds']:g} s")
+    return rpc_tables, diffs
+
+
+def main(argv=None) -> int:
+    args, name, size = parse_bench_args(parser(), argv, SIZES)
     if size is None:
         return 2
     periods = [float(s) for s in args.announce_periods.split(",")] if args.announce_periods else size["periods"]
@@ -541,26 +591,7 @@ def main(argv=None) -> int:
           f"1..{size['stages'] - 1}, no trainers (a trainer cannot idle: see the module docstring), nobody feeds "
           f"microbatches; every link tbf {args.rate:g} Mbit/s each way; interface bytes (eth0 tx, rx) over "
           f"{window:g} s after every node served + {settle:g} s\n\n{summary}\n\n{per_node}\n\n" + "\n".join(verdict))
-    print(f"\none signed stage record: {sizes['stage_record_item_bytes']} B as stored "
-          f"({sizes['stage_record_store_request_bytes']} B StoreRequest); the config record: "
-          f"{sizes['config_item_bytes']} B ({sizes['config_store_request_bytes']} B StoreRequest)")
-    rpc_tables = {f"{r['variant']} {r['announce_period_s']:g} s": rpc_table(r) for r in rows
-                  if r.get("rpcs") and "nodes" in r}
-    for label, text in rpc_tables.items():
-        print(f"\nwhere the bytes go ({label}; payload = serialized protobufs, mean of the stage nodes):\n{text}")
-    if split:
-        print(f"\nsplit from the {split['periods'][0]:g} s and {split['periods'][1]:g} s rows "
-              f"(rate = fixed + bytes per period / period):")
-        print(markdown_table(["node", "tx B per period", "rx B per period", "tx fixed B/s", "rx fixed B/s"],
-                             [[e["node"], f"{e['tx_bytes_per_period']:.0f}", f"{e['rx_bytes_per_period']:.0f}",
-                               f"{e['tx_fixed_Bps']:.0f}", f"{e['rx_fixed_Bps']:.0f}"] for e in split["nodes"]]))
-    diffs = differences(rows, split)
-    if diffs:
-        print("\n" + "\n".join(diffs))
-    if probe:
-        print(f"\ntrainer probe (join --stage 0 --steps 0): "
-              f"{'stayed (idles)' if probe['stayed'] else 'left with exit code ' + str(probe['exit_code'])} after "
-              f"{probe['seconds']:g} s")
+    rpc_tables, diffs = print_details(rows, split, sizes, probe)
     print(f"p2pd left running by this bench: {len(left)}", file=sys.stderr)
     png = args.png_out or str(Path(args.json_out).with_suffix(".png"))
     write_json(args.json_out, {"size": name, "config": size, "periods": periods, "window_s": window, "settle_s": settle,

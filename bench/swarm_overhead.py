@@ -104,7 +104,7 @@ async def hop_overhead(run: RunConfig, corpus, repeats: int) -> dict:
     """RTT of `info`, and forward-over-libp2p minus local forward, on a middle stage."""
     async with InprocSwarm(run, corpus) as sw:
         server = sw.servers[1][0]
-        client, peer = sw.trainers[0].client, server.peer_id
+        client, peer = sw.trainers[0].hop.client, server.peer_id
         info_rtt = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -125,6 +125,14 @@ async def hop_overhead(run: RunConfig, corpus, repeats: int) -> dict:
     return {"info_rtt_ms": 1e3 * med(info_rtt), "forward_remote_ms": 1e3 * med(remote),
             "forward_local_ms": 1e3 * med(local), "forward_overhead_ms": 1e3 * (med(remote) - med(local)),
             "code_bytes": payload_nbytes(msg)}
+
+
+def hop_markdown(hop: dict) -> str:
+    return markdown_table(["per-hop measure", "ms"],
+                          [["info round trip (rpc_info)", f"{hop['info_rtt_ms']:.2f}"],
+                           ["stage forward over libp2p", f"{hop['forward_remote_ms']:.2f}"],
+                           ["same forward computed locally", f"{hop['forward_local_ms']:.2f}"],
+                           ["overhead per hop (difference)", f"{hop['forward_overhead_ms']:.2f}"]])
 
 
 def main(argv=None) -> int:
@@ -161,12 +169,7 @@ def main(argv=None) -> int:
             [f"local swarm ({args.stages} processes)", f"{swarm_tps:.0f}", f"{swarm_tps / ref_tps:.2f}",
              f"{statistics.median(steady_part(swarm['step_times'], size['warmup'])):.3f}"]]
     table = markdown_table(["run", "tokens/s (steady)", "vs train-local", "median step s"], rows)
-    hop_table = markdown_table(
-        ["per-hop measure", "ms"],
-        [["info round trip (rpc_info)", f"{hop['info_rtt_ms']:.2f}"],
-         ["stage forward over libp2p", f"{hop['forward_remote_ms']:.2f}"],
-         ["same forward computed locally", f"{hop['forward_local_ms']:.2f}"],
-         ["overhead per hop (difference)", f"{hop['forward_overhead_ms']:.2f}"]])
+    hop_table = hop_markdown(hop)
     cfg = run.model
     print(f"\nModel d={cfg.d_model}, {cfg.n_layers} layers, {args.stages} stages, batch {size['batch']}x{cfg.seq_len} "
           f"in {size['micro']} microbatches, boundary resbm b={cfg.code_width}, {os.cpu_count()} CPU cores, "
@@ -179,7 +182,8 @@ def main(argv=None) -> int:
                               "measured_wire_bytes_per_token_fwd": swarm["measured_wire_bytes_per_token_fwd"],
                               "nodes": swarm["nodes"]},
               "ratio": swarm_tps / ref_tps, "hop": hop, "hops_per_step": hops_per_step, "wire": wire,
-              "table": table, "hop_table": hop_table, "bytes_table": bytes_table, "command": " ".join(["python -m bench.swarm_overhead", *(argv or sys.argv[1:])])}
+              "table": table, "hop_table": hop_table, "bytes_table": bytes_table,
+              "command": " ".join(["python -m bench.swarm_overhead", *(argv or sys.argv[1:])])}
     write_json(args.json_out, result)
     line_plot(args.png_out, [{
         "title": "tokens/s per step", "xlabel": "step", "ylabel": "tokens/s",

@@ -25,6 +25,9 @@ def test_quick_churn_benchmark(tmp_path, capsys):
     assert any(s > 0 for s in churned["evidence"]["trainers_resumed_from_steps"])
     assert churned["evidence"]["rejoined_without_bootstrap"]
     assert "lost in flight" in printed and isinstance(churned["counted"]["skipped"], int)
+    # the replicas averaged through the churn, and their rounds are counted by kind
+    rounds = [churned["counted"][k] for k in ("anchored_rounds", "full_rounds", "partial_rounds")]
+    assert sum(rounds) > 0 and "averaging anchored / full / partial" in printed, rounds
     # per kill, the microbatches in flight (from the metrics scraped just before it) and what became of them
     for k in kills:
         assert k["in_flight"] >= k["lost"] >= 0 and k["skipped"] >= 0 and k["fate_s"] >= 0, k
