@@ -15,9 +15,10 @@ of phases in one swarm:
   bootstrap     the bootstrap dies for good: the swarm keeps training, and a replica killed after it
                 rejoins through other peers.
 Only the main pid is killed: its hivemind helpers and p2pd must die by themselves (node/lifeline.py);
-every kill checks that none is left. For each kill: role, time, and the pause (seconds until a node
-that lived through the kill applies a step: its own resbm_optimizer_step moves. Not the swarm's
-highest step: replicas step on their own, and the victim may have held it).
+every kill checks that none is left. For each kill: role, time, and the pause (seconds until the
+trainers finish a microbatch started after the kill: more than their surviving lanes had in flight.
+Not the swarm's highest resbm_optimizer_step: replicas step on their own, the victim may have held
+the highest, and the stages still step on the walks in flight at the kill).
 
 What each kill did to the microbatches in flight comes from every node's /metrics, scraped every
 tick and once just before each kill (counters of a killed life are kept at their last scrape):
@@ -118,7 +119,6 @@ class ChurnSwarm:
         self.nodes: dict[str, dict] = {}          # name -> stage, argv, peer_id, metrics port, lives, proc
         self.counts: dict[str, dict] = {}         # "name.life" -> its COUNTERS at its last scrape
         self.queues: dict[str, float] = {}        # live node -> resbm_queue_depth at the last scrape
-        self.steps: dict[str, float] = {}         # "name.life" -> its resbm_optimizer_step at the last scrape
 
     def start_all(self) -> None:
         self.peers = self.swarm.start_bootstrap()
@@ -176,7 +176,7 @@ class ChurnSwarm:
     def step(self) -> tuple[int, list[float]]:
         """The swarm's step counter (highest applied step of the live nodes) and the trainers' last losses;
         every live node's counters and queue depth are kept (self.counts, self.queues)."""
-        steps, losses, self.queues, self.steps = [], [], {}, {}
+        steps, losses, self.queues = [], [], {}
         for name, node in self.nodes.items():
             if not self.alive(name):
                 continue
@@ -184,10 +184,7 @@ class ChurnSwarm:
                 text = urllib.request.urlopen(f"http://127.0.0.1:{node['metrics']}/metrics", timeout=2).read().decode()
             except OSError:
                 continue
-            own = [float(v) for v in _STEP.findall(text)]
-            steps += own
-            if own:
-                self.steps[f"{name}.{node['lives']}"] = own[-1]
+            steps += [float(v) for v in _STEP.findall(text)]
             losses += [v for v in map(float, _LOSS.findall(text)) if v > 0]  # 0: no step yet; nan: none finished
             counts = {k: metric(text, m) for k, m in COUNTERS.items()}
             # a trainer's samples are its finished microbatches (counted after their backward); a stage's: not ours
@@ -259,7 +256,6 @@ class Timeline:
         self.cs, self.t0 = cs, time.monotonic()
         self.samples: list[tuple[float, int, float | None]] = []   # (t, step, mean trainer loss)
         self.flow: list[tuple[float, dict]] = []                    # (t, ChurnSwarm.totals()) per tick
-        self.life_steps: list[tuple[float, dict]] = []              # (t, every live node's own step) per tick
         self.kills: list[dict] = []
         self.due: list[tuple[float, str, list | None]] = []         # (t, node, new initial peers)
         self.down: set[str] = set()                                 # killed and not restarted yet
@@ -272,7 +268,6 @@ class Timeline:
         step, losses = self.cs.step()
         self.samples.append((round(self.now(), 2), step, sum(losses) / len(losses) if losses else None))
         self.flow.append((self.samples[-1][0], self.cs.totals()))
-        self.life_steps.append((self.samples[-1][0], dict(self.cs.steps)))
         for due in [d for d in self.due if d[0] <= self.now()]:
             self.due.remove(due)
             self.restart(due[1], due[2])
@@ -307,9 +302,7 @@ class Timeline:
                 "beyond_stage0": int(sum(q for n, q in cs.queues.items() if cs.nodes[n]["stage"] == 1)),
                 "at_victim": windows[name] if name in windows else int(cs.queues.get(name, 0)),
                 "lost": windows.get(name, 0),
-                "trainers_training": sorted(n for n, w in windows.items() if w and n != name),
-                # the other nodes' own steps (node.life): training moved again when one of them steps
-                "steps_of_others": {life: v for life, v in cs.steps.items() if life.split(".")[0] != name}}
+                "trainers_training": sorted(n for n, w in windows.items() if w and n != name)}
         kill.update(self.cs.crash(name))
         self.kills.append(kill)
         self.down.add(name)
@@ -330,21 +323,6 @@ class Timeline:
         end = self.now() + timeout
         while self.now() < end:
             if self.tick() > beyond:
-                return True
-            time.sleep(0.4)
-        return False
-
-    @staticmethod
-    def moved(kill: dict, steps: dict) -> bool:
-        """Has a node that lived through `kill` (the same life) stepped since? Replicas step on their
-        own, so the swarm-wide highest step is no clock: the victim may have held it."""
-        return any(steps.get(life, v) > v for life, v in kill["steps_of_others"].items())
-
-    def wait_moved_since(self, kill: dict, timeout: float) -> bool:
-        end = self.now() + timeout
-        while self.now() < end:
-            self.tick()
-            if self.moved(kill, self.life_steps[-1][1]):
                 return True
             time.sleep(0.4)
         return False
@@ -394,9 +372,11 @@ class Timeline:
         return (inside[-1][1] - inside[0][1]) / max(1e-9, inside[-1][0] - inside[0][0]) if len(inside) > 1 else 0.0
 
     def pauses(self) -> None:
-        """Seconds from each kill until a node that lived through it stepped (`moved`)."""
+        """Seconds from each kill until the trainers finished a microbatch started after it: more than
+        the surviving lanes had in flight at the kill."""
         for k in self.kills:
-            moved = next((t for t, steps in self.life_steps if t > k["t"] and self.moved(k, steps)), None)
+            done0, owed = self.flow[k["flow_at"]][1]["completed"], k["in_flight"] - k["lost"]
+            moved = next((t for t, c in self.flow if t > k["t"] and c["completed"] - done0 > owed), None)
             k["pause_s"] = round(moved - k["t"], 2) if moved is not None else None
             if moved is not None and k.get("restarted_t", moved) < moved:  # the pause lasted until it was back
                 k["after_restart_s"] = round(moved - k["restarted_t"], 2)
@@ -466,7 +446,6 @@ def last_of_group(tl: Timeline, phase: str, names: list[str], hold: float, settl
     tl.sleep(hold)
     for name in reversed(names):
         tl.restart(name)
-    tl.wait_moved_since(tl.kills[-1], 240)
     # trained again: a step's worth of microbatches finished since the restarts (the walks in flight at the
     # kills were resolved during the hold)
     tl.wait_trained(tl.flow[-1][1]["completed"] + tl.cs.run.train.microbatches, 240)
