@@ -233,6 +233,16 @@ async def fetch_config(dht: DHT, run_id: str) -> dict | None:
     return max(records, key=lambda r: (votes[r.get("fingerprint")], r.get("updated", 0.0)), default=None)
 
 
+async def wait_for_config(dht: DHT, run_id: str, timeout_s: float, poll_s: float = 0.5) -> dict | None:
+    """fetch_config, asked again every `poll_s` until it finds one or `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    published = await fetch_config(dht, run_id)
+    while published is None and time.monotonic() < deadline:
+        await asyncio.sleep(poll_s)
+        published = await fetch_config(dht, run_id)
+    return published
+
+
 async def watch_swarm(dht: DHT, run, stage: int, joining, period_s: float) -> None:
     """Tell `joining` (a callable) every `period_s` which peers are joining stage `stage` (their state
     downloads go first: node/admission.py)."""
@@ -252,11 +262,7 @@ async def resolve_run_config(dht, run_id: str, config_path: str | None = None,
     """The published run config, waiting up to `timeout_s` for it; a --config file must match it
     exactly (fingerprint)."""
     local = load_config_file(config_path) if config_path else None
-    deadline = time.monotonic() + timeout_s
-    published = await fetch_config(dht, run_id)
-    while published is None and time.monotonic() < deadline:
-        await asyncio.sleep(1.0)
-        published = await fetch_config(dht, run_id)
+    published = await wait_for_config(dht, run_id, timeout_s, poll_s=1.0)
     if published is None:
         if local is None:
             raise SystemExit(f"error: no run config for run {run_id!r} found in the DHT after {timeout_s:.0f}s; "

@@ -85,12 +85,8 @@ async def snapshot(dht, run_id: str, config_timeout: float = 0.0) -> dict:
 async def _published_run(dht, run_id: str, timeout: float) -> tuple[dict | None, RunConfig | None, str | None]:
     """The run config record (waiting up to `timeout` for it), the run config it holds, and what was
     wrong if there is none."""
-    from node.announce import fetch_config
-    deadline = time.monotonic() + timeout
-    published = await fetch_config(dht, run_id)
-    while published is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        published = await fetch_config(dht, run_id)
+    from node.announce import wait_for_config
+    published = await wait_for_config(dht, run_id, timeout)
     if published is None:
         return None, None, f"no run config for run {run_id!r} in the DHT (is its bootstrap up? is --run-id right?)"
     try:
