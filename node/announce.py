@@ -108,7 +108,7 @@ async def read_stage_records(dht: DHT, run, include_idle: bool = False, fresh: b
     `fresh`: see stage_items; periodic reads pass False, reads after a failure True. `stages`: only
     these (default: every stage of the run; each key read costs a DHT find where we do not hold it)."""
     out: dict[int, list[dict]] = {}
-    newest: dict[str, dict] = {}
+    kept = []
     now = get_dht_time()
     stages = range(run.model.n_stages) if stages is None else stages
     for stage, subkey, item in await stage_items(dht, run.run_id, stages, fresh):
@@ -117,12 +117,19 @@ async def read_stage_records(dht: DHT, run, include_idle: bool = False, fresh: b
             if rec is not None:
                 log.debug("ignoring the record of %s: %s", rec["peer_id"], why)
             continue
-        newest.setdefault(rec["peer_id"], rec)
-        if rec["updated"] > newest[rec["peer_id"]]["updated"]:
-            newest[rec["peer_id"]] = rec
-    for rec in newest.values():
+        kept.append(rec)
+    for rec in newest_per_peer(kept).values():
         out.setdefault(rec["stage"], []).append(rec)
     return out
+
+
+def newest_per_peer(records) -> dict[str, dict]:
+    """One record per peer id: its newest (`updated`; the first seen on a tie)."""
+    newest: dict[str, dict] = {}
+    for rec in records:
+        if rec["peer_id"] not in newest or rec["updated"] > newest[rec["peer_id"]]["updated"]:
+            newest[rec["peer_id"]] = rec
+    return newest
 
 
 NOT_SERVING = "not serving"

@@ -63,7 +63,7 @@ class StageServer(StageService):
         self.worker, self.metrics, self.peer_id = worker, metrics, peer_id
         self.run = worker.run
         # a trainer (stage 0) takes no codes: it serves only its state (to joining trainers)
-        self.methods = ("state",) if worker.index == 0 else ("forward", "train", "state")
+        methods = ("state",) if worker.index == 0 else ("forward", "train", "state")
         self.cfg = worker.run.model
         self.index = worker.index
         self.uid = stage_key(self.run.run_id, self.index)  # also its DHT key
@@ -89,7 +89,7 @@ class StageServer(StageService):
         self.handlers = {"forward": self._on_forward, "train": self._on_train, "state": self._on_state}
         # Largest valid request: x and grad_out of a whole batch in fp32 plus token ids and metadata.
         max_request = 3 * self.max_batch * self.cfg.seq_len * max(self.cfg.code_width, 1) * 4 + (1 << 20)
-        self.gate = RequestGate(self.uid, self.index, self.methods, self.fingerprint, max_request, metrics,
+        self.gate = RequestGate(self.uid, self.index, methods, self.fingerprint, max_request, metrics,
                                 handle=self._handle, on_served=self._account, count_message=self.count_message,
                                 serve=serve)
 

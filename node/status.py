@@ -97,9 +97,8 @@ async def _published_run(dht, run_id: str, timeout: float) -> tuple[dict | None,
 
 def _sort_records(items, now: float, fingerprint: str | None, version: int) -> tuple[dict[str, dict], list[dict]]:
     """The newest usable record of each peer, and the records ignored with the reason why."""
-    from node.announce import classify
-    live: dict[str, dict] = {}
-    ignored = []
+    from node.announce import classify, newest_per_peer
+    usable, ignored = [], []
     for _, subkey, item in items:
         rec, why = classify(subkey, item.value, now, fingerprint, version)
         if rec is None or why:
@@ -108,10 +107,8 @@ def _sort_records(items, now: float, fingerprint: str | None, version: int) -> t
                             "state": rec.get("state"), "fingerprint": rec.get("fingerprint"),
                             "version": rec.get("version")})
             continue
-        if rec["peer_id"] in live and live[rec["peer_id"]]["updated"] >= rec["updated"]:
-            continue
-        live[rec["peer_id"]] = rec
-    return live, ignored
+        usable.append(rec)
+    return newest_per_peer(usable), ignored
 
 
 # --- printing ----------------------------------------------------------------------------------
