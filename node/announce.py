@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
 from node.dht import HOLDERS_WALK, QUICK_READ
+from node.record_store import RecordRefresher
 from node.run_config import load_config_file
 from node.settings import RecordSettings, ServeSettings
 from protocol import ARRIVING, PROTOCOL_VERSION, NodeState
@@ -45,6 +47,7 @@ class Announcer:
         self.started = get_dht_time()
         self.expires: dict[int, float] = {}  # per stage key, of our last record: the DHT keeps the latest-expiring
         self.last_updated = None
+        self.refresher = RecordRefresher(dht)  # refreshes go to the holders the last walk found
 
     async def publish(self, stage: int, fingerprint: str, throughput: float, queue: int, step: int,
                       serving: bool = True, ttl: float | None = None, state: str | None = None,
@@ -58,8 +61,7 @@ class Announcer:
         # A newer record with an earlier expiration would be ignored: never expire before the last one.
         expires = self.expires[stage] = max(get_dht_time() + ttl, self.expires.get(stage, 0.0) + 1e-3)
         self.last_updated = value["updated"]
-        return await self.dht.store(stage_key(self.run_id, stage), value, expires, subkey=self.subkey,
-                                    return_future=True, **HOLDERS_WALK)
+        return await self.refresher.store(stage_key(self.run_id, stage), self.subkey, value, expires)
 
     async def readable(self, stage: int) -> bool:
         """Whether our newest record can be read back. hivemind's store() reports the answer of the
@@ -207,23 +209,50 @@ class RecordView:
 
 
 async def publish_config(dht: DHT, run_id: str, wire: dict, fingerprint: str, validator: Ed25519RecordValidator,
-                         ttl: float = RecordSettings.config_ttl_s) -> bool:
+                         ttl: float = RecordSettings.config_ttl_s, refresher: RecordRefresher | None = None) -> bool:
+    """Store our signed copy of the run config; a keeper passes its `refresher` (its holders are kept)."""
     value = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "config": wire, "updated": get_dht_time()}
-    return await dht.store(config_key(run_id), value, get_dht_time() + ttl, subkey=validator.local_public_key,
-                           return_future=True, **HOLDERS_WALK)
+    key, subkey, expires = config_key(run_id), validator.local_public_key, get_dht_time() + ttl
+    if refresher is not None:
+        return await refresher.store(key, subkey, value, expires)
+    return await dht.store(key, value, expires, subkey=subkey, return_future=True, **HOLDERS_WALK)
+
+
+CONFIG_KEEPERS = 3  # nodes that keep the run config record alive (each signs its own copy)
 
 
 async def keep_config_alive(dht: DHT, run, validator: Ed25519RecordValidator, ttl_s: float) -> None:
-    """Re-publish the run config this node verified, signed by this node, every quarter of its
-    lifetime `ttl_s` until cancelled: the config then lives as long as any node of the swarm does,
-    not only as long as the bootstrap."""
+    """Keep the run config this node verified alive in the DHT, signed by this node, when this node is
+    one of its CONFIG_KEEPERS keepers (`is_config_keeper`), checked every quarter of its lifetime `ttl_s`
+    until cancelled: the config then lives as long as any node of the swarm does, not only as long as
+    the bootstrap. Why not every node: a read of the key answers with every copy (about 1 kB each), and
+    every node refreshing its own made each config read O(swarm size): 4-7 kB at 7 nodes, 100 kB at 100."""
+    period, refresher = ttl_s / 4, RecordRefresher(dht)
     while True:
         try:
-            if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator, ttl_s):
-                log.warning("could not refresh the run config record")
+            found = await dht.get(config_key(run.run_id), latest=False, return_future=True, **QUICK_READ)
+            copies = found.value.items() if found is not None and isinstance(found.value, dict) else []
+            expiring = {sub: item.expiration_time for sub, item in copies
+                        if isinstance(item.value, dict) and item.value.get("fingerprint") == run.fingerprint}
+            if is_config_keeper(validator.local_public_key, expiring, get_dht_time() + 1.5 * period):
+                if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator, ttl_s,
+                                            refresher):
+                    log.warning("could not refresh the run config record")
         except Exception as e:
             log.warning("could not publish the run config record: %s", e)
-        await asyncio.sleep(ttl_s / 4)
+        await asyncio.sleep(period * random.uniform(0.8, 1.2))  # keepers do not all check at once
+
+
+def is_config_keeper(mine, expiring: dict, until: float, keepers: int = CONFIG_KEEPERS) -> bool:
+    """Whether the node whose subkey is `mine` should (re)publish its copy of the config, given the
+    copies' expiration times by subkey: it is among the first `keepers` subkeys of the copies alive at
+    `until` (the next check, with a margin) plus its own, or fewer than `keepers` copies will be alive
+    then. Every node ranks alike, so extra keepers (nodes that started together) let their copies expire
+    and a dead keeper's place is taken before its copy expires."""
+    lasting = sorted(sub for sub, expires in expiring.items() if expires > until and sub != mine)
+    if mine in expiring:
+        return mine in sorted([*lasting, mine])[:keepers]
+    return len(lasting) < keepers
 
 
 async def fetch_config(dht: DHT, run_id: str) -> dict | None:

@@ -124,7 +124,7 @@ class Node:
         self.metrics.set_nominal(self.run_cfg)
         self.announcer = Announcer(self.dht, run_id, self.peer_id, Ed25519RecordValidator(), s.records)
         print_own_addrs(self.dht, "node")
-        # every node re-publishes the run config it verified: joiners find it after the bootstrap is gone
+        # the run config's keepers (any node may become one) re-publish it: joiners find it after the bootstrap is gone
         self.config_task = asyncio.create_task(keep_config_alive(self.dht, self.run_cfg, Ed25519RecordValidator(),
                                                                   s.records.config_ttl_s))
 

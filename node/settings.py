@@ -139,10 +139,11 @@ class RecordSettings:
               "a record expires after 3 S. Shorter: joiners are found sooner, at ~1 KB per store per node that "
               "holds the key; routers drop a dead replica on its first failed call either way",
         group=ADVANCED, type=positive_seconds, metavar="S")
-    # 600 s, not 120: every node re-publishes, and each store's lookups carry every node's 1.5 kB copy;
-    # at 120 s (a refresh every 30 s) that was a quarter of an idle node's traffic (bench.idle_traffic)
-    config_ttl_s: float = setting(600.0, "lifetime of the run config record this node publishes; it re-publishes "
-                                         "it every quarter of that, so it survives a lost refresh or two",
+    # 600 s, not 120: when every node re-published, each store's lookups carried every node's 1.5 kB copy;
+    # at 120 s (a refresh every 30 s) that was a quarter of an idle node's traffic (bench.idle_traffic).
+    # Now 3 keepers publish (node/announce.py keep_config_alive); the others check every quarter of it.
+    config_ttl_s: float = setting(600.0, "lifetime of the run config record this node publishes; a keeper "
+                                         "re-publishes it every quarter of that, so it survives a lost refresh or two",
                                   group=ADVANCED, type=positive_seconds, metavar="S", hidden=True)
 
     @property
