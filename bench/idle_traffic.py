@@ -9,10 +9,10 @@ model. Once every node serves (the second replica of a stage has downloaded its 
 period has passed, each namespace's interface counters (eth0 tx and rx bytes: every frame on its
 shaped link, TCP/IP, TLS, yamux and libp2p framing included) are read every few seconds over a
 window. Nothing feeds microbatches, so what the links carry is the background: stage-record stores
-(every `--announce-period`), reads of its own stage's records (watch_swarm, once per period; with no
-DHT cache a node that does not hold the key asks a holder), the run config's keep-alive (every
-RESBM_CONFIG_TTL_S / 4 = 30 s), hivemind's DHT upkeep, libp2p's own messages and, if any, averaging
-matchmaking.
+(every `--announce-period`, at the holders the last walk found: node/record_store.py), reads of its
+own stage's records (watch_swarm, once per period; with no DHT cache a node that does not hold the key
+asks a holder), the run config's keep-alive (a check every RESBM_CONFIG_TTL_S / 4 = 30 s; 3 keepers
+re-publish), hivemind's DHT upkeep, libp2p's own messages and, if any, averaging matchmaking.
 
 Trainers: a trainer (`join --stage 0`) cannot idle. With `--steps 0` it waits for every stage,
 trains nothing, writes its summary and leaves (node/trainer_loop.py: the loop ends at once; the
@@ -28,8 +28,8 @@ the bench's work folder; node/ is untouched) on every node's PYTHONPATH that cou
 through hivemind's p2pd client by kind (DHT find / store / ping, averager matchmaking, ...), with the
 payload bytes of its requests and answers; the rest of the interface bytes is framing (libp2p, yamux,
 TLS, TCP/IP headers, ACKs). `--breakdown` (on by default, off with --quick) adds rows at the first
-period with one background task removed: `no-config-refresh` (RESBM_CONFIG_TTL_S=86400: each node
-publishes the config once, at start), `no-averager` (average_every=0: no DecentralizedAverager
+period with one background task removed: `no-config-refresh` (RESBM_CONFIG_TTL_S=86400: the keepers
+publish the config once, at start), `no-averager` (average_every=0: no DecentralizedAverager
 process). With two periods, each node's bytes/s are also split into a part per record period and a
 part independent of it (rate = fixed + per_period_bytes / period, solved from the two rows).
 
