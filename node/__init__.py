@@ -22,6 +22,7 @@ A node's runtime
     lifecycle.py      a node's life: joining -> loading -> serving -> draining (-> moving), one loop
     dht.py            starting the DHT peer: addresses, reachability and NAT relays
     announce.py       DHT records: our stage record, everyone's (RecordView, the one record filter), the run config
+    record_store.py   refreshing a record we own at its key's holders, walking only when they may have changed
     request_gate.py   every call's checks (contract, uid, envelope, size), refusals, bans, message counts
     stage_server.py   serving a stage: decode codes, compute in one worker thread, call the next stage
     admission.py      who gets a stage's compute and state when many ask at once

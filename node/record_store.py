@@ -7,7 +7,9 @@ asked 0.4-0.6 finds a second for its own stage key and received 400-630 B/s of a
 as much, on links the codes keep full. A record refreshed every period needs the walk only when its
 holders may have changed, so a refresh goes straight to the holders the last walk found (one small
 request each) and walks again when one of them did not answer, when this node has come to know a
-node nearer to the key than one of them (a joiner), or after WALK_EVERY refreshes."""
+node nearer to the key than one of them (a joiner), or after WALK_EVERY refreshes. The store itself
+is hivemind 1.1.12's `DHTNode.store_many` for one record (serialize, sign, `call_store` each holder,
+our own storage if we are one), on the same DHTNode attributes it uses."""
 from __future__ import annotations
 
 import asyncio
