@@ -463,7 +463,8 @@ class RoundOutcome:
 
     @property
     def kind(self) -> str:
-        return "anchored" if self.anchored else "full"
+        anchored, full = AVERAGING_KINDS  # the metrics' label values, spelled once
+        return anchored if self.anchored else full
 
     @property
     def codec(self) -> BlockCodec:
