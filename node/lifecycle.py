@@ -29,7 +29,7 @@ from node.metrics import NodeMetrics
 from node.run_config import chosen_run_id, load_config_file
 from node.runtime import SocketJanitor, close_hivemind, resolve_device, stop_event_on_signals
 from node.settings import DeviceSettings, JoinSettings
-from node.stage_server import StageServer, measure_throughput
+from node.stage_server import StageServer, measure_throughput, state_chunk_bytes
 from node.state_sync import checkpoint_path, initial_state, periodic_checkpoints
 from node.training_run import train
 from protocol import LEFT, PROTOCOL_VERSION, NodeState
@@ -147,7 +147,8 @@ class Node:
                                 "fingerprint": run.fingerprint, "run_id": run.run_id})
         averager = self._averager(stage, worker)
         server = StageServer(worker, self.metrics, self.peer_id, averager, dht=self.dht, p2p=self.p2p,
-                             records=self.settings.records, route=self.settings.route, serve=self.settings.serve)
+                             records=self.settings.records, route=self.settings.route, serve=self.settings.serve,
+                             state_chunk=state_chunk_bytes(self.settings.averaging.link_mbit))
         t = self.turn = Turn(stage, worker, server, averager,
                              checkpoint_path(serve.checkpoint_dir, run.run_id, stage, self.peer_id))
         # While loading (a download can take long), the record says so and keeps any throughput carried over.

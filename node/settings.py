@@ -258,7 +258,7 @@ class TrainerSettings:
 @dataclass(frozen=True)
 class AveragingSettings:
     link_mbit: float = setting(10.0, "this node's link rate per direction, in Mbit/s: replica averaging is paced "
-                                     "to --link-share of it",
+                                     "to --link-share of it, and a state reply to a joiner is about 2 s of it",
                                group=ADVANCED, metavar="MBIT")
     link_share: float = setting(BUDGET_SHARE, "the share of that link replica averaging may use per direction: "
                                               "its rounds are paced to it", group=ADVANCED, type=link_fraction,

@@ -52,6 +52,18 @@ class RateMeter:
         return sum(t for _, t in self.samples) / seconds if seconds > 0 else 0.0
 
 
+STATE_CHUNK_S = 2.0  # a state reply is about this many seconds of the serving node's link, at most STATE_CHUNK
+
+
+def state_chunk_bytes(link_mbit: float) -> int:
+    """Bytes of state per reply for a node whose link carries `link_mbit` per direction. A reply leaves
+    in one write: on a slow link the codes keep busy (a trainer handing its state to a trainer joining on
+    0.5 Mbit/s, scaling lab), a 2 MiB reply took past the joiner's 60 s per call and every try failed
+    ("did not answer state within 60s", then "stream reset"), so the joiner never served. A few seconds
+    of the link per reply keeps each call short; at the default 10 Mbit/s it is STATE_CHUNK."""
+    return int(min(STATE_CHUNK, max(64 << 10, link_mbit * 1e6 / 8 * STATE_CHUNK_S)))
+
+
 class StageServer(StageService):
     """One stage's servicer. Register with `await server.add_p2p_handlers(p2p)` (in-process: no forked
     handler, no TaskPool merging microbatches, no recompute of forward on backward). With a DHT it reads
@@ -59,8 +71,9 @@ class StageServer(StageService):
 
     def __init__(self, worker: StageWorker, metrics, peer_id: str = "", averager=None, dht=None, p2p=None, *,
                  records: RecordSettings = RecordSettings(), route: RouteSettings = RouteSettings(),
-                 serve: ServeSettings = ServeSettings()):
+                 serve: ServeSettings = ServeSettings(), state_chunk: int = STATE_CHUNK):
         self.worker, self.metrics, self.peer_id = worker, metrics, peer_id
+        self.state_chunk = state_chunk  # bytes of state per reply (state_chunk_bytes: a few seconds of our link)
         self.run = worker.run
         # a trainer (stage 0) takes no codes: it serves only its state (to joining trainers)
         methods = ("state",) if worker.index == 0 else ("forward", "train", "state")
@@ -308,7 +321,7 @@ class StageServer(StageService):
                 lambda: (self.worker.generation, self.worker.applied_step, self.worker.state_bytes())))
         sid, step, blob = snap
         offset = f["offset"]
-        return {"step": step, "total": len(blob), "data": blob[offset:offset + STATE_CHUNK], "snapshot": sid}, {}
+        return {"step": step, "total": len(blob), "data": blob[offset:offset + self.state_chunk], "snapshot": sid}, {}
 
     # --- info ----------------------------------------------------------------------------------
     def info(self) -> dict:

@@ -129,8 +129,9 @@ async def initial_state(dht, p2p, worker, checkpoint: Path | None, own_peer_id: 
             return f"loaded stage {worker.index} at step {worker.applied_step} from live replica {peer}"
         attempt += 1
         wait = min(retry_s * attempt, 60.0)
-        log.warning("stage %d has %d live replica(s), but none handed over its state (%s); not serving a checkpoint "
-                    "or initialised weights beside them: retrying in %.0f s", worker.index, len(records),
+        # (worded without "serving": scripts and tests wait for a node's "-> serving" line)
+        log.warning("stage %d has %d live replica(s), but none handed over its state (%s); waiting for them rather "
+                    "than starting from a checkpoint or initialised weights: retrying in %.0f s", worker.index, len(records),
                     "; ".join(errors) or "no answer", wait)
         try:
             await asyncio.wait_for((stop or asyncio.Event()).wait(), wait)

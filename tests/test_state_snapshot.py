@@ -8,11 +8,10 @@ import logging
 import pytest
 import torch
 
-import node.stage_server as stage_server
 from node.announce import Announcer
 from node.dht import start_dht, visible_maddrs
 from node.metrics import NodeMetrics
-from node.stage_server import StageServer, StateSnapshots
+from node.stage_server import STATE_CHUNK, StageServer, StateSnapshots, state_chunk_bytes
 from node.state_sync import download_state, initial_state
 from protocol.signing import Ed25519RecordValidator
 from swarm.stage_worker import StageWorker
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.swarm
 
 
 @contextlib.asynccontextmanager
-async def replica_and_joiner(run):
+async def replica_and_joiner(run, state_chunk: int = STATE_CHUNK):
     """A bootstrap, one replica of stage 1 (its handlers not yet added: server.p2p and server.dht are its
     own) and a joiner's DHT peer and p2p."""
     dhts, p2ps = [], []
@@ -33,7 +32,8 @@ async def replica_and_joiner(run):
             dhts.append(start_dht(run.run_id, peers))
             p2ps.append(await dhts[-1].replicate_p2p())
         worker = StageWorker(run, 1)
-        server = StageServer(worker, NodeMetrics(), str(dhts[1].peer_id), dht=dhts[1], p2p=p2ps[0])
+        server = StageServer(worker, NodeMetrics(), str(dhts[1].peer_id), dht=dhts[1], p2p=p2ps[0],
+                             state_chunk=state_chunk)
         server.p2p, server.dht = p2ps[0], dhts[1]
         yield server, dhts[2], p2ps[1]
     finally:
@@ -50,12 +50,11 @@ def _step(worker, by: float = 1.0) -> None:
     worker.applied_step += 1
 
 
-def test_download_is_one_snapshot_while_the_replica_keeps_stepping(monkeypatch):
+def test_download_is_one_snapshot_while_the_replica_keeps_stepping():
     run = tiny_run("snapshot")
-    monkeypatch.setattr(stage_server, "STATE_CHUNK", 16 << 10)  # many chunks: a step after every one
 
     async def go():
-        async with replica_and_joiner(run) as (server, joiner, p2p):
+        async with replica_and_joiner(run, state_chunk=16 << 10) as (server, joiner, p2p):  # a step after each
             worker = server.worker
             _step(worker)
             before = {k: v.clone() for k, v in worker.stage.state_dict().items()}
@@ -111,3 +110,9 @@ def test_joiner_retries_instead_of_initialising_while_a_replica_lives(caplog):
         waited, message, step, live = asyncio.run(go())
     assert "1 live replica(s), but none handed over its state" in caplog.text and "retrying" in caplog.text
     assert waited and "from live replica" in message and step == live == 2
+
+
+def test_a_slow_link_serves_its_state_in_short_replies():
+    assert state_chunk_bytes(10.0) == STATE_CHUNK            # the default link: 2 MiB replies, as before
+    assert state_chunk_bytes(0.5) == 125_000                 # 2 s of 0.5 Mbit/s: well inside a call's 60 s
+    assert state_chunk_bytes(0.01) == 64 << 10               # a floor, so a state is not a million calls
