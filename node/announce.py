@@ -9,7 +9,7 @@ import time
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from node.dht import HOLDERS_WALK, QUICK_READ
+from node.dht import HOLDERS_WALK, QUICK_READ, subkey_items
 from node.record_store import RecordRefresher
 from node.run_config import load_config_file
 from node.settings import RecordSettings, ServeSettings
@@ -68,7 +68,7 @@ class Announcer:
         last replica that responded, so one peer holding a stale copy (or a dying one) makes it
         say False while the record is stored fine elsewhere: only a record nobody serves matters."""
         found = await self.dht.get(stage_key(self.run_id, stage), latest=True, return_future=True)
-        item = found.value.get(self.subkey) if found is not None and isinstance(found.value, dict) else None
+        item = subkey_items(found).get(self.subkey)
         return item is not None and isinstance(item.value, dict) and item.value.get("updated") == self.last_updated
 
     async def run(self, stage: int, fingerprint: str, server, state: str = NodeState.SERVING.value) -> None:
@@ -95,8 +95,7 @@ async def stage_items(dht: DHT, run_id: str, stages, fresh: bool = True) -> list
     seconds was half of an idle node's link traffic (README, bench.scaling)."""
     async def one(k):
         found = await dht.get(stage_key(run_id, k), latest=fresh, return_future=True, **({} if fresh else QUICK_READ))
-        return [(k, sub, item) for sub, item in found.value.items()] \
-            if found is not None and isinstance(found.value, dict) else []
+        return [(k, sub, item) for sub, item in subkey_items(found).items()]
     return [row for rows in await asyncio.gather(*(one(k) for k in stages)) for row in rows]
 
 
@@ -231,8 +230,7 @@ async def keep_config_alive(dht: DHT, run, validator: Ed25519RecordValidator, tt
     while True:
         try:
             found = await dht.get(config_key(run.run_id), latest=False, return_future=True, **QUICK_READ)
-            copies = found.value.items() if found is not None and isinstance(found.value, dict) else []
-            expiring = {sub: item.expiration_time for sub, item in copies
+            expiring = {sub: item.expiration_time for sub, item in subkey_items(found).items()
                         if isinstance(item.value, dict) and item.value.get("fingerprint") == run.fingerprint}
             if is_config_keeper(validator.local_public_key, expiring, get_dht_time() + 1.5 * period):
                 if not await publish_config(dht, run.run_id, run.wire_dict(), run.fingerprint, validator, ttl_s,
@@ -258,9 +256,7 @@ def is_config_keeper(mine, expiring: dict, until: float, keepers: int = CONFIG_K
 async def fetch_config(dht: DHT, run_id: str) -> dict | None:
     """The run config published by the most peers (each signs its own copy; ties: the newest), or None."""
     found = await dht.get(config_key(run_id), latest=True, return_future=True)
-    if found is None or not isinstance(found.value, dict):
-        return None
-    records = [item.value for item in found.value.values() if isinstance(item.value, dict)]
+    records = [item.value for item in subkey_items(found).values() if isinstance(item.value, dict)]
     votes: dict[str, int] = {}
     for r in records:
         votes[r.get("fingerprint")] = votes.get(r.get("fingerprint"), 0) + 1

@@ -51,6 +51,12 @@ HOLDERS_WALK = dict(beam_size=RECORD_REPLICAS)
 QUICK_READ = dict(num_workers=1)
 
 
+def subkey_items(found) -> dict:
+    """{subkey: ValueWithExpiration} of a dictionary value a DHT get found; empty if it found nothing or a
+    plain value (our records, the run config and averaging group keys are all stored under subkeys)."""
+    return dict(found.value.items()) if found is not None and isinstance(found.value, dict) else {}
+
+
 class OwnedDHT(DHT):
     """hivemind's DHT whose process (and its p2pd) exits when the node's main process dies. `p2pd_flags`
     are extra p2pd command-line flags that hivemind.P2P.create has no parameter for (relay service caps).

@@ -16,7 +16,7 @@ import time
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.p2p import PeerID
 
-from node.dht import HOLDERS_WALK
+from node.dht import HOLDERS_WALK, subkey_items
 
 
 class PacedGroupKeys(GroupKeyManager):
@@ -38,10 +38,8 @@ class PacedGroupKeys(GroupKeyManager):
         await asyncio.sleep(max(0.0, self.last_read + self.poll_s - time.monotonic()))
         self.last_read = time.monotonic()
         found = await self.dht.get(group_key, latest=True, return_future=True, **HOLDERS_WALK)
-        if found is None or not isinstance(found.value, dict):
-            return []
         out = []
-        for key, item in found.value.items():
+        for key, item in subkey_items(found).items():
             if only_active and not item.value:
                 continue
             try:
